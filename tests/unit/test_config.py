@@ -1,0 +1,93 @@
+"""config.toml validation: every error names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.config import load_config, parse_config
+from worker.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+RAW: dict[str, Any] = tomllib.loads((ROOT / "config.toml").read_text())
+
+
+def broken(path: str, value: Any) -> dict[str, Any]:
+    """The repo's config with one key set (or removed, for value=...)."""
+    raw = copy.deepcopy(RAW)
+    *parents, last = path.split("/")
+    node = raw
+    for p in parents:
+        node = node[p]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+def test_shipped_config_is_valid() -> None:
+    cfg = load_config(ROOT / "config.toml")
+    assert cfg.redis.url == "embedded"
+    assert Path(cfg.redis.data_dir).is_absolute()
+    assert cfg.router.baseline_tier in cfg.tiers
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("queue/max_attempts", 0, "queue.max_attempts = 0 is not allowed: Expected `int` >= 1"),
+        ("queue/visibilty_timeout_s", 3, "unknown key 'queue.visibilty_timeout_s'"),
+        (
+            "models/claude-opus-5-5/input_usd_per_mtok",
+            "x",
+            "models.claude-opus-5-5.input_usd_per_mtok = 'x' is not allowed",
+        ),
+        (
+            "models/claude-haiku-5-5/output_usd_per_mtok",
+            ...,
+            "models.claude-haiku-5-5.output_usd_per_mtok is required but missing",
+        ),
+        ("features/summarize/tier", "gpt", "features.summarize.tier = 'gpt' is not a tier"),
+        ("redis/url", "http://x", "redis.url = 'http://x' is not allowed: use \"embedded\""),
+        ("router/default_tier", "mini", "router.default_tier = 'mini' is not a tier"),
+        ("tiers/opus", "claude-nope", 'has no prices: add a [models."claude-nope"] table'),
+    ],
+)
+def test_bad_config_names_key_value_and_fix(path: str, value: Any, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(broken(path, value))
+    assert expected in str(err.value)
+
+
+def test_unknown_key_lists_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(broken("models/claude-haiku-5-5/long_context/zz", 1))
+    assert "unknown key 'models.claude-haiku-5-5.long_context.zz'" in str(err.value)
+    assert "above_prompt_tokens" in str(err.value)
+
+
+def test_config_check_command_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        (ROOT / "config.toml").read_text().replace("max_attempts = 5", "max_attempt = 5")
+    )
+    tokenq = [sys.executable, "-m", "worker"]
+    ok = subprocess.run([*tokenq, "config", "check", str(ROOT / "config.toml")],
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "ok." in ok.stdout
+    fail = subprocess.run([*tokenq, "config", "check", str(bad)], capture_output=True, text=True)
+    assert fail.returncode == 2
+    assert "unknown key 'queue.max_attempt'" in fail.stderr
+
+
+def test_missing_config_file_says_how_to_name_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--config PATH or set TOKENQ_CONFIG"):
+        load_config(tmp_path / "nope.toml")

@@ -1,0 +1,266 @@
+"""config.toml decoded into typed, frozen Structs.
+
+`load_config()` is the one way in. Every error names the key, the bad value and what is allowed,
+because msgspec's own text (``Expected `int` >= 1 - at `$.queue.max_attempts` ``) names neither
+the file nor the value. Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
+
+import msgspec
+
+from worker.errors import ConfigError
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Price = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+$")]
+
+DEFAULT_PATH = "config.toml"
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: str = "embedded"
+    data_dir: str = ".tokenq/valkey"
+    embedded_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6399
+
+
+class AnthropicConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    base_url: str = "auto"
+    simulator_url: str = "http://127.0.0.1:8787"
+    timeout_s: Positive = 120.0
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+
+
+class QueueConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    priorities: Annotated[list[Name], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["high", "normal", "low"]
+    )
+    visibility_timeout_s: Positive = 60.0
+    max_attempts: Count = 5
+    fair_every: Annotated[int, msgspec.Meta(ge=2)] = 10
+    max_entry_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    result_ttl_s: Count = 86_400
+    usage_maxlen: Annotated[int, msgspec.Meta(ge=1000)] = 1_000_000
+    retry_base_s: Positive = 0.5
+    retry_max_s: Positive = 30.0
+
+
+class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    processes: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    block_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 1000
+
+
+class RouterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    default_tier: str = "sonnet"
+    baseline_tier: str = "opus"
+
+
+class LongContextPrices(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Prices that replace the normal ones for a request whose prompt is over the threshold."""
+
+    above_prompt_tokens: Count
+    input_usd_per_mtok: Price
+    output_usd_per_mtok: Price
+    cache_write_5m_usd_per_mtok: Price
+    cache_write_1h_usd_per_mtok: Price
+    cache_read_usd_per_mtok: Price
+
+
+class ModelConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    input_usd_per_mtok: Price
+    output_usd_per_mtok: Price
+    cache_write_5m_usd_per_mtok: Price
+    cache_write_1h_usd_per_mtok: Price
+    cache_read_usd_per_mtok: Price
+    batch_discount: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    long_context: LongContextPrices | None = None
+
+
+class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    tier: str | None = None
+    max_tokens: Count = 1024
+
+
+class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    prefix: Annotated[str, msgspec.Meta(min_length=1)] = "tokenq"
+    redis: RedisConfig = RedisConfig()
+    anthropic: AnthropicConfig = AnthropicConfig()
+    queue: QueueConfig = QueueConfig()
+    worker: WorkerConfig = WorkerConfig()
+    router: RouterConfig = RouterConfig()
+    tiers: dict[str, str] = {}
+    models: dict[str, ModelConfig] = {}
+    features: dict[str, FeatureConfig] = {}
+
+
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to use: the argument, else $TOKENQ_CONFIG, else ./config.toml."""
+    return Path(path or os.environ.get("TOKENQ_CONFIG") or DEFAULT_PATH)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a config file. Raises ConfigError with a sentence a person can act on.
+
+    `redis.data_dir` comes back absolute, resolved against the file's folder.
+    """
+    file = config_path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {str(file)!r} does not exist; pass --config PATH or set TOKENQ_CONFIG"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    cfg = parse_config(raw, where=str(file))
+    data_dir = (file.resolve().parent / cfg.redis.data_dir).resolve()
+    return msgspec.structs.replace(
+        cfg, redis=msgspec.structs.replace(cfg.redis, data_dir=str(data_dir))
+    )
+
+
+def parse_config(raw: dict[str, Any], where: str = DEFAULT_PATH) -> Config:
+    """Validate an already-parsed TOML document; see load_config."""
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {_explain(str(exc), raw)}") from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return cfg
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_SEGMENT = re.compile(r"\.(\w+)|\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
+
+
+def _explain(message: str, raw: dict[str, Any]) -> str:
+    """Turn msgspec's error text into one naming the key, the value and what is allowed."""
+    what, segments = _locate(message, raw)
+    unknown = re.match(r"Object contains unknown field `(.+)`", what)
+    if unknown:
+        allowed = ", ".join(_fields_at(segments))
+        key = _dotted([*segments, unknown[1]])
+        return f"unknown key {key!r}. Allowed keys here: {allowed}. Check the spelling."
+    missing = re.match(r"Object missing required field `(.+)`", what)
+    if missing:
+        return f"{_dotted([*segments, missing[1]])} is required but missing. Add it."
+    value = _value_at(raw, segments)
+    return f"{_dotted(segments)} = {value!r} is not allowed: {what}. Fix it in the config file."
+
+
+def _locate(message: str, raw: dict[str, Any]) -> tuple[str, list[str]]:
+    """Split msgspec's text into (what went wrong, path segments), naming hidden dict keys.
+
+    msgspec writes a dict key as `[...]`; the entries of that dict are validated again one by
+    one to find the key whose value failed.
+    """
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches any string
+    what, path = match["what"], match["path"] or ""
+    head, hidden, tail = path.partition("[...]")
+    if not hidden:
+        return what, _segments(path)
+    prefix = _segments(head)
+    value_type = _type_at([*prefix, "*"])
+    for key, value in (_value_at(raw, prefix) or {}).items():
+        try:
+            msgspec.convert(value, value_type)
+        except msgspec.ValidationError as exc:
+            inner_what, inner = _locate(str(exc), value)
+            return inner_what, [*prefix, key, *inner]
+    return what, [*prefix, *_segments(tail)]
+
+
+def _segments(path: str) -> list[str]:
+    return [next(g for g in m.groups() if g is not None) for m in _SEGMENT.finditer(path)]
+
+
+def _dotted(segments: list[str]) -> str:
+    return ".".join(s if re.fullmatch(r"[\w-]+", s) else f'"{s}"' for s in segments) or "(top)"
+
+
+def _value_at(raw: Any, segments: list[str]) -> Any:
+    for seg in segments:
+        raw = raw[int(seg)] if isinstance(raw, list) else raw.get(seg)
+    return raw
+
+
+def _fields_at(segments: list[str]) -> list[str]:
+    """The keys the Struct at this path accepts (for the unknown-key message)."""
+    type_ = _type_at(segments)
+    if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
+        return list(type_.__struct_fields__)
+    return []
+
+
+def _type_at(segments: list[str]) -> Any:
+    """The declared type at a path of keys; a dict key or list index steps into its values."""
+    type_: Any = Config
+    for seg in segments:
+        if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
+            type_ = get_type_hints(type_, include_extras=True)[seg]
+        else:
+            type_ = get_args(type_)[-1]
+        while get_origin(type_) not in (None, dict, list):  # unwrap Annotated and Optional
+            type_ = next(a for a in get_args(type_) if a is not type(None))
+    return type_
+
+
+def _cross_check(cfg: Config) -> list[str]:
+    """Checks across sections: every name used is defined, URLs have a known form."""
+    return _check_names(cfg) + _check_urls(cfg)
+
+
+def _check_names(cfg: Config) -> list[str]:
+    out: list[str] = []
+    tiers = ", ".join(cfg.tiers) or "(none)"
+    if not cfg.tiers:
+        out.append('[tiers] is empty; name at least one tier, e.g. haiku = "claude-haiku-5-5"')
+    for tier, model in cfg.tiers.items():
+        if model not in cfg.models:
+            out.append(
+                f'tiers.{tier} = {model!r} has no prices: add a [models."{model}"] table '
+                f"(defined models: {', '.join(cfg.models) or '(none)'})"
+            )
+    for key in ("default_tier", "baseline_tier"):
+        value = getattr(cfg.router, key)
+        if value not in cfg.tiers:
+            out.append(f"router.{key} = {value!r} is not a tier; defined tiers: {tiers}")
+    for name, feature in cfg.features.items():
+        if feature.tier is not None and feature.tier not in cfg.tiers:
+            out.append(f"features.{name}.tier = {feature.tier!r} is not a tier; defined: {tiers}")
+    if not cfg.features:
+        out.append("[features] is empty; jobs name a feature, so define at least one")
+    if len(set(cfg.queue.priorities)) != len(cfg.queue.priorities):
+        out.append(f"queue.priorities = {cfg.queue.priorities!r} names a priority twice")
+    return out
+
+
+def _check_urls(cfg: Config) -> list[str]:
+    out: list[str] = []
+    if not re.match(r"^(embedded|rediss?://.+|unix://.+)$", cfg.redis.url):
+        out.append(
+            f'redis.url = {cfg.redis.url!r} is not allowed: use "embedded", '
+            "redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path"
+        )
+    if not re.match(r"^(auto|https?://.+)$", cfg.anthropic.base_url):
+        out.append(
+            f'anthropic.base_url = {cfg.anthropic.base_url!r} is not allowed: use "auto" '
+            "or an http(s):// URL"
+        )
+    return out

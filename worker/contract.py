@@ -1,0 +1,172 @@
+"""The public contract: key names, stream entries, results, usage events and dead letters.
+
+Everything another service or an operator depends on is defined here, once, as a `msgspec.Struct`
+(the README documents the same fields). The contract only grows: a new field gets a default, no
+field is renamed or retyped. This module imports nothing from the project.
+
+Redis Cluster: the worker finishes a job with one MULTI over the job stream, the result key and the
+usage stream, and those must share a slot there. With the prefix `{tokenq}` every key carries
+the same hash tag; the default `tokenq` is for a single server (or a primary with replicas).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Status = Literal["ok", "error"]
+Mode = Literal["realtime", "batch", "cache"]
+ErrorType = Literal[
+    "malformed_job",
+    "unknown_feature",
+    "too_large",
+    "deadline_exceeded",
+    "invalid_request",
+    "max_attempts",
+]
+
+GROUP = "workers"
+"""The consumer group every worker reads the job streams with."""
+
+
+class Keys:
+    """Every Redis key name tokenq uses, built from one prefix (default `tokenq`)."""
+
+    def __init__(self, prefix: str = "tokenq") -> None:
+        self.prefix = prefix
+        self.usage = f"{prefix}:usage"
+        self.dead = f"{prefix}:dead"
+
+    def jobs(self, priority: str) -> str:
+        """The stream producers XADD jobs of this priority onto."""
+        return f"{self.prefix}:jobs:{priority}"
+
+    def result(self, job_id: str) -> str:
+        """The result of a job, as JSON, kept queue.result_ttl_s."""
+        return f"{self.prefix}:result:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        """A short-lived list pushed when the result is written; result waiters BLPOP it."""
+        return f"{self.prefix}:done:{job_id}"
+
+    def state(self, job_id: str) -> str:
+        """A hash of a job in progress: `attempts` started and the `last_error`."""
+        return f"{self.prefix}:state:{job_id}"
+
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """A jobs-stream entry, field for field as the README documents it.
+
+    Fields this struct does not know are ignored, so producers may add their own (a trace id).
+    """
+
+    feature: NonEmpty
+    request: str  # JSON text; decoded into Request separately
+    id: NonEmpty | None = None
+    tenant: str | None = None
+    tier: NonEmpty | None = None
+    reply_to: NonEmpty | None = None
+    deadline_ms: int | None = None
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The Messages API parameters a job may carry (`model` is chosen by tokenq).
+
+    `temperature`, `top_p` and `top_k` are absent on purpose: API version 2026-10-21 rejects them.
+    """
+
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    system: str | list[dict[str, Any]] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stop_sequences: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+REQUEST_FIELDS = tuple(f.name for f in msgspec.structs.fields(Request))
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    """What `tokenq:result:<id>` holds (JSON) and what `reply_to` receives in field `result`."""
+
+    id: str
+    status: Status
+    text: str = ""
+    content: list[Any] = []
+    model: str | None = None
+    tier: str | None = None
+    stop_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    cost_usd: float = 0.0
+    mode: Mode = "realtime"
+    error: ErrorInfo | None = None
+
+
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of `tokenq:usage` per job outcome. Never holds prompts or completions."""
+
+    ts_ms: int
+    job_id: str
+    feature: str
+    tenant: str = ""
+    priority: str = ""
+    tier: str = ""
+    model: str = ""
+    mode: Mode = "realtime"
+    status: Status = "ok"
+    attempt: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    baseline_cost_usd: float = 0.0
+    latency_ms: int = 0
+    queue_ms: int = 0
+    route_reason: str = ""
+    error_type: str = ""
+
+
+def usd(value: float) -> str:
+    """A dollar amount as a stream field: fixed point, 10 decimals, no exponent."""
+    return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
+
+
+def to_fields(event: UsageEvent) -> dict[str, str]:
+    """A usage event as flat string fields for XADD."""
+    out: dict[str, str] = {}
+    for name in event.__struct_fields__:
+        value = getattr(event, name)
+        out[name] = usd(value) if isinstance(value, float) else str(value)
+    return out
+
+
+def from_fields(fields: dict[str, str]) -> UsageEvent:
+    """A usage-stream entry back into a UsageEvent (stream fields are all strings)."""
+    return msgspec.convert(fields, UsageEvent, strict=False)
+
+
+def decode_job(fields: dict[str, str]) -> Job:
+    """A jobs-stream entry as a Job; raises msgspec.ValidationError naming the field."""
+    return msgspec.convert(fields, Job, strict=False)
+
+
+def entry_ms(entry_id: str) -> int:
+    """The unix time in ms at which Redis assigned a stream entry id (`<ms>-<seq>`)."""
+    return int(entry_id.partition("-")[0])

@@ -1,0 +1,123 @@
+"""Cost from the usage the API returned, and the usage stream's readers (`tokenq tail`).
+
+Cost follows the invoice: input, 5-minute and 1-hour cache writes, cache reads and output each at
+their own price; a request whose prompt is over a model's long-context threshold is priced at the
+long-context rates throughout; batch results get the model's batch discount on all of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from worker.config import LongContextPrices, ModelConfig
+from worker.contract import Keys, UsageEvent, from_fields
+
+
+class CacheCreation(msgspec.Struct, frozen=True):
+    ephemeral_5m_input_tokens: int | None = None
+    ephemeral_1h_input_tokens: int | None = None
+
+
+class ApiUsage(msgspec.Struct, frozen=True):
+    """The API's `usage` object. Cache fields may be absent or null: both mean 0."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation: CacheCreation | None = None
+
+    @property
+    def cache_write(self) -> int:
+        return self.cache_creation_input_tokens or 0
+
+    @property
+    def cache_read(self) -> int:
+        return self.cache_read_input_tokens or 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every input token of the request, wherever it was billed."""
+        return self.input_tokens + self.cache_write + self.cache_read
+
+    def cache_write_split(self) -> tuple[int, int]:
+        """(5-minute, 1-hour) cache-write tokens; without a breakdown all count as 5-minute."""
+        if self.cache_creation is None:
+            return self.cache_write, 0
+        one_hour = self.cache_creation.ephemeral_1h_input_tokens or 0
+        return self.cache_write - one_hour, one_hour
+
+
+def _rates(prices: ModelConfig, prompt_tokens: int) -> ModelConfig | LongContextPrices:
+    long = prices.long_context
+    if long is not None and prompt_tokens > long.above_prompt_tokens:
+        return long
+    return prices
+
+
+def cost_usd(usage: ApiUsage, prices: ModelConfig, *, batch: bool = False) -> float:
+    """What the API bills for one response, in USD."""
+    rates = _rates(prices, usage.prompt_tokens)
+    write_5m, write_1h = usage.cache_write_split()
+    micro = (
+        usage.input_tokens * rates.input_usd_per_mtok
+        + write_5m * rates.cache_write_5m_usd_per_mtok
+        + write_1h * rates.cache_write_1h_usd_per_mtok
+        + usage.cache_read * rates.cache_read_usd_per_mtok
+        + usage.output_tokens * rates.output_usd_per_mtok
+    )
+    factor = 1.0 - prices.batch_discount if batch else 1.0
+    return micro * factor / 1_000_000
+
+
+def baseline_cost_usd(usage: ApiUsage, prices: ModelConfig) -> float:
+    """What the same tokens cost naively: on the baseline model, realtime, no caching."""
+    naive = ApiUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.output_tokens)
+    return cost_usd(naive, prices)
+
+
+def format_event(event: UsageEvent) -> str:
+    """One line per event for people: time, outcome, who, where, tokens, cost, timing."""
+    clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
+    cache = ""
+    if event.cache_read_input_tokens or event.cache_creation_input_tokens:
+        cache = (
+            f" cache_read={event.cache_read_input_tokens}"
+            f" cache_write={event.cache_creation_input_tokens}"
+        )
+    error = f" error={event.error_type}" if event.error_type else ""
+    return (
+        f"{clock} {event.status:<5} {event.feature} tenant={event.tenant or '-'}"
+        f" {event.priority} {event.tier or '-'}/{event.mode} in={event.input_tokens}"
+        f" out={event.output_tokens}{cache} ${event.cost_usd:.6f}"
+        f" (naive ${event.baseline_cost_usd:.6f}) {event.latency_ms}ms"
+        f" queued={event.queue_ms}ms attempt={event.attempt}{error} job={event.job_id}"
+    )
+
+
+async def follow(
+    redis: aioredis.Redis, keys: Keys, *, from_start: bool = False, block_ms: int = 5000
+) -> AsyncIterator[tuple[str, UsageEvent]]:
+    """Yield usage events as they arrive (a blocking XREAD, no polling), forever.
+
+    Starts at the newest entry, or at the oldest with from_start. Entries that do not decode
+    as usage events (written by something else) are skipped.
+    """
+    last = "0-0"
+    if not from_start:
+        newest = await redis.xrevrange(keys.usage, count=1)
+        last = str(newest[0][0]) if newest else "0-0"
+    while True:
+        reply: Any = await redis.xread({keys.usage: last}, count=500, block=block_ms)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                try:
+                    yield entry_id, from_fields(fields)
+                except msgspec.ValidationError:
+                    continue
