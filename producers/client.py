@@ -1,0 +1,120 @@
+"""Submit jobs and wait for their results. Imports worker.contract and nothing else of tokenq.
+
+A plain XADD from any language is just as good; this client adds validation, pipelining and a
+result() that wakes as soon as the worker writes the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from worker.contract import Keys, Result
+
+DEFAULT_PRIORITIES = ("high", "normal", "low")
+_WAKE_SLICE_S = 2.0  # below redis-py's default 5 s socket timeout, so any client can wait
+
+_decode_result = msgspec.json.Decoder(Result).decode
+
+
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job to submit. `request` is a dict of Messages API parameters or its JSON text."""
+
+    feature: str
+    request: Mapping[str, Any] | str
+    priority: str = "normal"
+    id: str | None = None
+    tenant: str | None = None
+    tier: str | None = None
+    reply_to: str | None = None
+    deadline_ms: int | None = None
+
+
+class Producer:
+    """Puts jobs on tokenq's priority streams and reads their results.
+
+    `priorities` are the stream names workers read (config.toml queue.priorities); a job for
+    any other priority is refused here, since no worker would ever take it.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str = "tokenq",
+        priorities: Iterable[str] = DEFAULT_PRIORITIES,
+    ) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.priorities = tuple(priorities)
+
+    def fields(self, job: NewJob) -> dict[str, str]:
+        """The stream fields of a job, checked. Raises ValueError naming the bad field."""
+        if job.priority not in self.priorities:
+            raise ValueError(
+                f"priority {job.priority!r} is not one of {', '.join(self.priorities)} "
+                "(config.toml queue.priorities)"
+            )
+        if not job.feature:
+            raise ValueError("feature is empty; name a feature of config.toml [features]")
+        request = job.request
+        if not isinstance(request, str):
+            request = msgspec.json.encode(request).decode()
+        out = {"feature": job.feature, "request": request}
+        for name in ("id", "tenant", "tier", "reply_to", "deadline_ms"):
+            value = getattr(job, name)
+            if value is not None:
+                out[name] = str(value)
+        return out
+
+    async def submit(self, feature: str, request: Mapping[str, Any] | str, **kw: Any) -> str:
+        """Submit one job; returns its id (the given `id`, else `<priority>:<entry id>`)."""
+        job = NewJob(feature=feature, request=request, **kw)
+        entry_id = await self.redis.xadd(self.keys.jobs(job.priority), _map(self.fields(job)))
+        return job.id or f"{job.priority}:{_text(entry_id)}"
+
+    async def submit_many(self, jobs: Iterable[NewJob]) -> list[str]:
+        """Submit many jobs in one pipelined round trip; ids in the same order."""
+        batch = list(jobs)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in batch:
+                pipe.xadd(self.keys.jobs(job.priority), _map(self.fields(job)))
+            entry_ids = await pipe.execute()
+        return [
+            job.id or f"{job.priority}:{_text(e)}" for job, e in zip(batch, entry_ids, strict=True)
+        ]
+
+    async def result(self, job_id: str, timeout_s: float = 60.0) -> Result:
+        """The job's result, waiting up to timeout_s for it. Raises TimeoutError.
+
+        Waits on a blocking pop of the job's wake-up list, which the worker pushes in the same
+        transaction that writes the result: no polling, it returns as soon as the result exists.
+        """
+        deadline = time.monotonic() + timeout_s
+        done = self.keys.done(job_id)
+        while True:
+            raw = await self.redis.get(self.keys.result(job_id))
+            if raw is not None:
+                return _decode_result(raw)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no result for job {job_id!r} after {timeout_s:g} s")
+            popped = await self.redis.blpop([done], timeout=min(left, _WAKE_SLICE_S))
+            if popped:
+                # Pass the wake-up on, so every other waiter for this job wakes too.
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.rpush(done, 1)
+                    pipe.expire(done, 300)
+                    await pipe.execute()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _map(fields: dict[str, str]) -> dict[Any, Any]:
+    """redis-py's stubs want invariant dicts of unions; a dict of str is one at runtime."""
+    return fields

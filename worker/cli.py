@@ -1,0 +1,422 @@
+"""`tokenq`: argument parsing and printing only; every command calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from producers import Producer
+from worker.config import Config, config_path, load_config
+from worker.contract import Keys, to_fields
+from worker.embedded import connect, ping, redis_url, server_args
+from worker.errors import ConfigError
+from worker.fleet import run_fleet
+from worker.local import up
+from worker.queue import dead_letters, default_job_id, replay
+from worker.usage import follow, format_event
+from worker.worker import serve
+
+EPILOG = """\
+commands, in the order you meet them:
+  up          run everything locally: embedded valkey, simulator, workers, demo jobs, usage tail
+  worker      process jobs (one process, or --processes N under a supervisor)
+  submit      put one job on a priority stream; --wait prints its result
+  result      wait for and print a job's result
+  tail        follow the usage stream (one line per job outcome; --json for jq)
+  dead        list or replay dead-lettered jobs
+  config      check a config file
+  simulator   a local Anthropic API with a billing ledger (the default without an API key)
+  redis       run the embedded valkey-server in the foreground (for the Procfile)
+
+The config file is ./config.toml, or --config PATH, or $TOKENQ_CONFIG.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `tokenq` console script."""
+    args = sys.argv[1:] if argv is None else argv
+    command = _command_index(args)
+    if command is not None and args[command] == "simulator":
+        # The simulator is a separate program that the worker only meets over HTTP.
+        os.execv(sys.executable, [sys.executable, "-m", "simulator", *args[command + 1 :]])
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    logging.basicConfig(
+        level=ns.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = ns.run(ns)
+    except ConfigError as exc:
+        print(f"tokenq: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _command_index(args: list[str]) -> int | None:
+    """Where the command word is, past the global options."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 1 if "=" in args[i] or args[i] in ("-h", "--help") else 2
+    return i if i < len(args) else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenq",
+        description="Keeps LLM bills small and LLM traffic safe: a Redis-streams job queue "
+        "for the Anthropic API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="config file (default ./config.toml or $TOKENQ_CONFIG)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_up(sub)
+    _add_worker(sub)
+    _add_submit(sub)
+    _add_result(sub)
+    _add_tail(sub)
+    _add_dead(sub)
+    _add_config(sub)
+    sub.add_parser("simulator", help="a local Anthropic API (see `tokenq simulator --help`)")
+    p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")
+    p.add_argument("--stop", action="store_true", help="stop a background embedded server")
+    p.set_defaults(run=cmd_redis)
+    return parser
+
+
+Sub = argparse._SubParsersAction  # argparse names no public type for it
+
+
+def _add_up(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run everything locally (the quick start)",
+        description="Start the embedded valkey-server (redis.url = embedded), the simulator "
+        "when ANTHROPIC_API_KEY is unset, the workers and a demo producer, and tail the usage "
+        "stream. Ctrl-C stops everything but the valkey-server, which keeps the data "
+        "(`tokenq redis --stop` stops it).",
+    )
+    p.add_argument("--processes", type=_positive, default=2, help="worker processes (2)")
+    p.add_argument("--demo-jobs", type=_positive, default=200, help="demo jobs to submit (200)")
+    p.add_argument("--demo-rate", type=float, default=20.0, help="demo jobs per second (20)")
+    p.add_argument("--latency-ms", type=int, default=300, help="simulated API latency in ms (300)")
+    p.add_argument(
+        "--exit-when-done", action="store_true", help="stop once every demo job has a result"
+    )
+    p.set_defaults(run=cmd_up)
+
+
+def _add_worker(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="process jobs",
+        description="Read jobs from the priority streams and run them through the API. "
+        "SIGTERM or SIGINT stops reading and gives in-flight jobs worker.grace_s to finish.",
+    )
+    p.add_argument("--processes", type=_positive, help="processes (config worker.processes)")
+    p.add_argument(
+        "--concurrency", type=_positive, help="jobs in flight per process (worker.concurrency)"
+    )
+    p.set_defaults(run=cmd_worker)
+
+
+def _add_submit(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="submit one job",
+        description="Submit a job and print its id. The request (a JSON object of Messages "
+        "API parameters) comes from the REQUEST argument, from --file, or from standard input.",
+    )
+    p.add_argument("feature", help="a feature of config.toml [features]")
+    p.add_argument("request", nargs="?", help='JSON, e.g. \'{"messages":[...]}\'; "-" = stdin')
+    p.add_argument("-f", "--file", help="read the request JSON from this file")
+    p.add_argument("--priority", default="normal", help="priority stream (default normal)")
+    p.add_argument("--id", help="job id and idempotency key (default: the stream entry id)")
+    p.add_argument("--tenant", help="end user or customer the job is for")
+    p.add_argument("--tier", help="force a tier of config.toml [tiers]")
+    p.add_argument("--reply-to", help="also XADD the result onto this stream")
+    p.add_argument("--deadline-ms", type=int, help="unix time in ms after which the job fails")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (120)")
+    p.set_defaults(run=cmd_submit)
+
+
+def _add_result(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("result", help="wait for a job's result and print it")
+    p.add_argument("id", help="the job id `tokenq submit` printed")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
+    p.set_defaults(run=cmd_result)
+
+
+def _add_tail(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "tail",
+        help="follow the usage stream",
+        description="Print usage events as they arrive: one line per job outcome with tokens, "
+        "cost, naive cost, latency and queue time. Ctrl-C stops.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line (for jq)")
+    p.add_argument("--from-start", action="store_true", help="begin at the oldest event")
+    p.set_defaults(run=cmd_tail)
+
+
+def _add_dead(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "dead",
+        help="list or replay dead letters",
+        description="Jobs that can never succeed as submitted, or that failed "
+        "queue.max_attempts times, wait in the dead-letter stream with the reason.",
+    )
+    dsub = p.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    lp = dsub.add_parser("list", help="print dead letters, oldest first")
+    lp.add_argument("--limit", type=_positive, default=100, help="at most this many (100)")
+    lp.add_argument("--json", action="store_true", help="one JSON object per line")
+    lp.set_defaults(run=cmd_dead_list)
+    rp = dsub.add_parser("replay", help="put dead letters back on their priority stream")
+    rp.add_argument("ids", nargs="*", help="dead-letter ids from `tokenq dead list`")
+    rp.add_argument("--all", action="store_true", help="replay every dead letter")
+    rp.set_defaults(run=cmd_dead_replay)
+
+
+def _add_config(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("config", help="check a config file")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cp = csub.add_parser("check", help="validate a config file and summarise it")
+    cp.add_argument("path", nargs="?", help="the file (default: --config or ./config.toml)")
+    cp.set_defaults(run=cmd_config_check)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _config(ns: argparse.Namespace) -> Config:
+    return load_config(ns.config)
+
+
+@asynccontextmanager
+async def _redis(cfg: Config, block_s: float = 0.0) -> AsyncIterator[aioredis.Redis]:
+    """A client for the configured Redis (starting the embedded server if need be)."""
+    client = connect(redis_url(cfg), block_s=block_s)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _run_async(make: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    """Run a coroutine; Ctrl-C ends it quietly."""
+    try:
+        result = asyncio.run(make())
+    except KeyboardInterrupt:
+        return 130
+    return result or 0
+
+
+def cmd_config_check(ns: argparse.Namespace) -> int:
+    cfg = load_config(ns.path or ns.config)
+    path = config_path(ns.path or ns.config)
+    print(
+        f"{path}: ok. prefix={cfg.prefix!r} redis={cfg.redis.url} "
+        f"priorities={','.join(cfg.queue.priorities)} tiers={','.join(cfg.tiers)} "
+        f"features={','.join(cfg.features)}"
+    )
+    return 0
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    processes = ns.processes or cfg.worker.processes
+    concurrency = ns.concurrency or cfg.worker.concurrency
+    if processes > 1:
+        redis_url(cfg)  # start the embedded server once, before the children race to
+        return run_fleet(str(config_path(ns.config)), processes, concurrency)
+    return _run_async(lambda: serve(cfg, concurrency=concurrency))
+
+
+def cmd_up(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    return up(
+        cfg,
+        str(config_path(ns.config)),
+        processes=ns.processes,
+        demo_jobs=ns.demo_jobs,
+        demo_rate=ns.demo_rate,
+        latency_ms=ns.latency_ms,
+        exit_when_done=ns.exit_when_done,
+    )
+
+
+def _request_text(ns: argparse.Namespace) -> str:
+    if ns.file:
+        return Path(ns.file).read_text(encoding="utf-8")
+    if ns.request and ns.request != "-":
+        return str(ns.request)
+    if sys.stdin.isatty():
+        raise ConfigError("no request given: pass REQUEST, --file FILE, or pipe JSON on stdin")
+    return sys.stdin.read()
+
+
+def cmd_submit(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    if ns.feature not in cfg.features:
+        raise ConfigError(
+            f"feature {ns.feature!r} is not in config.toml [features]: {', '.join(cfg.features)}"
+        )
+    text = _request_text(ns)
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict) or "messages" not in request:
+        raise ConfigError('the request must be a JSON object with "messages"')
+    return _run_async(lambda: _submit(cfg, ns, request))
+
+
+async def _submit(cfg: Config, ns: argparse.Namespace, request: dict[str, object]) -> int:
+    async with _redis(cfg) as redis:
+        producer = Producer(redis, cfg.prefix, cfg.queue.priorities)
+        try:
+            job_id = await producer.submit(
+                ns.feature,
+                request,
+                priority=ns.priority,
+                id=ns.id,
+                tenant=ns.tenant,
+                tier=ns.tier,
+                reply_to=ns.reply_to,
+                deadline_ms=ns.deadline_ms,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        print(job_id, flush=True)
+        return await _print_result(producer, job_id, ns.timeout) if ns.wait else 0
+
+
+def cmd_result(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        async with _redis(cfg) as redis:
+            return await _print_result(Producer(redis, cfg.prefix), ns.id, ns.timeout)
+
+    return _run_async(run)
+
+
+async def _print_result(producer: Producer, job_id: str, timeout_s: float) -> int:
+    try:
+        result = await producer.result(job_id, timeout_s=timeout_s)
+    except TimeoutError as exc:
+        print(f"tokenq: {exc}; is a worker running (tokenq worker)?", file=sys.stderr)
+        return 1
+    print(msgspec.json.format(msgspec.json.encode(result)).decode())
+    return 0 if result.status == "ok" else 1
+
+
+def cmd_tail(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        async with _redis(cfg, block_s=5.0) as redis:
+            async for _, event in follow(redis, Keys(cfg.prefix), from_start=ns.from_start):
+                line = json.dumps(to_fields(event)) if ns.json else format_event(event)
+                print(line, flush=True)
+        return 0
+
+    return _run_async(run)
+
+
+def cmd_dead_list(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        async with _redis(cfg) as redis:
+            entries = await dead_letters(redis, Keys(cfg.prefix), count=ns.limit)
+        for dead_id, fields in entries:
+            if ns.json:
+                print(json.dumps({"dead_id": dead_id, **fields}))
+            else:
+                print(_dead_line(dead_id, fields))
+        if not entries and not ns.json:
+            print("no dead letters")
+        return 0
+
+    return _run_async(run)
+
+
+def _dead_line(dead_id: str, fields: dict[str, str]) -> str:
+    job_id = fields.get("id") or default_job_id(fields["priority"], fields["entry_id"])
+    return (
+        f"{dead_id} {fields['error_type']} feature={fields.get('feature', '-')} job={job_id} "
+        f"attempts={fields['attempts']}\n    {fields['error']}"
+    )
+
+
+def cmd_dead_replay(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    if not ns.ids and not ns.all:
+        raise ConfigError("name dead-letter ids to replay (see `tokenq dead list`), or --all")
+
+    async def run() -> int:
+        keys = Keys(cfg.prefix)
+        async with _redis(cfg) as redis:
+            ids = ns.ids or [i for i, _ in await dead_letters(redis, keys, count=1_000_000)]
+            for dead_id in ids:
+                try:
+                    job_id = await replay(redis, keys, dead_id, cfg.queue.priorities)
+                except LookupError as exc:
+                    print(f"tokenq: {exc}", file=sys.stderr)
+                    return 1
+                print(f"replayed {dead_id} as job {job_id}")
+        return 0
+
+    return _run_async(run)
+
+
+def cmd_redis(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    port = cfg.redis.embedded_port
+    if ns.stop:
+        if not ping(port):
+            print(f"no server answers on 127.0.0.1:{port}")
+            return 0
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"SHUTDOWN\r\n")
+            conn.recv(64)
+        print(f"stopped the embedded valkey-server on 127.0.0.1:{port}")
+        return 0
+    if ping(port):
+        # Another tokenq command started it in the background first (a Procfile starts its
+        # processes at once): keep this process up for as long as that server runs.
+        print(f"the embedded valkey-server already runs on 127.0.0.1:{port}; following it")
+        while ping(port):
+            time.sleep(1.0)
+        return 0
+    args = server_args(cfg)
+    os.execv(args[0], args)

@@ -1,0 +1,57 @@
+"""`tokenq worker --processes N`: N worker processes under one supervisor.
+
+The supervisor forwards SIGTERM/SIGINT (each child drains its jobs) and restarts a child that
+dies on its own (its jobs are reclaimed by the others meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+log = logging.getLogger("tokenq.fleet")
+
+
+def worker_command(config: str, concurrency: int) -> list[str]:
+    """The command line of one worker process."""
+    return [
+        sys.executable, "-m", "worker", "--config", config,
+        "worker", "--processes", "1", "--concurrency", str(concurrency),
+    ]  # fmt: skip
+
+
+def run_fleet(config: str, processes: int, concurrency: int) -> int:
+    """Run `processes` workers until a signal; returns the exit code."""
+    children = {i: subprocess.Popen(worker_command(config, concurrency)) for i in range(processes)}
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("started %d worker processes: %s", processes, [c.pid for c in children.values()])
+    while children:
+        try:
+            pid, status = os.wait()  # blocks until a child exits; signals are handled meanwhile
+        except ChildProcessError:
+            break
+        i = next((k for k, c in children.items() if c.pid == pid), None)
+        if i is None:
+            continue
+        if stopping:
+            del children[i]
+            continue
+        log.error("worker pid %d exited (status %d); starting a new one", pid, status)
+        time.sleep(1.0)  # a child that dies at start must not become a fork loop
+        children[i] = subprocess.Popen(worker_command(config, concurrency))
+    return 0

@@ -1,0 +1,317 @@
+"""Stream I/O: consumer groups, priority reads, reclaiming, renewing, and the finishing writes.
+
+Only this module says XREADGROUP, XACK or XAUTOCLAIM.
+
+Priorities. Job streams are read highest priority first: a read takes what it can from the
+highest stream that has entries before it looks at the next. So that lower priorities are not
+starved under sustained load, every `fair_every`-th read (default 10) first takes one entry from a
+lower-priority stream, going round the lower streams in turn (normal, low, normal, ...), and then
+continues in strict order. Under a full backlog of every priority, each lower stream so gets at
+least one job in every `fair_every * (number of priorities - 1)` reads.
+
+Delivery and reclaiming. A delivery stays in the group's pending list (PEL) until the job is
+finished. The worker renews its deliveries (XCLAIM JUSTID resets their idle time) every third of
+the visibility timeout, so a slow call is never taken away; a delivery whose worker died stops
+being renewed, and after the visibility timeout any worker reclaims it with XAUTOCLAIM, before it
+reads new entries. Nothing is acknowledged before its result and usage event are written: both
+`finish` and `ack_duplicate` run as one MULTI together with the XACK.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from worker.contract import GROUP, Keys
+
+log = logging.getLogger("tokenq.queue")
+
+
+def default_job_id(priority: str, entry_id: str) -> str:
+    """The id of a job submitted without one (see Delivery.job_id)."""
+    return f"{priority}:{entry_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry handed to this worker."""
+
+    priority: str
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+
+    @property
+    def job_id(self) -> str:
+        """The producer's id, else `<priority>:<entry id>`: the key of the job's result.
+
+        An entry id alone is not enough: each stream numbers its entries on its own, and two
+        priority streams hand out the same id within the same millisecond.
+        """
+        return self.fields.get("id") or default_job_id(self.priority, self.entry_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Everything written when a job ends: result, usage event, optional dead letter."""
+
+    result_json: bytes
+    usage: dict[str, str]
+    reply_to: str | None = None
+    dead: dict[str, str] | None = None
+
+
+class Queue:
+    """The job streams as seen by one consumer (one worker process)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        priorities: list[str],
+        consumer: str,
+        *,
+        visibility_ms: int,
+        fair_every: int = 10,
+        result_ttl_s: int = 86_400,
+        usage_maxlen: int = 1_000_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.priorities = list(priorities)
+        self.streams = {p: keys.jobs(p) for p in priorities}
+        self.consumer = consumer
+        self.visibility_ms = visibility_ms
+        self.fair_every = fair_every
+        self.result_ttl_s = result_ttl_s
+        self.usage_maxlen = usage_maxlen
+        self._clock = clock
+        self._reads = 0
+        self._fair_turn = 0
+        self._buffer: list[Delivery] = []
+        self._next_reclaim = 0.0
+        self._cursors = dict.fromkeys(priorities, "0-0")
+
+    async def ensure_groups(self) -> None:
+        """Create the consumer group on every job stream (and the stream) if missing."""
+        for stream in self.streams.values():
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` deliveries: held-back ones, reclaimed ones, then new ones by priority.
+
+        Blocks up to block_ms only when nothing at all is waiting.
+        """
+        out = self._take(count)
+        if len(out) < count and self._clock() >= self._next_reclaim:
+            self._next_reclaim = self._clock() + self.visibility_ms / 4000
+            await self._reclaim(count)
+            out += self._take(count - len(out))
+        if len(out) < count:
+            out += await self._read_new(count - len(out))
+        if not out:
+            out = self._take_extra(await self._read_blocking(block_ms), count)
+        return out
+
+    def _take(self, count: int) -> list[Delivery]:
+        taken, self._buffer = self._buffer[:count], self._buffer[count:]
+        return taken
+
+    def _take_extra(self, got: list[Delivery], count: int) -> list[Delivery]:
+        # Entries already delivered to this consumer but over `count` wait in the buffer
+        # (they are in our PEL and renewed like in-flight ones).
+        self._buffer.extend(got[count:])
+        return got[:count]
+
+    @property
+    def held(self) -> list[Delivery]:
+        """Deliveries this consumer holds but has not handed out yet."""
+        return list(self._buffer)
+
+    async def _read_new(self, count: int) -> list[Delivery]:
+        self._reads += 1
+        order = [(p, count) for p in self.priorities]
+        if len(self.priorities) > 1 and self._reads % self.fair_every == 0:
+            lower = self.priorities[1 + self._fair_turn % (len(self.priorities) - 1)]
+            self._fair_turn += 1
+            order.insert(0, (lower, 1))
+        out: list[Delivery] = []
+        for priority, limit in order:
+            want = min(limit, count - len(out))
+            if want <= 0:
+                break
+            reply = await self._xreadgroup({self.streams[priority]: ">"}, want, None)
+            out += reply
+        return out
+
+    async def _read_blocking(self, block_ms: int) -> list[Delivery]:
+        # COUNT is per stream: one entry from each stream at most, priority order restored below.
+        got = await self._xreadgroup({s: ">" for s in self.streams.values()}, 1, block_ms)
+        return sorted(got, key=lambda d: self.priorities.index(d.priority))
+
+    async def _xreadgroup(
+        self, streams: dict[str, str], count: int, block_ms: int | None
+    ) -> list[Delivery]:
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                GROUP, self.consumer, _map(streams), count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("consumer group missing (stream deleted?); creating it again")
+            await self.ensure_groups()
+            return []
+        by_stream = {s: p for p, s in self.streams.items()}
+        return [
+            Delivery(by_stream[stream], stream, entry_id, fields or {})
+            for stream, entries in reply or []
+            for entry_id, fields in entries
+        ]
+
+    async def _reclaim(self, count: int) -> None:
+        """Take over deliveries idle past the visibility timeout (their worker died)."""
+        for priority, stream in self.streams.items():
+            try:
+                cursor, entries, *_deleted = await self.redis.xautoclaim(
+                    stream, GROUP, self.consumer, self.visibility_ms,
+                    start_id=self._cursors[priority], count=count,
+                )  # fmt: skip
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_groups()
+                continue
+            self._cursors[priority] = cursor
+            # Entries deleted from the stream come back as (id, None): nothing left to run.
+            found = [Delivery(priority, stream, i, f) for i, f in entries if f]
+            if found:
+                log.info("reclaimed %d jobs from %s idle over %d ms", len(found), stream,
+                         self.visibility_ms)  # fmt: skip
+            self._buffer.extend(found)
+        await self._forget_dead_consumers()
+
+    async def _forget_dead_consumers(self) -> None:
+        """Remove consumers with nothing pending that have not read for a long while."""
+        idle_ms = max(10 * self.visibility_ms, 3_600_000)
+        for stream in self.streams.values():
+            try:
+                consumers: Any = await self.redis.xinfo_consumers(stream, GROUP)
+            except ResponseError:
+                continue
+            for c in consumers:
+                if c["name"] != self.consumer and c["pending"] == 0 and c["idle"] > idle_ms:
+                    await self.redis.xgroup_delconsumer(stream, GROUP, c["name"])
+
+    async def renew(self, deliveries: Iterable[Delivery]) -> None:
+        """Reset the idle time of deliveries still being worked on, so nobody reclaims them."""
+        by_stream: dict[str, list[str]] = {}
+        for d in [*deliveries, *self._buffer]:
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+        for stream, ids in by_stream.items():
+            await self.redis.xclaim(stream, GROUP, self.consumer, 0, list[Any](ids), justid=True)
+
+    async def begin_attempt(self, job_id: str) -> tuple[bool, int, str]:
+        """Count an attempt. Returns (result already exists, attempts so far, last error)."""
+        state = self.keys.state(job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.result(job_id))
+            pipe.hincrby(state, "attempts", 1)
+            pipe.hget(state, "last_error")
+            pipe.expire(state, 7 * 86_400)
+            exists, attempts, last_error, _ = await pipe.execute()
+        return bool(exists), int(attempts), last_error or ""
+
+    async def record_error(self, job_id: str, message: str) -> None:
+        """Remember why the last attempt failed (for the dead letter if attempts run out)."""
+        await self.redis.hset(self.keys.state(job_id), "last_error", message)
+
+    async def finish(self, d: Delivery, job_id: str, end: Finish) -> None:
+        """Write result, usage event (and dead letter, reply) and acknowledge, in one MULTI."""
+        async with self.redis.pipeline(transaction=True) as tx:
+            if end.dead is not None:
+                tx.xadd(self.keys.dead, _map(end.dead))
+            tx.set(self.keys.result(job_id), end.result_json, ex=self.result_ttl_s)
+            tx.xadd(self.keys.usage, _map(end.usage), maxlen=self.usage_maxlen, approximate=True)
+            if end.reply_to:
+                tx.xadd(end.reply_to, {"result": end.result_json})
+            # Wakes result() waiters; short-lived, the result key itself is the record.
+            tx.rpush(self.keys.done(job_id), 1)
+            tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
+            self._ack(tx, d, job_id)
+            await tx.execute()
+
+    async def ack_duplicate(self, d: Delivery, job_id: str) -> None:
+        """Acknowledge a delivery whose job already has a result (a redelivery)."""
+        async with self.redis.pipeline(transaction=True) as tx:
+            self._ack(tx, d, job_id)
+            await tx.execute()
+
+    def _ack(self, tx: Any, d: Delivery, job_id: str) -> None:
+        # The entry is deleted too: a finished job's fields live on in the result and the
+        # usage event (and the dead letter), and the stream stays as small as the backlog.
+        tx.xack(d.stream, GROUP, d.entry_id)
+        tx.xdel(d.stream, d.entry_id)
+        tx.delete(self.keys.state(job_id))
+
+    async def leave(self) -> None:
+        """On clean shutdown: drop this consumer from the groups if it holds nothing."""
+        for stream in self.streams.values():
+            try:
+                consumers: Any = await self.redis.xinfo_consumers(stream, GROUP)
+            except ResponseError:
+                continue
+            if any(c["name"] == self.consumer and c["pending"] == 0 for c in consumers):
+                await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
+
+
+def _map(fields: dict[str, str]) -> dict[Any, Any]:
+    """redis-py's stubs want invariant dicts of unions; a dict of str is one at runtime."""
+    return fields
+
+
+DEAD_FIELDS = ("error_type", "error", "attempts", "priority", "entry_id")
+"""Fields a dead letter adds to the job's own; replay removes them again."""
+
+
+async def dead_letters(
+    redis: aioredis.Redis, keys: Keys, *, count: int = 100
+) -> list[tuple[str, dict[str, str]]]:
+    """The oldest `count` dead letters as (dead-letter id, fields)."""
+    reply: Any = await redis.xrange(keys.dead, count=count)
+    return [(str(i), dict(f)) for i, f in reply]
+
+
+async def replay(redis: aioredis.Redis, keys: Keys, dead_id: str, priorities: list[str]) -> str:
+    """Put a dead letter back on its priority stream under its old job id; returns that id.
+
+    Its error result is deleted in the same MULTI, so the replayed job runs again (a result
+    would make the worker acknowledge it as a duplicate). Raises LookupError for an unknown id.
+    """
+    reply: Any = await redis.xrange(keys.dead, dead_id, dead_id)
+    if not reply:
+        raise LookupError(f"no dead letter {dead_id!r} in {keys.dead}; see `tokenq dead list`")
+    fields: dict[str, str] = dict(reply[0][1])
+    priority = fields.get("priority", "")
+    if priority not in priorities:
+        priority = priorities[len(priorities) // 2]
+    job_id = fields.get("id") or default_job_id(fields.get("priority", ""), fields["entry_id"])
+    job = {k: v for k, v in fields.items() if k not in DEAD_FIELDS}
+    job["id"] = job_id
+    async with redis.pipeline(transaction=True) as tx:
+        tx.delete(keys.result(job_id), keys.state(job_id), keys.done(job_id))
+        tx.xadd(keys.jobs(priority), _map(job))
+        tx.xdel(keys.dead, dead_id)
+        await tx.execute()
+    return job_id

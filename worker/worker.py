@@ -1,0 +1,457 @@
+"""The worker loop: read jobs, run each through the API, finish or dead-letter it, drain on stop.
+
+Wires the parts together; each part lives in its own module. One process runs one Worker with up
+to `concurrency` jobs in flight as asyncio tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from typing import Any
+
+import anthropic
+import httpx2
+import msgspec
+from redis.exceptions import RedisError
+
+from worker.config import Config, FeatureConfig
+from worker.contract import (
+    REQUEST_FIELDS,
+    ErrorInfo,
+    Job,
+    Keys,
+    Request,
+    Result,
+    UsageEvent,
+    decode_job,
+    entry_ms,
+    to_fields,
+)
+from worker.embedded import connect, redis_url
+from worker.errors import (
+    AttemptsExhausted,
+    DeadlineExceeded,
+    InvalidRequest,
+    JobRejected,
+    MalformedJob,
+    TooLarge,
+    UnknownFeature,
+)
+from worker.queue import Delivery, Finish, Queue
+from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
+
+log = logging.getLogger("tokenq.worker")
+
+# Failures that are not the job's fault: the job is retried after a backoff.
+RETRYABLE: tuple[type[Exception], ...] = (
+    anthropic.RateLimitError,
+    anthropic.InternalServerError,  # 500, 529 (OverloadedError), 503, 504 ...
+    anthropic.APIConnectionError,  # APITimeoutError too
+    anthropic.RequestTimeoutError,
+    anthropic.ConflictError,
+    anthropic.AuthenticationError,  # a key problem: every job would fail, none is malformed
+    anthropic.PermissionDeniedError,
+    anthropic.PaymentRequiredError,
+)
+
+
+class ApiMessage(msgspec.Struct, frozen=True):
+    """The parts of a Messages API response the worker reads."""
+
+    model: str
+    content: list[dict[str, Any]]
+    usage: dict[str, Any]
+    stop_reason: str | None = None
+
+
+_decode_message = msgspec.json.Decoder(ApiMessage).decode
+_decode_request = msgspec.json.Decoder(Request).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def make_client(cfg: Config, concurrency: int) -> anthropic.AsyncAnthropic:
+    """The API client: the real API with ANTHROPIC_API_KEY, else the simulator (base_url auto)."""
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    base_url = cfg.anthropic.base_url
+    if base_url == "auto":
+        base_url = "https://api.anthropic.com" if key else cfg.anthropic.simulator_url
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return anthropic.AsyncAnthropic(
+        api_key=key or "simulator",
+        base_url=base_url,
+        max_retries=cfg.anthropic.max_retries,
+        timeout=cfg.anthropic.timeout_s,
+        http_client=anthropic.DefaultAsyncHttpxClient(limits=limits),
+    )
+
+
+class Worker:
+    """Processes jobs until stop() is called, then drains in-flight work."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        queue: Queue,
+        client: anthropic.AsyncAnthropic,
+        *,
+        concurrency: int,
+    ) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.client = client
+        self.concurrency = concurrency
+        self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._stopping = asyncio.Event()
+        self._baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
+
+    def stop(self) -> None:
+        """Stop reading; in-flight jobs get worker.grace_s to finish. Safe to call twice."""
+        if not self._stopping.is_set():
+            log.info("stopping: %d jobs in flight", len(self._in_flight))
+        self._stopping.set()
+
+    async def aclose(self) -> None:
+        """Close the API client and the Redis connection."""
+        await self.client.close()
+        await self.queue.redis.aclose()
+
+    async def run(self) -> None:
+        """Process jobs until stop() is called, then drain in-flight work."""
+        await self.queue.ensure_groups()
+        renewer = asyncio.create_task(self._renew_forever())
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                free = self.concurrency - len(self._in_flight)
+                if free <= 0:
+                    waiting = {stop_wait, *self._in_flight}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                for delivery in await self._read(free):
+                    task = asyncio.create_task(self._handle(delivery))
+                    self._in_flight[task] = delivery
+                    task.add_done_callback(self._in_flight.pop)
+        finally:
+            stop_wait.cancel()
+            await self._drain()
+            renewer.cancel()
+            await self.queue.leave()
+
+    async def _read(self, free: int) -> list[Delivery]:
+        try:
+            return await self.queue.read(free, self.cfg.worker.block_ms)
+        except (RedisError, OSError) as exc:
+            log.warning("reading jobs failed (%s); trying again in 1 s", exc)
+            await self._pause(1.0)
+            return []
+
+    async def _drain(self) -> None:
+        """Give in-flight jobs grace_s; cancel the rest (unacknowledged, so they are reclaimed)."""
+        if not self._in_flight:
+            return
+        _, late = await asyncio.wait(self._in_flight, timeout=self.cfg.worker.grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("cancelled %d jobs after grace_s; another worker reclaims them", len(late))
+            await asyncio.wait(late)
+
+    async def _renew_forever(self) -> None:
+        period = self.cfg.queue.visibility_timeout_s / 3
+        while True:
+            await asyncio.sleep(period)  # a timer, not polling: renewal is due every period
+            try:
+                await self.queue.renew(self._in_flight.values())
+            except (RedisError, OSError) as exc:
+                log.warning("renewing in-flight jobs failed: %s", exc)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait, unless stop() comes first. True when the full time passed."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return True
+        return False
+
+    async def _handle(self, d: Delivery) -> None:
+        started_ms = now_ms()
+        try:
+            end = await self.process(d, started_ms)
+        except JobRejected as exc:
+            end = self._rejected(d, exc, started_ms)
+        except Exception:  # the one catch-all: the job boundary
+            log.exception("job=%s failed; left pending for redelivery", d.job_id)
+            return
+        if end is None:
+            return
+        try:
+            # Shielded: a cancellation during the finishing write must not half-finish it.
+            await asyncio.shield(self.queue.finish(d, d.job_id, end))
+        except (RedisError, OSError):
+            log.exception("job=%s: writing its result failed; left pending", d.job_id)
+            return
+        event = end.usage
+        log.info(
+            "job=%s feature=%s tier=%s status=%s error_type=%s latency_ms=%s queue_ms=%s",
+            d.job_id, event["feature"], event["tier"], event["status"],
+            event["error_type"] or "-", event["latency_ms"], event["queue_ms"],
+        )  # fmt: skip
+
+    async def process(self, d: Delivery, started_ms: int) -> Finish | None:
+        """Run one delivery. None: nothing to write (a duplicate, or stopping mid-backoff).
+
+        Raises JobRejected when the job can never succeed.
+        """
+        job, request, feature = self._admit(d)
+        tier, route_reason = self._route(job, feature)
+        model = self.cfg.tiers[tier]
+        params: dict[str, Any] = msgspec.to_builtins(request)
+        params.setdefault("max_tokens", feature.max_tokens)
+        params["model"] = model
+        max_attempts = self.cfg.queue.max_attempts
+        while True:
+            check_deadline(job)
+            exists, attempt, last_error = await self.queue.begin_attempt(d.job_id)
+            if exists:
+                await self.queue.ack_duplicate(d, d.job_id)
+                log.info("job=%s already has a result; acknowledged the redelivery", d.job_id)
+                return None
+            if attempt > max_attempts:
+                raise exhausted(attempt - 1, last_error)
+            t0 = time.monotonic()
+            try:
+                raw = await self.client.messages.with_raw_response.create(**params)
+                body = await raw.read()
+            except RETRYABLE as exc:
+                error = describe(exc)
+                await self.queue.record_error(d.job_id, error)
+                log.warning("job=%s attempt=%d failed: %s", d.job_id, attempt, error)
+                if attempt >= max_attempts:
+                    raise exhausted(attempt, error) from None
+                if not await self._pause(self._backoff_s(attempt, exc)):
+                    return None  # stopping: the job stays pending and is reclaimed
+                continue
+            except anthropic.APIStatusError as exc:  # any other 4xx: the request itself
+                raise InvalidRequest(
+                    f"the API rejected the request ({exc.status_code}): {describe(exc)}. "
+                    "Fix the producer's request, then replay the job (tokenq dead replay).",
+                    attempts=attempt,
+                ) from None
+            latency_ms = int((time.monotonic() - t0) * 1000)
+            return self._succeeded(d, job, tier, route_reason, body, attempt, latency_ms)
+
+    def _admit(self, d: Delivery) -> tuple[Job, Request, FeatureConfig]:
+        """Validate a delivery once, at the edge. Raises a JobRejected naming what to fix."""
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in d.fields.items())
+        if size > self.cfg.queue.max_entry_bytes:
+            raise TooLarge(
+                f"the job entry is {size} bytes, over queue.max_entry_bytes = "
+                f"{self.cfg.queue.max_entry_bytes}; shorten the request or raise the limit"
+            )
+        job = parse_job(d.fields)
+        feature = self.cfg.features.get(job.feature)
+        if feature is None:
+            raise UnknownFeature(
+                f"feature {job.feature!r} is not defined in config.toml [features]; "
+                f"defined: {', '.join(sorted(self.cfg.features))}. "
+                "Add it there or fix the producer."
+            )
+        if job.tier is not None and job.tier not in self.cfg.tiers:
+            raise MalformedJob(
+                f"tier {job.tier!r} is not defined in config.toml [tiers]; "
+                f"defined: {', '.join(self.cfg.tiers)}. Name one of them or leave `tier` out."
+            )
+        return job, parse_request(job.request), feature
+
+    def _route(self, job: Job, feature: FeatureConfig) -> tuple[str, str]:
+        if job.tier is not None:
+            return job.tier, "forced by job.tier"
+        if feature.tier is not None:
+            return feature.tier, f"features.{job.feature}.tier"
+        return self.cfg.router.default_tier, "router.default_tier"
+
+    def _backoff_s(self, attempt: int, exc: Exception) -> float:
+        q = self.cfg.queue
+        delay = min(q.retry_max_s, q.retry_base_s * 2.0 ** (attempt - 1))
+        delay *= 0.5 + random.random() / 2  # jitter: retries of many jobs do not align
+        if isinstance(exc, anthropic.APIStatusError):
+            after = str(exc.response.headers.get("retry-after", ""))
+            if after and after.replace(".", "", 1).isdigit():
+                delay = max(delay, min(float(after), q.retry_max_s))
+        return delay
+
+    def _succeeded(
+        self, d: Delivery, job: Job, tier: str, route_reason: str, body: bytes, attempt: int,
+        latency_ms: int,
+    ) -> Finish:  # fmt: skip
+        message = _decode_message(body)
+        usage = msgspec.convert(message.usage, ApiUsage)
+        cost = cost_usd(usage, self.cfg.models[self.cfg.tiers[tier]])
+        result = Result(
+            id=d.job_id,
+            status="ok",
+            text="".join(b.get("text", "") for b in message.content if b.get("type") == "text"),
+            content=message.content,
+            model=message.model,
+            tier=tier,
+            stop_reason=message.stop_reason,
+            usage=message.usage,
+            cost_usd=cost,
+            mode="realtime",
+        )
+        event = UsageEvent(
+            ts_ms=now_ms(),
+            job_id=d.job_id,
+            feature=job.feature,
+            tenant=job.tenant or "",
+            priority=d.priority,
+            tier=tier,
+            model=message.model,
+            attempt=attempt,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_creation_input_tokens=usage.cache_write,
+            cache_read_input_tokens=usage.cache_read,
+            cost_usd=cost,
+            baseline_cost_usd=baseline_cost_usd(usage, self._baseline),
+            latency_ms=latency_ms,
+            queue_ms=max(0, now_ms() - latency_ms - entry_ms(d.entry_id)),
+            route_reason=route_reason,
+        )
+        return Finish(_encode(result), to_fields(event), job.reply_to)
+
+    def _rejected(self, d: Delivery, exc: JobRejected, started_ms: int) -> Finish:
+        f = d.fields
+        error = ErrorInfo(exc.error_type, str(exc))
+        result = Result(id=d.job_id, status="error", error=error)
+        event = UsageEvent(
+            ts_ms=now_ms(),
+            job_id=d.job_id,
+            feature=f.get("feature", ""),
+            tenant=f.get("tenant", ""),
+            priority=d.priority,
+            status="error",
+            attempt=exc.attempts,
+            queue_ms=max(0, started_ms - entry_ms(d.entry_id)),
+            error_type=exc.error_type,
+        )
+        dead = {
+            **f,
+            "error_type": exc.error_type,
+            "error": str(exc),
+            "attempts": str(exc.attempts),
+            "priority": d.priority,
+            "entry_id": d.entry_id,
+        }
+        return Finish(_encode(result), to_fields(event), f.get("reply_to") or None, dead)
+
+
+def parse_job(fields: dict[str, str]) -> Job:
+    """The stream fields as a Job, or MalformedJob saying which field is wrong and how."""
+    try:
+        return decode_job(fields)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "missing required field `feature`" in text:
+            raise MalformedJob(
+                "the job has no `feature` field; every job names a feature of config.toml "
+                "[features]. Add it to the XADD."
+            ) from None
+        if "missing required field `request`" in text:
+            raise MalformedJob(
+                "the job has no `request` field; it must be a JSON object of Messages API "
+                'parameters, e.g. {"messages":[{"role":"user","content":"Hi"}]}.'
+            ) from None
+        raise MalformedJob(f"a job field is not valid: {text}. Fix the producer.") from None
+
+
+def parse_request(text: str) -> Request:
+    """The `request` field as a Request, or MalformedJob saying what is wrong with it."""
+    try:
+        return _decode_request(text)
+    except msgspec.ValidationError as exc:
+        detail = str(exc)
+        if detail.startswith("Expected `object`") and "at `$" not in detail:
+            detail = "it must be a JSON object, not " + detail.split("got ")[-1]
+        for name in ("temperature", "top_p", "top_k"):
+            if f"unknown field `{name}`" in detail:
+                detail = f"`{name}` is not accepted: the API version 2026-10-21 rejects it; drop it"
+        if "unknown field" in detail:
+            detail += f" (allowed: {', '.join(REQUEST_FIELDS)})"
+        raise MalformedJob(f"`request` is not valid: {detail}. Fix the producer.") from None
+    except msgspec.DecodeError as exc:
+        raise MalformedJob(
+            f"`request` is not valid JSON ({exc}); it must be a JSON object of Messages API "
+            "parameters. Fix the producer."
+        ) from None
+
+
+def check_deadline(job: Job) -> None:
+    """Raise DeadlineExceeded once the job's deadline_ms has passed."""
+    if job.deadline_ms is not None and now_ms() > job.deadline_ms:
+        raise DeadlineExceeded(
+            f"deadline_ms {job.deadline_ms} passed before the job could run "
+            f"({now_ms() - job.deadline_ms} ms late); submit it again with a later deadline"
+        )
+
+
+def exhausted(attempts: int, last_error: str) -> AttemptsExhausted:
+    return AttemptsExhausted(
+        f"the job failed {attempts} attempts (queue.max_attempts); last error: "
+        f"{last_error or 'its worker stopped mid-call each time'}. Replay it when the cause "
+        "is fixed (tokenq dead replay).",
+        attempts=attempts,
+    )
+
+
+def describe(exc: Exception) -> str:
+    """An SDK error in one line: class, status, the API's message and request id."""
+    if isinstance(exc, anthropic.APIStatusError):
+        request_id = exc.response.headers.get("request-id", "-")
+        return f"{type(exc).__name__} {exc.status_code}: {exc.message} (request-id {request_id})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def consumer_name() -> str:
+    """A name unique to this process, readable in XINFO CONSUMERS."""
+    return f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**4):04x}"
+
+
+def build_worker(cfg: Config, *, concurrency: int) -> Worker:
+    """A Worker wired to Redis and the API as the config says (starts embedded Redis if needed)."""
+    redis = connect(redis_url(cfg), block_s=cfg.worker.block_ms / 1000)
+    queue = Queue(
+        redis,
+        Keys(cfg.prefix),
+        cfg.queue.priorities,
+        consumer_name(),
+        visibility_ms=int(cfg.queue.visibility_timeout_s * 1000),
+        fair_every=cfg.queue.fair_every,
+        result_ttl_s=cfg.queue.result_ttl_s,
+        usage_maxlen=cfg.queue.usage_maxlen,
+    )
+    return Worker(cfg, queue, make_client(cfg, concurrency), concurrency=concurrency)
+
+
+async def serve(cfg: Config, *, concurrency: int) -> None:
+    """Run one worker process until SIGTERM or SIGINT, then drain and return."""
+    worker = build_worker(cfg, concurrency=concurrency)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    log.info("worker %s started: concurrency=%d api=%s", worker.queue.consumer, concurrency,
+             worker.client.base_url)  # fmt: skip
+    try:
+        await worker.run()
+    finally:
+        await worker.aclose()
