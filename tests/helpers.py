@@ -1,0 +1,87 @@
+"""Shared test helpers: waiting on conditions, free ports, the simulator's admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from worker.contract import GROUP, Keys, Result, UsageEvent, from_fields
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool | int]], *, what: str, timeout_s: float = 10.0
+) -> None:
+    """Wait until check() is true; fail at the deadline saying what never happened."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await check():  # noqa: ASYNC110 - the condition is in another process
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"no {what} after {timeout_s}s") from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sim_call(base_url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """GET (or POST with a body) one of the simulator's /_sim/ admin endpoints."""
+    data = None if body is None else json.dumps(body).encode()
+    method = "GET" if body is None else "POST"
+    request = urllib.request.Request(
+        f"{base_url}/_sim/{path}", data=data, method=method,
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.loads(reply.read() or b"null")
+
+
+# Typed views of redis-py calls (its stubs allow bytes and None everywhere; the test client
+# decodes replies to str).
+async def entries(
+    redis: aioredis.Redis, key: str, count: int | None = None
+) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE of a whole stream, oldest first."""
+    reply: Any = await redis.xrange(key, count=count)
+    return [(str(i), dict(f)) for i, f in reply]
+
+
+async def add(redis: aioredis.Redis, key: str, fields: dict[str, str]) -> str:
+    """XADD, returning the entry id."""
+    return str(await redis.xadd(key, cast("dict[Any, Any]", fields)))
+
+
+async def read_result(redis: aioredis.Redis, keys: Keys, job_id: str) -> Result:
+    """The result a job has (fails the test when it has none)."""
+    raw = await redis.get(keys.result(job_id))
+    assert raw is not None, f"job {job_id} has no result"
+    return msgspec.json.decode(raw, type=Result)
+
+
+async def usage_events(redis: aioredis.Redis, keys: Keys) -> list[UsageEvent]:
+    return [from_fields(f) for _, f in await entries(redis, keys.usage)]
+
+
+async def stream_len(redis: aioredis.Redis, key: str) -> int:
+    return int(await redis.xlen(key))
+
+
+async def pending_count(redis: aioredis.Redis, stream: str) -> int:
+    """Entries delivered to the workers group and not yet acknowledged (0 before it exists)."""
+    try:
+        reply: Any = await redis.xpending(stream, GROUP)
+    except ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        return 0
+    return int(reply["pending"])

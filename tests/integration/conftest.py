@@ -1,0 +1,58 @@
+"""Integration fixtures: workers in this process, and worker processes to kill."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from worker.config import Config
+from worker.worker import Worker, build_worker
+
+RunWorker = Callable[..., AbstractAsyncContextManager[Worker]]
+
+
+@pytest.fixture
+def run_worker() -> RunWorker:
+    """`async with run_worker(cfg, concurrency=8) as w:` runs a Worker in this event loop."""
+
+    @asynccontextmanager
+    async def run(cfg: Config, *, concurrency: int = 8) -> AsyncIterator[Worker]:
+        worker = build_worker(cfg, concurrency=concurrency)
+        task = asyncio.create_task(worker.run())
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await task
+            await worker.aclose()
+
+    return run
+
+
+SpawnWorker = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn_worker() -> Iterator[SpawnWorker]:
+    """Start `tokenq worker` processes; any left running are killed after the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(config: Path, *, concurrency: int = 8) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--config", str(config), "--log-level", "warning",
+             "worker", "--processes", "1", "--concurrency", str(concurrency)],
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,53 @@
+"""`tokenq up`, the quick start: embedded Valkey, simulator, workers, demo producer, tail."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.helpers import free_port
+from worker.embedded import ping
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_up_runs_the_demo_to_the_end(tmp_path: Path) -> None:
+    redis_port, sim_port = free_port(), free_port()
+    text = (ROOT / "config.toml").read_text()
+    for old, new in [
+        ("embedded_port = 6399", f"embedded_port = {redis_port}"),
+        ('data_dir = ".tokenq/valkey"', 'data_dir = "data"'),
+        (
+            'simulator_url = "http://127.0.0.1:8787"',
+            f'simulator_url = "http://127.0.0.1:{sim_port}"',
+        ),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    tokenq = [sys.executable, "-m", "worker", "--config", str(config)]
+    proc = await asyncio.create_subprocess_exec(
+        *tokenq, "up", "--demo-jobs", "40", "--demo-rate", "200", "--latency-ms", "10",
+        "--exit-when-done", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(90):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        stop = await asyncio.create_subprocess_exec(*tokenq, "redis", "--stop")
+        await stop.wait()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "using the simulator" in text
+    assert "demo: all 40 jobs have a result" in text
+    assert "usage events, cost $" in text
+    assert " ok " in text  # tail lines of finished jobs
+    assert not ping(redis_port)
+    assert (tmp_path / "data" / "appendonlydir").is_dir()
