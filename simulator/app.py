@@ -74,6 +74,7 @@ class Simulator:
         self.ledger = Ledger()
         self.limits: dict[str, ModelLimits] = {}
         self.rng = random.Random(settings.seed)
+        self.in_flight = 0  # requests between arrival and answer (an abandoned one still counts)
 
     def _headers(self) -> dict[str, str]:
         return {"request-id": "req_" + os.urandom(12).hex()}
@@ -104,6 +105,13 @@ class Simulator:
         return body
 
     async def messages(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            return await self._messages(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _messages(self, request: web.Request) -> web.Response:
         try:
             body = await self._parse(request, needs_max_tokens=True)
         except ApiError as exc:
@@ -160,7 +168,7 @@ class Simulator:
         )
 
     async def get_ledger(self, _: web.Request) -> web.Response:
-        return web.json_response(self.ledger.as_json())
+        return web.json_response({**self.ledger.as_json(), "in_flight": self.in_flight})
 
     async def reset(self, _: web.Request) -> web.Response:
         self.ledger = Ledger()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,10 +15,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import free_port, sim_call
+from tests.helpers import sim_call
 from worker.config import Config, load_config
 from worker.contract import Keys
-from worker.embedded import connect, server_args, wait_until_ready
+from worker.embedded import connect, free_port, server_args, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,9 +62,16 @@ def simulator_url() -> Iterator[str]:
 
 @pytest.fixture
 def sim(simulator_url: str) -> Iterator[str]:
-    """The simulator with an empty ledger, no latency and no faults; restored afterwards."""
+    """The simulator with an empty ledger, no latency and no faults; restored afterwards.
+
+    Requests an earlier test abandoned (timeouts, killed workers) are waited out first, so
+    they cannot land in this test's ledger.
+    """
     defaults = {"latency_ms": 0, "fault_rate": {}}
     sim_call(simulator_url, "config", defaults)
+    deadline = time.monotonic() + 30
+    while sim_call(simulator_url, "ledger")["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)  # the simulator finishes them on its own clock
     sim_call(simulator_url, "reset", {})
     yield simulator_url
     sim_call(simulator_url, "config", defaults)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -26,12 +25,6 @@ async def eventually(
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"no {what} after {timeout_s}s") from None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sim_call(base_url: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -43,6 +43,13 @@ def server_args(cfg: Config, *, port: int | None = None, data_dir: str | None = 
     ]  # fmt: skip
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (tests and benchmarks start servers on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def ping(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
     """True when a Redis-protocol server answers PING on host:port."""
     try:

@@ -17,7 +17,6 @@ from tests.conftest import ConfigFactory
 from tests.helpers import (
     add,
     eventually,
-    free_port,
     pending_count,
     read_result,
     sim_call,
@@ -27,7 +26,7 @@ from tests.helpers import (
 from tests.integration.conftest import SpawnWorker
 from worker.config import load_config
 from worker.contract import GROUP, Keys, Result
-from worker.embedded import connect, ensure_running
+from worker.embedded import connect, ensure_running, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = {"messages": [{"role": "user", "content": "Write one line about queues."}]}

@@ -196,3 +196,16 @@ async def test_deadline_passed_while_queued_fails_without_a_call(
         result = await producer.result(job_id, timeout_s=10)
     assert result.error is not None and result.error.type == "deadline_exceeded"
     assert sim_call(sim, "ledger")["models"] == {}
+
+
+async def test_calls_over_the_timeout_count_as_failed_attempts(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    cfg, _ = make_config(**{"queue.max_attempts": 2, "anthropic.timeout_s": 0.2})
+    sim_call(sim, "config", {"latency_ms": 1000})
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg):
+        job_id = await producer.submit("summarize", HELLO)
+        result = await producer.result(job_id, timeout_s=10)
+    assert result.error is not None and result.error.type == "max_attempts"
+    assert "APITimeoutError" in result.error.message

@@ -7,8 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tests.helpers import free_port
-from worker.embedded import ping
+from worker.embedded import free_port, ping
 
 ROOT = Path(__file__).resolve().parents[2]
 
