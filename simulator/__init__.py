@@ -1,1 +1,6 @@
-"""A local HTTP server that speaks the Anthropic API, with a ledger of what it billed."""
+"""A local HTTP server that speaks the Anthropic API, with a ledger of what it billed.
+
+Modules: __main__ (CLI), app (routes, settings), validate (request checks), errors (status
+map), shapes (response JSON), tokens (counts and replies), pricing, ledger, limits (rate-limit
+buckets), faults (injected errors).
+"""

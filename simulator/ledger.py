@@ -1,16 +1,19 @@
-"""What the simulator billed: per model tokens and USD, plus faults it injected."""
+"""What the simulator billed, per model, plus the faults it injected and the requests it refused.
+
+Only 200 answers of POST /v1/messages are billed, as the API bills them; tests compare these
+totals with what tokenq recorded from the `usage` objects it received.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import msgspec
 
-from simulator.pricing import Billed, cost_usd
+from simulator.pricing import Usage, cost_usd
 
 
-@dataclass(slots=True)
-class ModelLedger:
+class ModelTotals(msgspec.Struct, kw_only=True):
+    """Sums over one model's billed responses (a running total, hence mutable)."""
+
     requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -19,26 +22,47 @@ class ModelLedger:
     cost_usd: float = 0.0
 
 
-@dataclass(slots=True)
+class LedgerReport(msgspec.Struct, kw_only=True):
+    """GET /_sim/ledger. `faults` is keyed by status ("429"), `rejected` counts 4xx answers
+    to invalid requests, `in_flight` the requests received and not yet answered."""
+
+    models: dict[str, ModelTotals]
+    faults: dict[str, int]
+    rejected: int
+    total_cost_usd: float
+    in_flight: int
+
+
 class Ledger:
-    models: dict[str, ModelLedger] = field(default_factory=dict)
-    faults: Counter[str] = field(default_factory=Counter)
-    rejected: int = 0
+    """The running totals; POST /_sim/reset replaces it with a new one."""
 
-    def bill(self, model: str, billed: Billed, *, batch: bool = False) -> None:
-        """Record one successful (billed) response."""
-        m = self.models.setdefault(model, ModelLedger())
-        m.requests += 1
-        m.input_tokens += billed.input_tokens
-        m.output_tokens += billed.output_tokens
-        m.cache_creation_input_tokens += billed.cache_write_5m + billed.cache_write_1h
-        m.cache_read_input_tokens += billed.cache_read
-        m.cost_usd += cost_usd(model, billed, batch=batch)
+    def __init__(self) -> None:
+        self.models: dict[str, ModelTotals] = {}
+        self.faults: dict[str, int] = {}
+        self.rejected = 0
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "models": {name: asdict(m) for name, m in self.models.items()},
-            "faults": dict(self.faults),
-            "rejected": self.rejected,
-            "total_cost_usd": sum(m.cost_usd for m in self.models.values()),
-        }
+    def bill(self, model: str, usage: Usage) -> None:
+        """Record one 200 response. Raises KeyError for a model without prices."""
+        cost = cost_usd(model, usage)
+        totals = self.models.get(model)
+        if totals is None:
+            totals = self.models[model] = ModelTotals()
+        totals.requests += 1
+        totals.input_tokens += usage.input_tokens
+        totals.output_tokens += usage.output_tokens
+        totals.cache_creation_input_tokens += usage.cache_creation_input_tokens
+        totals.cache_read_input_tokens += usage.cache_read_input_tokens
+        totals.cost_usd += cost
+
+    def fault(self, status: str) -> None:
+        """Record one injected fault answer."""
+        self.faults[status] = self.faults.get(status, 0) + 1
+
+    def report(self, *, in_flight: int) -> LedgerReport:
+        return LedgerReport(
+            models={name: msgspec.structs.replace(t) for name, t in self.models.items()},
+            faults=dict(self.faults),
+            rejected=self.rejected,
+            total_cost_usd=sum(t.cost_usd for t in self.models.values()),
+            in_flight=in_flight,
+        )

@@ -1,83 +1,122 @@
 """Deterministic token counts and replies, so tests and benchmarks can predict the bill.
 
-Counting rule (documented in the README): every piece of text counts ceil(characters / 4)
-tokens (the reference workload writes about 4 characters a token); a non-text content block
-(tool_use, tool_result, image source ...) counts as its JSON text; every tool definition counts
-as its JSON text; each message adds 4 tokens of overhead and each request 3. It is not
-Anthropic's tokenizer, only a stable stand-in with the right order of magnitude.
+Counting rule (not Anthropic's tokenizer; a stable stand-in of the right order of magnitude):
 
-Replies: the reply length in tokens is 10 + (a hash of the request) % 60, one 3-letter word and
-a space (4 characters) a token. A request whose system prompt or last user message contains
-"JSON" gets a JSON object as its text. A reply longer than max_tokens is cut and ends with
-stop_reason "max_tokens"; a stop sequence found in the reply cuts it with "stop_sequence".
+- a piece of text counts ceil(characters / 4) tokens;
+- `system`: the string, or the text of each of its text blocks;
+- each message: 4 tokens of overhead plus its content: the string, or per block the text of a
+  `text` block, and the compact JSON of any other block (tool_use, tool_result, image ...);
+- each entry of `tools`: its compact JSON;
+- each request: 3 tokens of overhead.
+
+`cache_control` is left out of the JSON, so marking a block cacheable does not change the count.
+POST /v1/messages bills exactly what POST /v1/messages/count_tokens answers.
+
+Replies: a hash of (model, system, messages) seeds the choice of a length (10 to 69 tokens)
+and of the words: 3-letter words and a space, 4 characters a token. If the system prompt or the
+last user message contains "JSON", the text is a JSON object {"answer": "..."}. A reply longer
+than max_tokens is cut to max_tokens tokens with stop_reason "max_tokens"; a stop sequence found in
+it cuts it there with "stop_sequence"; otherwise it ends with "end_turn".
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any
+from typing import Any, NamedTuple
 
-# 3-letter words: with a space, 4 characters a token.
-_WORDS = "the cat sat mat and saw one big red sun set far off you can ask any key due old new top "
-WORDS = (_WORDS + "end way use see fix run add get put let now our out too").split()
+import msgspec
+
+Body = dict[str, Any]  # a decoded request body; validate.py has checked its shape
+
+REQUEST_OVERHEAD = 3
+MESSAGE_OVERHEAD = 4
+MIN_REPLY_WORDS = 10
+MAX_REPLY_WORDS = MIN_REPLY_WORDS + 59
+
+_WORDS = [
+    "the", "cat", "sat", "mat", "and", "saw", "one", "big", "red", "sun", "set", "far", "off",
+    "you", "can", "ask", "any", "key", "due", "old", "new", "top", "end", "way", "use", "see",
+    "fix", "run", "add", "get", "put", "let", "now", "our", "out", "too",
+]  # fmt: skip
+_encode = msgspec.json.Encoder().encode
 
 
 def text_tokens(text: str) -> int:
     return -(-len(text) // 4)
 
 
+def _json_tokens(value: Any) -> int:
+    if isinstance(value, dict) and "cache_control" in value:
+        value = {k: v for k, v in value.items() if k != "cache_control"}
+    return text_tokens(_encode(value).decode())
+
+
 def block_tokens(block: Any) -> int:
-    if isinstance(block, dict) and block.get("type") == "text":
-        return text_tokens(str(block.get("text", "")))
-    return text_tokens(json.dumps(block, separators=(",", ":"), sort_keys=True))
+    """One content block, system block or tool definition."""
+    if block.get("type") == "text":
+        return text_tokens(block.get("text", ""))
+    return _json_tokens(block)
 
 
-def content_tokens(content: Any) -> int:
+def content_tokens(content: str | list[Any]) -> int:
     if isinstance(content, str):
         return text_tokens(content)
     return sum(block_tokens(b) for b in content)
 
 
-def input_tokens(body: dict[str, Any]) -> int:
-    """The input tokens a request bills (also what count_tokens answers)."""
-    total = 3
+def input_tokens(body: Body) -> int:
+    """The input tokens a request bills, and what count_tokens answers."""
+    total = REQUEST_OVERHEAD
     system = body.get("system")
     if system is not None:
         total += content_tokens(system)
-    for tool in body.get("tools") or []:
-        total += block_tokens(tool)
+    for tool in body.get("tools") or ():
+        total += _json_tokens(tool)
     for message in body["messages"]:
-        total += 4 + content_tokens(message["content"])
+        total += MESSAGE_OVERHEAD + content_tokens(message["content"])
     return total
 
 
-def _asks_for_json(body: dict[str, Any]) -> bool:
-    system = body.get("system")
-    system_text = system if isinstance(system, str) else json.dumps(system or "")
-    last = body["messages"][-1]
-    last_text = last["content"] if isinstance(last["content"], str) else json.dumps(last)
-    return "JSON" in system_text or (last["role"] == "user" and "JSON" in last_text)
+def _text_of(content: str | list[Any] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return " ".join(b.get("text", "") for b in content if b.get("type") == "text")
 
 
-def reply(body: dict[str, Any]) -> tuple[str, int, str, str | None]:
-    """(text, output tokens, stop_reason, stop_sequence) for a request, always the same."""
-    key = json.dumps(
-        [body.get("model"), body.get("system"), body["messages"]], sort_keys=True
-    ).encode()
-    digest = hashlib.sha256(key).digest()
-    wanted = 10 + int.from_bytes(digest[:4], "big") % 60
-    words = [WORDS[b % len(WORDS)] for b in (digest * (wanted // len(digest) + 1))[:wanted]]
-    text = " ".join(words)
-    if _asks_for_json(body):
-        text = json.dumps({"answer": " ".join(words[3:])})
-    tokens = text_tokens(text)
-    max_tokens = int(body.get("max_tokens", tokens))
-    for stop in body.get("stop_sequences") or []:
-        at = text.find(stop)
-        if stop and at >= 0 and text_tokens(text[:at]) <= max_tokens:
-            return text[:at], text_tokens(text[:at]), "stop_sequence", stop
-    if tokens > max_tokens:
-        cut = text[: max_tokens * 4]
-        return cut, max_tokens, "max_tokens", None
-    return text, tokens, "end_turn", None
+def asks_for_json(body: Body) -> bool:
+    """Whether the system prompt or the last user message contains "JSON"."""
+    if "JSON" in _text_of(body.get("system")):
+        return True
+    last_user = next((m for m in reversed(body["messages"]) if m["role"] == "user"), None)
+    return last_user is not None and "JSON" in _text_of(last_user["content"])
+
+
+class Reply(NamedTuple):
+    text: str
+    output_tokens: int
+    stop_reason: str
+    stop_sequence: str | None
+
+
+def _full_text(body: Body) -> str:
+    key = _encode([body.get("model"), body.get("system"), body["messages"]])
+    # An extendable-output hash gives the length byte and one byte per word in one C call,
+    # many times cheaper than seeding a random.Random per request.
+    digest = hashlib.shake_128(key).digest(1 + MAX_REPLY_WORDS)
+    words = [_WORDS[b % len(_WORDS)] for b in digest[1 : 1 + MIN_REPLY_WORDS + digest[0] % 60]]
+    if asks_for_json(body):
+        return _encode({"answer": " ".join(words[3:])}).decode()
+    return " ".join(words)
+
+
+def reply(body: Body) -> Reply:
+    """The reply to a request: always the same for the same model, system and messages."""
+    text = _full_text(body)
+    max_tokens = int(body.get("max_tokens", text_tokens(text)))
+    for stop in body.get("stop_sequences") or ():
+        at = text.find(stop) if stop else -1
+        if at >= 0 and text_tokens(text[:at]) <= max_tokens:
+            return Reply(text[:at], text_tokens(text[:at]), "stop_sequence", stop)
+    if text_tokens(text) > max_tokens:
+        return Reply(text[: max_tokens * 4], max_tokens, "max_tokens", None)
+    return Reply(text, text_tokens(text), "end_turn", None)

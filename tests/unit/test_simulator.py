@@ -1,4 +1,4 @@
-"""Simulator arithmetic: continuous-refill buckets, token counting, fault-rate parsing."""
+"""Simulator arithmetic: token counting, replies, fault-rate parsing."""
 
 from __future__ import annotations
 
@@ -7,38 +7,7 @@ import argparse
 import pytest
 
 from simulator.__main__ import parse_fault_rates
-from simulator.limits import Bucket, ModelLimits, thousands
 from simulator.tokens import input_tokens, reply
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_bucket_refills_continuously_up_to_capacity() -> None:
-    clock = FakeClock()
-    bucket = Bucket(60, clock)  # 60 a minute: one a second
-    bucket.take(30)
-    assert bucket.remaining() == 30
-    clock.now += 10
-    assert bucket.remaining() == 40
-    assert bucket.full_at() == pytest.approx(clock.now + 20)
-    clock.now += 3600
-    assert bucket.remaining() == 60
-
-
-def test_headers_round_tokens_to_thousands() -> None:
-    limits = ModelLimits(1000, 2_000_000, 400_000, FakeClock())
-    limits.record(input_tokens=1_499, output_tokens=10)
-    headers = limits.headers()
-    assert headers["anthropic-ratelimit-requests-remaining"] == "999"
-    assert headers["anthropic-ratelimit-input-tokens-remaining"] == "1999000"
-    assert headers["anthropic-ratelimit-tokens-limit"] == "2400000"
-    assert thousands(1_499) == 1000 and thousands(1_500) == 2000
 
 
 def test_input_tokens_count_four_characters_a_token() -> None:
