@@ -7,6 +7,7 @@ result() that wakes as soon as the worker writes the result.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,21 +72,19 @@ class Producer:
         return out
 
     async def submit(self, feature: str, request: Mapping[str, Any] | str, **kw: Any) -> str:
-        """Submit one job; returns its id (the given `id`, else `<priority>:<entry id>`)."""
-        job = NewJob(feature=feature, request=request, **kw)
-        entry_id = await self.redis.xadd(self.keys.jobs(job.priority), _map(self.fields(job)))
-        return job.id or f"{job.priority}:{_text(entry_id)}"
+        """Submit one job; returns its id (the given `id`, else a new unique one)."""
+        job = _with_id(NewJob(feature=feature, request=request, **kw))
+        await self.redis.xadd(self.keys.jobs(job.priority), _map(self.fields(job)))
+        return job.id or ""
 
     async def submit_many(self, jobs: Iterable[NewJob]) -> list[str]:
         """Submit many jobs in one pipelined round trip; ids in the same order."""
-        batch = list(jobs)
+        batch = [_with_id(job) for job in jobs]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job in batch:
                 pipe.xadd(self.keys.jobs(job.priority), _map(self.fields(job)))
-            entry_ids = await pipe.execute()
-        return [
-            job.id or f"{job.priority}:{_text(e)}" for job, e in zip(batch, entry_ids, strict=True)
-        ]
+            await pipe.execute()
+        return [job.id or "" for job in batch]
 
     async def result(self, job_id: str, timeout_s: float = 60.0) -> Result:
         """The job's result, waiting up to timeout_s for it. Raises TimeoutError.
@@ -111,8 +110,11 @@ class Producer:
                     await pipe.execute()
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _with_id(job: NewJob) -> NewJob:
+    """The job with an id of its own. A plain XADD defaults to the entry id, but entry ids of
+    different priority streams can be equal, and the client must know the id before XADD to
+    hand it back without a second round trip."""
+    return job if job.id else msgspec.structs.replace(job, id=uuid.uuid4().hex)
 
 
 def _map(fields: dict[str, str]) -> dict[Any, Any]:

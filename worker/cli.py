@@ -25,7 +25,7 @@ from worker.embedded import connect, ping, redis_url, server_args
 from worker.errors import ConfigError
 from worker.fleet import run_fleet
 from worker.local import up
-from worker.queue import dead_letters, default_job_id, replay
+from worker.queue import dead_job_id, dead_letters, replay
 from worker.usage import follow, format_event
 from worker.worker import serve
 
@@ -371,7 +371,7 @@ def cmd_dead_list(ns: argparse.Namespace) -> int:
 
 
 def _dead_line(dead_id: str, fields: dict[str, str]) -> str:
-    job_id = fields.get("id") or default_job_id(fields["priority"], fields["entry_id"])
+    job_id = dead_job_id(fields)
     return (
         f"{dead_id} {fields['error_type']} feature={fields.get('feature', '-')} job={job_id} "
         f"attempts={fields['attempts']}\n    {fields['error']}"

@@ -33,12 +33,7 @@ from worker.contract import GROUP, Keys
 log = logging.getLogger("tokenq.queue")
 
 
-def default_job_id(priority: str, entry_id: str) -> str:
-    """The id of a job submitted without one (see Delivery.job_id)."""
-    return f"{priority}:{entry_id}"
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     """One stream entry handed to this worker."""
 
@@ -46,15 +41,52 @@ class Delivery:
     stream: str
     entry_id: str
     fields: dict[str, str]
+    # Set by Queue.begin_attempt when the bare entry id belongs to another stream's entry.
+    qualified: bool = False
+
+    @property
+    def owner(self) -> str:
+        """`<priority>:<entry id>`: names this entry uniquely across the priority streams."""
+        return f"{self.priority}:{self.entry_id}"
 
     @property
     def job_id(self) -> str:
-        """The producer's id, else `<priority>:<entry id>`: the key of the job's result.
+        """The key of the job's result: the producer's `id`, else the entry id (the contract).
 
-        An entry id alone is not enough: each stream numbers its entries on its own, and two
-        priority streams hand out the same id within the same millisecond.
+        Each stream numbers its entries on its own, so two priority streams can hand out the
+        same entry id in one millisecond. The first of such a pair keeps the bare entry id;
+        the other is `qualified` and uses `<priority>:<entry id>` (see begin_attempt).
         """
-        return self.fields.get("id") or default_job_id(self.priority, self.entry_id)
+        explicit = self.fields.get("id")
+        if explicit:
+            return explicit
+        return self.owner if self.qualified else self.entry_id
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What begin_attempt found: a result already there, attempts so far, the last error."""
+
+    has_result: bool
+    number: int
+    last_error: str
+
+
+# KEYS: state, result. ARGV: owner ("" when the producer gave an id), state TTL in seconds.
+# A default id (the bare entry id) belongs to the first entry that claims it; any other entry
+# with that id (same number, other stream) gets {-1} and runs under its qualified id instead.
+_BEGIN_ATTEMPT = """
+if ARGV[1] ~= '' then
+  redis.call('HSETNX', KEYS[1], 'owner', ARGV[1])
+  if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {-1, 0, ''} end
+end
+local exists = redis.call('EXISTS', KEYS[2])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local last = redis.call('HGET', KEYS[1], 'last_error') or ''
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {exists, attempts, last}
+"""
+STATE_TTL_S = 7 * 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +130,7 @@ class Queue:
         self._buffer: list[Delivery] = []
         self._next_reclaim = 0.0
         self._cursors = dict.fromkeys(priorities, "0-0")
+        self._begin = redis.register_script(_BEGIN_ATTEMPT)
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every job stream (and the stream) if missing."""
@@ -222,16 +255,23 @@ class Queue:
         for stream, ids in by_stream.items():
             await self.redis.xclaim(stream, GROUP, self.consumer, 0, list[Any](ids), justid=True)
 
-    async def begin_attempt(self, job_id: str) -> tuple[bool, int, str]:
-        """Count an attempt. Returns (result already exists, attempts so far, last error)."""
-        state = self.keys.state(job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self.keys.result(job_id))
-            pipe.hincrby(state, "attempts", 1)
-            pipe.hget(state, "last_error")
-            pipe.expire(state, 7 * 86_400)
-            exists, attempts, last_error, _ = await pipe.execute()
-        return bool(exists), int(attempts), last_error or ""
+    async def begin_attempt(self, d: Delivery) -> Attempt:
+        """Count an attempt at d's job, first settling d's job id (see Delivery.job_id)."""
+        while True:
+            owner = "" if d.fields.get("id") else d.owner
+            keys = [self.keys.state(d.job_id), self.keys.result(d.job_id)]
+            reply: Any = await self._begin(keys=keys, args=[owner, STATE_TTL_S])
+            exists, attempts, last_error = reply
+            if int(exists) >= 0:
+                return Attempt(bool(exists), int(attempts), str(last_error))
+            if d.qualified:  # cannot happen: a qualified id is unique to its entry
+                raise RuntimeError(f"job id {d.job_id!r} is owned by another entry")
+            log.warning(
+                "entry %s on %s has the same id as an entry of another priority stream; "
+                "its result is tokenq:result:%s",
+                d.entry_id, d.stream, d.owner,
+            )  # fmt: skip
+            d.qualified = True
 
     async def record_error(self, job_id: str, message: str) -> None:
         """Remember why the last attempt failed (for the dead letter if attempts run out)."""
@@ -263,7 +303,11 @@ class Queue:
         # usage event (and the dead letter), and the stream stays as small as the backlog.
         tx.xack(d.stream, GROUP, d.entry_id)
         tx.xdel(d.stream, d.entry_id)
-        tx.delete(self.keys.state(job_id))
+        # The owner field stays as long as the result, so a same-numbered entry of another
+        # stream is never mistaken for a redelivery of this one.
+        state = self.keys.state(job_id)
+        tx.hdel(state, "attempts", "last_error")
+        tx.expire(state, self.result_ttl_s)
 
     async def leave(self) -> None:
         """On clean shutdown: drop this consumer from the groups if it holds nothing."""
@@ -281,7 +325,7 @@ def _map(fields: dict[str, str]) -> dict[Any, Any]:
     return fields
 
 
-DEAD_FIELDS = ("error_type", "error", "attempts", "priority", "entry_id")
+DEAD_FIELDS = ("error_type", "error", "attempts", "priority", "entry_id", "job_id")
 """Fields a dead letter adds to the job's own; replay removes them again."""
 
 
@@ -306,7 +350,7 @@ async def replay(redis: aioredis.Redis, keys: Keys, dead_id: str, priorities: li
     priority = fields.get("priority", "")
     if priority not in priorities:
         priority = priorities[len(priorities) // 2]
-    job_id = fields.get("id") or default_job_id(fields.get("priority", ""), fields["entry_id"])
+    job_id = dead_job_id(fields)
     job = {k: v for k, v in fields.items() if k not in DEAD_FIELDS}
     job["id"] = job_id
     async with redis.pipeline(transaction=True) as tx:
@@ -315,3 +359,8 @@ async def replay(redis: aioredis.Redis, keys: Keys, dead_id: str, priorities: li
         tx.xdel(keys.dead, dead_id)
         await tx.execute()
     return job_id
+
+
+def dead_job_id(fields: dict[str, str]) -> str:
+    """The job id a dead letter was written under."""
+    return fields.get("job_id") or fields.get("id") or fields.get("entry_id", "?")

@@ -219,8 +219,9 @@ class Worker:
         max_attempts = self.cfg.queue.max_attempts
         while True:
             check_deadline(job)
-            exists, attempt, last_error = await self.queue.begin_attempt(d.job_id)
-            if exists:
+            begun = await self.queue.begin_attempt(d)
+            attempt, last_error = begun.number, begun.last_error
+            if begun.has_result:
                 await self.queue.ack_duplicate(d, d.job_id)
                 log.info("job=%s already has a result; acknowledged the redelivery", d.job_id)
                 return None
@@ -350,6 +351,7 @@ class Worker:
             "attempts": str(exc.attempts),
             "priority": d.priority,
             "entry_id": d.entry_id,
+            "job_id": d.job_id,
         }
         return Finish(_encode(result), to_fields(event), f.get("reply_to") or None, dead)
 

@@ -33,7 +33,7 @@ async def test_plain_xadd_yields_result_and_usage_matching_ledger(
     entry_id = await add(
         redis, keys.jobs("normal"), {"feature": "summarize", "tenant": "acme", "request": HELLO}
     )
-    job_id = f"normal:{entry_id}"  # the default id: entry ids repeat across streams
+    job_id = entry_id  # the contract's default id
     async with run_worker(cfg):
         await eventually(lambda: redis.exists(keys.result(job_id)), what="result")
     result = await read_result(redis, keys, job_id)
@@ -140,6 +140,24 @@ async def test_same_entry_id_on_two_streams_gives_two_results(
     for priority in ("high", "low"):
         await redis.xadd(keys.jobs(priority), {"feature": "summarize", "request": HELLO}, id="5-1")
     async with run_worker(cfg):
-        await eventually(lambda: redis.exists(keys.result("low:5-1")), what="low's result")
-        await eventually(lambda: redis.exists(keys.result("high:5-1")), what="high's result")
+        await eventually(lambda: _drained(redis, keys.jobs("low")), what="low acknowledged")
+        await eventually(lambda: _drained(redis, keys.jobs("high")), what="high acknowledged")
+    # The first to claim the bare entry id keeps it; the other runs under its qualified id.
+    ids = sorted(e.job_id for e in await usage_events(redis, keys))
+    assert ids in (["5-1", "high:5-1"], ["5-1", "low:5-1"])
+    for job_id in ids:
+        assert (await read_result(redis, keys, job_id)).status == "ok"
+    assert sim_call(sim, "ledger")["models"]["claude-haiku-5-5"]["requests"] == 2
+
+
+async def test_a_same_numbered_entry_after_the_first_finished_still_runs(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    cfg, _ = make_config()
+    async with run_worker(cfg):
+        await redis.xadd(keys.jobs("normal"), {"feature": "summarize", "request": HELLO}, id="7-0")
+        await eventually(lambda: redis.exists(keys.result("7-0")), what="normal's result")
+        await redis.xadd(keys.jobs("low"), {"feature": "summarize", "request": HELLO}, id="7-0")
+        await eventually(lambda: redis.exists(keys.result("low:7-0")), what="low's result")
+    assert [e.job_id for e in await usage_events(redis, keys)] == ["7-0", "low:7-0"]
     assert sim_call(sim, "ledger")["models"]["claude-haiku-5-5"]["requests"] == 2
