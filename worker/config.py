@@ -33,6 +33,7 @@ class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     url: str = "embedded"
     data_dir: str = ".tokenq/valkey"
     embedded_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6399
+    max_connections: Annotated[int, msgspec.Meta(ge=3, le=10_000)] = 64
 
 
 class AnthropicConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from worker.config import Config
 from worker.errors import ConfigError
@@ -94,17 +96,33 @@ def ensure_running(cfg: Config) -> str:
     return url
 
 
+POOL_WAIT_S = 30.0
+
+
 def redis_url(cfg: Config) -> str:
     """The URL to connect to, starting the embedded server when the config says so."""
     return ensure_running(cfg) if cfg.redis.url == "embedded" else cfg.redis.url
 
 
-def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
-    """An asyncio client with str replies; its socket timeout outlasts blocking reads of block_s."""
-    return aioredis.Redis.from_url(
+def connect(
+    url: str, *, block_s: float = 0.0, max_connections: int = 16, retries: int = 3
+) -> aioredis.Redis:
+    """An asyncio client with str replies and at most `max_connections` connections.
+
+    A command that finds them all busy waits for one (up to POOL_WAIT_S, then ConnectionError)
+    instead of failing at once as redis-py's default pool does. The socket timeout outlasts
+    blocking reads of block_s. `retries`: how often redis-py itself re-sends a command after a
+    connection error (with backoff); the worker passes 0, since a re-sent MULTI whose reply
+    was lost would apply twice, and retries on its own terms instead.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
         decode_responses=True,
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=5.0,
         health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
     )
+    return aioredis.Redis.from_pool(pool)

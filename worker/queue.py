@@ -292,6 +292,10 @@ class Queue:
             self._ack(tx, d, job_id)
             await tx.execute()
 
+    async def is_finished(self, d: Delivery) -> bool:
+        """True when d's entry is gone from its stream: finish (or ack_duplicate) deleted it."""
+        return not await self.redis.xrange(d.stream, d.entry_id, d.entry_id)
+
     async def ack_duplicate(self, d: Delivery, job_id: str) -> None:
         """Acknowledge a delivery whose job already has a result (a redelivery)."""
         async with self.redis.pipeline(transaction=True) as tx:

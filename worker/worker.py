@@ -13,7 +13,8 @@ import random
 import signal
 import socket
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anthropic
 import httpx2
@@ -46,6 +47,7 @@ from worker.errors import (
 from worker.queue import Delivery, Finish, Queue
 from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
 
+T = TypeVar("T")
 log = logging.getLogger("tokenq.worker")
 
 # Failures that are not the job's fault: the job is retried after a backoff.
@@ -184,19 +186,28 @@ class Worker:
     async def _handle(self, d: Delivery) -> None:
         started_ms = now_ms()
         try:
-            end = await self.process(d, started_ms)
-        except JobRejected as exc:
-            end = self._rejected(d, exc, started_ms)
+            end = await self._retrying_redis(d, "running", lambda: self._outcome(d, started_ms))
         except Exception:  # the one catch-all: the job boundary
             log.exception("job=%s failed; left pending for redelivery", d.job_id)
             return
         if end is None:
             return
-        try:
-            # Shielded: a cancellation during the finishing write must not half-finish it.
-            await asyncio.shield(self.queue.finish(d, d.job_id, end))
-        except (RedisError, OSError):
-            log.exception("job=%s: writing its result failed; left pending", d.job_id)
+        tries = 0
+
+        async def write() -> bool:
+            nonlocal tries
+            tries += 1
+            # A failed try may have been applied with only its reply lost: the entry is gone.
+            if tries > 1 and await self.queue.is_finished(d):
+                return True
+            await self.queue.finish(d, d.job_id, end)
+            return True
+
+        # Shielded: a cancellation during the finishing write must not half-finish it.
+        written = await self._retrying_redis(
+            d, "writing its result", lambda: asyncio.shield(write())
+        )
+        if not written:
             return
         event = end.usage
         log.info(
@@ -204,6 +215,37 @@ class Worker:
             d.job_id, event["feature"], event["tier"], event["status"],
             event["error_type"] or "-", event["latency_ms"], event["queue_ms"],
         )  # fmt: skip
+
+    async def _outcome(self, d: Delivery, started_ms: int) -> Finish | None:
+        try:
+            return await self.process(d, started_ms)
+        except JobRejected as exc:
+            return self._rejected(d, exc, started_ms)
+
+    async def _retrying_redis(
+        self, d: Delivery, what: str, step: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        """step(), tried again after a Redis error (a restart, a failover, a full pool).
+
+        The job stays in flight and renewed meanwhile, so no other worker takes it. Past half
+        the visibility timeout it is given up (None) and left pending: another worker, or this
+        one, reclaims it once Redis answers again. A result already computed is only written,
+        never fetched from the API a second time, while this retries.
+        """
+        give_up = time.monotonic() + self.cfg.queue.visibility_timeout_s / 2
+        pause = 0.05
+        while True:
+            try:
+                return await step()
+            except (RedisError, OSError) as exc:
+                if time.monotonic() + pause > give_up:
+                    log.error("job=%s: %s failed on Redis (%s); left pending for redelivery",
+                              d.job_id, what, exc)  # fmt: skip
+                    return None
+                log.warning("job=%s: %s failed on Redis (%s); trying again in %.2f s",
+                            d.job_id, what, exc, pause)  # fmt: skip
+                await asyncio.sleep(pause)  # not _pause: a drain still wants the result written
+                pause = min(pause * 2, 5.0)
 
     async def process(self, d: Delivery, started_ms: int) -> Finish | None:
         """Run one delivery. None: nothing to write (a duplicate, or stopping mid-backoff).
@@ -438,7 +480,12 @@ def build_worker(
 
     `client` replaces the API client (the benchmark's in-process transport).
     """
-    redis = connect(redis_url(cfg), block_s=cfg.worker.block_ms / 1000)
+    redis = connect(
+        redis_url(cfg),
+        block_s=cfg.worker.block_ms / 1000,
+        max_connections=cfg.redis.max_connections,
+        retries=0,  # _retrying_redis and the read loop retry, knowing what is safe to repeat
+    )
     queue = Queue(
         redis,
         Keys(cfg.prefix),
