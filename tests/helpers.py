@@ -69,6 +69,28 @@ async def stream_len(redis: aioredis.Redis, key: str) -> int:
     return int(await redis.xlen(key))
 
 
+async def stream_at_least(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return await stream_len(redis, key) >= n
+
+
+def sim_requests(sim: str, ledger: dict[str, Any] | None = None) -> int:
+    """Requests the simulator billed, all models together."""
+    models = (ledger or sim_call(sim, "ledger"))["models"]
+    return sum(int(m["requests"]) for m in models.values())
+
+
+async def sim_is(
+    sim: str, *, in_flight: int, requests: int | None = None, at_least: bool = False
+) -> bool:
+    """The simulator has `in_flight` requests open (or more, `at_least`), and has billed
+    `requests` in all when that is given."""
+    ledger = sim_call(sim, "ledger")
+    billed = sim_requests(sim, ledger)
+    open_now = int(ledger["in_flight"])
+    enough = open_now >= in_flight if at_least else open_now == in_flight
+    return enough and requests in (None, billed)
+
+
 async def pending_count(redis: aioredis.Redis, stream: str) -> int:
     """Entries delivered to the workers group and not yet acknowledged (0 before it exists)."""
     try:

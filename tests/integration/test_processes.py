@@ -20,6 +20,7 @@ from tests.helpers import (
     pending_count,
     read_result,
     sim_call,
+    stream_at_least,
     stream_len,
     usage_events,
 )
@@ -48,10 +49,12 @@ async def test_kill_9_of_a_worker_loses_nothing(
     concurrency = 40
     victim = spawn_worker(path, concurrency=concurrency)
     spawn_worker(path, concurrency=concurrency)
-    await eventually(lambda: _at_least(redis, keys.usage, 150), what="150 results", timeout_s=30)
+    await eventually(
+        lambda: stream_at_least(redis, keys.usage, 150), what="150 results", timeout_s=30
+    )
     victim.send_signal(signal.SIGKILL)  # mid-flight: up to `concurrency` calls die with it
     victim.wait()
-    await eventually(lambda: _at_least(redis, keys.usage, 1000), what="1000 results",
+    await eventually(lambda: stream_at_least(redis, keys.usage, 1000), what="1000 results",
                      timeout_s=90)  # fmt: skip
     events = await usage_events(redis, keys)
     assert len(events) == 1000, "exactly one usage event per job"
@@ -63,10 +66,6 @@ async def test_kill_9_of_a_worker_loses_nothing(
     # Only the killed process's in-flight calls may have been billed twice.
     assert 1000 <= billed <= 1000 + concurrency, billed
     assert await pending_count(redis, keys.jobs("normal")) == 0
-
-
-async def _at_least(redis: aioredis.Redis, key: str, n: int) -> bool:
-    return await stream_len(redis, key) >= n
 
 
 async def test_sigterm_drains_in_flight_jobs_and_leaves_the_rest(
@@ -126,7 +125,7 @@ async def test_cli_dead_list_and_replay(
     _, path = make_config()
     await add(redis, keys.jobs("normal"), {"feature": "nope", "request": "{}"})
     spawn_worker(path)
-    await eventually(lambda: _at_least(redis, keys.dead, 1), what="dead letter")
+    await eventually(lambda: stream_at_least(redis, keys.dead, 1), what="dead letter")
     tokenq = [sys.executable, "-m", "worker", "--config", str(path), "dead"]
     code, out, _ = await run(*tokenq, "list")
     assert code == 0 and "unknown_feature" in out and "feature=nope" in out
@@ -134,7 +133,7 @@ async def test_cli_dead_list_and_replay(
     code, out, _ = await run(*tokenq, "replay", dead_id)
     assert code == 0 and f"replayed {dead_id}" in out
     # Still unknown, so it is dead-lettered again: nothing is dropped.
-    await eventually(lambda: _at_least(redis, keys.dead, 1), what="second dead letter")
+    await eventually(lambda: stream_at_least(redis, keys.dead, 1), what="second dead letter")
     code, _, err = await run(*tokenq, "replay", "1-1")
     assert code == 1 and "no dead letter" in err
 

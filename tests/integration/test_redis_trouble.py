@@ -9,22 +9,21 @@ import redis.asyncio as aioredis
 
 from producers import NewJob, Producer
 from tests.conftest import ROOT, ConfigFactory
-from tests.helpers import eventually, pending_count, sim_call, stream_len, usage_events
+from tests.helpers import (
+    eventually,
+    pending_count,
+    sim_call,
+    sim_is,
+    sim_requests,
+    stream_at_least,
+    usage_events,
+)
 from tests.integration.conftest import RunWorker
 from worker.config import load_config
 from worker.contract import Keys
 from worker.embedded import connect, free_port, server_args, wait_until_ready
 
 REQUEST = {"messages": [{"role": "user", "content": "Summarise: pools and restarts."}]}
-
-
-def in_flight(sim: str) -> int:
-    return int(sim_call(sim, "ledger")["in_flight"])
-
-
-def requests(sim: str) -> int:
-    models = sim_call(sim, "ledger")["models"]
-    return sum(int(m["requests"]) for m in models.values())
 
 
 async def test_more_jobs_in_flight_than_redis_connections(
@@ -36,20 +35,14 @@ async def test_more_jobs_in_flight_than_redis_connections(
     producer = Producer(redis, keys.prefix)
     await producer.submit_many(NewJob(feature="summarize", request=REQUEST) for _ in range(400))
     async with run_worker(cfg, concurrency=200):
-        await eventually(lambda: _ready(in_flight(sim) >= 150), what="150 calls in flight")
-        await eventually(lambda: _count(redis, keys.usage, 400), what="400 events", timeout_s=30)
+        await eventually(lambda: sim_is(sim, in_flight=150, at_least=True),
+                         what="150 calls in flight")  # fmt: skip
+        await eventually(lambda: stream_at_least(redis, keys.usage, 400), what="400 events",
+                         timeout_s=30)  # fmt: skip
     events = await usage_events(redis, keys)
     assert len(events) == 400 and {e.status for e in events} == {"ok"}
-    assert requests(sim) == 400
+    assert sim_requests(sim) == 400
     assert await pending_count(redis, keys.jobs("normal")) == 0
-
-
-async def _ready(value: bool) -> bool:
-    return value
-
-
-async def _count(redis: aioredis.Redis, stream: str, n: int) -> bool:
-    return await stream_len(redis, stream) >= n
 
 
 def start_valkey(port: int, data: Path) -> subprocess.Popen[bytes]:
@@ -77,20 +70,18 @@ async def test_a_redis_restart_mid_flight_loses_nothing_and_bills_once(
         )
         sim_call(sim, "config", {"latency_ms": 1500})
         async with run_worker(cfg, concurrency=50):
-            await eventually(lambda: _ready(in_flight(sim) == 30), what="30 calls in flight")
+            await eventually(lambda: sim_is(sim, in_flight=30), what="30 calls in flight")
             server.terminate()  # Redis goes away while every call is at the API
             server.wait(timeout=10)
             # The answers arrive while Redis is down: the worker holds them and keeps trying.
-            await eventually(lambda: _ready(requests(sim) == 30 and in_flight(sim) == 0),
-                             what="30 answers")  # fmt: skip
+            await eventually(lambda: sim_is(sim, in_flight=0, requests=30), what="30 answers")
             server = start_valkey(port, data)
-            await eventually(
-                lambda: _count(redis, keys.usage, 30), what="30 usage events", timeout_s=30
-            )
+            await eventually(lambda: stream_at_least(redis, keys.usage, 30), what="30 events",
+                             timeout_s=30)  # fmt: skip
         events = await usage_events(redis, keys)
         assert sorted(e.job_id for e in events) == sorted(ids)
         assert {e.status for e in events} == {"ok"} and {e.attempt for e in events} == {1}
-        assert requests(sim) == 30  # written after the restart, not fetched again
+        assert sim_requests(sim) == 30  # written after the restart, not fetched again
         assert await pending_count(redis, keys.jobs("normal")) == 0
     finally:
         await redis.aclose()

@@ -24,7 +24,7 @@ import pytest
 from anthropic.types import MessageParam, Usage
 
 from simulator.__main__ import main
-from tests.helpers import eventually, sim_call
+from tests.helpers import eventually, sim_call, sim_is
 
 ROOT = Path(__file__).resolve().parents[2]
 HI: list[MessageParam] = [{"role": "user", "content": "Say hello to the queue."}]
@@ -330,7 +330,7 @@ async def test_latency_delays_the_answer_without_blocking_others(
     slow = asyncio.create_task(
         client.messages.create(model="claude-haiku-5-5", max_tokens=5, messages=HI)
     )
-    await eventually(lambda: _in_flight(simulator_url, 1), what="the slow request in flight")
+    await eventually(lambda: sim_is(simulator_url, in_flight=1), what="the slow request in flight")
     counted = await client.messages.count_tokens(model="claude-haiku-5-5", messages=HI)
     assert counted.input_tokens > 0 and not slow.done()
     assert (await slow).stop_reason is not None
@@ -370,7 +370,3 @@ def test_bad_fault_rate_on_the_command_line_names_the_part(
     error = capsys.readouterr().err
     assert "--fault-rate" in error and "'503' cannot be injected" in error
     assert "429=0.1,529=0.05,500=0.01" in error  # the accepted form, by example
-
-
-async def _in_flight(simulator_url: str, n: int) -> bool:
-    return bool(sim_call(simulator_url, "ledger")["in_flight"] == n)
