@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # The SDK's HTTP client logs every request at INFO; tokenq logs each job already.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         code = ns.run(ns)
     except ConfigError as exc:
@@ -256,7 +259,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     concurrency = ns.concurrency or cfg.worker.concurrency
     if processes > 1:
         redis_url(cfg)  # start the embedded server once, before the children race to
-        return run_fleet(str(config_path(ns.config)), processes, concurrency)
+        return run_fleet(str(config_path(ns.config)), processes, concurrency, ns.log_level)
     return _run_async(lambda: serve(cfg, concurrency=concurrency))
 
 

@@ -17,17 +17,18 @@ from types import FrameType
 log = logging.getLogger("tokenq.fleet")
 
 
-def worker_command(config: str, concurrency: int) -> list[str]:
+def worker_command(config: str, concurrency: int, log_level: str = "info") -> list[str]:
     """The command line of one worker process."""
     return [
-        sys.executable, "-m", "worker", "--config", config,
+        sys.executable, "-m", "worker", "--config", config, "--log-level", log_level,
         "worker", "--processes", "1", "--concurrency", str(concurrency),
     ]  # fmt: skip
 
 
-def run_fleet(config: str, processes: int, concurrency: int) -> int:
+def run_fleet(config: str, processes: int, concurrency: int, log_level: str = "info") -> int:
     """Run `processes` workers until a signal; returns the exit code."""
-    children = {i: subprocess.Popen(worker_command(config, concurrency)) for i in range(processes)}
+    command = worker_command(config, concurrency, log_level)
+    children = {i: subprocess.Popen(command) for i in range(processes)}
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -53,5 +54,5 @@ def run_fleet(config: str, processes: int, concurrency: int) -> int:
             continue
         log.error("worker pid %d exited (status %d); starting a new one", pid, status)
         time.sleep(1.0)  # a child that dies at start must not become a fork loop
-        children[i] = subprocess.Popen(worker_command(config, concurrency))
+        children[i] = subprocess.Popen(command)
     return 0

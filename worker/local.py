@@ -76,7 +76,8 @@ def up(
         children += [sim] if sim else []
         print(f"tokenq up: no ANTHROPIC_API_KEY, using the simulator at "
               f"{cfg.anthropic.simulator_url}", flush=True)  # fmt: skip
-    tokenq = [sys.executable, "-m", "worker", "--config", config_path]
+    # The usage tail below shows every outcome; the workers report only what goes wrong.
+    tokenq = [sys.executable, "-m", "worker", "--config", config_path, "--log-level", "warning"]
     children.append(subprocess.Popen([*tokenq, "worker", "--processes", str(processes)]))
     demo = subprocess.Popen(
         [sys.executable, "-m", "producers.demo", "--redis-url", url, "--prefix", cfg.prefix,
