@@ -22,12 +22,12 @@ from producers import Producer
 from worker.config import Config, config_path, load_config
 from worker.contract import Keys, to_fields
 from worker.embedded import connect, ping, redis_url, server_args
-from worker.errors import ConfigError
+from worker.errors import ConfigError, MalformedJob
 from worker.fleet import run_fleet
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
 from worker.usage import follow, format_event
-from worker.worker import serve
+from worker.worker import parse_request, serve
 
 EPILOG = """\
 commands, in the order you meet them:
@@ -294,11 +294,10 @@ def cmd_submit(ns: argparse.Namespace) -> int:
         )
     text = _request_text(ns)
     try:
-        request = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"the request is not valid JSON: {exc}") from None
-    if not isinstance(request, dict) or "messages" not in request:
-        raise ConfigError('the request must be a JSON object with "messages"')
+        parse_request(text)  # the worker's own check: refuse here what it would dead-letter
+    except MalformedJob as exc:
+        raise ConfigError(str(exc).removesuffix(" Fix the producer.")) from None
+    request: dict[str, object] = json.loads(text)
     return _run_async(lambda: _submit(cfg, ns, request))
 
 

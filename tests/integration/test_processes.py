@@ -97,7 +97,11 @@ async def test_sigterm_drains_in_flight_jobs_and_leaves_the_rest(
 
 
 async def test_cli_submit_wait_prints_the_result(
-    keys: Keys, sim: str, make_config: ConfigFactory, spawn_worker: SpawnWorker
+    redis: aioredis.Redis,
+    keys: Keys,
+    sim: str,
+    make_config: ConfigFactory,
+    spawn_worker: SpawnWorker,
 ) -> None:
     _, path = make_config()
     spawn_worker(path)
@@ -117,6 +121,14 @@ async def test_cli_submit_wait_prints_the_result(
     )
     _, err = await bad.communicate()
     assert bad.returncode == 2 and b"feature 'nope' is not in config.toml" in err
+
+    # The worker's own check runs before XADD: nothing is submitted that it would dead-letter.
+    wrong = await asyncio.create_subprocess_exec(
+        *tokenq, "submit", "summarize", '{"messages": "hi"}', stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await wrong.communicate()
+    assert wrong.returncode == 2 and b"at `$.messages`" in err
+    assert await stream_len(redis, keys.jobs("normal")) == 0
 
 
 async def test_cli_dead_list_and_replay(
