@@ -260,7 +260,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     if processes > 1:
         redis_url(cfg)  # start the embedded server once, before the children race to
         return run_fleet(str(config_path(ns.config)), processes, concurrency, ns.log_level)
-    return _run_async(lambda: serve(cfg, concurrency=concurrency))
+    config_file = str(config_path(ns.config))
+    return _run_async(lambda: serve(cfg, concurrency=concurrency, config_file=config_file))
 
 
 def cmd_up(ns: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
@@ -33,7 +33,7 @@ class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     url: str = "embedded"
     data_dir: str = ".tokenq/valkey"
     embedded_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6399
-    max_connections: Annotated[int, msgspec.Meta(ge=3, le=10_000)] = 64
+    max_connections: Annotated[int, msgspec.Meta(ge=4, le=10_000)] = 64
 
 
 class AnthropicConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -80,6 +80,22 @@ class LongContextPrices(_Section, frozen=True, forbid_unknown_fields=True, kw_on
     cache_read_usd_per_mtok: Price
 
 
+class RateLimits(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A model's API rate limits: requests, input tokens and output tokens per minute."""
+
+    rpm: Count
+    itpm: Count
+    otpm: Count
+
+
+class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    mode: Literal["fleet", "local", "off"] = "fleet"
+    target: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.98
+    priority_hold_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 2000
+    smooth_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 60.0
+    learn_ttl_s: Positive = 300.0
+
+
 class ModelConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     input_usd_per_mtok: Price
     output_usd_per_mtok: Price
@@ -88,11 +104,13 @@ class ModelConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     cache_read_usd_per_mtok: Price
     batch_discount: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
     long_context: LongContextPrices | None = None
+    limits: RateLimits | None = None
 
 
 class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     tier: str | None = None
     max_tokens: Count = 1024
+    limit_share: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -102,6 +120,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     queue: QueueConfig = QueueConfig()
     worker: WorkerConfig = WorkerConfig()
     router: RouterConfig = RouterConfig()
+    limits: LimitsConfig = LimitsConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}

@@ -37,6 +37,12 @@ class Keys:
         self.prefix = prefix
         self.usage = f"{prefix}:usage"
         self.dead = f"{prefix}:dead"
+        self.control = f"{prefix}:control"  # pub/sub channel: `reload` to every worker
+
+    def limits(self, model: str, feature: str | None = None) -> str:
+        """A hash of rate-limit buckets: a model's, or a feature's share of it."""
+        base = f"{self.prefix}:limits:{model}"
+        return base if feature is None else f"{base}:{feature}"
 
     def jobs(self, priority: str) -> str:
         """The stream producers XADD jobs of this priority onto."""

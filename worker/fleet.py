@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from types import FrameType
 
 log = logging.getLogger("tokenq.fleet")
@@ -34,12 +35,14 @@ def run_fleet(config: str, processes: int, concurrency: int, log_level: str = "i
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
+        _send(children.values(), signum)
+
+    def pass_on(signum: int, _frame: FrameType | None) -> None:
+        _send(children.values(), signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, pass_on)  # reload: each child re-reads the config file
     log.info("started %d worker processes: %s", processes, [c.pid for c in children.values()])
     while children:
         try:
@@ -56,3 +59,9 @@ def run_fleet(config: str, processes: int, concurrency: int, log_level: str = "i
         time.sleep(1.0)  # a child that dies at start must not become a fork loop
         children[i] = subprocess.Popen(command)
     return 0
+
+
+def _send(children: Iterable[subprocess.Popen[bytes]], signum: int) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signum)

@@ -34,9 +34,11 @@ from worker.contract import (
     entry_ms,
     to_fields,
 )
+from worker.control import listen, reloaded
 from worker.embedded import connect, redis_url
 from worker.errors import (
     AttemptsExhausted,
+    ConfigError,
     DeadlineExceeded,
     InvalidRequest,
     JobRejected,
@@ -44,6 +46,8 @@ from worker.errors import (
     TooLarge,
     UnknownFeature,
 )
+from worker.estimate import Calibration
+from worker.limiter import Answer, Grant, Unfit, make_limiter
 from worker.queue import Delivery, Finish, Queue
 from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
 
@@ -105,20 +109,43 @@ class Worker:
         client: anthropic.AsyncAnthropic,
         *,
         concurrency: int,
+        config_file: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_file = config_file  # what reload() re-reads
         self.queue = queue
         self.client = client
         self.concurrency = concurrency
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = asyncio.Event()
         self._baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
+        self.limiter = make_limiter(queue.redis, cfg)
+        self.calibration = Calibration()
 
     def stop(self) -> None:
         """Stop reading; in-flight jobs get worker.grace_s to finish. Safe to call twice."""
         if not self._stopping.is_set():
             log.info("stopping: %d jobs in flight", len(self._in_flight))
         self._stopping.set()
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply it to the next jobs (see worker.control).
+
+        False, with the running config kept, when there is no file or it is not valid.
+        """
+        if self.config_file is None:
+            log.warning("reload: this worker was started without a config file")
+            return False
+        try:
+            cfg = reloaded(self.cfg, self.config_file)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return False
+        self.cfg = cfg
+        self._baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
+        self.limiter.reload(cfg)
+        log.info("reloaded %s", self.config_file)
+        return True
 
     async def aclose(self) -> None:
         """Close the API client and the Redis connection."""
@@ -129,6 +156,7 @@ class Worker:
         """Process jobs until stop() is called, then drain in-flight work."""
         await self.queue.ensure_groups()
         renewer = asyncio.create_task(self._renew_forever())
+        control = asyncio.create_task(listen(self.queue.redis, self.queue.keys, self.reload))
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -145,6 +173,8 @@ class Worker:
             stop_wait.cancel()
             await self._drain()
             renewer.cancel()
+            control.cancel()
+            await asyncio.gather(control, return_exceptions=True)
             await self.queue.leave()
 
     async def _read(self, free: int) -> list[Delivery]:
@@ -259,6 +289,8 @@ class Worker:
         params.setdefault("max_tokens", feature.max_tokens)
         params["model"] = model
         max_attempts = self.cfg.queue.max_attempts
+        priorities = self.cfg.queue.priorities
+        rank = priorities.index(d.priority) if d.priority in priorities else len(priorities)
         while True:
             check_deadline(job)
             begun = await self.queue.begin_attempt(d)
@@ -269,10 +301,12 @@ class Worker:
                 return None
             if attempt > max_attempts:
                 raise exhausted(attempt - 1, last_error)
+            estimate, raw_estimate = self.calibration.estimate(model, params)
+            want = (1, estimate, int(params["max_tokens"]))
+            grant = await self._capacity(job, model, rank, want, attempt)
             t0 = time.monotonic()
             try:
-                raw = await self.client.messages.with_raw_response.create(**params)
-                body = await raw.read()
+                message = await self._call(params, grant, raw_estimate)
             except RETRYABLE as exc:
                 error = describe(exc)
                 await self.queue.record_error(d.job_id, error)
@@ -289,7 +323,49 @@ class Worker:
                     attempts=attempt,
                 ) from None
             latency_ms = int((time.monotonic() - t0) * 1000)
-            return self._succeeded(d, job, tier, route_reason, body, attempt, latency_ms)
+            return self._succeeded(d, job, tier, route_reason, message, attempt, latency_ms)
+
+    async def _call(
+        self, params: dict[str, Any], grant: Grant | None, raw_estimate: int
+    ) -> ApiMessage:
+        """One API call; its rate-limit reservation is settled whatever happens."""
+        try:
+            raw = await self.client.messages.with_raw_response.create(**params)
+            body = await raw.read()
+        except BaseException as exc:
+            if grant is not None:  # shielded: a cancelled job still gives capacity back
+                await asyncio.shield(self._settle(grant, _failure(exc)))
+            raise
+        message = _decode_message(body)
+        usage = msgspec.convert(message.usage, ApiUsage)
+        self.calibration.learn(params["model"], raw_estimate, usage.prompt_tokens)
+        if grant is not None:
+            used = (1, usage.input_tokens + usage.cache_write, usage.output_tokens)
+            await self._settle(grant, Answer(used, raw.headers))
+        return message
+
+    async def _capacity(
+        self, job: Job, model: str, rank: int, want: tuple[int, int, int], attempt: int
+    ) -> Grant | None:
+        """Wait for rate-limit capacity for one call, no longer than the job's deadline."""
+        try:
+            if job.deadline_ms is None:
+                return await self.limiter.acquire(model, job.feature, rank, want)
+            async with asyncio.timeout(max(0.0, (job.deadline_ms - now_ms()) / 1000)):
+                return await self.limiter.acquire(model, job.feature, rank, want)
+        except Unfit as exc:
+            raise TooLarge(str(exc), attempts=attempt - 1) from None
+        except TimeoutError:
+            check_deadline(job)
+            raise
+
+    async def _settle(self, grant: Grant, answer: Answer) -> None:
+        """Settle a reservation. A Redis error here only costs capacity until the buckets
+        refill; it must not fail a call that was made (a retry would call the API again)."""
+        try:
+            await self.limiter.settle(grant, answer)
+        except (RedisError, OSError) as exc:
+            log.warning("settling %s's rate-limit reservation failed: %s", grant.model, exc)
 
     def _admit(self, d: Delivery) -> tuple[Job, Request, FeatureConfig]:
         """Validate a delivery once, at the edge. Raises a JobRejected naming what to fix."""
@@ -332,10 +408,9 @@ class Worker:
         return delay
 
     def _succeeded(
-        self, d: Delivery, job: Job, tier: str, route_reason: str, body: bytes, attempt: int,
-        latency_ms: int,
+        self, d: Delivery, job: Job, tier: str, route_reason: str, message: ApiMessage,
+        attempt: int, latency_ms: int,
     ) -> Finish:  # fmt: skip
-        message = _decode_message(body)
         usage = msgspec.convert(message.usage, ApiUsage)
         cost = cost_usd(usage, self.cfg.models[self.cfg.tiers[tier]])
         result = Result(
@@ -438,6 +513,13 @@ def parse_request(text: str) -> Request:
         ) from None
 
 
+def _failure(exc: BaseException) -> Answer:
+    """What a failed call tells the limiter: its status and headers, if it got an answer."""
+    if isinstance(exc, anthropic.APIStatusError):
+        return Answer(None, exc.response.headers, exc.status_code)
+    return Answer(None, {}, 0)
+
+
 def check_deadline(job: Job) -> None:
     """Raise DeadlineExceeded once the job's deadline_ms has passed."""
     if job.deadline_ms is not None and now_ms() > job.deadline_ms:
@@ -500,12 +582,17 @@ def build_worker(
     return Worker(cfg, queue, client, concurrency=concurrency)
 
 
-async def serve(cfg: Config, *, concurrency: int) -> None:
-    """Run one worker process until SIGTERM or SIGINT, then drain and return."""
+async def serve(cfg: Config, *, concurrency: int, config_file: str | None = None) -> None:
+    """Run one worker process until SIGTERM or SIGINT, then drain and return.
+
+    SIGHUP reloads `config_file` (see worker.control).
+    """
     worker = build_worker(cfg, concurrency=concurrency)
+    worker.config_file = config_file
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload)
     log.info("worker %s started: concurrency=%d api=%s", worker.queue.consumer, concurrency,
              worker.client.base_url)  # fmt: skip
     try:
