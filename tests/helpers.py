@@ -100,3 +100,12 @@ async def pending_count(redis: aioredis.Redis, stream: str) -> int:
             raise
         return 0
     return int(reply["pending"])
+
+
+async def run(*args: str) -> tuple[int, str, str]:
+    """Run a command to its end: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()

@@ -21,9 +21,11 @@ import redis.asyncio as aioredis
 from producers import Producer
 from worker.config import Config, config_path, load_config
 from worker.contract import Keys, to_fields
+from worker.control import publish_reload
 from worker.embedded import connect, ping, redis_url, server_args
 from worker.errors import ConfigError, MalformedJob
 from worker.fleet import run_fleet
+from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
 from worker.usage import follow, format_event
@@ -37,6 +39,8 @@ commands, in the order you meet them:
   result      wait for and print a job's result
   tail        follow the usage stream (one line per job outcome; --json for jq)
   dead        list or replay dead-lettered jobs
+  limits      rate limits per model: configured, in use across the fleet, headroom
+  reload      make every running worker re-read its config file (limits, features, prices)
   config      check a config file
   simulator   a local Anthropic API with a billing ledger (the default without an API key)
   redis       run the embedded valkey-server in the foreground (for the Procfile)
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_result(sub)
     _add_tail(sub)
     _add_dead(sub)
+    _add_limits(sub)
     _add_config(sub)
     sub.add_parser("simulator", help="a local Anthropic API (see `tokenq simulator --help`)")
     p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")
@@ -181,6 +186,28 @@ def _add_tail(sub: Sub[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line (for jq)")
     p.add_argument("--from-start", action="store_true", help="begin at the oldest event")
     p.set_defaults(run=cmd_tail)
+
+
+def _add_limits(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "limits",
+        help="rate limits: configured, in use, headroom",
+        description="Per limited model: the configured requests, input and output tokens per "
+        "minute, how much of each the fleet holds right now (calls in flight and what has not "
+        "refilled yet), the headroom, any lower limit learnt from the API's headers, and a "
+        "pause after a 429. Feature shares (limit_share) follow their model.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per model")
+    p.set_defaults(run=cmd_limits)
+    r = sub.add_parser(
+        "reload",
+        help="make running workers re-read config.toml",
+        description="Check the config file, then tell every worker of the fleet (every "
+        "machine, over Redis) to re-read its own config file. Limits, features, tiers, models "
+        "and prices change for the next jobs; no job is dropped. SIGHUP does the same for one "
+        "process (or a `tokenq worker --processes N` supervisor and its children).",
+    )
+    r.set_defaults(run=cmd_reload)
 
 
 def _add_dead(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -351,6 +378,50 @@ def cmd_tail(ns: argparse.Namespace) -> int:
                 line = json.dumps(to_fields(event)) if ns.json else format_event(event)
                 print(line, flush=True)
         return 0
+
+    return _run_async(run)
+
+
+def cmd_limits(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        async with _redis(cfg) as redis:
+            models = await status(redis, cfg)
+        if not models:
+            print('no model has limits; add [models."<id>".limits] to the config file')
+        for model in models:
+            print(json.dumps(msgspec.to_builtins(model)) if ns.json else _limits_text(model))
+        return 0
+
+    return _run_async(run)
+
+
+def _limits_text(m: ModelStatus) -> str:
+    names = ("requests/min", "input tokens/min", "output tokens/min")
+    lines = [m.model + (f"  (paused {m.paused_s:.1f} s after a 429)" if m.paused_s else "")]
+    for bucket in m.buckets:
+        share = bucket.key.rsplit(":", 1)[-1] if bucket is not m.buckets[0] else ""
+        if share:
+            lines.append(f"  feature {share} (limit_share):")
+        for n, name in enumerate(names):
+            cap, left = bucket.cap[n], max(0.0, bucket.level[n])
+            learnt = " (learnt from the API)" if cap < bucket.planned[n] else ""
+            lines.append(
+                f"    {name:<18} configured {m.configured[n]:>11,}  usable {cap:>11,}{learnt}  "
+                f"in use {cap - left:>11,.0f}  headroom {left / cap:>4.0%}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_reload(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)  # a file that does not load is reported here, before any worker sees it
+
+    async def run() -> int:
+        async with _redis(cfg) as redis:
+            listening = await publish_reload(redis, Keys(cfg.prefix))
+        print(f"reload sent to {listening} worker process(es) on {Keys(cfg.prefix).control}")
+        return 0 if listening else 1
 
     return _run_async(run)
 

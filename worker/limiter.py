@@ -148,6 +148,24 @@ return 1
 )
 
 
+# KEYS as TAKE. ARGV: now_ms or "", key TTL ms (unused), then per key: cap r, cap i, cap o.
+# Returns per key {level r, i, o, cap r, i, o} as strings, then {now, pause until}.
+STATUS = (
+    _PRELUDE
+    + """
+local out = {}
+for j = 1, #KEYS do
+  local levels, caps = load(j, 2 + (j - 1) * 3)
+  for n = 1, 3 do out[#out + 1] = tostring(levels[n]) end
+  for n = 1, 3 do out[#out + 1] = tostring(caps[n]) end
+end
+out[#out + 1] = tostring(now)
+out[#out + 1] = redis.call('HGET', KEYS[1], 'pause') or '0'
+return out
+"""
+)
+
+
 class Unfit(Exception):
     """The call needs more of a limit than the whole limit: the API could never take it."""
 
@@ -375,6 +393,56 @@ class FleetLimiter:
 
 def _part(limit: int, fraction: float) -> int:
     return limit if limit <= 0 else max(1, math.floor(limit * fraction))
+
+
+@dataclass(frozen=True)
+class BucketStatus:
+    """One hash's buckets now: what is left and how big they are (learnt limits applied)."""
+
+    key: str
+    level: tuple[float, float, float]
+    cap: Triple  # in force now: lower than `planned` where the API showed a lower limit
+    planned: Triple  # from config: the limit x target (x limit_share)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model: str
+    configured: Triple
+    buckets: tuple[BucketStatus, ...]  # the model's, then each feature share's
+    paused_s: float
+
+
+async def status(redis: aioredis.Redis, cfg: Config) -> list[ModelStatus]:
+    """The fleet's buckets of every limited model, as `tokenq limits` shows them."""
+    keys_of = Keys(cfg.prefix)
+    script = redis.register_script(STATUS)
+    out: list[ModelStatus] = []
+    for model, config in sorted(cfg.models.items()):
+        if config.limits is None:
+            continue
+        keys, caps = [keys_of.limits(model)], [caps_of(config.limits, cfg.limits.target)]
+        for name, feature in sorted(cfg.features.items()):
+            tier = feature.tier or cfg.router.default_tier
+            if feature.limit_share is not None and cfg.tiers.get(tier) == model:
+                keys.append(keys_of.limits(model, name))
+                caps.append(caps_of(config.limits, cfg.limits.target * feature.limit_share))
+        args: list[int | str] = ["", KEY_TTL_MS, *(n for cap in caps for n in cap)]
+        reply = [float(v) for v in await script(keys=keys, args=args)]
+        buckets = tuple(
+            BucketStatus(
+                key,
+                (reply[6 * j], reply[6 * j + 1], reply[6 * j + 2]),
+                (int(reply[6 * j + 3]), int(reply[6 * j + 4]), int(reply[6 * j + 5])),
+                caps[j],
+            )
+            for j, key in enumerate(keys)
+        )
+        now, pause = reply[-2], reply[-1]
+        limits = config.limits
+        configured = (limits.rpm, limits.itpm, limits.otpm)
+        out.append(ModelStatus(model, configured, buckets, max(0.0, (pause - now) / 1000)))
+    return out
 
 
 class LocalLimiter:

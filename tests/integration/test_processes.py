@@ -19,6 +19,7 @@ from tests.helpers import (
     eventually,
     pending_count,
     read_result,
+    run,
     sim_call,
     stream_at_least,
     stream_len,
@@ -148,14 +149,6 @@ async def test_cli_dead_list_and_replay(
     await eventually(lambda: stream_at_least(redis, keys.dead, 1), what="second dead letter")
     code, _, err = await run(*tokenq, "replay", "1-1")
     assert code == 1 and "no dead letter" in err
-
-
-async def run(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_embedded_server_keeps_data_across_restarts(tmp_path: Path) -> None:
