@@ -9,7 +9,7 @@ import sys
 
 from aiohttp import web
 
-from simulator import faults
+from simulator import faults, limits
 from simulator.app import Settings, make_app
 
 SHUTDOWN_S = 1.0
@@ -17,20 +17,30 @@ DESCRIPTION = """\
 A local HTTP server that answers the Anthropic Messages API (POST /v1/messages and
 /v1/messages/count_tokens) with deterministic replies and token counts, and keeps a ledger
 of what it billed. Point the SDK at it: AsyncAnthropic(base_url=URL, api_key="anything").
-Once listening it prints one line: `simulator listening on http://HOST:PORT`.
+It enforces per-model rate limits as the API does: requests, input tokens and output tokens
+per minute, in token buckets that refill continuously; a request that would exceed one is
+answered 429 rate_limit_error with `retry-after`. Once listening it prints one line:
+`simulator listening on http://HOST:PORT`.
 """
 EPILOG = """\
 admin routes (not part of the Anthropic API):
   GET  /_sim/ledger   {"models": {MODEL: {requests, input_tokens, output_tokens,
                        cache_creation_input_tokens, cache_read_input_tokens, cost_usd}},
-                       "faults": {"429": N, ...}, "rejected": N, "total_cost_usd": X,
-                       "in_flight": N}
-  POST /_sim/reset    clear the ledger; answers the ledger as it was
-  POST /_sim/config   {"latency_ms": 200, "fault_rate": {"529": 0.1}, "seed": 1}, any subset;
-                      answers the settings now in effect (GET shows them)
+                       "faults": {"429": N, ...}, "rate_limited": {"requests": N,
+                       "input_tokens": N, "output_tokens": N}, "rejected": N,
+                       "total_cost_usd": X, "in_flight": N}
+  POST /_sim/reset    clear the ledger and refill the rate-limit buckets; answers the ledger
+                      as it was
+  POST /_sim/config   {"latency_ms": 200, "fault_rate": {"529": 0.1}, "seed": 1,
+                       "limits": {"*": [600, 200000, 40000], MODEL: [RPM, ITPM, OTPM]},
+                       "otpm_mode": "max_tokens"}, any subset; `limits` replaces the whole
+                      table (no "*": the standard 1000/2000000/400000) and refills the
+                      buckets; answers the settings now in effect (GET shows them)
   GET  /_sim/health   {"ok": true}
 
-example: python -m simulator --port 0 --latency-ms 300 --fault-rate 429=0.1,529=0.05
+examples:
+  python -m simulator --port 0 --latency-ms 300 --fault-rate 429=0.1,529=0.05
+  python -m simulator --limit 600/200000/40000 --limit claude-haiku-5-5=100/50000/10000
 """
 
 
@@ -38,6 +48,14 @@ def parse_fault_rates(text: str) -> dict[str, float]:
     """--fault-rate's type: `429=0.1,529=0.05` into {"429": 0.1, "529": 0.05}."""
     try:
         return faults.parse_fault_rates(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_limit(text: str) -> tuple[str, limits.Triple]:
+    """--limit's type: `600/200000/40000` (every model) or `MODEL=RPM/ITPM/OTPM` (one)."""
+    try:
+        return limits.parse_limit(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -78,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(429, 500, 504, 529; rates 0..1 summing to at most 1), e.g. 429=0.1,529=0.05,500=0.01",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault dice (0)")
+    parser.add_argument(
+        "--limit", type=parse_limit, action="append", default=[], metavar="[MODEL=]RPM/ITPM/OTPM",
+        help="rate limits per minute: requests, input tokens (input + cache writes), output "
+        "tokens; without MODEL= for every model not given its own; repeatable "
+        "(1000/2000000/400000, the standard table)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--otpm-mode", choices=("actual", "max_tokens"), default="actual",
+        help="output-token accounting: 'actual' counts output as generated (2026 docs); "
+        "'max_tokens' reserves max_tokens at the start and refunds the rest (2025 docs) (actual)",
+    )  # fmt: skip
     return parser
 
 
@@ -111,8 +140,16 @@ async def serve(host: str, port: int, settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve; returns (exit status 0) after SIGINT or SIGTERM."""
-    args = build_parser().parse_args(argv)
-    settings = Settings(latency_ms=args.latency_ms, fault_rate=args.fault_rate, seed=args.seed)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        table = limits.table_of(args.limit)
+    except ValueError as exc:
+        parser.error(f"argument --limit: {exc}")
+    settings = Settings(
+        latency_ms=args.latency_ms, fault_rate=args.fault_rate, seed=args.seed,
+        limits=table, otpm_mode=args.otpm_mode,
+    )  # fmt: skip
     asyncio.run(serve(args.host, args.port, settings))
 
 

@@ -1,14 +1,18 @@
 """The simulator's routes: the Anthropic Messages API, and admin routes under /_sim/.
 
 API routes answer as the API does (anthropic-api.md): the same response and error shapes, a
-`request-id` on every response, `anthropic-ratelimit-*` headers on 200s and `retry-after` on
-429s. Only POST /v1/messages gets latency and faults (count_tokens is a fast, free endpoint);
-a fault is rolled after validation, so invalid requests are always refused with a 4xx.
+`request-id` on every response, `anthropic-ratelimit-*` headers on 200s and rate-limit 429s,
+and `retry-after` on 429s. Only POST /v1/messages gets latency, faults and rate limits
+(count_tokens is a fast, free endpoint). In order: validation (invalid requests are always
+refused with a 4xx), the fault dice, the rate limits (limits.py; a refusal is answered at
+once: the latency stands for the model's work, which a refused request never reaches), the
+latency, the answer.
 
 Admin routes (not part of the Anthropic API):
     GET  /_sim/ledger  -> LedgerReport
     POST /_sim/reset   -> the LedgerReport before the reset (read and clear in one call)
-    GET  /_sim/config, POST /_sim/config {"latency_ms"?, "fault_rate"?, "seed"?} -> Settings
+    GET  /_sim/config, POST /_sim/config {"latency_ms"?, "fault_rate"?, "seed"?, "limits"?,
+                                          "otpm_mode"?} -> Settings
     GET  /_sim/health  -> {"ok": true}
 """
 
@@ -24,7 +28,17 @@ from simulator import shapes, tokens, validate
 from simulator.errors import ApiError
 from simulator.faults import FaultDice, check_fault_rates
 from simulator.ledger import Ledger
-from simulator.limits import ModelLimits
+from simulator.limits import (
+    JSON_FORM,
+    STANDARD,
+    LimitTable,
+    ModelLimits,
+    Need,
+    OtpmMode,
+    Refusal,
+    check_table,
+    limits_for,
+)
 from simulator.pricing import Usage
 from simulator.tokens import Body
 
@@ -35,18 +49,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: int = 0
     fault_rate: dict[str, float] = {}  # status ("429") -> share of requests; never mutated
     seed: int = 0
+    # "*" or a model id -> (RPM, ITPM, OTPM); has a "*" row; never mutated
+    limits: LimitTable = msgspec.field(default_factory=lambda: {"*": STANDARD})
+    otpm_mode: OtpmMode = "actual"
 
 
 class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """POST /_sim/config: the settings to change; `fault_rate` replaces the whole table and
-    `seed` restarts the fault dice."""
+    """POST /_sim/config: the settings to change; `fault_rate` replaces the whole table,
+    `seed` restarts the fault dice, and `limits` replaces the whole limit table and refills
+    every bucket at its new capacity."""
 
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
     fault_rate: dict[str, float] | None = None
     seed: int | None = None
+    limits: dict[str, list[int]] | None = None
+    otpm_mode: OtpmMode | None = None
 
 
 _decode_change = msgspec.json.Decoder(ConfigChange).decode
+# What a field accepts, added to msgspec's bare "Expected ... at `$.limits[...]`" errors.
+_FORMS = {
+    "$.limits": f"limits is {JSON_FORM}",
+    "$.otpm_mode": 'otpm_mode is "actual" (output counted as generated, the 2026 docs) or '
+    '"max_tokens" (max_tokens reserved at the start, the 2025 docs)',
+}
 RETRY_AFTER_S = "1"
 ROUTES = "POST /v1/messages, POST /v1/messages/count_tokens, /_sim/{ledger,reset,config,health}"
 
@@ -57,7 +83,7 @@ class Simulator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ledger = Ledger()
-        self.limits: dict[str, ModelLimits] = {}
+        self.limits: dict[str, ModelLimits] = {}  # made on a model's first request
         self.dice = FaultDice(settings.seed)
         # Received and not yet answered; a request whose client went away still counts
         # until its answer (and bill) is done, as it would at the API.
@@ -73,27 +99,52 @@ class Simulator:
                 return error_response(exc)
             settings = self.settings
             fault = self.dice.roll(settings.fault_rate)
-            if settings.latency_ms:
-                await asyncio.sleep(settings.latency_ms / 1000)
-            if fault is not None:
-                self.ledger.fault(fault)
-                extra = {"retry-after": RETRY_AFTER_S} if fault == "429" else None
-                message = f"simulated {fault} fault (--fault-rate or POST /_sim/config)"
-                return error_response(ApiError(int(fault), message), extra)
-            return self._answer(body)
+            if fault is not None:  # instead of the answer: the limits are not consulted
+                await _latency(settings)
+                return self._fault(fault)
+            limits = self._model_limits(body["model"])
+            # Prompt caching comes later: ITPM will count cache writes too, not cache reads.
+            need = Need.of(tokens.input_tokens(body), body["max_tokens"], settings.otpm_mode)
+            refusal = limits.admit(need)  # taken now: requests during the latency see it
+            if refusal is not None:
+                return self._refuse(body["model"], limits, refusal, settings.otpm_mode)
+            await _latency(settings)
+            return self._answer(body, limits, need)
         finally:
             self.in_flight -= 1
 
-    def _answer(self, body: Body) -> web.Response:
+    def _model_limits(self, model: str) -> ModelLimits:
+        limits = self.limits.get(model)
+        if limits is None:
+            rpm, itpm, otpm = limits_for(self.settings.limits, model)
+            limits = self.limits[model] = ModelLimits(rpm, itpm, otpm)
+        return limits
+
+    def _fault(self, fault: str) -> web.Response:
+        self.ledger.fault(fault)
+        extra = {"retry-after": RETRY_AFTER_S} if fault == "429" else None
+        message = f"simulated {fault} fault (--fault-rate or POST /_sim/config)"
+        return error_response(ApiError(int(fault), message), extra)
+
+    def _refuse(
+        self, model: str, limits: ModelLimits, refusal: Refusal, mode: OtpmMode
+    ) -> web.Response:
+        """429 rate_limit_error naming the limit, with the ratelimit headers and, unless the
+        request can never fit, `retry-after`. Not billed; counted in the ledger's
+        `rate_limited`."""
+        self.ledger.rate_limit(refusal.limit)
+        headers = limits.headers()
+        if refusal.retry_after_s is not None:
+            headers["retry-after"] = str(refusal.retry_after_s)
+        return error_response(ApiError(429, refusal.message(model, mode)), headers)
+
+    def _answer(self, body: Body, limits: ModelLimits, need: Need) -> web.Response:
         model: str = body["model"]
         text, output_tokens, stop_reason, stop_sequence = tokens.reply(body)
         # Prompt caching comes later: it will split input into cache reads and writes here.
-        usage = Usage(input_tokens=tokens.input_tokens(body), output_tokens=output_tokens)
+        usage = Usage(input_tokens=need.input_tokens, output_tokens=output_tokens)
         self.ledger.bill(model, usage)
-        limits = self.limits.get(model)
-        if limits is None:
-            limits = self.limits[model] = ModelLimits()
-        limits.record(usage.input_tokens + usage.cache_creation_input_tokens, output_tokens)
+        limits.settle(need.output_tokens, output_tokens)
         message = shapes.Message(
             id=shapes.new_id("msg_"),
             model=model,
@@ -137,7 +188,7 @@ class Simulator:
     async def reset(self, _: web.Request) -> web.Response:
         before = self.ledger.report(in_flight=self.in_flight)
         self.ledger = Ledger()
-        self.limits.clear()
+        self.limits = {}  # full buckets; requests in flight settle with the old ones
         return _json(shapes.encode(before))
 
     async def get_config(self, _: web.Request) -> web.Response:
@@ -148,11 +199,11 @@ class Simulator:
             change = _decode_change(await request.read() or b"{}")
             settings = apply_change(self.settings, change)
         except (msgspec.DecodeError, ValueError) as exc:
-            allowed = ", ".join(f.name for f in msgspec.structs.fields(ConfigChange))
-            message = f"POST /_sim/config: {exc}. Send a JSON object with any of: {allowed}."
-            return _json(shapes.encode({"error": message}), status=400)
+            return _json(shapes.encode({"error": config_error(exc)}), status=400)
         if change.seed is not None:
             self.dice = FaultDice(change.seed)
+        if change.limits is not None:
+            self.limits = {}  # full buckets at the new capacities
         self.settings = settings
         return _json(shapes.encode(settings))
 
@@ -161,7 +212,7 @@ class Simulator:
 
 
 def apply_change(settings: Settings, change: ConfigChange) -> Settings:
-    """`settings` with the change applied; raises ValueError for bad fault rates."""
+    """`settings` with the change applied; raises ValueError for bad fault rates or limits."""
     return msgspec.structs.replace(
         settings,
         latency_ms=settings.latency_ms if change.latency_ms is None else change.latency_ms,
@@ -170,7 +221,26 @@ def apply_change(settings: Settings, change: ConfigChange) -> Settings:
             else check_fault_rates(change.fault_rate)
         ),
         seed=settings.seed if change.seed is None else change.seed,
+        limits=settings.limits if change.limits is None else check_table(change.limits),
+        otpm_mode=settings.otpm_mode if change.otpm_mode is None else change.otpm_mode,
     )  # fmt: skip
+
+
+def config_error(exc: Exception) -> str:
+    """The 400 message of a refused POST /_sim/config: the problem, what the field accepts
+    (where msgspec's message names only a path), and the fields there are."""
+    text = str(exc)
+    hint = next((form for path, form in _FORMS.items() if path in text), None)
+    allowed = ", ".join(f.name for f in msgspec.structs.fields(ConfigChange))
+    return (
+        f"POST /_sim/config: {text}{f'; {hint}' if hint else ''}. "
+        f"Send a JSON object with any of: {allowed}."
+    )
+
+
+async def _latency(settings: Settings) -> None:
+    if settings.latency_ms:
+        await asyncio.sleep(settings.latency_ms / 1000)
 
 
 def error_response(exc: ApiError, extra: dict[str, str] | None = None) -> web.Response:

@@ -1,13 +1,16 @@
 """What the simulator billed, per model, plus the faults it injected and the requests it refused.
 
 Only 200 answers of POST /v1/messages are billed, as the API bills them; tests compare these
-totals with what tokenq recorded from the `usage` objects it received.
+totals with what tokenq recorded from the `usage` objects it received. Requests refused by the
+rate limits are counted apart from injected faults, so a test can tell its own 429s from the
+ones tokenq earned.
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from simulator.limits import LIMITS, Limit
 from simulator.pricing import Usage, cost_usd
 
 
@@ -23,11 +26,13 @@ class ModelTotals(msgspec.Struct, kw_only=True):
 
 
 class LedgerReport(msgspec.Struct, kw_only=True):
-    """GET /_sim/ledger. `faults` is keyed by status ("429"), `rejected` counts 4xx answers
-    to invalid requests, `in_flight` the requests received and not yet answered."""
+    """GET /_sim/ledger. `faults` is keyed by status ("429"), `rate_limited` by the limit that
+    refused a request ("requests", "input_tokens", "output_tokens"), `rejected` counts 4xx
+    answers to invalid requests, `in_flight` the requests received and not yet answered."""
 
     models: dict[str, ModelTotals]
     faults: dict[str, int]
+    rate_limited: dict[str, int]
     rejected: int
     total_cost_usd: float
     in_flight: int
@@ -39,6 +44,7 @@ class Ledger:
     def __init__(self) -> None:
         self.models: dict[str, ModelTotals] = {}
         self.faults: dict[str, int] = {}
+        self.rate_limited: dict[str, int] = dict.fromkeys(LIMITS, 0)
         self.rejected = 0
 
     def bill(self, model: str, usage: Usage) -> None:
@@ -58,10 +64,15 @@ class Ledger:
         """Record one injected fault answer."""
         self.faults[status] = self.faults.get(status, 0) + 1
 
+    def rate_limit(self, limit: Limit) -> None:
+        """Record one request refused (429) because `limit` had too little left."""
+        self.rate_limited[limit] += 1
+
     def report(self, *, in_flight: int) -> LedgerReport:
         return LedgerReport(
             models={name: msgspec.structs.replace(t) for name, t in self.models.items()},
             faults=dict(self.faults),
+            rate_limited=dict(self.rate_limited),
             rejected=self.rejected,
             total_cost_usd=sum(t.cost_usd for t in self.models.values()),
             in_flight=in_flight,

@@ -42,11 +42,20 @@ def valkey_url() -> Iterator[str]:
             proc.wait(timeout=10)
 
 
+# Rate limits so high that the tests not about them (thousands of requests a minute) never
+# meet them; a test about limits sets its own with POST /_sim/config.
+SIM_LIMITS = (1_000_000, 1_000_000_000, 1_000_000_000)
+SIM_DEFAULTS: dict[str, Any] = {
+    "latency_ms": 0, "fault_rate": {}, "limits": {"*": list(SIM_LIMITS)}, "otpm_mode": "actual",
+}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def simulator_url() -> Iterator[str]:
-    """The simulator in its own process on a free port."""
+    """The simulator in its own process on a free port, with SIM_LIMITS for every model."""
+    limit = "/".join(str(n) for n in SIM_LIMITS)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--port", "0", "--seed", "1"],
+        [sys.executable, "-m", "simulator", "--port", "0", "--seed", "1", "--limit", limit],
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -62,19 +71,19 @@ def simulator_url() -> Iterator[str]:
 
 @pytest.fixture
 def sim(simulator_url: str) -> Iterator[str]:
-    """The simulator with an empty ledger, no latency and no faults; restored afterwards.
+    """The simulator with an empty ledger, no latency, no faults, SIM_LIMITS in full buckets
+    and OTPM counted as generated; restored afterwards.
 
     Requests an earlier test abandoned (timeouts, killed workers) are waited out first, so
     they cannot land in this test's ledger.
     """
-    defaults = {"latency_ms": 0, "fault_rate": {}}
-    sim_call(simulator_url, "config", defaults)
+    sim_call(simulator_url, "config", SIM_DEFAULTS)
     deadline = time.monotonic() + 30
     while sim_call(simulator_url, "ledger")["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.02)  # the simulator finishes them on its own clock
-    sim_call(simulator_url, "reset", {})
+    sim_call(simulator_url, "reset", {})  # also refills the buckets
     yield simulator_url
-    sim_call(simulator_url, "config", defaults)
+    sim_call(simulator_url, "config", SIM_DEFAULTS)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
-"""The official SDK cannot tell the simulator from the API: parsing, headers, errors, ledger.
+"""The official SDK cannot tell the simulator from the API: parsing, headers, errors, ledger,
+rate limits.
 
 Every test goes through `anthropic.AsyncAnthropic(base_url=...)` or raw HTTP against a
 simulator process of this module's own; the autouse fixture gives each test an empty ledger,
-no latency and no faults.
+no latency, no faults and the standard rate limits in full buckets.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ PRICE_IN_OUT = {
 }
 HAIKU_55_LONG_IN_OUT = (0.50, 2.50)  # prompts over 100,000 tokens
 RATELIMIT_GROUPS = ("requests", "input-tokens", "output-tokens", "tokens")
+STANDARD_LIMITS = [1_000, 2_000_000, 400_000]
+DEFAULTS: dict[str, Any] = {
+    "latency_ms": 0, "fault_rate": {}, "limits": {"*": STANDARD_LIMITS}, "otpm_mode": "actual",
+}  # fmt: skip
+NO_RATE_LIMITED = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +68,11 @@ def simulator_url() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def clean(simulator_url: str) -> Iterator[None]:
-    """An empty ledger, no latency, no faults; the settings restored after the test."""
-    defaults = {"latency_ms": 0, "fault_rate": {}}
-    sim_call(simulator_url, "config", defaults)
+    """An empty ledger, no latency, no faults, full buckets; the settings restored after."""
+    sim_call(simulator_url, "config", DEFAULTS)
     sim_call(simulator_url, "reset", {})
     yield
-    sim_call(simulator_url, "config", defaults)
+    sim_call(simulator_url, "config", DEFAULTS)
 
 
 @pytest.fixture
@@ -234,6 +239,7 @@ async def test_faults_raise_the_sdk_error_classes(
     assert retry_after == ("1" if status == "429" else None)
     ledger = sim_call(simulator_url, "ledger")
     assert ledger["faults"] == {status: 1} and ledger["models"] == {}
+    assert ledger["rate_limited"] == NO_RATE_LIMITED  # injected faults are not rate limits
 
 
 async def test_invalid_requests_are_refused_before_faults(
@@ -354,11 +360,15 @@ async def test_config_refuses_bad_settings_and_keeps_the_old_ones(simulator_url:
             ({"fault_rate": {"429": 0.7, "529": 0.7}}, "more than 1"),
             ({"latency_ms": -5}, "latency_ms"),
             ({"latncy_ms": 5}, "unknown field `latncy_ms`"),
+            ({"limits": {"claude-nope": [1, 2, 3]}}, "'claude-nope' is not a model"),
+            ({"limits": {"*": [600, 0, 1]}}, "are not 3 whole numbers of 1 or more"),
+            ({"limits": {"*": "600/200000/40000"}}, 'limits is {"*": [RPM, ITPM, OTPM]'),
+            ({"otpm_mode": "estimate"}, 'otpm_mode is "actual"'),
         ):
             async with session.post(f"{simulator_url}/_sim/config", json=change) as reply:
                 assert reply.status == 400
                 assert says in (await reply.json())["error"]
-    assert sim_call(simulator_url, "config", {}) == {"latency_ms": 0, "fault_rate": {}, "seed": 1}
+    assert sim_call(simulator_url, "config", {}) == {**DEFAULTS, "seed": 1}
 
 
 def test_bad_fault_rate_on_the_command_line_names_the_part(
@@ -370,3 +380,173 @@ def test_bad_fault_rate_on_the_command_line_names_the_part(
     error = capsys.readouterr().err
     assert "--fault-rate" in error and "'503' cannot be injected" in error
     assert "429=0.1,529=0.05,500=0.01" in error  # the accepted form, by example
+
+
+def test_bad_limit_on_the_command_line_names_the_part(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--limit", "600/200000/40000", "--limit", "claude-haiku-5-5=100/50000"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "--limit" in error and "'claude-haiku-5-5=100/50000' is not RPM/ITPM/OTPM" in error
+    assert "claude-haiku-5-5=100/50000/10000" in error  # the accepted form, by example
+
+
+# Rate limits. The buckets refill continuously at capacity/60 a second, so a test that must
+# see a refusal uses a small limit and counts what got through instead of assuming a timing.
+HAIKU = "claude-haiku-5-5"
+
+
+def error_message(err: anthropic.APIStatusError) -> str:
+    assert isinstance(err.body, dict)
+    return str(err.body["error"]["message"])
+
+
+async def hello(client: anthropic.AsyncAnthropic, max_tokens: int = 5) -> anthropic.types.Message:
+    return await client.messages.create(model=HAIKU, max_tokens=max_tokens, messages=HI)
+
+
+async def burst(
+    client: anthropic.AsyncAnthropic, n: int
+) -> tuple[int, list[anthropic.RateLimitError]]:
+    """`n` requests at once: (how many were answered, the refusals)."""
+    results = await asyncio.gather(*(hello(client) for _ in range(n)), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, anthropic.RateLimitError)]
+    answered = [r for r in results if isinstance(r, anthropic.types.Message)]
+    assert len(answered) + len(refused) == n, results
+    return len(answered), refused
+
+
+async def test_exceeding_rpm_raises_rate_limit_error_with_retry_after_and_headers(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    sim_call(simulator_url, "config", {"limits": {"*": [6, 1_000_000, 100_000]}})
+    answered = 0
+    with pytest.raises(anthropic.RateLimitError) as err:
+        while answered < 20:  # 6 at once, then one every 10 s
+            await hello(client)
+            answered += 1
+    assert answered >= 6
+    assert err.value.status_code == 429 and err.value.type == "rate_limit_error"
+    assert error_message(err.value).startswith(
+        "This request would exceed your organization's rate limit of 6 requests per minute "
+        "for claude-haiku-5-5."
+    )
+    headers = err.value.response.headers
+    assert 1 <= int(headers["retry-after"]) <= 10
+    assert headers["anthropic-ratelimit-requests-limit"] == "6"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    for group in RATELIMIT_GROUPS:
+        datetime.strptime(headers[f"anthropic-ratelimit-{group}-reset"], "%Y-%m-%dT%H:%M:%SZ")
+    ledger = sim_call(simulator_url, "ledger")
+    assert ledger["rate_limited"] == {**NO_RATE_LIMITED, "requests": 1}
+    assert ledger["models"][HAIKU]["requests"] == answered  # the refusal was not billed
+    assert ledger["faults"] == {}
+
+
+async def test_requests_in_flight_already_hold_their_share_of_the_limit(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    sim_call(simulator_url, "config",
+             {"limits": {"*": [6, 1_000_000, 100_000]}, "latency_ms": 1_000})  # fmt: skip
+    answered, refused = await burst(client, 10)
+    # Counted when they start: had the 6 been counted at their answers, a second later, the
+    # other 4 would have found a full bucket.
+    assert answered >= 6 and len(refused) == 10 - answered >= 1
+    ledger = sim_call(simulator_url, "ledger")
+    assert ledger["rate_limited"] == {**NO_RATE_LIMITED, "requests": len(refused)}
+    assert ledger["models"][HAIKU]["requests"] == answered
+
+
+async def test_waiting_out_retry_after_lets_a_request_through(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    sim_call(simulator_url, "config", {"limits": {"*": [60, 1_000_000, 100_000]}})
+    _, refused = await burst(client, 90)  # 60 a minute: 60 at once, then one a second
+    assert refused, "90 requests at once against 60 a minute: some must be refused"
+    retry_after = max(int(e.response.headers["retry-after"]) for e in refused)
+    assert retry_after == 1
+    # The wait is what retry-after promises, not a guess: nobody else uses these buckets.
+    await asyncio.sleep(retry_after)
+    assert (await hello(client)).stop_reason is not None
+
+
+async def test_limits_are_set_per_model_by_config_and_changing_them_refills(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    table = {"*": [600, 200_000, 40_000], HAIKU: [60, 50_000, 10_000]}
+    assert sim_call(simulator_url, "config", {"limits": table})["limits"] == table
+    assert sim_call(simulator_url, "config")["limits"] == table  # GET shows them too
+
+    async def limit_and_left(model: str) -> tuple[str, str]:
+        raw = await client.messages.with_raw_response.create(model=model, max_tokens=5, messages=HI)
+        prefix = "anthropic-ratelimit-requests-"
+        return raw.headers[prefix + "limit"], raw.headers[prefix + "remaining"]
+
+    assert await limit_and_left(HAIKU) == ("60", "59")
+    assert await limit_and_left("claude-sonnet-5-5") == ("600", "599")
+    assert await limit_and_left(HAIKU) == ("60", "58")
+    only_haiku = {HAIKU: [100, 50_000, 10_000]}  # no "*": the standard table for the rest
+    changed = sim_call(simulator_url, "config", {"limits": only_haiku})
+    assert changed["limits"] == {"*": STANDARD_LIMITS, **only_haiku}
+    assert await limit_and_left(HAIKU) == ("100", "99")  # a new, full bucket
+    assert await limit_and_left("claude-sonnet-5-5") == ("1000", "999")
+
+
+async def test_a_prompt_over_the_itpm_limit_can_never_fit(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    sim_call(simulator_url, "config", {"limits": {"*": [60, 100, 100_000]}})
+    long: list[MessageParam] = [{"role": "user", "content": "word " * 200}]  # ~250 tokens
+    with pytest.raises(anthropic.RateLimitError) as err:
+        await client.messages.create(model=HAIKU, max_tokens=5, messages=long)
+    assert "rate limit of 100 input tokens per minute" in error_message(err.value)
+    assert "more than the limit, so it can never be accepted" in error_message(err.value)
+    headers = err.value.response.headers
+    assert "retry-after" not in headers  # no wait helps
+    assert headers["anthropic-ratelimit-input-tokens-limit"] == "100"
+    ledger = sim_call(simulator_url, "ledger")
+    assert ledger["rate_limited"] == {**NO_RATE_LIMITED, "input_tokens": 1}
+    assert ledger["models"] == {}
+
+
+async def test_max_tokens_counts_only_in_max_tokens_mode(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    sim_call(simulator_url, "config", {"limits": {"*": [600, 1_000_000, 1_000]}})
+    assert (await hello(client, max_tokens=5_000)).usage.output_tokens < 1_000  # actual: fine
+    sim_call(simulator_url, "config", {"otpm_mode": "max_tokens"})
+    with pytest.raises(anthropic.RateLimitError) as err:
+        await hello(client, max_tokens=5_000)
+    assert "1,000 output tokens per minute" in error_message(err.value)
+    assert "Lower max_tokens" in error_message(err.value)
+    assert sim_call(simulator_url, "ledger")["rate_limited"]["output_tokens"] == 1
+
+
+async def test_max_tokens_mode_reserves_max_tokens_until_the_answer_then_refunds(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    sim_call(simulator_url, "config", {
+        "limits": {"*": [600, 1_000_000, 1_000]}, "otpm_mode": "max_tokens", "latency_ms": 3_000,
+    })  # fmt: skip
+    first = asyncio.create_task(hello(client, max_tokens=600))
+    await eventually(lambda: sim_is(simulator_url, in_flight=1), what="the first request")
+    with pytest.raises(anthropic.RateLimitError, match="1,000 output tokens per minute"):
+        await hello(client, max_tokens=600)  # 400 left while the first holds 600
+    assert (await first).usage.output_tokens < 100
+    sim_call(simulator_url, "config", {"latency_ms": 0})
+    await hello(client, max_tokens=600)  # the first gave back the 500+ it did not use
+    ledger = sim_call(simulator_url, "ledger")
+    assert ledger["rate_limited"] == {**NO_RATE_LIMITED, "output_tokens": 1}
+    assert ledger["models"][HAIKU]["requests"] == 2
+
+
+async def test_count_tokens_is_not_rate_limited(
+    client: anthropic.AsyncAnthropic, simulator_url: str
+) -> None:
+    sim_call(simulator_url, "config", {"limits": {"*": [1, 1_000_000, 100_000]}})
+    await hello(client)  # the one request of the minute
+    for _ in range(3):
+        counted = await client.messages.count_tokens(model=HAIKU, messages=HI)
+        assert counted.input_tokens > 0
+    with pytest.raises(anthropic.RateLimitError, match="1 requests per minute"):
+        await hello(client)
