@@ -3,11 +3,11 @@
 
     python3 dev.py up      run everything locally (embedded Valkey, simulator, workers, demo)
     python3 dev.py test    lint, type-check and run the whole test suite
-    python3 dev.py bench   run the benchmarks in bench/
+    python3 dev.py bench [NAME]   run bench/NAME.py (throughput, the default, or ratelimit)
 
 Each command first makes ./.venv and installs tokenq with its dev tools into it (again only
 when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else. Arguments
-after the command go to `tokenq up` or to pytest.
+after the command go to `tokenq up`, to pytest or to the benchmark.
 """
 
 from __future__ import annotations
@@ -87,7 +87,12 @@ def main() -> int:
         return run([str(BIN / "tokenq"), "up", *extra])
     if command == "test":
         return test(extra)
-    return run([str(PY), str(ROOT / "bench" / "throughput.py"), *extra])
+    name = extra.pop(0) if extra and not extra[0].startswith("-") else "throughput"
+    script = ROOT / "bench" / f"{name}.py"
+    if not script.exists() or name == "common":
+        print(f"dev.py: no benchmark {name!r}; try throughput or ratelimit", file=sys.stderr)
+        return 2
+    return run([str(PY), str(script), *extra])
 
 
 if __name__ == "__main__":

@@ -34,10 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,14 +44,15 @@ import httpx2
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from common import ROOT, UNLIMITED, Servers, say, servers, sim_call, stop
+from common import write_config as base_config
 
 from producers import NewJob, Producer
 from worker.config import Config, load_config
 from worker.contract import GROUP, Keys
-from worker.embedded import connect, free_port, server_args, wait_until_ready
+from worker.embedded import connect
 from worker.worker import build_worker
 
-ROOT = Path(__file__).resolve().parent.parent
 ARQ_VENV = ROOT / ".bench" / "arq-venv"
 REQUEST = {"messages": [{"role": "user", "content": "Summarise: queues keep bills small."}]}
 CANNED = msgspec.json.encode(
@@ -103,21 +101,6 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
 """
 
 
-def say(text: str) -> None:
-    """A progress line on stderr (stdout is kept for the figures)."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Servers:
-    """The servers this run started: their URLs and pids (for CPU accounting)."""
-
-    redis_url: str
-    sim_url: str
-    valkey_pid: int
-    sim_pid: int
-
-
 @dataclass(frozen=True)
 class Run:
     """One timed pass over a backlog."""
@@ -139,83 +122,15 @@ class Run:
         return f"{self.rate:,.0f} jobs/s ({timing}){failed}"
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a child we started, SIGKILL it if it has not gone after 15 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-# Rate limits so high that the benchmark (thousands of requests a second) never meets them.
-UNLIMITED = "1000000/1000000000/1000000000"
-
-
-@contextmanager
-def servers(folder: Path) -> Iterator[Servers]:
-    """A valkey-server and the simulator (0 ms) on free ports, stopped on the way out."""
-    if not (ROOT / "simulator" / "__main__.py").exists():
-        raise SystemExit("bench: simulator/__main__.py does not exist yet; phases 1 and 4 need it")
-    port = free_port()
-    base = load_config(ROOT / "config.toml")
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        args = server_args(base, port=port, data_dir=str(folder / "valkey"))
-        started.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
-        if not wait_until_ready(port):
-            raise RuntimeError(f"valkey-server did not answer PING on 127.0.0.1:{port}")
-        with (folder / "simulator.log").open("wb") as log:
-            sim = subprocess.Popen(
-                [sys.executable, "-m", "simulator", "--port", "0", "--latency-ms", "0",
-                 "--limit", UNLIMITED],
-                stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
-            )  # fmt: skip
-        started.append(sim)
-        assert sim.stdout is not None
-        line = sim.stdout.readline().decode().strip()
-        if not line.startswith("simulator listening on "):
-            log_tail = (folder / "simulator.log").read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"the simulator did not start ({line!r}); its stderr:\n{log_tail}")
-        yield Servers(
-            f"redis://127.0.0.1:{port}/0", line.rsplit(" ", 1)[-1], started[0].pid, sim.pid
-        )
-    finally:
-        for proc in reversed(started):
-            stop(proc)
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-
-def override(text: str, settings: dict[str, object]) -> str:
-    """config.toml's text with `key = value` lines replaced (keys written `section.key`)."""
-    lines, section, left = text.splitlines(), "", dict(settings)
-    for n, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            section = stripped.strip("[]") + "."
-        elif "=" in stripped and not stripped.startswith("#"):
-            key = section + stripped.split("=", 1)[0].strip()
-            if key in left:
-                lines[n] = f"{key.rsplit('.', 1)[-1]} = {json.dumps(left.pop(key))}"
-    if left:
-        raise RuntimeError(f"config.toml has no line for {', '.join(left)}; update the bench")
-    return "\n".join(lines) + "\n"
-
-
 def write_config(folder: Path, srv: Servers, prefix: str) -> tuple[Config, Path]:
-    """The repo's config.toml pointed at this run's servers, under its own key prefix."""
-    settings: dict[str, object] = {
-        "prefix": prefix,
-        "redis.url": srv.redis_url,
-        "anthropic.base_url": srv.sim_url,
-        "worker.grace_s": 5.0,  # only matters when a phase fails: do not wait 30 s to clean up
-    }
-    path = folder / f"{prefix}.toml"
-    path.write_text(override((ROOT / "config.toml").read_text(), settings))
-    return load_config(path), path
+    """The repo's config for this run, with every model's rate limits far above what the bench
+    sends: the limiter still runs (its cost is part of each job), but never makes a job wait."""
+    rpm, itpm, otpm = (int(n) for n in UNLIMITED.split("/"))
+    huge: dict[str, object] = {}
+    for model in load_config(ROOT / "config.toml").models:
+        section = f'models."{model}".limits'
+        huge |= {f"{section}.rpm": rpm, f"{section}.itpm": itpm, f"{section}.otpm": otpm}
+    return base_config(folder, srv, prefix, huge)
 
 
 def cpu_s(pid: int) -> float:
@@ -227,17 +142,6 @@ def cpu_s(pid: int) -> float:
 def entry_s(entry_id: str) -> float:
     """The server time a stream entry was added, in seconds since the epoch."""
     return int(entry_id.split("-", 1)[0]) / 1000
-
-
-def sim_call(sim_url: str, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """GET (no body) or POST one of the simulator's /_sim/ routes; its JSON answer."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        f"{sim_url}/_sim/{route}", data=data, method="GET" if data is None else "POST"
-    )
-    with urllib.request.urlopen(req, timeout=5) as reply:
-        answer: dict[str, Any] = json.loads(reply.read() or b"{}")
-    return answer
 
 
 async def preload(redis_url: str, prefix: str, jobs: int) -> None:

@@ -1,0 +1,123 @@
+"""What the benchmarks share: their own Valkey and simulator, configs, progress lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.config import Config, load_config
+from worker.embedded import free_port, server_args, wait_until_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+# Limits so high that a benchmark about something else never meets them.
+UNLIMITED = "1000000/1000000000/1000000000"
+
+
+def say(text: str) -> None:
+    """A progress line on stderr (stdout is kept for the figures)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Servers:
+    """The servers a run started: their URLs and pids (for CPU accounting)."""
+
+    redis_url: str
+    sim_url: str
+    valkey_pid: int
+    sim_pid: int
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a child we started, SIGKILL it if it has not gone after 15 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def servers(folder: Path, sim_args: tuple[str, ...] = ("--limit", UNLIMITED)) -> Iterator[Servers]:
+    """A valkey-server and the simulator (0 ms) on free ports, stopped on the way out."""
+    port = free_port()
+    base = load_config(ROOT / "config.toml")
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        args = server_args(base, port=port, data_dir=str(folder / "valkey"))
+        started.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        if not wait_until_ready(port):
+            raise RuntimeError(f"valkey-server did not answer PING on 127.0.0.1:{port}")
+        with (folder / "simulator.log").open("wb") as log:
+            sim = subprocess.Popen(
+                [sys.executable, "-m", "simulator", "--port", "0", *sim_args],
+                stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
+            )  # fmt: skip
+        started.append(sim)
+        assert sim.stdout is not None
+        line = sim.stdout.readline().decode().strip()
+        if not line.startswith("simulator listening on "):
+            log_tail = (folder / "simulator.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"the simulator did not start ({line!r}); its stderr:\n{log_tail}")
+        yield Servers(
+            f"redis://127.0.0.1:{port}/0", line.rsplit(" ", 1)[-1], started[0].pid, sim.pid
+        )
+    finally:
+        for proc in reversed(started):
+            stop(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def override(text: str, settings: dict[str, object]) -> str:
+    """config.toml's text with `key = value` lines replaced (keys written `section.key`)."""
+    lines, section, left = text.splitlines(), "", dict(settings)
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]") + "."
+        elif "=" in stripped and not stripped.startswith("#"):
+            key = section + stripped.split("=", 1)[0].strip()
+            if key in left:
+                lines[n] = f"{key.rsplit('.', 1)[-1]} = {json.dumps(left.pop(key))}"
+    if left:
+        raise RuntimeError(f"config.toml has no line for {', '.join(left)}; update the bench")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(
+    folder: Path, srv: Servers, prefix: str, settings: dict[str, object] | None = None
+) -> tuple[Config, Path]:
+    """The repo's config.toml pointed at this run's servers, under its own key prefix."""
+    merged: dict[str, object] = {
+        "prefix": prefix,
+        "redis.url": srv.redis_url,
+        "anthropic.base_url": srv.sim_url,
+        "worker.grace_s": 5.0,  # only matters when a phase fails: do not wait 30 s to clean up
+        **(settings or {}),
+    }
+    path = folder / f"{prefix}.toml"
+    path.write_text(override((ROOT / "config.toml").read_text(), merged))
+    return load_config(path), path
+
+
+def sim_call(sim_url: str, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET (or POST with a body) one of the simulator's /_sim/ admin routes."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{sim_url}/_sim/{route}", data=data, method="GET" if body is None else "POST",
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        result: dict[str, Any] = json.loads(reply.read() or b"{}")
+        return result
