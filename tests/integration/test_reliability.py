@@ -13,6 +13,7 @@ from tests.conftest import ConfigFactory
 from tests.helpers import add, eventually, read_result, sim_call, stream_len, usage_events
 from tests.integration.conftest import RunWorker
 from worker.contract import GROUP, Keys
+from worker.embedded import free_port
 from worker.queue import dead_letters, replay
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there"}]})
@@ -108,6 +109,23 @@ async def test_failing_calls_retry_then_dead_letter_with_last_error(
     async with run_worker(cfg):
         again = await producer.result(job_id, timeout_s=10)
     assert again.status == "ok"
+
+
+async def test_an_unreachable_api_is_retried_then_dead_lettered_as_a_connection_error(
+    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    closed = free_port()  # nothing listens here: every call is refused at connect
+    cfg, _ = make_config(
+        **{"queue.max_attempts": 2, "anthropic.base_url": f"http://127.0.0.1:{closed}"}
+    )
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg):
+        job_id = await producer.submit("summarize", HELLO)
+        result = await producer.result(job_id, timeout_s=20)
+    assert result.status == "error" and result.error is not None
+    assert result.error.type == "max_attempts"
+    [(_, fields)] = await dead_letters(redis, keys)
+    assert fields["attempts"] == "2" and "APIConnectionError" in fields["error"]
 
 
 async def test_transient_faults_are_retried_and_billed_once(
