@@ -19,18 +19,24 @@ A local HTTP server that answers the Anthropic Messages API (POST /v1/messages a
 of what it billed. Point the SDK at it: AsyncAnthropic(base_url=URL, api_key="anything").
 It enforces per-model rate limits as the API does: requests, input tokens and output tokens
 per minute, in token buckets that refill continuously; a request that would exceed one is
-answered 429 rate_limit_error with `retry-after`. Once listening it prints one line:
-`simulator listening on http://HOST:PORT`.
+answered 429 rate_limit_error with `retry-after`. It caches prompts as the API does:
+`cache_control` breakpoints on tools, system and message blocks (or top-level, automatic),
+at most 4, a per-model minimum length, 5m or 1h lifetimes refreshed by each hit, and usage
+split into input, cache writes by TTL and cache reads, billed at their prices. Once
+listening it prints one line: `simulator listening on http://HOST:PORT`.
 """
 EPILOG = """\
 admin routes (not part of the Anthropic API):
   GET  /_sim/ledger   {"models": {MODEL: {requests, input_tokens, output_tokens,
-                       cache_creation_input_tokens, cache_read_input_tokens, cost_usd}},
+                       cache_creation_input_tokens, cache_read_input_tokens, cost_usd,
+                       ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}},
                        "faults": {"429": N, ...}, "rate_limited": {"requests": N,
                        "input_tokens": N, "output_tokens": N}, "rejected": N,
                        "total_cost_usd": X, "in_flight": N}
-  POST /_sim/reset    clear the ledger and refill the rate-limit buckets; answers the ledger
-                      as it was
+  POST /_sim/reset    clear the ledger and the prompt cache and refill the rate-limit
+                      buckets; answers the ledger as it was
+  POST /_sim/advance  {"seconds": 301}: move the simulator's clock forward (prompt-cache
+                      lifetimes) without waiting; answers {"now": UNIX_S, "advanced_s": N}
   POST /_sim/config   {"latency_ms": 200, "fault_rate": {"529": 0.1}, "seed": 1,
                        "limits": {"*": [600, 200000, 40000], MODEL: [RPM, ITPM, OTPM]},
                        "otpm_mode": "max_tokens"}, any subset; `limits` replaces the whole

@@ -6,11 +6,15 @@ and `retry-after` on 429s. Only POST /v1/messages gets latency, faults and rate 
 (count_tokens is a fast, free endpoint). In order: validation (invalid requests are always
 refused with a 4xx), the fault dice, the rate limits (limits.py; a refusal is answered at
 once: the latency stands for the model's work, which a refused request never reaches), the
-latency, the answer.
+latency, the answer. Prompt caching (cache.py) is looked up when a request passes the
+faults, so the rate limits can count its cache writes, and written when its answer is made.
 
 Admin routes (not part of the Anthropic API):
     GET  /_sim/ledger  -> LedgerReport
-    POST /_sim/reset   -> the LedgerReport before the reset (read and clear in one call)
+    POST /_sim/reset   -> the LedgerReport before the reset (read and clear in one call; it
+                          also empties the prompt cache)
+    POST /_sim/advance {"seconds": N} -> ClockState: move the simulator's clock (cache
+                          lifetimes) N seconds forward, no sleeping
     GET  /_sim/config, POST /_sim/config {"latency_ms"?, "fault_rate"?, "seed"?, "limits"?,
                                           "otpm_mode"?} -> Settings
     GET  /_sim/health  -> {"ok": true}
@@ -24,7 +28,9 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from simulator import shapes, tokens, validate
+from simulator import cache, shapes, tokens, validate
+from simulator.cache import Cache, Plan
+from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import FaultDice, check_fault_rates
 from simulator.ledger import Ledger
@@ -39,7 +45,6 @@ from simulator.limits import (
     check_table,
     limits_for,
 )
-from simulator.pricing import Usage
 from simulator.tokens import Body
 
 
@@ -67,6 +72,23 @@ class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _decode_change = msgspec.json.Decoder(ConfigChange).decode
+
+
+class Advance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """POST /_sim/advance: move the simulator's clock forward."""
+
+    seconds: float
+
+
+class ClockState(msgspec.Struct, frozen=True):
+    """The answer of POST /_sim/advance: the clock now (unix seconds) and how far it has
+    been moved past the wall clock in all."""
+
+    now: float
+    advanced_s: float
+
+
+_decode_advance = msgspec.json.Decoder(Advance).decode
 # What a field accepts, added to msgspec's bare "Expected ... at `$.limits[...]`" errors.
 _FORMS = {
     "$.limits": f"limits is {JSON_FORM}",
@@ -74,7 +96,9 @@ _FORMS = {
     '"max_tokens" (max_tokens reserved at the start, the 2025 docs)',
 }
 RETRY_AFTER_S = "1"
-ROUTES = "POST /v1/messages, POST /v1/messages/count_tokens, /_sim/{ledger,reset,config,health}"
+ROUTES = (
+    "POST /v1/messages, POST /v1/messages/count_tokens, /_sim/{ledger,reset,advance,config,health}"
+)
 
 
 class Simulator:
@@ -85,6 +109,8 @@ class Simulator:
         self.ledger = Ledger()
         self.limits: dict[str, ModelLimits] = {}  # made on a model's first request
         self.dice = FaultDice(settings.seed)
+        self.clock = SimClock()  # cache lifetimes; POST /_sim/advance moves it
+        self.cache = Cache()
         # Received and not yet answered; a request whose client went away still counts
         # until its answer (and bill) is done, as it would at the API.
         self.in_flight = 0
@@ -94,6 +120,7 @@ class Simulator:
         try:
             try:
                 body = await self._read(request, count_tokens=False)
+                prefix = cache.prefix_of(body)
             except ApiError as exc:
                 self.ledger.rejected += 1
                 return error_response(exc)
@@ -103,13 +130,20 @@ class Simulator:
                 await _latency(settings)
                 return self._fault(fault)
             limits = self._model_limits(body["model"])
-            # Prompt caching comes later: ITPM will count cache writes too, not cache reads.
-            need = Need.of(tokens.input_tokens(body), body["max_tokens"], settings.otpm_mode)
+            started = self.clock()  # cache lifetimes run from the start of the request
+            if prefix is None:
+                plan = cache.uncached(tokens.input_tokens(body))
+            else:
+                plan = self.cache.plan(body["model"], prefix, started)
+            split = plan.split
+            # ITPM counts input and cache writes, not cache reads (§3.1).
+            counted = split.input_tokens + split.write_5m + split.write_1h
+            need = Need.of(counted, body["max_tokens"], settings.otpm_mode)
             refusal = limits.admit(need)  # taken now: requests during the latency see it
             if refusal is not None:
                 return self._refuse(body["model"], limits, refusal, settings.otpm_mode)
             await _latency(settings)
-            return self._answer(body, limits, need)
+            return self._answer(body, limits, need, plan, started)
         finally:
             self.in_flight -= 1
 
@@ -138,11 +172,13 @@ class Simulator:
             headers["retry-after"] = str(refusal.retry_after_s)
         return error_response(ApiError(429, refusal.message(model, mode)), headers)
 
-    def _answer(self, body: Body, limits: ModelLimits, need: Need) -> web.Response:
+    def _answer(
+        self, body: Body, limits: ModelLimits, need: Need, plan: Plan, started: float
+    ) -> web.Response:
         model: str = body["model"]
         text, output_tokens, stop_reason, stop_sequence = tokens.reply(body)
-        # Prompt caching comes later: it will split input into cache reads and writes here.
-        usage = Usage(input_tokens=need.input_tokens, output_tokens=output_tokens)
+        self.cache.commit(plan, started)  # readable from now on: the answer has begun
+        usage = cache.usage_of(plan.split, output_tokens)
         self.ledger.bill(model, usage)
         limits.settle(need.output_tokens, output_tokens)
         message = shapes.Message(
@@ -160,6 +196,7 @@ class Simulator:
     async def count_tokens(self, request: web.Request) -> web.Response:
         try:
             body = await self._read(request, count_tokens=True)
+            cache.prefix_of(body)  # checked as for messages, but never read or written
         except ApiError as exc:
             self.ledger.rejected += 1
             return error_response(exc)
@@ -189,7 +226,17 @@ class Simulator:
         before = self.ledger.report(in_flight=self.in_flight)
         self.ledger = Ledger()
         self.limits = {}  # full buckets; requests in flight settle with the old ones
+        self.cache = Cache()  # the clock keeps its time: it never goes back
         return _json(shapes.encode(before))
+
+    async def advance(self, request: web.Request) -> web.Response:
+        try:
+            change = _decode_advance(await request.read() or b"{}")
+            self.clock.advance(change.seconds)
+        except (msgspec.DecodeError, ValueError) as exc:
+            message = f'POST /_sim/advance: {exc}. Send {{"seconds": N}} with N >= 0.'
+            return _json(shapes.encode({"error": message}), status=400)
+        return _json(shapes.encode(ClockState(now=self.clock(), advanced_s=self.clock.offset_s)))
 
     async def get_config(self, _: web.Request) -> web.Response:
         return _json(shapes.encode(self.settings))
@@ -270,6 +317,7 @@ def make_app(settings: Settings) -> web.Application:
     add("POST", "/v1/messages/count_tokens", sim.count_tokens)
     add("GET", "/_sim/ledger", sim.get_ledger)
     add("POST", "/_sim/reset", sim.reset)
+    add("POST", "/_sim/advance", sim.advance)
     add("GET", "/_sim/config", sim.get_config)
     add("POST", "/_sim/config", sim.configure)
     add("GET", "/_sim/health", sim.health)

@@ -23,6 +23,9 @@ class ModelTotals(msgspec.Struct, kw_only=True):
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     cost_usd: float = 0.0
+    # cache_creation_input_tokens by TTL, as the API's usage.cache_creation splits it
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
 
 
 class LedgerReport(msgspec.Struct, kw_only=True):
@@ -58,6 +61,8 @@ class Ledger:
         totals.output_tokens += usage.output_tokens
         totals.cache_creation_input_tokens += usage.cache_creation_input_tokens
         totals.cache_read_input_tokens += usage.cache_read_input_tokens
+        totals.ephemeral_5m_input_tokens += usage.ephemeral_5m_input_tokens
+        totals.ephemeral_1h_input_tokens += usage.ephemeral_1h_input_tokens
         totals.cost_usd += cost
 
     def fault(self, status: str) -> None:
