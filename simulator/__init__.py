@@ -2,5 +2,6 @@
 
 Modules: __main__ (CLI), app (routes, settings), validate (request checks), errors (status
 map), shapes (response JSON), tokens (counts and replies), pricing, ledger, limits (rate-limit
-buckets), faults (injected errors).
+buckets), faults (injected errors), cache (prompt caching), batches (Message Batches), clock
+(the clock POST /_sim/advance moves).
 """

@@ -10,7 +10,7 @@ import sys
 from aiohttp import web
 
 from simulator import faults, limits
-from simulator.app import Settings, make_app
+from simulator.app import Settings, check_batch_rates, make_app
 
 SHUTDOWN_S = 1.0
 DESCRIPTION = """\
@@ -22,8 +22,12 @@ per minute, in token buckets that refill continuously; a request that would exce
 answered 429 rate_limit_error with `retry-after`. It caches prompts as the API does:
 `cache_control` breakpoints on tools, system and message blocks (or top-level, automatic),
 at most 4, a per-model minimum length, 5m or 1h lifetimes refreshed by each hit, and usage
-split into input, cache writes by TTL and cache reads, billed at their prices. Once
-listening it prints one line: `simulator listening on http://HOST:PORT`.
+split into input, cache writes by TTL and cache reads, billed at their prices. It runs
+Message Batches (/v1/messages/batches: create, retrieve, list, cancel, delete, results)
+on its own clock: a batch takes --batch-seconds, its items are answered as /v1/messages
+would answer them (through the prompt cache, outside the rate limits) and billed at half
+price, and seeded shares of items can come back `errored` or `expired`. Once listening it
+prints one line: `simulator listening on http://HOST:PORT`.
 """
 EPILOG = """\
 admin routes (not part of the Anthropic API):
@@ -32,14 +36,17 @@ admin routes (not part of the Anthropic API):
                        ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}},
                        "faults": {"429": N, ...}, "rate_limited": {"requests": N,
                        "input_tokens": N, "output_tokens": N}, "rejected": N,
-                       "total_cost_usd": X, "in_flight": N}
-  POST /_sim/reset    clear the ledger and the prompt cache and refill the rate-limit
-                      buckets; answers the ledger as it was
+                       "total_cost_usd": X (realtime + batch), "in_flight": N,
+                       "batch": {MODEL: {the same totals, for batch items at batch prices}}}
+  POST /_sim/reset    clear the ledger, the prompt cache and the batches, and refill the
+                      rate-limit buckets; answers the ledger as it was
   POST /_sim/advance  {"seconds": 301}: move the simulator's clock forward (prompt-cache
-                      lifetimes) without waiting; answers {"now": UNIX_S, "advanced_s": N}
+                      lifetimes, batch processing) without waiting; answers
+                      {"now": UNIX_S, "advanced_s": N}
   POST /_sim/config   {"latency_ms": 200, "fault_rate": {"529": 0.1}, "seed": 1,
                        "limits": {"*": [600, 200000, 40000], MODEL: [RPM, ITPM, OTPM]},
-                       "otpm_mode": "max_tokens"}, any subset; `limits` replaces the whole
+                       "otpm_mode": "max_tokens", "batch_seconds": 5, "batch_error_rate":
+                       0.05, "batch_expiry_rate": 0.01}, any subset; `limits` replaces the whole
                       table (no "*": the standard 1000/2000000/400000) and refills the
                       buckets; answers the settings now in effect (GET shows them)
   GET  /_sim/health   {"ok": true}
@@ -47,6 +54,7 @@ admin routes (not part of the Anthropic API):
 examples:
   python -m simulator --port 0 --latency-ms 300 --fault-rate 429=0.1,529=0.05
   python -m simulator --limit 600/200000/40000 --limit claude-haiku-5-5=100/50000/10000
+  python -m simulator --batch-seconds 30 --batch-error-rate 0.02 --batch-expiry-rate 0.01
 """
 
 
@@ -113,7 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="output-token accounting: 'actual' counts output as generated (2026 docs); "
         "'max_tokens' reserves max_tokens at the start and refunds the rest (2025 docs) (actual)",
     )  # fmt: skip
+    parser.add_argument(
+        "--batch-seconds", type=_seconds, default=1.0, metavar="S",
+        help="how long a Message Batch takes to process on the simulator's clock: its items "
+        "finish evenly over S seconds, then it ends (1; POST /_sim/advance skips ahead)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-error-rate", type=_rate, default=0.0, metavar="RATE",
+        help="share of batch items answered `errored` (api_error), seeded by --seed (0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-expiry-rate", type=_rate, default=0.0, metavar="RATE",
+        help="share of batch items left `expired`, seeded by --seed (0)",
+    )  # fmt: skip
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds of 0 or more")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate between 0 and 1, e.g. 0.05")
+    return value
 
 
 async def serve(host: str, port: int, settings: Settings) -> None:
@@ -152,9 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         table = limits.table_of(args.limit)
     except ValueError as exc:
         parser.error(f"argument --limit: {exc}")
+    try:
+        check_batch_rates(args.batch_error_rate, args.batch_expiry_rate)
+    except ValueError as exc:
+        parser.error(f"arguments --batch-error-rate, --batch-expiry-rate: {exc}")
     settings = Settings(
         latency_ms=args.latency_ms, fault_rate=args.fault_rate, seed=args.seed,
-        limits=table, otpm_mode=args.otpm_mode,
+        limits=table, otpm_mode=args.otpm_mode, batch_seconds=args.batch_seconds,
+        batch_error_rate=args.batch_error_rate, batch_expiry_rate=args.batch_expiry_rate,
     )  # fmt: skip
     asyncio.run(serve(args.host, args.port, settings))
 

@@ -8,27 +8,31 @@ refused with a 4xx), the fault dice, the rate limits (limits.py; a refusal is an
 once: the latency stands for the model's work, which a refused request never reaches), the
 latency, the answer. Prompt caching (cache.py) is looked up when a request passes the
 faults, so the rate limits can count its cache writes, and written when its answer is made.
+The Message Batches routes (batches.py) check auth and version, then answer at once.
 
 Admin routes (not part of the Anthropic API):
     GET  /_sim/ledger  -> LedgerReport
     POST /_sim/reset   -> the LedgerReport before the reset (read and clear in one call; it
-                          also empties the prompt cache)
+                          also empties the prompt cache and forgets every batch)
     POST /_sim/advance {"seconds": N} -> ClockState: move the simulator's clock (cache
                           lifetimes) N seconds forward, no sleeping
     GET  /_sim/config, POST /_sim/config {"latency_ms"?, "fault_rate"?, "seed"?, "limits"?,
-                                          "otpm_mode"?} -> Settings
+                                          "otpm_mode"?, "batch_seconds"?,
+                                          "batch_error_rate"?, "batch_expiry_rate"?}
+                          -> Settings (the batch ones shown once changed from their defaults)
     GET  /_sim/health  -> {"ok": true}
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 
-from simulator import cache, shapes, tokens, validate
+from simulator import batches, cache, shapes, tokens, validate
+from simulator.batches import Batches
 from simulator.cache import Cache, Plan
 from simulator.clock import SimClock
 from simulator.errors import ApiError
@@ -57,6 +61,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # "*" or a model id -> (RPM, ITPM, OTPM); has a "*" row; never mutated
     limits: LimitTable = msgspec.field(default_factory=lambda: {"*": STANDARD})
     otpm_mode: OtpmMode = "actual"
+    batch_seconds: float = 1.0  # how long a batch takes to process, on the simulator's clock
+    batch_error_rate: float = 0.0  # share of batch items answered `errored`
+    batch_expiry_rate: float = 0.0  # share of batch items left `expired`
+
+
+# Settings added after /_sim/config's first shape: its answer shows them only once changed,
+# so a client comparing the whole answer with the older fields still matches.
+_SHOWN_WHEN_CHANGED = ("batch_seconds", "batch_error_rate", "batch_expiry_rate")
+
+
+def shown_settings(settings: Settings) -> dict[str, Any]:
+    """Settings as GET and POST /_sim/config answer them."""
+    shown: dict[str, Any] = msgspec.to_builtins(settings)
+    for name in _SHOWN_WHEN_CHANGED:
+        if getattr(settings, name) == getattr(DEFAULT_SETTINGS, name):
+            del shown[name]
+    return shown
 
 
 class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -69,6 +90,9 @@ class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int | None = None
     limits: dict[str, list[int]] | None = None
     otpm_mode: OtpmMode | None = None
+    batch_seconds: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    batch_error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    batch_expiry_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
 
 
 _decode_change = msgspec.json.Decoder(ConfigChange).decode
@@ -97,7 +121,8 @@ _FORMS = {
 }
 RETRY_AFTER_S = "1"
 ROUTES = (
-    "POST /v1/messages, POST /v1/messages/count_tokens, /_sim/{ledger,reset,advance,config,health}"
+    "POST /v1/messages, POST /v1/messages/count_tokens, /v1/messages/batches[/ID[/cancel|"
+    "/results]], /_sim/{ledger,reset,advance,config,health}"
 )
 
 
@@ -111,6 +136,7 @@ class Simulator:
         self.dice = FaultDice(settings.seed)
         self.clock = SimClock()  # cache lifetimes; POST /_sim/advance moves it
         self.cache = Cache()
+        self.batches = Batches(self.cache, self.ledger)
         # Received and not yet answered; a request whose client went away still counts
         # until its answer (and bill) is done, as it would at the API.
         self.in_flight = 0
@@ -219,14 +245,95 @@ class Simulator:
         message = f"{request.method} {request.path}: no such route; the simulator has {ROUTES}"
         return error_response(ApiError(404, message))
 
+    # Message Batches (§5; batches.py). Not rate limited: the API's batch limits are an HTTP
+    # RPM and the processing-queue cap, and only the cap is enforced here.
+    async def create_batch(self, request: web.Request) -> web.Response:
+        try:
+            version = validate.check_headers(request.headers)
+            if (request.content_length or 0) > batches.MAX_BODY_BYTES:
+                raise ApiError(413, validate.too_large(batches.MAX_BODY_BYTES))
+            raw = await request.read()
+            s = self.settings
+            batch = self.batches.create(
+                raw, now=self.clock(), seconds=s.batch_seconds, version=version, seed=s.seed,
+                error_rate=s.batch_error_rate, expiry_rate=s.batch_expiry_rate,
+            )  # fmt: skip
+        except ApiError as exc:
+            self.ledger.rejected += 1
+            return error_response(exc)
+        return self._batch_json(self.batches.shown(batch, _origin(request)))
+
+    async def retrieve_batch(self, request: web.Request) -> web.Response:
+        try:
+            validate.check_headers(request.headers)
+            batch = self.batches.get(request.match_info["batch_id"], self.clock())
+        except ApiError as exc:
+            return error_response(exc)
+        return self._batch_json(self.batches.shown(batch, _origin(request)))
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        try:
+            validate.check_headers(request.headers)
+            batch = self.batches.cancel(request.match_info["batch_id"], self.clock())
+        except ApiError as exc:
+            return error_response(exc)
+        return self._batch_json(self.batches.shown(batch, _origin(request)))
+
+    async def delete_batch(self, request: web.Request) -> web.Response:
+        batch_id = request.match_info["batch_id"]
+        try:
+            validate.check_headers(request.headers)
+            self.batches.delete(batch_id, self.clock())
+        except ApiError as exc:
+            return error_response(exc)
+        return self._batch_json(batches.DeletedBatch(batch_id))
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        query = request.query
+        try:
+            validate.check_headers(request.headers)
+            limit = _list_limit(query.get("limit"))
+            page = self.batches.page(
+                self.clock(), _origin(request), after_id=query.get("after_id"),
+                before_id=query.get("before_id"), limit=limit,
+            )  # fmt: skip
+        except ApiError as exc:
+            return error_response(exc)
+        return self._batch_json(page)
+
+    async def batch_results(self, request: web.Request) -> web.StreamResponse:
+        try:
+            validate.check_headers(request.headers)
+            lines = self.batches.results(request.match_info["batch_id"], self.clock())
+        except ApiError as exc:
+            return error_response(exc)
+        reply = web.StreamResponse(headers={"request-id": shapes.new_id("req_")})
+        reply.content_type = "application/binary"
+        await reply.prepare(request)
+        chunk: list[bytes] = []
+        for line in lines:  # streamed in chunks, as a large .jsonl file would be
+            chunk.append(line)
+            if len(chunk) == 1000:
+                await reply.write(b"".join(chunk))
+                chunk = []
+        await reply.write(b"".join(chunk))
+        await reply.write_eof()
+        return reply
+
+    def _batch_json(self, value: object) -> web.Response:
+        return _json(shapes.encode(value), {"request-id": shapes.new_id("req_")})
+
     async def get_ledger(self, _: web.Request) -> web.Response:
+        self.batches.settle_all(self.clock())  # bills the batches that have ended by now
         return _json(shapes.encode(self.ledger.report(in_flight=self.in_flight)))
 
     async def reset(self, _: web.Request) -> web.Response:
+        self.batches.settle_all(self.clock())
         before = self.ledger.report(in_flight=self.in_flight)
         self.ledger = Ledger()
         self.limits = {}  # full buckets; requests in flight settle with the old ones
         self.cache = Cache()  # the clock keeps its time: it never goes back
+        self.batches = Batches(self.cache, self.ledger)
         return _json(shapes.encode(before))
 
     async def advance(self, request: web.Request) -> web.Response:
@@ -239,7 +346,7 @@ class Simulator:
         return _json(shapes.encode(ClockState(now=self.clock(), advanced_s=self.clock.offset_s)))
 
     async def get_config(self, _: web.Request) -> web.Response:
-        return _json(shapes.encode(self.settings))
+        return _json(shapes.encode(shown_settings(self.settings)))
 
     async def configure(self, request: web.Request) -> web.Response:
         try:
@@ -252,7 +359,7 @@ class Simulator:
         if change.limits is not None:
             self.limits = {}  # full buckets at the new capacities
         self.settings = settings
-        return _json(shapes.encode(settings))
+        return _json(shapes.encode(shown_settings(settings)))
 
     async def health(self, _: web.Request) -> web.Response:
         return _json(b'{"ok":true}')
@@ -260,7 +367,7 @@ class Simulator:
 
 def apply_change(settings: Settings, change: ConfigChange) -> Settings:
     """`settings` with the change applied; raises ValueError for bad fault rates or limits."""
-    return msgspec.structs.replace(
+    changed = msgspec.structs.replace(
         settings,
         latency_ms=settings.latency_ms if change.latency_ms is None else change.latency_ms,
         fault_rate=(
@@ -270,7 +377,27 @@ def apply_change(settings: Settings, change: ConfigChange) -> Settings:
         seed=settings.seed if change.seed is None else change.seed,
         limits=settings.limits if change.limits is None else check_table(change.limits),
         otpm_mode=settings.otpm_mode if change.otpm_mode is None else change.otpm_mode,
+        batch_seconds=_or(change.batch_seconds, settings.batch_seconds),
+        batch_error_rate=_or(change.batch_error_rate, settings.batch_error_rate),
+        batch_expiry_rate=_or(change.batch_expiry_rate, settings.batch_expiry_rate),
     )  # fmt: skip
+    check_batch_rates(changed.batch_error_rate, changed.batch_expiry_rate)
+    return changed
+
+
+def _or(new: float | None, old: float) -> float:
+    return old if new is None else new
+
+
+def check_batch_rates(error_rate: float, expiry_rate: float) -> None:
+    """Raises ValueError unless the two batch-item rates are 0..1 and sum to at most 1."""
+    for name, rate in (("batch_error_rate", error_rate), ("batch_expiry_rate", expiry_rate)):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"{name} is {rate!r}; it must be between 0 and 1")
+    if error_rate + expiry_rate > 1:
+        raise ValueError(
+            f"batch_error_rate + batch_expiry_rate is {error_rate + expiry_rate:g}, more than 1"
+        )
 
 
 def config_error(exc: Exception) -> str:
@@ -283,6 +410,25 @@ def config_error(exc: Exception) -> str:
         f"POST /_sim/config: {text}{f'; {hint}' if hint else ''}. "
         f"Send a JSON object with any of: {allowed}."
     )
+
+
+def _origin(request: web.Request) -> str:
+    """scheme://host:port as the client addressed us: results_url is absolute (§5.1)."""
+    return f"{request.scheme}://{request.host}"
+
+
+def _list_limit(text: str | None) -> int:
+    if text is None:
+        return batches.LIST_LIMIT_DEFAULT
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= batches.LIST_LIMIT_MAX:
+        raise ApiError(
+            400, f"limit: Input should be a whole number from 1 to {batches.LIST_LIMIT_MAX}"
+        )
+    return limit
 
 
 async def _latency(settings: Settings) -> None:
@@ -304,13 +450,14 @@ def _json(body: bytes, headers: dict[str, str] | None = None, status: int = 200)
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
+DEFAULT_SETTINGS = Settings()
 
 
 def make_app(settings: Settings) -> web.Application:
     """The aiohttp application; its Simulator is at app[SIMULATOR]."""
     sim = Simulator(settings)
     # Bodies up to just past 32 MB reach our own 413 check, which answers in the API's shape.
-    app = web.Application(client_max_size=validate.MAX_BODY_BYTES + 1024 * 1024)
+    app = web.Application(client_max_size=batches.MAX_BODY_BYTES + 1024 * 1024)
     app[SIMULATOR] = sim
     add = app.router.add_route
     add("POST", "/v1/messages", sim.messages)
@@ -321,5 +468,11 @@ def make_app(settings: Settings) -> web.Application:
     add("GET", "/_sim/config", sim.get_config)
     add("POST", "/_sim/config", sim.configure)
     add("GET", "/_sim/health", sim.health)
+    add("POST", "/v1/messages/batches", sim.create_batch)
+    add("GET", "/v1/messages/batches", sim.list_batches)
+    add("GET", "/v1/messages/batches/{batch_id}", sim.retrieve_batch)
+    add("DELETE", "/v1/messages/batches/{batch_id}", sim.delete_batch)
+    add("POST", "/v1/messages/batches/{batch_id}/cancel", sim.cancel_batch)
+    add("GET", "/v1/messages/batches/{batch_id}/results", sim.batch_results)
     add("*", "/{tail:.*}", sim.unknown_route)  # last: every other path gets the API's 404
     return app

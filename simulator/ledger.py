@@ -1,6 +1,7 @@
 """What the simulator billed, per model, plus the faults it injected and the requests it refused.
 
-Only 200 answers of POST /v1/messages are billed, as the API bills them; tests compare these
+Only 200 answers of POST /v1/messages and succeeded batch items (apart, in `batch`) are
+billed, as the API bills them; tests compare these
 totals with what tokenq recorded from the `usage` objects it received. Requests refused by the
 rate limits are counted apart from injected faults, so a test can tell its own 429s from the
 ones tokenq earned.
@@ -37,8 +38,10 @@ class LedgerReport(msgspec.Struct, kw_only=True):
     faults: dict[str, int]
     rate_limited: dict[str, int]
     rejected: int
-    total_cost_usd: float
+    total_cost_usd: float  # realtime and batch
     in_flight: int
+    # Message Batches items, per model, billed at the batch price (half); not in `models`.
+    batch: dict[str, ModelTotals] = {}
 
 
 class Ledger:
@@ -46,16 +49,19 @@ class Ledger:
 
     def __init__(self) -> None:
         self.models: dict[str, ModelTotals] = {}
+        self.batch: dict[str, ModelTotals] = {}
         self.faults: dict[str, int] = {}
         self.rate_limited: dict[str, int] = dict.fromkeys(LIMITS, 0)
         self.rejected = 0
 
-    def bill(self, model: str, usage: Usage) -> None:
-        """Record one 200 response. Raises KeyError for a model without prices."""
-        cost = cost_usd(model, usage)
-        totals = self.models.get(model)
+    def bill(self, model: str, usage: Usage, *, batch: bool = False) -> None:
+        """Record one 200 response, or one succeeded batch item (`batch`, at the batch
+        price). Raises KeyError for a model without prices."""
+        cost = cost_usd(model, usage, batch=batch)
+        section = self.batch if batch else self.models
+        totals = section.get(model)
         if totals is None:
-            totals = self.models[model] = ModelTotals()
+            totals = section[model] = ModelTotals()
         totals.requests += 1
         totals.input_tokens += usage.input_tokens
         totals.output_tokens += usage.output_tokens
@@ -79,6 +85,7 @@ class Ledger:
             faults=dict(self.faults),
             rate_limited=dict(self.rate_limited),
             rejected=self.rejected,
-            total_cost_usd=sum(t.cost_usd for t in self.models.values()),
+            total_cost_usd=sum(t.cost_usd for t in [*self.models.values(), *self.batch.values()]),
             in_flight=in_flight,
+            batch={name: msgspec.structs.replace(t) for name, t in self.batch.items()},
         )

@@ -26,6 +26,9 @@ def new_id(prefix: str) -> str:
     return prefix + base64.b64encode(raw).translate(_BASE62ISH).decode()
 
 
+ServiceTier = Literal["standard", "priority", "batch"]
+
+
 class TextBlock(msgspec.Struct):
     type: Literal["text"]
     text: str
@@ -48,7 +51,7 @@ class ApiUsage(msgspec.Struct, kw_only=True):
     cache_creation_input_tokens: int
     cache_read_input_tokens: int
     cache_creation: CacheCreation
-    service_tier: Literal["standard", "priority", "batch"] = "standard"
+    service_tier: ServiceTier = "standard"
     inference_geo: str = "global"
     output_tokens_details: OutputTokensDetails = msgspec.field(
         default_factory=lambda: OutputTokensDetails(thinking_tokens=0)
@@ -57,8 +60,9 @@ class ApiUsage(msgspec.Struct, kw_only=True):
     speed: None = None
 
 
-def api_usage(usage: Usage) -> ApiUsage:
+def api_usage(usage: Usage, service_tier: ServiceTier = "standard") -> ApiUsage:
     return ApiUsage(
+        service_tier=service_tier,
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cache_creation_input_tokens=usage.cache_creation_input_tokens,

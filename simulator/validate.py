@@ -18,7 +18,7 @@ from simulator.pricing import PRICES
 from simulator.tokens import Body
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # Messages and count_tokens (§2.1)
-TOO_LARGE = f"Request exceeds the maximum allowed number of bytes ({MAX_BODY_BYTES})"
+TOO_LARGE = f"Request exceeds the maximum allowed number of bytes ({MAX_BODY_BYTES})"  # Messages
 MAX_MESSAGES = 100_000
 SAMPLING_VERSION_CUTOFF = "2026-10-21"  # versions from this date on refuse sampling params
 SAMPLING = frozenset({"temperature", "top_p", "top_k"})
@@ -48,10 +48,15 @@ def check_headers(headers: Mapping[str, str]) -> str:
     return version
 
 
-def decode_body(raw: bytes) -> Body:
-    """The JSON object of a request body; raises 413 over 32 MB, 400 if not an object."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, TOO_LARGE)
+def too_large(max_bytes: int) -> str:
+    return f"Request exceeds the maximum allowed number of bytes ({max_bytes})"
+
+
+def decode_body(raw: bytes, max_bytes: int = MAX_BODY_BYTES) -> Body:
+    """The JSON object of a request body; raises 413 over `max_bytes` (32 MB for Messages),
+    400 if not an object."""
+    if len(raw) > max_bytes:
+        raise ApiError(413, too_large(max_bytes))
     try:
         body = _decode(raw)
     except msgspec.DecodeError as exc:
