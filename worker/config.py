@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
@@ -64,9 +65,50 @@ class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     block_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 1000
 
 
+class RouteRule(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One rule of [[router.rules]]: every condition given must hold; the first match wins."""
+
+    tier: str
+    features: list[str] | None = None
+    min_input_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    max_input_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    keywords: list[Annotated[str, msgspec.Meta(min_length=1)]] | None = None
+    name: str = ""
+
+
+class ClassifierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The optional cheap classifier call that picks a tier when no rule matched."""
+
+    enabled: bool = False
+    tier: str = "haiku"
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=64)] = 5
+    max_chars: Annotated[int, msgspec.Meta(ge=100)] = 4000
+    cache_ttl_s: Count = 86_400
+
+
 class RouterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     default_tier: str = "sonnet"
     baseline_tier: str = "opus"
+    max_escalations: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
+    rules: list[RouteRule] = []
+    classifier: ClassifierConfig = ClassifierConfig()
+
+
+class BudgetsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    timezone: str = "UTC"
+    alert_at: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    estimate_margin: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.2
+    tenant_daily_requests: Count | None = None
+    tenant_daily_usd: Positive | None = None
+
+
+class BreakersConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    fail_max: Count = 5
+    reset_timeout_s: Positive = 30.0
+    half_open_probes: Count = 2
+    success_threshold: Count = 2
+    sync_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 200
 
 
 class LongContextPrices(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -110,7 +152,17 @@ class ModelConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     tier: str | None = None
     max_tokens: Count = 1024
+    max_tokens_cap: Count | None = None
+    max_input_tokens: Count | None = None
+    input_overflow: Literal["reject", "truncate"] = "reject"
     limit_share: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    expect: Literal["text", "json"] = "text"
+    daily_usd: Positive | None = None
+    monthly_usd: Positive | None = None
+    budget_policy: Literal["reject", "defer", "downgrade"] = "reject"
+    tenant_daily_requests: Count | None = None
+    tenant_daily_usd: Positive | None = None
+    breaker_policy: Literal["defer", "downgrade", "fail"] = "defer"
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -121,6 +173,8 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     worker: WorkerConfig = WorkerConfig()
     router: RouterConfig = RouterConfig()
     limits: LimitsConfig = LimitsConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
+    breakers: BreakersConfig = BreakersConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}
@@ -243,7 +297,7 @@ def _type_at(segments: list[str]) -> Any:
 
 def _cross_check(cfg: Config) -> list[str]:
     """Checks across sections: every name used is defined, URLs have a known form."""
-    return _check_names(cfg) + _check_urls(cfg)
+    return _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg)
 
 
 def _check_names(cfg: Config) -> list[str]:
@@ -268,6 +322,37 @@ def _check_names(cfg: Config) -> list[str]:
         out.append("[features] is empty; jobs name a feature, so define at least one")
     if len(set(cfg.queue.priorities)) != len(cfg.queue.priorities):
         out.append(f"queue.priorities = {cfg.queue.priorities!r} names a priority twice")
+    return out
+
+
+def _check_router_budgets(cfg: Config) -> list[str]:
+    out: list[str] = []
+    tiers = ", ".join(cfg.tiers) or "(none)"
+    for name, feature in cfg.features.items():
+        cap = feature.max_tokens_cap
+        if cap is not None and cap < feature.max_tokens:
+            out.append(
+                f"features.{name}.max_tokens_cap = {cap} is below its max_tokens = "
+                f"{feature.max_tokens}; raise the cap or lower max_tokens"
+            )
+    for n, rule in enumerate(cfg.router.rules):
+        if rule.tier not in cfg.tiers:
+            out.append(f"router.rules[{n}].tier = {rule.tier!r} is not a tier; defined: {tiers}")
+        for name in rule.features or []:
+            if name not in cfg.features:
+                out.append(f"router.rules[{n}].features names {name!r}, which is not in [features]")
+    if cfg.router.classifier.enabled and cfg.router.classifier.tier not in cfg.tiers:
+        out.append(
+            f"router.classifier.tier = {cfg.router.classifier.tier!r} is not a tier; "
+            f"defined: {tiers}"
+        )
+    try:
+        zoneinfo.ZoneInfo(cfg.budgets.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        out.append(
+            f"budgets.timezone = {cfg.budgets.timezone!r} is not a time zone; use an IANA "
+            'name such as "UTC" or "Europe/Berlin"'
+        )
     return out
 
 

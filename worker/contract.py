@@ -24,7 +24,10 @@ ErrorType = Literal[
     "deadline_exceeded",
     "invalid_request",
     "max_attempts",
+    "budget_exceeded",
+    "circuit_open",
 ]
+Kind = Literal["job", "alert"]
 
 GROUP = "workers"
 """The consumer group every worker reads the job streams with."""
@@ -38,6 +41,7 @@ class Keys:
         self.usage = f"{prefix}:usage"
         self.dead = f"{prefix}:dead"
         self.control = f"{prefix}:control"  # pub/sub channel: `reload` to every worker
+        self.deferred = f"{prefix}:deferred"  # sorted set: jobs put off until their score (ms)
 
     def limits(self, model: str, feature: str | None = None) -> str:
         """A hash of rate-limit buckets: a model's, or a feature's share of it."""
@@ -147,6 +151,10 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     queue_ms: int = 0
     route_reason: str = ""
     error_type: str = ""
+    # Added after DESIGN.md: "alert" entries (a budget reaching budgets.alert_at) share the
+    # stream; they carry `message`, and `cost_usd` is the spend so far. job_id is "".
+    kind: Kind = "job"
+    message: str = ""
 
 
 def usd(value: float) -> str:

@@ -8,7 +8,9 @@
           ├── TooLarge          the stream entry is over queue.max_entry_bytes
           ├── DeadlineExceeded  `deadline_ms` passed before the job could run
           ├── InvalidRequest    the API answered 4xx for reasons in the request itself
-          └── AttemptsExhausted the job failed queue.max_attempts times
+          ├── AttemptsExhausted the job failed queue.max_attempts times
+          ├── BudgetExceeded    a spend or request cap with budget_policy "reject"
+          └── CircuitOpen       a breaker is open and the feature's breaker_policy is "fail"
 
 Errors of the Anthropic SDK are not wrapped: the worker catches `anthropic.RateLimitError`,
 `anthropic.InternalServerError` and `anthropic.APIConnectionError` by name.
@@ -59,3 +61,11 @@ class InvalidRequest(JobRejected):
 
 class AttemptsExhausted(JobRejected):
     error_type: ErrorType = "max_attempts"
+
+
+class BudgetExceeded(JobRejected):
+    error_type: ErrorType = "budget_exceeded"
+
+
+class CircuitOpen(JobRejected):
+    error_type: ErrorType = "circuit_open"

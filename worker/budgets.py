@@ -1,0 +1,297 @@
+"""Spend caps that concurrent workers cannot overspend: reserve the worst case, settle the actual.
+
+Caps (config.toml):
+    features.<name>.daily_usd / monthly_usd        the feature's spend per day / month
+    features.<name>.tenant_daily_usd / _requests   each tenant's spend / calls per day within it
+    budgets.tenant_daily_usd / _requests           the same for every feature without its own
+
+Before each API call the worker reserves, in one Lua script over every cap the call falls
+under, the call's worst-case cost: the estimated input (times 1 + budgets.estimate_margin) at
+the model's input price (its 1-hour cache-write price when the request marks anything for
+caching, its long-context prices when the prompt is over the threshold) plus `max_tokens` at
+its output price. The script refuses when spent + held + this reservation would pass a cap, so
+fifty workers that each see "under budget" cannot all spend. After the call the reservation is
+released and the actual cost (from the usage the API returned) added to `spent`. A worker that
+dies mid-call leaves its reservation behind; it expires after the call could have ended
+(anthropic.timeout_s plus a minute).
+
+Each cap has a Redis hash per period, `<prefix>:budget:<scope>:<period>` (scope `feature:<f>`
+or `tenant:<f>:<t>`, period the day `YYYY-MM-DD` or month `YYYY-MM` in budgets.timezone) with
+`spent` and `held` in nano-dollars (integers: no float drift) and `requests`, and a sorted set
+`...:holds` of live reservations by expiry. When `spent` first reaches budgets.alert_at of a
+cap, the script says so once per period and the worker writes an alert to the usage stream.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from worker.config import Config, FeatureConfig, LongContextPrices, ModelConfig
+from worker.contract import Keys
+
+NANO = 1_000_000_000
+DAY_TTL_S = 3 * 86_400
+MONTH_TTL_S = 40 * 86_400
+
+# KEYS: per cap its hash and its holds set. ARGV: now_ms, hold id, hold expiry ms, then per
+# cap: usd cap (nano, -1 none), request cap (-1 none), want (nano), ttl s.
+# Returns {1} taken, or {0, cap index (1-based), "usd"|"requests", spent, held}.
+RESERVE = """
+local now, id, expiry = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local n = #KEYS / 2
+local function expire_holds(h, holds)
+  local stale = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
+  for _, old in ipairs(stale) do
+    local amount = tonumber(redis.call('HGET', h, 'h:' .. old) or '0')
+    redis.call('HINCRBY', h, 'held', -amount)
+    redis.call('HDEL', h, 'h:' .. old)
+    redis.call('ZREM', holds, old)
+  end
+end
+for j = 1, n do
+  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
+  expire_holds(h, holds)
+  local base = 3 + (j - 1) * 4
+  local cap_usd, cap_req = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local want = tonumber(ARGV[base + 3])
+  local v = redis.call('HMGET', h, 'spent', 'held', 'requests')
+  local spent, held, requests = tonumber(v[1] or '0'), tonumber(v[2] or '0'), tonumber(v[3] or '0')
+  if cap_usd >= 0 and spent + held + want > cap_usd then return {0, j, 'usd', spent, held} end
+  if cap_req >= 0 and requests + 1 > cap_req then return {0, j, 'requests', spent, held} end
+end
+for j = 1, n do
+  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
+  local base = 3 + (j - 1) * 4
+  local want, ttl = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  redis.call('HINCRBY', h, 'held', want)
+  redis.call('HINCRBY', h, 'requests', 1)
+  redis.call('HSET', h, 'h:' .. id, want)
+  redis.call('ZADD', holds, expiry, id)
+  redis.call('EXPIRE', h, ttl)
+  redis.call('EXPIRE', holds, ttl)
+end
+return {1}
+"""
+
+# KEYS as RESERVE. ARGV: hold id, actual cost (nano), 1 when no call was made (the request
+# is not counted), then per cap: usd cap (-1 none), alert threshold (nano, -1 none).
+# Returns the 1-based indexes of caps whose alert threshold was crossed just now.
+SETTLE = """
+local id, actual, uncounted = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local alerts = {}
+for j = 1, #KEYS / 2 do
+  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
+  local amount = redis.call('HGET', h, 'h:' .. id)
+  if amount then
+    redis.call('HINCRBY', h, 'held', -tonumber(amount))
+    redis.call('HDEL', h, 'h:' .. id)
+    redis.call('ZREM', holds, id)
+  end
+  if uncounted and amount then redis.call('HINCRBY', h, 'requests', -1) end
+  local spent = redis.call('HINCRBY', h, 'spent', actual)
+  local threshold = tonumber(ARGV[3 + (j - 1) * 2 + 2])
+  if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
+    alerts[#alerts + 1] = j
+  end
+end
+return alerts
+"""
+
+
+@dataclass(frozen=True)
+class Cap:
+    """One cap a call falls under, in one period."""
+
+    name: str  # the config key, e.g. features.summarize.daily_usd
+    key: str
+    period: str  # 2026-11-30 or 2026-11, in budgets.timezone
+    usd: float | None
+    requests: int | None
+    ttl_s: int
+    resets_at: dt.datetime  # the start of the next period
+
+    @property
+    def holds(self) -> str:
+        return f"{self.key}:holds"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A reservation made before a call; settle() it after."""
+
+    id: str
+    caps: tuple[Cap, ...]
+    want_usd: float
+
+
+@dataclass
+class Refusal:
+    """Why a reservation was refused: which cap, what is spent and held, when it resets."""
+
+    cap: Cap
+    dimension: str  # "usd" or "requests"
+    spent_usd: float
+    held_usd: float
+    want_usd: float
+    tz: str = field(default="UTC")
+
+    def sentence(self) -> str:
+        c = self.cap
+        if self.dimension == "requests":
+            return (
+                f"{c.name} = {c.requests} reached: {c.requests} calls already in {c.period} "
+                f"({self.tz}); it resets at {c.resets_at.isoformat()}"
+            )
+        return (
+            f"{c.name} = {c.usd} would be passed: ${self.spent_usd:.4f} spent and "
+            f"${self.held_usd:.4f} reserved in {c.period} ({self.tz}), and this call may cost "
+            f"up to ${self.want_usd:.4f}; it resets at {c.resets_at.isoformat()}"
+        )
+
+
+def worst_case_usd(
+    prices: ModelConfig, input_tokens: int, max_tokens: int, *, caches: bool, margin: float
+) -> float:
+    """The most one call can cost: padded input estimate plus max_tokens of output."""
+    padded = int(input_tokens * (1 + margin)) + 1
+    rates: ModelConfig | LongContextPrices = prices
+    if prices.long_context is not None and padded > prices.long_context.above_prompt_tokens:
+        rates = prices.long_context
+    per_input = rates.input_usd_per_mtok
+    if caches:
+        per_input = max(
+            per_input, rates.cache_write_1h_usd_per_mtok, rates.cache_write_5m_usd_per_mtok
+        )
+    return float(padded * per_input + max_tokens * rates.output_usd_per_mtok) / 1_000_000
+
+
+def _next_day(local: dt.datetime) -> dt.datetime:
+    day = (local + dt.timedelta(days=1)).date()
+    return dt.datetime.combine(day, dt.time(), tzinfo=local.tzinfo)
+
+
+def _next_month(local: dt.datetime) -> dt.datetime:
+    year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+    return dt.datetime(year, month, 1, tzinfo=local.tzinfo)
+
+
+def caps_for(
+    cfg: Config, keys: Keys, feature_name: str, feature: FeatureConfig, tenant: str,
+    now: dt.datetime,
+) -> list[Cap]:  # fmt: skip
+    """Every cap a call of this feature and tenant falls under right now."""
+    tz = zoneinfo.ZoneInfo(cfg.budgets.timezone)
+    local = now.astimezone(tz)
+    day, month = local.strftime("%Y-%m-%d"), local.strftime("%Y-%m")
+    base = f"{keys.prefix}:budget"
+    out: list[Cap] = []
+    f = f"features.{feature_name}"
+    if feature.daily_usd is not None:
+        out.append(Cap(f"{f}.daily_usd", f"{base}:feature:{feature_name}:{day}", day,
+                       feature.daily_usd, None, DAY_TTL_S, _next_day(local)))  # fmt: skip
+    if feature.monthly_usd is not None:
+        out.append(Cap(f"{f}.monthly_usd", f"{base}:feature:{feature_name}:{month}", month,
+                       feature.monthly_usd, None, MONTH_TTL_S, _next_month(local)))  # fmt: skip
+    t_usd, t_req = feature.tenant_daily_usd, feature.tenant_daily_requests
+    usd_name = f"{f}.tenant_daily_usd" if t_usd is not None else "budgets.tenant_daily_usd"
+    req_name = (
+        f"{f}.tenant_daily_requests" if t_req is not None else "budgets.tenant_daily_requests"
+    )
+    t_usd = t_usd if t_usd is not None else cfg.budgets.tenant_daily_usd
+    t_req = t_req if t_req is not None else cfg.budgets.tenant_daily_requests
+    if tenant and (t_usd is not None or t_req is not None):
+        name = (
+            " and ".join(n for n, v in ((usd_name, t_usd), (req_name, t_req)) if v is not None)
+            + f" (tenant {tenant})"
+        )
+        out.append(Cap(name, f"{base}:tenant:{feature_name}:{tenant}:{day}", day, t_usd, t_req,
+                       DAY_TTL_S, _next_day(local)))  # fmt: skip
+    return out
+
+
+def _nano(usd: float) -> int:
+    return round(usd * NANO)
+
+
+class Budgets:
+    """Reservations and settlements against the caps in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, cfg: Config) -> None:
+        self.redis = redis
+        self.cfg = cfg
+        self._reserve = redis.register_script(RESERVE)
+        self._settle = redis.register_script(SETTLE)
+
+    def reload(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    async def reserve(
+        self, caps: list[Cap], hold_id: str, want_usd: float, now_ms: int
+    ) -> Hold | Refusal:
+        """Reserve want_usd under every cap at once, or refuse naming the cap."""
+        keys: list[str] = []
+        args: list[Any] = [
+            now_ms,
+            hold_id,
+            now_ms + int((self.cfg.anthropic.timeout_s + 60) * 1000),
+        ]
+        for c in caps:
+            keys += [c.key, c.holds]
+            usd = -1 if c.usd is None else _nano(c.usd)
+            req = -1 if c.requests is None else c.requests
+            args += [usd, req, _nano(want_usd), c.ttl_s]
+        reply: Any = await self._reserve(keys=keys, args=args)
+        if int(reply[0]) == 1:
+            return Hold(hold_id, tuple(caps), want_usd)
+        cap = caps[int(reply[1]) - 1]
+        dimension = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+        return Refusal(cap, dimension, int(reply[3]) / NANO, int(reply[4]) / NANO, want_usd,
+                       self.cfg.budgets.timezone)  # fmt: skip
+
+    async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
+        """Release the hold and add the actual cost; the caps whose alert fraction was just
+        reached (each once per period)."""
+        keys: list[str] = []
+        args: list[Any] = [hold.id, _nano(actual_usd), "0" if called else "1"]
+        for c in hold.caps:
+            keys += [c.key, c.holds]
+            usd = -1 if c.usd is None else _nano(c.usd)
+            threshold = -1 if c.usd is None else _nano(c.usd * self.cfg.budgets.alert_at)
+            args += [usd, threshold]
+        reply: Any = await self._settle(keys=keys, args=args)
+        return [hold.caps[int(j) - 1] for j in reply]
+
+
+async def budget_rows(
+    redis: aioredis.Redis, cfg: Config, keys: Keys, now: dt.datetime
+) -> list[dict[str, Any]]:
+    """What `tokenq budgets` shows: each configured feature cap and every tenant seen today."""
+    rows: list[dict[str, Any]] = []
+    for name, feature in cfg.features.items():
+        for cap in caps_for(cfg, keys, name, feature, "", now):
+            rows.append(await _row(redis, cap, name, ""))
+        tz = zoneinfo.ZoneInfo(cfg.budgets.timezone)
+        day = now.astimezone(tz).strftime("%Y-%m-%d")
+        pattern = f"{keys.prefix}:budget:tenant:{name}:*:{day}"
+        async for raw in redis.scan_iter(match=pattern, count=500):
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            tenant = key[len(f"{keys.prefix}:budget:tenant:{name}:") : -len(day) - 1]
+            for cap in caps_for(cfg, keys, name, feature, tenant, now):
+                if cap.key == key:
+                    rows.append(await _row(redis, cap, name, tenant))
+    return rows
+
+
+async def _row(redis: aioredis.Redis, cap: Cap, feature: str, tenant: str) -> dict[str, Any]:
+    values: Any = await redis.hmget(cap.key, ["spent", "held", "requests"])
+    spent, held, requests = (int(v) if v is not None else 0 for v in values)
+    return {
+        "cap": cap.name, "feature": feature, "tenant": tenant, "period": cap.period,
+        "spent_usd": spent / NANO, "reserved_usd": held / NANO, "requests": requests,
+        "cap_usd": cap.usd, "cap_requests": cap.requests, "resets_at": cap.resets_at.isoformat(),
+    }  # fmt: skip
