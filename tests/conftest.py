@@ -124,6 +124,8 @@ def make_config(tmp_path: Path, valkey_url: str, simulator_url: str, prefix: str
             "queue.retry_max_s": 0.05,
             "worker.block_ms": 200,
             "worker.grace_s": 10.0,
+            # Tests with random faults may trip a breaker now and then; keep its pause short.
+            "breakers.reset_timeout_s": 0.5,
             **overrides,
         }
         path = tmp_path / "config.toml"
@@ -134,22 +136,44 @@ def make_config(tmp_path: Path, valkey_url: str, simulator_url: str, prefix: str
 
 
 def _override(text: str, settings: dict[str, Any]) -> str:
-    """Replace `key = value` lines of the TOML text (keys as section.key)."""
-    import json
-
+    """Replace `key = value` lines of the TOML text (keys as section.key). A key the file
+    does not have is added under its section's header (the section is added if need be)."""
     lines = text.splitlines()
     section = ""
     seen: set[str] = set()
+    headers: dict[str, int] = {}
     for n, line in enumerate(lines):
         stripped = line.strip()
         if stripped.startswith("["):
             section = stripped.strip("[]")
+            headers[section] = n
             continue
         name = stripped.split("=", 1)[0].strip()
         dotted = f"{section}.{name}" if section else name
         if "=" in stripped and not stripped.startswith("#") and dotted in settings:
-            lines[n] = f"{name} = {json.dumps(settings[dotted])}"
+            lines[n] = f"{name} = {toml_value(settings[dotted])}"
             seen.add(dotted)
-    missing = set(settings) - seen
-    assert not missing, f"keys not in config.toml: {missing}"
+    for dotted in sorted(set(settings) - seen, key=len, reverse=True):
+        head, _, name = dotted.rpartition(".")
+        assert head, f"top-level key {dotted!r} is not in config.toml"
+        line = f"{name} = {toml_value(settings[dotted])}"
+        if head in headers:
+            lines.insert(headers[head] + 1, line)
+            headers = {h: i + (i > headers[head]) for h, i in headers.items()}
+        else:
+            lines += ["", f"[{head}]", line]
+            headers[head] = len(lines) - 2
     return "\n".join(lines) + "\n"
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as a TOML value (inline tables for dicts)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)

@@ -19,6 +19,7 @@ reads new entries. Nothing is acknowledged before its result and usage event are
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -88,6 +89,27 @@ return {exists, attempts, last}
 """
 STATE_TTL_S = 7 * 86_400
 
+# KEYS: the deferred set, then the job streams in the order of ARGV[3..] (their priorities).
+# ARGV: now ms, most to move. A member is {"p": priority, "f": fields}; an unknown priority
+# goes to the middle stream.
+_MOVE_DUE = """
+local streams = {}
+for j = 3, #ARGV do streams[ARGV[j]] = KEYS[j - 1] end
+local fallback = KEYS[2 + math.floor((#KEYS - 1) / 2)]
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local job = cjson.decode(member)
+  local args = {}
+  for k, v in pairs(job.f) do
+    args[#args + 1] = k
+    args[#args + 1] = v
+  end
+  redis.call('XADD', streams[job.p] or fallback, '*', unpack(args))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Finish:
@@ -131,6 +153,7 @@ class Queue:
         self._next_reclaim = 0.0
         self._cursors = dict.fromkeys(priorities, "0-0")
         self._begin = redis.register_script(_BEGIN_ATTEMPT)
+        self._move = redis.register_script(_MOVE_DUE)
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every job stream (and the stream) if missing."""
@@ -291,6 +314,22 @@ class Queue:
             tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
             self._ack(tx, d, job_id)
             await tx.execute()
+
+    async def defer(self, d: Delivery, job_id: str, until_ms: int) -> None:
+        """Put a job off until until_ms: it leaves its stream (acknowledged) for the deferred
+        set, from which move_due() puts it back, under the same job id, when it is due."""
+        fields = {**d.fields, "id": job_id}
+        member = json.dumps({"p": d.priority, "f": fields}, sort_keys=True)
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.zadd(self.keys.deferred, {member: until_ms})
+            self._ack(tx, d, job_id)
+            await tx.execute()
+
+    async def move_due(self, now_ms: int, count: int = 500) -> int:
+        """Put deferred jobs that are due back on their streams; how many were moved."""
+        keys = [self.keys.deferred, *self.streams.values()]
+        moved: Any = await self._move(keys=keys, args=[now_ms, count, *self.priorities])
+        return int(moved)
 
     async def is_finished(self, d: Delivery) -> bool:
         """True when d's entry is gone from its stream: finish (or ack_duplicate) deleted it."""

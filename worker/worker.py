@@ -7,13 +7,17 @@ to `concurrency` jobs in flight as asyncio tasks.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import logging
 import os
 import random
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anthropic
@@ -21,6 +25,8 @@ import httpx2
 import msgspec
 from redis.exceptions import RedisError
 
+from worker.breakers import Breakers, Open, Ticket
+from worker.budgets import Budgets, Hold, Refusal, caps_for, worst_case_usd
 from worker.config import Config, FeatureConfig
 from worker.contract import (
     REQUEST_FIELDS,
@@ -38,6 +44,8 @@ from worker.control import listen, reloaded
 from worker.embedded import connect, redis_url
 from worker.errors import (
     AttemptsExhausted,
+    BudgetExceeded,
+    CircuitOpen,
     ConfigError,
     DeadlineExceeded,
     InvalidRequest,
@@ -46,9 +54,18 @@ from worker.errors import (
     TooLarge,
     UnknownFeature,
 )
-from worker.estimate import Calibration
+from worker.estimate import Calibration, raw_estimate
 from worker.limiter import Answer, Grant, Unfit, make_limiter
 from worker.queue import Delivery, Finish, Queue
+from worker.router import (
+    cheaper,
+    check_answer,
+    classifier_answer,
+    classifier_request,
+    dearer,
+    request_hash,
+    static_route,
+)
 from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
 
 T = TypeVar("T")
@@ -65,6 +82,10 @@ RETRYABLE: tuple[type[Exception], ...] = (
     anthropic.PermissionDeniedError,
     anthropic.PaymentRequiredError,
 )
+
+
+# The classifier is optional: any API error makes the router fall back to its default tier.
+CLASSIFIER_ERRORS: tuple[type[Exception], ...] = (*RETRYABLE, anthropic.APIStatusError)
 
 
 class ApiMessage(msgspec.Struct, frozen=True):
@@ -121,6 +142,8 @@ class Worker:
         self._baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
         self.limiter = make_limiter(queue.redis, cfg)
         self.calibration = Calibration()
+        self.budgets = Budgets(queue.redis, cfg)
+        self.breakers = Breakers(queue.redis, queue.keys, cfg.breakers, cfg.anthropic.timeout_s)
 
     def stop(self) -> None:
         """Stop reading; in-flight jobs get worker.grace_s to finish. Safe to call twice."""
@@ -144,6 +167,8 @@ class Worker:
         self.cfg = cfg
         self._baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
         self.limiter.reload(cfg)
+        self.budgets.reload(cfg)
+        self.breakers.reload(cfg.breakers)
         log.info("reloaded %s", self.config_file)
         return True
 
@@ -156,6 +181,7 @@ class Worker:
         """Process jobs until stop() is called, then drain in-flight work."""
         await self.queue.ensure_groups()
         renewer = asyncio.create_task(self._renew_forever())
+        mover = asyncio.create_task(self._move_deferred_forever())
         control = asyncio.create_task(listen(self.queue.redis, self.queue.keys, self.reload))
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
@@ -173,6 +199,7 @@ class Worker:
             stop_wait.cancel()
             await self._drain()
             renewer.cancel()
+            mover.cancel()
             control.cancel()
             await asyncio.gather(control, return_exceptions=True)
             await self.queue.leave()
@@ -205,6 +232,18 @@ class Worker:
             except (RedisError, OSError) as exc:
                 log.warning("renewing in-flight jobs failed: %s", exc)
 
+    async def _move_deferred_forever(self) -> None:
+        """Every second, put deferred jobs that are due back on their streams."""
+        while True:
+            await asyncio.sleep(1.0)  # a timer: deferrals are due on whole-second boundaries
+            try:
+                moved = await self.queue.move_due(now_ms())
+            except (RedisError, OSError) as exc:
+                log.warning("moving deferred jobs failed: %s", exc)
+                continue
+            if moved:
+                log.info("%d deferred jobs are due and back on their streams", moved)
+
     async def _pause(self, seconds: float) -> bool:
         """Wait, unless stop() comes first. True when the full time passed."""
         try:
@@ -221,6 +260,11 @@ class Worker:
             log.exception("job=%s failed; left pending for redelivery", d.job_id)
             return
         if end is None:
+            return
+        if isinstance(end, Defer):
+            until = end.until_ms
+            if await self._retrying_redis(d, "deferring it", lambda: self._put_off(d, until)):
+                log.info("job=%s deferred until %d: %s", d.job_id, until, end.why)
             return
         tries = 0
 
@@ -246,7 +290,11 @@ class Worker:
             event["error_type"] or "-", event["latency_ms"], event["queue_ms"],
         )  # fmt: skip
 
-    async def _outcome(self, d: Delivery, started_ms: int) -> Finish | None:
+    async def _put_off(self, d: Delivery, until_ms: int) -> bool:
+        await self.queue.defer(d, d.job_id, until_ms)
+        return True
+
+    async def _outcome(self, d: Delivery, started_ms: int) -> Finish | Defer | None:
         try:
             return await self.process(d, started_ms)
         except JobRejected as exc:
@@ -277,20 +325,21 @@ class Worker:
                 await asyncio.sleep(pause)  # not _pause: a drain still wants the result written
                 pause = min(pause * 2, 5.0)
 
-    async def process(self, d: Delivery, started_ms: int) -> Finish | None:
-        """Run one delivery. None: nothing to write (a duplicate, or stopping mid-backoff).
+    async def process(self, d: Delivery, started_ms: int) -> Finish | Defer | None:
+        """Run one delivery. None: nothing to write (a duplicate, or stopping mid-backoff);
+        Defer: put the job off (an open breaker or a spent budget with policy "defer").
 
         Raises JobRejected when the job can never succeed.
         """
         job, request, feature = self._admit(d)
-        tier, route_reason = self._route(job, feature)
-        model = self.cfg.tiers[tier]
         params: dict[str, Any] = msgspec.to_builtins(request)
-        params.setdefault("max_tokens", feature.max_tokens)
-        params["model"] = model
-        max_attempts = self.cfg.queue.max_attempts
+        route = self._shape(job, feature, params)
         priorities = self.cfg.queue.priorities
         rank = priorities.index(d.priority) if d.priority in priorities else len(priorities)
+        spend = Spend()
+        tier, why = await self._route(job, feature, params, rank, spend)
+        plan = Plan(tier, [why, *route])
+        max_attempts = self.cfg.queue.max_attempts
         while True:
             check_deadline(job)
             begun = await self.queue.begin_attempt(d)
@@ -301,12 +350,8 @@ class Worker:
                 return None
             if attempt > max_attempts:
                 raise exhausted(attempt - 1, last_error)
-            estimate, raw_estimate = self.calibration.estimate(model, params)
-            want = (1, estimate, int(params["max_tokens"]))
-            grant = await self._capacity(job, model, rank, want, attempt)
-            t0 = time.monotonic()
             try:
-                message = await self._call(params, grant, raw_estimate)
+                return await self._attempt(d, job, feature, params, rank, attempt, spend, plan)
             except RETRYABLE as exc:
                 error = describe(exc)
                 await self.queue.record_error(d.job_id, error)
@@ -315,15 +360,247 @@ class Worker:
                     raise exhausted(attempt, error) from None
                 if not await self._pause(self._backoff_s(attempt, exc)):
                     return None  # stopping: the job stays pending and is reclaimed
-                continue
             except anthropic.APIStatusError as exc:  # any other 4xx: the request itself
                 raise InvalidRequest(
                     f"the API rejected the request ({exc.status_code}): {describe(exc)}. "
                     "Fix the producer's request, then replay the job (tokenq dead replay).",
                     attempts=attempt,
                 ) from None
-            latency_ms = int((time.monotonic() - t0) * 1000)
-            return self._succeeded(d, job, tier, route_reason, message, attempt, latency_ms)
+
+    async def _attempt(
+        self, d: Delivery, job: Job, feature: FeatureConfig, params: dict[str, Any], rank: int,
+        attempt: int, spend: Spend, plan: Plan,
+    ) -> Finish | Defer:  # fmt: skip
+        """One attempt: through the breakers and budgets to an answer, with the downgrades
+        their policies ask for and the escalations the feature's check asks for."""
+        while True:
+            model = self.cfg.tiers[plan.tier]
+            ticket = await self.breakers.admit([f"feature:{job.feature}", f"model:{model}"])
+            if isinstance(ticket, Open):
+                moved = self._on_open(job, feature, plan.tier, ticket, plan.route, attempt)
+                if isinstance(moved, Defer):
+                    return moved
+                plan.tier = moved
+                continue
+            try:
+                message, latency_ms = await self._paid_call(
+                    job, {**params, "model": model}, rank, attempt, spend, ticket
+                )
+            except _Refused as refused:
+                moved = self._on_budget(job, feature, plan.tier, refused.refusal, plan.route,
+                                        attempt)  # fmt: skip
+                if isinstance(moved, Defer):
+                    return moved
+                plan.tier = moved
+                continue
+            problem = check_answer(feature, text_of(message), message.stop_reason)
+            up = dearer(self.cfg, plan.tier) if problem else None
+            if problem and up and plan.escalations < self.cfg.router.max_escalations:
+                plan.escalations += 1
+                plan.route.append(f"escalated to {up}: {problem}")
+                plan.tier = up
+                continue
+            if problem:
+                plan.route.append(f"check failed: {problem}")
+            return self._succeeded(d, job, plan.tier, "; ".join(plan.route), message, attempt,
+                                   latency_ms, spend)  # fmt: skip
+
+    def _shape(self, job: Job, feature: FeatureConfig, params: dict[str, Any]) -> list[str]:
+        """Apply the feature's max_tokens default and cap and its max_input_tokens; what was
+        changed, for route_reason."""
+        notes: list[str] = []
+        wanted = int(params.get("max_tokens") or feature.max_tokens)
+        cap = feature.max_tokens_cap
+        if cap is not None and wanted > cap:
+            notes.append(f"max_tokens {wanted} clamped to {cap}")
+            wanted = cap
+        params["max_tokens"] = wanted
+        most = feature.max_input_tokens
+        if most is None or (size := raw_estimate(params)) <= most:
+            return notes
+        name = f"features.{job.feature}"
+        if feature.input_overflow == "truncate":
+            messages = list(params["messages"])
+            dropped = 0
+            while len(messages) > 1 and raw_estimate({**params, "messages": messages}) > most:
+                messages.pop(0)
+                dropped += 1
+                while len(messages) > 1 and messages[0].get("role") != "user":
+                    messages.pop(0)  # a conversation starts with the user's turn
+                    dropped += 1
+            if raw_estimate({**params, "messages": messages}) <= most:
+                params["messages"] = messages
+                notes.append(f"kept the newest {len(messages)} messages ({dropped} dropped)")
+                return notes
+        raise TooLarge(
+            f"the request is about {size} input tokens, over {name}.max_input_tokens = {most}"
+            + (
+                "; even its last message alone is over it. Shorten the request."
+                if feature.input_overflow == "truncate"
+                else f'. Shorten it, or set {name}.input_overflow = "truncate" to keep only '
+                "the newest turns."
+            )
+        )
+
+    async def _route(
+        self, job: Job, feature: FeatureConfig, params: dict[str, Any], rank: int, spend: Spend
+    ) -> tuple[str, str]:
+        """The tier (see worker.router) and why; the classifier call's cost goes to spend."""
+        decided = static_route(self.cfg, job, feature, params, raw_estimate(params))
+        if decided is not None:
+            return decided
+        c = self.cfg.router.classifier
+        default = self.cfg.router.default_tier, "router.default_tier"
+        if not c.enabled:
+            return default
+        key = f"{self.queue.keys.prefix}:route:{request_hash(params)}"
+        cached: Any = await self.queue.redis.get(key)
+        if cached:
+            tier = cached.decode() if isinstance(cached, bytes) else str(cached)
+            if tier in self.cfg.tiers:
+                return tier, f"classifier (cached): {tier}"
+        try:
+            message, _ = await self._paid_call(job, classifier_request(self.cfg, params), rank, 0,
+                                               spend, None)  # fmt: skip
+        except _Refused as refused:
+            return self.cfg.router.default_tier, f"router.default_tier (classifier: {refused})"
+        except CLASSIFIER_ERRORS as exc:
+            return self.cfg.router.default_tier, f"router.default_tier (classifier failed: {exc})"
+        named = classifier_answer(self.cfg, text_of(message))
+        if named is None:
+            return default[0], "router.default_tier (classifier named no tier)"
+        await self.queue.redis.set(key, named, ex=c.cache_ttl_s)
+        return named, f"classifier: {named}"
+
+    async def _paid_call(
+        self, job: Job, params: dict[str, Any], rank: int, attempt: int, spend: Spend,
+        ticket: Ticket | None,
+    ) -> tuple[ApiMessage, int]:  # fmt: skip
+        """One API call within the rate limits and the budgets: capacity, then a budget
+        reservation of its worst case, the call, then both settled and the breakers told.
+        Raises _Refused when a budget cap refuses the reservation."""
+        model = params["model"]
+        estimate, raw = self.calibration.estimate(model, params)
+        grant = await self._capacity(job, model, rank, (1, estimate, int(params["max_tokens"])),
+                                     max(attempt, 1))  # fmt: skip
+        hold = None
+        try:
+            hold = await self._reserve(job, params, estimate)
+        except BaseException:
+            if grant is not None:
+                await asyncio.shield(self._settle(grant, Answer(None, {}, 0)))
+            raise
+        t0 = time.monotonic()
+        try:
+            message = await self._call(params, grant, raw)
+        except BaseException as exc:
+            if ticket is not None:
+                await asyncio.shield(self._record(ticket, exc))
+            if hold is not None:
+                await asyncio.shield(self._settle_budget(job, hold, 0.0, called=False))
+            raise
+        latency_ms = int((time.monotonic() - t0) * 1000)
+        usage = msgspec.convert(message.usage, ApiUsage)
+        cost = cost_usd(usage, self.cfg.models[model])
+        spend.add(usage, cost)
+        if ticket is not None:
+            await self._record(ticket, None)
+        if hold is not None:
+            await self._settle_budget(job, hold, cost, called=True)
+        return message, latency_ms
+
+    async def _reserve(self, job: Job, params: dict[str, Any], estimate: int) -> Hold | None:
+        feature = self.cfg.features[job.feature]
+        caps = caps_for(self.cfg, self.queue.keys, job.feature, feature, job.tenant or "",
+                        dt.datetime.now(dt.UTC))  # fmt: skip
+        if not caps:
+            return None
+        model = params["model"]
+        worst = worst_case_usd(
+            self.cfg.models[model], estimate, int(params["max_tokens"]),
+            caches="cache_control" in json.dumps(params), margin=self.cfg.budgets.estimate_margin,
+        )  # fmt: skip
+        got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, now_ms())
+        if isinstance(got, Refusal):
+            raise _Refused(got)
+        return got
+
+    async def _settle_budget(self, job: Job, hold: Hold, cost: float, *, called: bool) -> None:
+        """Settle a budget reservation; write an alert for each cap that just reached
+        budgets.alert_at. A Redis error leaves the hold to expire (see worker.budgets)."""
+        try:
+            alerts = await self.budgets.settle(hold, cost, called=called)
+            for cap in alerts:
+                share = self.cfg.budgets.alert_at
+                text = (f"{cap.name} reached {share:.0%} of {cap.usd} USD in {cap.period} "
+                        f"({self.cfg.budgets.timezone})")  # fmt: skip
+                log.warning("budget alert: %s", text)
+                event = UsageEvent(
+                    ts_ms=now_ms(), job_id="", feature=job.feature, tenant=job.tenant or "",
+                    status="ok", kind="alert", message=text, error_type="budget_alert",
+                    cost_usd=(cap.usd or 0.0) * share,
+                )  # fmt: skip
+                usage, maxlen = self.queue.keys.usage, self.cfg.queue.usage_maxlen
+                await self.queue.redis.xadd(
+                    usage, _fields(to_fields(event)), maxlen=maxlen, approximate=True
+                )
+        except (RedisError, OSError) as exc:
+            log.warning("settling a budget reservation failed: %s", exc)
+
+    async def _record(self, ticket: Ticket, exc: BaseException | None) -> None:
+        try:
+            await self.breakers.record(ticket, exc)
+        except (RedisError, OSError) as err:
+            log.warning("updating the circuit breakers failed: %s", err)
+
+    def _on_open(
+        self, job: Job, feature: FeatureConfig, tier: str, open_: Open, route: list[str],
+        attempt: int,
+    ) -> str | Defer:  # fmt: skip
+        """An open breaker: the feature's breaker_policy decides (a tier to try, or Defer)."""
+        policy = feature.breaker_policy
+        down = cheaper(self.cfg, tier)
+        if policy == "downgrade" and open_.name.startswith("model:") and down is not None:
+            route.append(f"downgraded to {down}: breaker {open_.name} open")
+            return down
+        if policy == "fail":
+            raise CircuitOpen(
+                f"the circuit breaker {open_.name} is open after repeated API failures, and "
+                f'features.{job.feature}.breaker_policy = "fail". It lets calls through '
+                f"again after breakers.reset_timeout_s = {self.cfg.breakers.reset_timeout_s}; "
+                "replay the job then (tokenq dead replay).",
+                attempts=attempt - 1,
+            )
+        return self._defer(job, open_.retry_at_ms, f"breaker {open_.name} open")
+
+    def _on_budget(
+        self, job: Job, feature: FeatureConfig, tier: str, refusal: Refusal, route: list[str],
+        attempt: int,
+    ) -> str | Defer:  # fmt: skip
+        """A refused budget reservation: the feature's budget_policy decides."""
+        policy = feature.budget_policy
+        down = cheaper(self.cfg, tier)
+        if policy == "downgrade" and refusal.dimension == "usd" and down is not None:
+            route.append(f"downgraded to {down}: {refusal.cap.name}")
+            return down
+        if policy == "defer":
+            until = int(refusal.cap.resets_at.timestamp() * 1000)
+            return self._defer(job, until, f"{refusal.cap.name} reached")
+        raise BudgetExceeded(
+            f'{refusal.sentence()}. features.{job.feature}.budget_policy = "{policy}"'
+            + (" and there is no cheaper tier" if policy == "downgrade" else "")
+            + ". Raise the cap or wait for it to reset, then replay (tokenq dead replay).",
+            attempts=attempt - 1,
+        )
+
+    def _defer(self, job: Job, until_ms: int, why: str) -> Defer:
+        if job.deadline_ms is not None and until_ms > job.deadline_ms:
+            raise DeadlineExceeded(
+                f"{why}: the job would wait until {until_ms}, past its deadline_ms "
+                f"{job.deadline_ms}; submit it again with a later deadline",
+                attempts=0,
+            )
+        return Defer(until_ms, why)
 
     async def _call(
         self, params: dict[str, Any], grant: Grant | None, raw_estimate: int
@@ -390,13 +667,6 @@ class Worker:
             )
         return job, parse_request(job.request), feature
 
-    def _route(self, job: Job, feature: FeatureConfig) -> tuple[str, str]:
-        if job.tier is not None:
-            return job.tier, "forced by job.tier"
-        if feature.tier is not None:
-            return feature.tier, f"features.{job.feature}.tier"
-        return self.cfg.router.default_tier, "router.default_tier"
-
     def _backoff_s(self, attempt: int, exc: Exception) -> float:
         q = self.cfg.queue
         delay = min(q.retry_max_s, q.retry_base_s * 2.0 ** (attempt - 1))
@@ -409,14 +679,17 @@ class Worker:
 
     def _succeeded(
         self, d: Delivery, job: Job, tier: str, route_reason: str, message: ApiMessage,
-        attempt: int, latency_ms: int,
+        attempt: int, latency_ms: int, spend: Spend,
     ) -> Finish:  # fmt: skip
+        """The result and usage event of an answered job. Cost and tokens are the sums over
+        every call the job made (a classifier call, escalations); the baseline prices the
+        final answer's tokens on the baseline tier."""
         usage = msgspec.convert(message.usage, ApiUsage)
-        cost = cost_usd(usage, self.cfg.models[self.cfg.tiers[tier]])
+        cost = spend.cost_usd
         result = Result(
             id=d.job_id,
             status="ok",
-            text="".join(b.get("text", "") for b in message.content if b.get("type") == "text"),
+            text=text_of(message),
             content=message.content,
             model=message.model,
             tier=tier,
@@ -434,10 +707,10 @@ class Worker:
             tier=tier,
             model=message.model,
             attempt=attempt,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_creation_input_tokens=usage.cache_write,
-            cache_read_input_tokens=usage.cache_read,
+            input_tokens=spend.input_tokens,
+            output_tokens=spend.output_tokens,
+            cache_creation_input_tokens=spend.cache_write,
+            cache_read_input_tokens=spend.cache_read,
             cost_usd=cost,
             baseline_cost_usd=baseline_cost_usd(usage, self._baseline),
             latency_ms=latency_ms,
@@ -471,6 +744,59 @@ class Worker:
             "job_id": d.job_id,
         }
         return Finish(_encode(result), to_fields(event), f.get("reply_to") or None, dead)
+
+
+@dataclass
+class Spend:
+    """What a job's calls used, summed: a classifier call, escalations, the answer."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write: int = 0
+    cache_read: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, usage: ApiUsage, cost: float) -> None:
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cache_write += usage.cache_write
+        self.cache_read += usage.cache_read
+        self.cost_usd += cost
+
+
+@dataclass
+class Plan:
+    """Where a job is routed, and how it got there (route_reason's parts)."""
+
+    tier: str
+    route: list[str]
+    escalations: int = 0
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Put the job off until until_ms (unix ms), for the reason given."""
+
+    until_ms: int
+    why: str
+
+
+class _Refused(Exception):
+    """A budget cap refused a call's reservation."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.sentence())
+        self.refusal = refusal
+
+
+def text_of(message: ApiMessage) -> str:
+    """The answer's text blocks, joined."""
+    return "".join(b.get("text", "") for b in message.content if b.get("type") == "text")
+
+
+def _fields(fields: dict[str, str]) -> dict[Any, Any]:
+    """redis-py's stubs want invariant dicts of unions; a dict of str is one at runtime."""
+    return fields
 
 
 def parse_job(fields: dict[str, str]) -> Job:
