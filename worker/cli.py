@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from producers import Producer
+from worker.breakers import Breakers
+from worker.budgets import budget_rows
 from worker.config import Config, config_path, load_config
 from worker.contract import Keys, to_fields
 from worker.control import publish_reload
@@ -40,6 +43,7 @@ commands, in the order you meet them:
   tail        follow the usage stream (one line per job outcome; --json for jq)
   dead        list or replay dead-lettered jobs
   limits      rate limits per model: configured, in use across the fleet, headroom
+  budgets     spend caps per feature and tenant: spent, reserved, cap; circuit breakers
   reload      make every running worker re-read its config file (limits, features, prices)
   config      check a config file
   simulator   a local Anthropic API with a billing ledger (the default without an API key)
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tail(sub)
     _add_dead(sub)
     _add_limits(sub)
+    _add_budgets(sub)
     _add_config(sub)
     sub.add_parser("simulator", help="a local Anthropic API (see `tokenq simulator --help`)")
     p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")
@@ -208,6 +213,19 @@ def _add_limits(sub: Sub[argparse.ArgumentParser]) -> None:
         "process (or a `tokenq worker --processes N` supervisor and its children).",
     )
     r.set_defaults(run=cmd_reload)
+
+
+def _add_budgets(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "budgets",
+        help="spend caps: spent, reserved, cap, per feature and tenant; breakers",
+        description="Every spend cap of the config file in its current period (day or month "
+        "in budgets.timezone): what was spent, what calls in flight have reserved (their "
+        "worst case), the cap and what is left, for each feature and for each tenant seen "
+        "today; then the state of every circuit breaker the fleet has used.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per cap and breaker")
+    p.set_defaults(run=cmd_budgets)
 
 
 def _add_dead(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -412,6 +430,45 @@ def _limits_text(m: ModelStatus) -> str:
                 f"in use {cap - left:>11,.0f}  headroom {left / cap:>4.0%}"
             )
     return "\n".join(lines)
+
+
+def cmd_budgets(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        keys = Keys(cfg.prefix)
+        async with _redis(cfg) as redis:
+            rows = await budget_rows(redis, cfg, keys, dt.datetime.now(dt.UTC))
+            breakers = await Breakers(redis, keys, cfg.breakers, 0).status()
+        if ns.json:
+            for row in [*rows, *breakers]:
+                print(json.dumps(row))
+            return 0
+        if not rows:
+            print("no spend caps: set daily_usd, monthly_usd or tenant caps in [features.<name>] "
+                  "or [budgets]")  # fmt: skip
+        for row in rows:
+            print(_budget_text(row))
+        for b in breakers:
+            opened = int(b.get("opened_at") or 0)
+            since = f", opened {time.strftime('%H:%M:%S', time.localtime(opened / 1000))}"
+            print(f"breaker {b['breaker']}: {b.get('state', 'closed')}"
+                  f" (failures in a row {b.get('fails', 0)}{since if opened else ''})")  # fmt: skip
+        return 0
+
+    return _run_async(run)
+
+
+def _budget_text(row: dict[str, Any]) -> str:
+    spent, held = row["spent_usd"], row["reserved_usd"]
+    parts = [f"{row['cap']} [{row['period']}]: spent ${spent:.4f}, reserved ${held:.4f}"]
+    if row["cap_usd"] is not None:
+        left = max(0.0, row["cap_usd"] - spent - held)
+        parts.append(f"cap ${row['cap_usd']:.2f} ({(spent + held) / row['cap_usd']:.0%} used, "
+                     f"${left:.4f} left)")  # fmt: skip
+    if row["cap_requests"] is not None:
+        parts.append(f"requests {row['requests']} of {row['cap_requests']}")
+    return "; ".join(parts) + f"; resets {row['resets_at']}"
 
 
 def cmd_reload(ns: argparse.Namespace) -> int:

@@ -84,6 +84,8 @@ def baseline_cost_usd(usage: ApiUsage, prices: ModelConfig) -> float:
 def format_event(event: UsageEvent) -> str:
     """One line per event for people: time, outcome, who, where, tokens, cost, timing."""
     clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
+    if event.kind == "alert":
+        return f"{clock} ALERT {event.feature} tenant={event.tenant or '-'}: {event.message}"
     cache = ""
     if event.cache_read_input_tokens or event.cache_creation_input_tokens:
         cache = (
@@ -97,6 +99,7 @@ def format_event(event: UsageEvent) -> str:
         f" out={event.output_tokens}{cache} ${event.cost_usd:.6f}"
         f" (naive ${event.baseline_cost_usd:.6f}) {event.latency_ms}ms"
         f" queued={event.queue_ms}ms attempt={event.attempt}{error} job={event.job_id}"
+        + (f" route={event.route_reason!r}" if event.route_reason else "")
     )
 
 

@@ -4,6 +4,7 @@ workers cannot overspend, breaker and budget policies, the router and its escala
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ import redis.asyncio as aioredis
 
 from producers import NewJob, Producer
 from tests.conftest import ConfigFactory
-from tests.helpers import eventually, sim_call, usage_events
+from tests.helpers import eventually, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker
 from worker.contract import Keys, Result, UsageEvent
 from worker.queue import dead_letters
@@ -298,3 +299,29 @@ async def test_max_tokens_is_clamped_and_long_inputs_are_rejected_or_truncated(
     )
     events = {e.job_id: e for e in await usage_events(redis, keys)}
     assert events[truncated].input_tokens < 30
+
+
+async def test_tokenq_budgets_shows_spend_reservations_caps_and_breakers(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    cfg, path = make_config(**{"features.summarize.daily_usd": 0.5,
+                               "features.summarize.tenant_daily_requests": 10})  # fmt: skip
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg):
+        ids = [await producer.submit("summarize", SMALL, tenant="acme") for _ in range(3)]
+        await results(producer, ids)
+    await open_breaker(redis, keys, "model:claude-opus-5-5")
+    spent = sum(e.cost_usd for e in job_events(await usage_events(redis, keys)))
+    code, out, err = await run(sys.executable, "-m", "worker", "--config", str(path), "budgets")
+    assert code == 0, err
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert f"features.summarize.daily_usd [{day}]: spent ${spent:.4f}, reserved $0.0000" in out
+    assert "cap $0.50" in out
+    assert "features.summarize.tenant_daily_requests (tenant acme)" in out
+    assert "requests 3 of 10" in out
+    assert "breaker model:claude-opus-5-5: open" in out
+    code, out, _ = await run(sys.executable, "-m", "worker", "--config", str(path), "budgets",
+                             "--json")  # fmt: skip
+    rows = [json.loads(line) for line in out.splitlines()]
+    [daily] = [r for r in rows if r.get("cap") == "features.summarize.daily_usd"]
+    assert abs(daily["spent_usd"] - spent) < 1e-9 and daily["reserved_usd"] == 0
