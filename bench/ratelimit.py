@@ -104,7 +104,7 @@ async def preload(redis_url: str, prefix: str, trace: list[dict[str, Any]]) -> N
         producer = Producer(client, prefix)
         jobs = [
             NewJob(feature=j["feature"], request=j["request"], priority=j["priority"],
-                   tenant=j["tenant"], tier="haiku")
+                   tenant=j["tenant"], tier="haiku", cache="off")
             for j in trace
         ]  # fmt: skip
         for start in range(0, len(jobs), 500):

@@ -150,7 +150,10 @@ async def preload(redis_url: str, prefix: str, jobs: int) -> None:
     try:
         producer = Producer(client, prefix)
         for start in range(0, jobs, 1000):
-            batch = [NewJob(feature="summarize", request=REQUEST)] * min(1000, jobs - start)
+            # cache "off": identical requests would otherwise share one call (de-duplication)
+            batch = [NewJob(feature="summarize", request=REQUEST, cache="off")] * min(
+                1000, jobs - start
+            )
             await producer.submit_many(batch)
     finally:
         await client.aclose()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -33,6 +33,7 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     tier: str | None = None
     reply_to: str | None = None
     deadline_ms: int | None = None
+    cache: Literal["off"] | None = None  # "off": no response cache or de-duplication
 
 
 class Producer:
@@ -65,7 +66,7 @@ class Producer:
         if not isinstance(request, str):
             request = msgspec.json.encode(request).decode()
         out = {"feature": job.feature, "request": request}
-        for name in ("id", "tenant", "tier", "reply_to", "deadline_ms"):
+        for name in ("id", "tenant", "tier", "reply_to", "deadline_ms", "cache"):
             value = getattr(job, name)
             if value is not None:
                 out[name] = str(value)

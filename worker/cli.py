@@ -31,7 +31,7 @@ from worker.fleet import run_fleet
 from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
-from worker.usage import follow, format_event
+from worker.usage import HitRates, follow, format_event
 from worker.worker import parse_request, serve
 
 EPILOG = """\
@@ -40,7 +40,7 @@ commands, in the order you meet them:
   worker      process jobs (one process, or --processes N under a supervisor)
   submit      put one job on a priority stream; --wait prints its result
   result      wait for and print a job's result
-  tail        follow the usage stream (one line per job outcome; --json for jq)
+  tail        follow the usage stream (one line per job outcome, cache hit rates; --json)
   dead        list or replay dead-lettered jobs
   limits      rate limits per model: configured, in use across the fleet, headroom
   budgets     spend caps per feature and tenant: spent, reserved, cap; circuit breakers
@@ -392,9 +392,15 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with _redis(cfg, block_s=5.0) as redis:
+            rates = HitRates()
             async for _, event in follow(redis, Keys(cfg.prefix), from_start=ns.from_start):
-                line = json.dumps(to_fields(event)) if ns.json else format_event(event)
-                print(line, flush=True)
+                rates.add(event)
+                if ns.json:
+                    print(json.dumps(to_fields(event)), flush=True)
+                    continue
+                hits = rates.describe(event.feature) if event.kind == "job" else ""
+                print(format_event(event) + (f"  [{event.feature} {hits}]" if hits else ""),
+                      flush=True)  # fmt: skip
         return 0
 
     return _run_async(run)

@@ -147,6 +147,7 @@ class ModelConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     batch_discount: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
     long_context: LongContextPrices | None = None
     limits: RateLimits | None = None
+    min_cache_tokens: Count = 1024
 
 
 class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -163,6 +164,10 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     tenant_daily_requests: Count | None = None
     tenant_daily_usd: Positive | None = None
     breaker_policy: Literal["defer", "downgrade", "fail"] = "defer"
+    prompt_cache: Literal["auto", "5m", "1h", "off"] = "auto"
+    response_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 0
+    response_cache_scope: Literal["tenant", "shared"] = "tenant"
+    dedupe: bool = False
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

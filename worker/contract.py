@@ -81,6 +81,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     tier: NonEmpty | None = None
     reply_to: NonEmpty | None = None
     deadline_ms: int | None = None
+    cache: Literal["off"] | None = None  # "off": no response cache or de-duplication
 
 
 class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -155,6 +156,9 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     # stream; they carry `message`, and `cost_usd` is the spend so far. job_id is "".
     kind: Kind = "job"
     message: str = ""
+    # The response cache's part: "hit" (answered from the cache), "joined" (answered by an
+    # identical call in flight), "miss" (called the API), "off" (not used), "" (not a job).
+    response_cache: str = ""
 
 
 def usd(value: float) -> str:

@@ -103,6 +103,40 @@ def format_event(event: UsageEvent) -> str:
     )
 
 
+class HitRates:
+    """Cache hit rates per feature over the events seen so far (for `tokenq tail`).
+
+    response: jobs answered without a call (response cache "hit" or "joined") among the jobs
+    the response cache was asked for; prompt: calls that read from the prompt cache among the
+    calls that read or wrote it.
+    """
+
+    def __init__(self) -> None:
+        self.response: dict[str, list[int]] = {}  # feature -> [answered without a call, asked]
+        self.prompt: dict[str, list[int]] = {}  # feature -> [read, read or wrote]
+
+    def add(self, event: UsageEvent) -> None:
+        if event.kind != "job" or event.status != "ok":
+            return
+        if event.response_cache in ("hit", "joined", "miss"):
+            r = self.response.setdefault(event.feature, [0, 0])
+            r[0] += event.response_cache != "miss"
+            r[1] += 1
+        if event.cache_read_input_tokens or event.cache_creation_input_tokens:
+            p = self.prompt.setdefault(event.feature, [0, 0])
+            p[0] += event.cache_read_input_tokens > 0
+            p[1] += 1
+
+    def describe(self, feature: str) -> str:
+        """e.g. "hits: response 12/40 30%, prompt 38/40 95%", or "" before any."""
+        parts = []
+        for name, table in (("response", self.response), ("prompt", self.prompt)):
+            got, of = table.get(feature, (0, 0))
+            if of:
+                parts.append(f"{name} {got}/{of} {got / of:.0%}")
+        return ("hits: " + ", ".join(parts)) if parts else ""
+
+
 async def follow(
     redis: aioredis.Redis, keys: Keys, *, from_start: bool = False, block_ms: int = 5000
 ) -> AsyncIterator[tuple[str, UsageEvent]]:

@@ -27,6 +27,13 @@ from redis.exceptions import RedisError
 
 from worker.breakers import Breakers, Open, Ticket
 from worker.budgets import Budgets, Hold, Refusal, caps_for, worst_case_usd
+from worker.caching import (
+    DEDUPE_KEEP_S,
+    CachedAnswer,
+    ResponseCache,
+    cache_key,
+    mark_prompt_cache,
+)
 from worker.config import Config, FeatureConfig
 from worker.contract import (
     REQUEST_FIELDS,
@@ -143,6 +150,11 @@ class Worker:
         self.limiter = make_limiter(queue.redis, cfg)
         self.calibration = Calibration()
         self.budgets = Budgets(queue.redis, cfg)
+        self.cache = ResponseCache(
+            queue.redis,
+            lease_ms=int((cfg.anthropic.timeout_s + 30) * 1000),
+            block_ms=cfg.worker.block_ms,
+        )
         self.breakers = Breakers(queue.redis, queue.keys, cfg.breakers, cfg.anthropic.timeout_s)
 
     def stop(self) -> None:
@@ -339,6 +351,45 @@ class Worker:
         spend = Spend()
         tier, why = await self._route(job, feature, params, rank, spend)
         plan = Plan(tier, [why, *route])
+        key = self._cache_key(job, feature, params, plan.tier)
+        if key is None:
+            return await self._attempts(d, job, feature, params, rank, spend, plan)
+        keep_s = feature.response_cache_ttl_s or DEDUPE_KEEP_S
+        hit = await self.cache.get(key) if feature.response_cache_ttl_s else None
+        if hit is not None:
+            return self._cached(d, job, hit, plan, "hit", started_ms)
+        found = await self.cache.claim(key, keep_s, feature.dedupe)
+        if isinstance(found, CachedAnswer):
+            return self._cached(d, job, found, plan, "joined", started_ms)
+        plan.cache = "miss"
+        try:
+            end = await self._attempts(d, job, feature, params, rank, spend, plan)
+            if plan.answer is not None:
+                if found is None:
+                    await self.cache.store(key, plan.answer, keep_s)
+                else:
+                    await self.cache.complete(found, plan.answer)
+            return end
+        finally:
+            if found is not None:  # a no-op after complete()
+                await asyncio.shield(self.cache.abandon(found))
+
+    def _cache_key(
+        self, job: Job, feature: FeatureConfig, params: dict[str, Any], tier: str
+    ) -> str | None:
+        """The response-cache key of this job, or None when neither the response cache nor
+        de-duplication applies to it."""
+        if job.cache == "off" or not (feature.response_cache_ttl_s or feature.dedupe):
+            return None
+        model = self.cfg.tiers[tier]
+        return cache_key(self.queue.keys.prefix, job.feature, feature, job.tenant or "", model,
+                         params)  # fmt: skip
+
+    async def _attempts(
+        self, d: Delivery, job: Job, feature: FeatureConfig, params: dict[str, Any], rank: int,
+        spend: Spend, plan: Plan,
+    ) -> Finish | Defer | None:  # fmt: skip
+        """The job's attempts, with backoff between them, until one ends it."""
         max_attempts = self.cfg.queue.max_attempts
         while True:
             check_deadline(job)
@@ -383,9 +434,10 @@ class Worker:
                 plan.tier = moved
                 continue
             try:
-                message, latency_ms = await self._paid_call(
-                    job, {**params, "model": model}, rank, attempt, spend, ticket
-                )
+                prices = self.cfg.models[model]
+                call = mark_prompt_cache({**params, "model": model}, feature.prompt_cache,
+                                         prices.min_cache_tokens)  # fmt: skip
+                message, latency_ms = await self._paid_call(job, call, rank, attempt, spend, ticket)
             except _Refused as refused:
                 moved = self._on_budget(job, feature, plan.tier, refused.refusal, plan.route,
                                         attempt)  # fmt: skip
@@ -402,8 +454,10 @@ class Worker:
                 continue
             if problem:
                 plan.route.append(f"check failed: {problem}")
-            return self._succeeded(d, job, plan.tier, "; ".join(plan.route), message, attempt,
-                                   latency_ms, spend)  # fmt: skip
+            else:
+                plan.answer = CachedAnswer(text_of(message), message.content, message.model,
+                                     plan.tier, message.stop_reason, message.usage)  # fmt: skip
+            return self._succeeded(d, job, plan, message, attempt, latency_ms, spend)
 
     def _shape(self, job: Job, feature: FeatureConfig, params: dict[str, Any]) -> list[str]:
         """Apply the feature's max_tokens default and cap and its max_input_tokens; what was
@@ -678,8 +732,8 @@ class Worker:
         return delay
 
     def _succeeded(
-        self, d: Delivery, job: Job, tier: str, route_reason: str, message: ApiMessage,
-        attempt: int, latency_ms: int, spend: Spend,
+        self, d: Delivery, job: Job, plan: Plan, message: ApiMessage, attempt: int,
+        latency_ms: int, spend: Spend,
     ) -> Finish:  # fmt: skip
         """The result and usage event of an answered job. Cost and tokens are the sums over
         every call the job made (a classifier call, escalations); the baseline prices the
@@ -692,7 +746,7 @@ class Worker:
             text=text_of(message),
             content=message.content,
             model=message.model,
-            tier=tier,
+            tier=plan.tier,
             stop_reason=message.stop_reason,
             usage=message.usage,
             cost_usd=cost,
@@ -704,7 +758,7 @@ class Worker:
             feature=job.feature,
             tenant=job.tenant or "",
             priority=d.priority,
-            tier=tier,
+            tier=plan.tier,
             model=message.model,
             attempt=attempt,
             input_tokens=spend.input_tokens,
@@ -715,8 +769,32 @@ class Worker:
             baseline_cost_usd=baseline_cost_usd(usage, self._baseline),
             latency_ms=latency_ms,
             queue_ms=max(0, now_ms() - latency_ms - entry_ms(d.entry_id)),
-            route_reason=route_reason,
+            route_reason="; ".join(plan.route),
+            response_cache=plan.cache,
         )
+        return Finish(_encode(result), to_fields(event), job.reply_to)
+
+    def _cached(
+        self, d: Delivery, job: Job, answer: CachedAnswer, plan: Plan, how: str, started_ms: int
+    ) -> Finish:
+        """The result and usage event of a job answered without a call: from the response
+        cache ("hit") or by an identical call in flight ("joined"). It costs nothing; its
+        baseline is what the answer would have cost naively."""
+        result = Result(
+            id=d.job_id, status="ok", text=answer.text, content=answer.content,
+            model=answer.model, tier=answer.tier, stop_reason=answer.stop_reason,
+            usage=answer.usage, cost_usd=0.0, mode="cache",
+        )  # fmt: skip
+        usage = msgspec.convert(answer.usage, ApiUsage)
+        why = "response cache hit" if how == "hit" else "joined an identical call in flight"
+        event = UsageEvent(
+            ts_ms=now_ms(), job_id=d.job_id, feature=job.feature, tenant=job.tenant or "",
+            priority=d.priority, tier=answer.tier, model=answer.model, mode="cache",
+            baseline_cost_usd=baseline_cost_usd(usage, self._baseline),
+            latency_ms=max(0, now_ms() - started_ms),
+            queue_ms=max(0, started_ms - entry_ms(d.entry_id)),
+            route_reason="; ".join([*plan.route, why]), response_cache=how,
+        )  # fmt: skip
         return Finish(_encode(result), to_fields(event), job.reply_to)
 
     def _rejected(self, d: Delivery, exc: JobRejected, started_ms: int) -> Finish:
@@ -766,11 +844,14 @@ class Spend:
 
 @dataclass
 class Plan:
-    """Where a job is routed, and how it got there (route_reason's parts)."""
+    """Where a job is routed, how it got there (route_reason's parts), and what the
+    response cache did: "off", "miss" (and then the answer worth keeping)."""
 
     tier: str
     route: list[str]
     escalations: int = 0
+    cache: str = "off"
+    answer: CachedAnswer | None = None
 
 
 @dataclass(frozen=True)

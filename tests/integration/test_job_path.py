@@ -88,7 +88,11 @@ async def test_submit_many_and_feature_max_tokens(
 ) -> None:
     cfg, _ = make_config()
     producer = Producer(redis, keys.prefix)
-    jobs = [NewJob(feature="support_faq", request=HELLO, priority="high") for _ in range(20)]
+    # cache "off": support_faq shares answers (response cache, de-duplication); not here.
+    jobs = [
+        NewJob(feature="support_faq", request=HELLO, priority="high", cache="off")
+        for _ in range(20)
+    ]
     ids = await producer.submit_many(jobs)
     async with run_worker(cfg):
         results = [await producer.result(i, timeout_s=10) for i in ids]
