@@ -169,6 +169,8 @@ def _add_submit(sub: Sub[argparse.ArgumentParser]) -> None:
     p.add_argument("--tier", help="force a tier of config.toml [tiers]")
     p.add_argument("--reply-to", help="also XADD the result onto this stream")
     p.add_argument("--deadline-ms", type=int, help="unix time in ms after which the job fails")
+    p.add_argument("--no-cache", action="store_true",
+                   help="skip the response cache and de-duplication for this job")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (120)")
     p.set_defaults(run=cmd_submit)
@@ -360,6 +362,7 @@ async def _submit(cfg: Config, ns: argparse.Namespace, request: dict[str, object
                 tier=ns.tier,
                 reply_to=ns.reply_to,
                 deadline_ms=ns.deadline_ms,
+                cache="off" if ns.no_cache else None,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
