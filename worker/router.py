@@ -14,7 +14,8 @@ The order of precedence, first match wins:
 
 Tiers are ordered as `[tiers]` lists them, cheapest first. An answer that fails the feature's
 check (`expect = "json"` and the text does not parse, or `stop_reason == "max_tokens"`) is
-escalated to the next dearer tier, at most `router.max_escalations` times; a budget or breaker
+escalated to the next dearer tier, at most `router.max_escalations` times (an answer cut at
+`max_tokens` also gets twice the room, up to the feature's `max_tokens_cap`); a budget or breaker
 with the `downgrade` policy moves a job to the next cheaper tier. Every step is appended to
 the job's `route_reason`.
 """
@@ -138,10 +139,13 @@ def request_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
+CUT = "stop_reason max_tokens"
+
+
 def check_answer(feature: FeatureConfig, text: str, stop_reason: str | None) -> str | None:
     """Why an answer fails the feature's check, or None when it passes."""
     if stop_reason == "max_tokens":
-        return "stop_reason max_tokens"
+        return CUT
     if feature.expect == "json":
         try:
             json.loads(_strip_fence(text))

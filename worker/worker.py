@@ -65,6 +65,7 @@ from worker.estimate import Calibration, raw_estimate
 from worker.limiter import Answer, Grant, Unfit, make_limiter
 from worker.queue import Delivery, Finish, Queue
 from worker.router import (
+    CUT,
     cheaper,
     check_answer,
     classifier_answer,
@@ -449,7 +450,8 @@ class Worker:
             up = dearer(self.cfg, plan.tier) if problem else None
             if problem and up and plan.escalations < self.cfg.router.max_escalations:
                 plan.escalations += 1
-                plan.route.append(f"escalated to {up}: {problem}")
+                room = _more_room(feature, params) if problem == CUT else ""
+                plan.route.append(f"escalated to {up}: {problem}{room}")
                 plan.tier = up
                 continue
             if problem:
@@ -868,6 +870,16 @@ class _Refused(Exception):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.sentence())
         self.refusal = refusal
+
+
+def _more_room(feature: FeatureConfig, params: dict[str, Any]) -> str:
+    """An answer cut at max_tokens is retried with twice the room, up to max_tokens_cap: a
+    dearer model alone writes no shorter. Changes params; says what it did."""
+    cap, wanted = feature.max_tokens_cap, int(params["max_tokens"])
+    if cap is None or wanted >= cap:
+        return ""
+    params["max_tokens"] = min(cap, wanted * 2)
+    return f" (max_tokens {wanted} -> {params['max_tokens']})"
 
 
 def text_of(message: ApiMessage) -> str:

@@ -90,6 +90,7 @@ async def test_budget_downgrade_moves_to_a_cheaper_tier(
 ) -> None:
     # One sonnet call may cost up to 100 x $10/M = $0.001: over the cap; on haiku it fits.
     cfg, _ = make_config(**{"features.summarize_doc.daily_usd": 0.0003,
+                            "features.summarize_doc.tier": "sonnet",
                             "features.summarize_doc.budget_policy": "downgrade"})  # fmt: skip
     producer = Producer(redis, keys.prefix)
     async with run_worker(cfg):
@@ -191,6 +192,7 @@ async def test_breaker_policy_downgrade_avoids_the_failing_model(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
 ) -> None:
     cfg, _ = make_config(**{"features.summarize_doc.breaker_policy": "downgrade",
+                            "features.summarize_doc.tier": "sonnet",
                             "breakers.reset_timeout_s": 30.0})  # fmt: skip
     await open_breaker(redis, keys, "model:claude-sonnet-5-5")
     producer = Producer(redis, keys.prefix)
@@ -325,3 +327,19 @@ async def test_tokenq_budgets_shows_spend_reservations_caps_and_breakers(
     rows = [json.loads(line) for line in out.splitlines()]
     [daily] = [r for r in rows if r.get("cap") == "features.summarize.daily_usd"]
     assert abs(daily["spent_usd"] - spent) < 1e-9 and daily["reserved_usd"] == 0
+
+
+async def test_an_answer_cut_at_max_tokens_escalates_with_more_room_up_to_the_cap(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    cfg, _ = make_config(**{"features.summarize.max_tokens_cap": 1024})
+    producer = Producer(redis, keys.prefix)
+    cut = {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 3}
+    async with run_worker(cfg):
+        result = await producer.result(await producer.submit("summarize", cut), 10)
+    assert result.tier == "sonnet" and result.usage is not None
+    assert result.usage["output_tokens"] <= 6
+    [event] = await usage_events(redis, keys)
+    assert event.route_reason.startswith(
+        "features.summarize.tier; escalated to sonnet: stop_reason max_tokens (max_tokens 3 -> 6)"
+    )
