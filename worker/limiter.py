@@ -15,7 +15,9 @@ Within a process, the calls waiting for one model queue by priority, then arriva
 first of them asks Redis, so a backlog waiting for capacity costs one Redis call per retry,
 not one per job. Across processes, a priority that was refused capacity within
 `limits.priority_hold_ms` keeps every lower priority waiting. Each process also spreads its
-own requests and input tokens with aiolimiter over `limits.smooth_s` (see config.toml).
+own requests and input tokens with aiolimiter over `limits.smooth_s` (see config.toml),
+charging input tokens at the share the API has lately counted of what was reserved (cache
+reads are not counted), since aiolimiter cannot give anything back.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ log = logging.getLogger("tokenq.limiter")
 Triple = tuple[int, int, int]  # requests, input tokens, output tokens
 DIMS = ("requests", "input tokens", "output tokens")
 KEY_TTL_MS = 600_000  # an idle model's buckets are full after 60 s anyway
+COUNTED_WEIGHT = 0.1  # EWMA weight of the share of reserved input tokens the API counted
 
 # Shared by both scripts: bucket levels of KEYS[j] refilled to `now`, with the caps of ARGV.
 _PRELUDE = """
@@ -255,6 +258,8 @@ class FleetLimiter:
         self._settle = redis.register_script(SETTLE)
         self._lanes: dict[str, _Lane] = {}
         self._seq = itertools.count()
+        # Per model: the share of reserved input tokens the API counted (EWMA), for pacing.
+        self.counted: dict[str, float] = {}
 
     def reload(self, cfg: Config) -> None:
         """Use the limits of a newly loaded config from the next call on."""
@@ -367,10 +372,18 @@ class FleetLimiter:
             lane.smooth = (AsyncLimiter(rpm, window), AsyncLimiter(itpm, window))
         requests, tokens = lane.smooth
         await requests.acquire(min(want[0], requests.max_rate))
-        await tokens.acquire(min(want[1], tokens.max_rate))
+        # aiolimiter cannot give back, so it is charged what the API is expected to count:
+        # the reservation times the share of reservations the API counted lately (prompt-
+        # cache reads are not counted, and can be most of a prompt).
+        counted = math.ceil(want[1] * self.counted.get(model, 1.0))
+        await tokens.acquire(min(counted, tokens.max_rate))
 
     async def settle(self, grant: Grant, answer: Answer) -> None:
         """Give back what the call did not use; learn from the answer's headers and status."""
+        if answer.used is not None and grant.taken[1] > 0:
+            share = min(1.5, max(0.02, answer.used[1] / grant.taken[1]))
+            old = self.counted.get(grant.model, 1.0)
+            self.counted[grant.model] = old + COUNTED_WEIGHT * (share - old)
         used = answer.used if answer.used is not None else (0, 0, 0)
         if answer.used is None and answer.status not in (0, 429):
             used = (1, 0, 0)  # an error answer may have counted as a request

@@ -150,3 +150,22 @@ async def test_lanes_of_two_processes_serve_high_priority_first(
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+async def test_pacing_learns_what_share_of_reserved_input_the_api_counts(
+    make_limiter: Any,
+) -> None:
+    # Prompt-cache reads are not counted by the API: reservations made of the whole prompt
+    # come back mostly unused, and this process's aiolimiter (which cannot give back) must
+    # then be charged the counted share, or it would throttle far below the limit.
+    lim = make_limiter(rpm=10_000, itpm=1_000_000)
+    assert lim.counted == {}
+    for _ in range(40):
+        grant = await take(lim, (1, 1000, 10))
+        assert isinstance(grant, Grant)
+        await lim.settle(grant, Answer((1, 100, 5), {}))  # counted: a tenth
+    assert lim.counted[HAIKU] == pytest.approx(0.1, abs=0.02)
+    failed = await take(lim, (1, 1000, 10))
+    assert isinstance(failed, Grant)
+    await lim.settle(failed, Answer(None, {}, 500))  # no usage: nothing learnt
+    assert lim.counted[HAIKU] == pytest.approx(0.1, abs=0.02)
