@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import tempfile
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -25,6 +30,41 @@ async def eventually(
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"no {what} after {timeout_s}s") from None
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def own_simulator(*args: str) -> Iterator[str]:
+    """`python -m simulator --port 0 --seed 1 ARGS` in its own process; its base URL. Fails
+    with the simulator's stderr when it does not start; checks it exits 0 on SIGTERM."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "simulator", "--port", "0", "--seed", "1", *args],
+            stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            line = proc.stdout.readline().decode().strip()
+            if not line.startswith("simulator listening on http://"):
+                stderr.seek(0)
+                raise AssertionError(f"simulator did not start: {line!r}\n{stderr.read().decode()}")
+            yield line.rsplit(" ", 1)[-1]
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=10) == 0, "the simulator did not exit 0 on SIGTERM"
+            proc.stdout.close()
+
+
+@contextmanager
+def settings_restored(base_url: str, defaults: dict[str, Any]) -> Iterator[None]:
+    """The simulator at `defaults` with an empty ledger (and cache, and batches) for a test,
+    and at `defaults` again after it."""
+    sim_call(base_url, "config", defaults)
+    sim_call(base_url, "reset", {})
+    yield
+    sim_call(base_url, "config", defaults)
 
 
 def sim_call(base_url: str, path: str, body: dict[str, Any] | None = None) -> Any:

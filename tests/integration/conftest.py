@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
+import anthropic
 import pytest
 
 from worker.config import Config
@@ -56,3 +57,10 @@ def spawn_worker() -> Iterator[SpawnWorker]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+async def client(simulator_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    """The official SDK pointed at the simulator (the module's own, where it starts one)."""
+    async with anthropic.AsyncAnthropic(base_url=simulator_url, api_key="test", max_retries=0) as c:
+        yield c

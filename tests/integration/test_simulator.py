@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,9 +21,8 @@ import pytest
 from anthropic.types import MessageParam, Usage
 
 from simulator.__main__ import main
-from tests.helpers import eventually, sim_call, sim_is
+from tests.helpers import eventually, own_simulator, settings_restored, sim_call, sim_is
 
-ROOT = Path(__file__).resolve().parents[2]
 HI: list[MessageParam] = [{"role": "user", "content": "Say hello to the queue."}]
 # The price table of anthropic-api.md §8.2, USD per million (input, output), written out here
 # so the test does not check the simulator's table against itself.
@@ -47,38 +42,15 @@ NO_RATE_LIMITED = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
 
 @pytest.fixture(scope="module")
 def simulator_url() -> Iterator[str]:
-    """`python -m simulator --port 0 --seed 1` in its own process; its base URL."""
-    with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "simulator", "--port", "0", "--seed", "1"],
-            stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        try:
-            line = proc.stdout.readline().decode().strip()
-            if not line.startswith("simulator listening on http://"):
-                stderr.seek(0)
-                pytest.fail(f"simulator did not start: {line!r}\n{stderr.read().decode()}")
-            yield line.rsplit(" ", 1)[-1]
-        finally:
-            proc.terminate()
-            assert proc.wait(timeout=10) == 0, "the simulator did not exit 0 on SIGTERM"
-            proc.stdout.close()
+    """The simulator in its own process (seed 1); its base URL."""
+    with own_simulator() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
 def clean(simulator_url: str) -> Iterator[None]:
-    """An empty ledger, no latency, no faults, full buckets; the settings restored after."""
-    sim_call(simulator_url, "config", DEFAULTS)
-    sim_call(simulator_url, "reset", {})
-    yield
-    sim_call(simulator_url, "config", DEFAULTS)
-
-
-@pytest.fixture
-async def client(simulator_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic.AsyncAnthropic(base_url=simulator_url, api_key="test", max_retries=0) as c:
-        yield c
+    with settings_restored(simulator_url, DEFAULTS):
+        yield
 
 
 async def post_raw(url: str, headers: dict[str, str], body: Any) -> tuple[int, Any, str]:

@@ -7,11 +7,8 @@ The simulator is a process of this module's own, with batches taking 60 s of its
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import urllib.error
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -19,9 +16,8 @@ import pytest
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 from anthropic.types.messages.batch_create_params import Request
 
-from tests.helpers import sim_call
+from tests.helpers import own_simulator, settings_restored, sim_call
 
-ROOT = Path(__file__).resolve().parents[2]
 HAIKU = "claude-haiku-5-5"
 BATCH_S = 60
 DEFAULTS: dict[str, Any] = {"batch_seconds": BATCH_S, "batch_error_rate": 0.0,
@@ -30,34 +26,15 @@ DEFAULTS: dict[str, Any] = {"batch_seconds": BATCH_S, "batch_error_rate": 0.0,
 
 @pytest.fixture(scope="module")
 def simulator_url() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--port", "0", "--seed", "1",
-         "--batch-seconds", str(BATCH_S)],
-        stdout=subprocess.PIPE, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        line = proc.stdout.readline().decode().strip()
-        assert line.startswith("simulator listening on http://"), line
-        yield line.rsplit(" ", 1)[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        proc.stdout.close()
+    """The simulator in its own process, batches taking BATCH_S seconds; its base URL."""
+    with own_simulator("--batch-seconds", str(BATCH_S)) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
 def clean(simulator_url: str) -> Iterator[None]:
-    sim_call(simulator_url, "config", DEFAULTS)
-    sim_call(simulator_url, "reset", {})
-    yield
-    sim_call(simulator_url, "config", DEFAULTS)
-
-
-@pytest.fixture
-async def client(simulator_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic.AsyncAnthropic(base_url=simulator_url, api_key="test", max_retries=0) as c:
-        yield c
+    with settings_restored(simulator_url, DEFAULTS):
+        yield
 
 
 def requests(n: int, **extra: Any) -> list[Request]:

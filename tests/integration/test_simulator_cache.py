@@ -6,19 +6,15 @@ The simulator is a process of this module's own, so moving its clock touches no 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
 import pytest
 from anthropic.types import Message, MessageParam, TextBlockParam, Usage
 
-from tests.helpers import sim_call
+from tests.helpers import own_simulator, settings_restored, sim_call
 
-ROOT = Path(__file__).resolve().parents[2]
 HAIKU = "claude-haiku-5-5"
 # Haiku 5.5, USD per million (anthropic-api.md §8.2), written out here so the test does not
 # check the simulator's table against itself: input, 5m write, 1h write, read, output.
@@ -31,34 +27,15 @@ DEFAULTS: dict[str, Any] = {"latency_ms": 0, "fault_rate": {}, "otpm_mode": "act
 
 @pytest.fixture(scope="module")
 def simulator_url() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--port", "0", "--seed", "1"],
-        stdout=subprocess.PIPE, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        line = proc.stdout.readline().decode().strip()
-        assert line.startswith("simulator listening on http://"), line
-        yield line.rsplit(" ", 1)[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        proc.stdout.close()
+    """The simulator in its own process (seed 1); its base URL."""
+    with own_simulator() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
 def clean(simulator_url: str) -> Iterator[None]:
-    """Standard settings, an empty ledger and an empty cache; settings restored after."""
-    sim_call(simulator_url, "config", DEFAULTS)
-    sim_call(simulator_url, "reset", {})
-    yield
-    sim_call(simulator_url, "config", DEFAULTS)
-
-
-@pytest.fixture
-async def client(simulator_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic.AsyncAnthropic(base_url=simulator_url, api_key="test", max_retries=0) as c:
-        yield c
+    with settings_restored(simulator_url, DEFAULTS):
+        yield
 
 
 def system(text: str = POLICY, ttl: str | None = None) -> list[TextBlockParam]:
