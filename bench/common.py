@@ -80,18 +80,26 @@ def servers(folder: Path, sim_args: tuple[str, ...] = ("--limit", UNLIMITED)) ->
 
 
 def override(text: str, settings: dict[str, object]) -> str:
-    """config.toml's text with `key = value` lines replaced (keys written `section.key`)."""
+    """config.toml's text with `key = value` lines replaced (keys written `section.key`); a key
+    the file does not have is added under its section's header."""
     lines, section, left = text.splitlines(), "", dict(settings)
+    headers: dict[str, int] = {}
     for n, line in enumerate(lines):
         stripped = line.strip()
         if stripped.startswith("["):
-            section = stripped.strip("[]") + "."
+            section = stripped.strip("[]")
+            headers[section] = n
         elif "=" in stripped and not stripped.startswith("#"):
-            key = section + stripped.split("=", 1)[0].strip()
+            key = f"{section}.{stripped.split('=', 1)[0].strip()}".lstrip(".")
             if key in left:
                 lines[n] = f"{key.rsplit('.', 1)[-1]} = {json.dumps(left.pop(key))}"
-    if left:
-        raise RuntimeError(f"config.toml has no line for {', '.join(left)}; update the bench")
+    for key in sorted(left, key=len, reverse=True):
+        head, _, name = key.rpartition(".")
+        if head not in headers:
+            raise RuntimeError(f"config.toml has no [{head}] for {key}; update the bench")
+        at = headers[head]
+        lines.insert(at + 1, f"{name} = {json.dumps(left[key])}")
+        headers = {h: i + (i > at) for h, i in headers.items()}
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,12 +317,56 @@ def tokenq_run(
     return run
 
 
+def without_prompt_cache(cfg: Config) -> dict[str, object]:
+    return {f"features.{name}.prompt_cache": "off" for name in cfg.features}
+
+
+def without_response_cache(cfg: Config) -> dict[str, object]:
+    settings: dict[str, object] = {}
+    for name in cfg.features:
+        settings |= {f"features.{name}.response_cache_ttl_s": 0, f"features.{name}.dedupe": False}
+    return settings
+
+
+# The levers, added one at a time: (name, what it adds, config.toml settings switching off the
+# levers not added yet). The last run is config.toml as it is.
+LEVERS: list[tuple[str, str, Callable[[Config], dict[str, object]]]] = [
+    ("routing", "tiers per feature, escalation, max_tokens caps",
+     lambda cfg: {**without_prompt_cache(cfg), **without_response_cache(cfg)}),
+    ("prompt cache", "cache breakpoints on the stable prefix", without_response_cache),
+    ("response cache", "answers kept and shared (support_faq), one call in flight",
+     lambda cfg: {}),
+]  # fmt: skip
+
+
+def lever_runs(folder: Path, srv: Servers, trace: Trace, cfg: Config,
+               a: argparse.Namespace) -> list[Run]:  # fmt: skip
+    """tokenq over the trace once per lever, each adding one to the ones before."""
+    return [
+        tokenq_run(folder, srv, trace, a, name.replace(" ", ""), settings(cfg))
+        for name, _, settings in LEVERS
+    ]
+
+
+def levers_table(naive: Run, runs: list[Run]) -> None:
+    """Each lever's cost and its share of the saving (of the naive cost)."""
+    print(f"{'levers (added in turn)':<64}  {'tokenq $':>9}  {'saving':>7}  lever's share")
+    before = naive.ledger_usd
+    for (name, what, _), run in zip(LEVERS, runs, strict=True):
+        share = (before - run.ledger_usd) / naive.ledger_usd
+        saving = 1 - run.ledger_usd / naive.ledger_usd
+        print(f"{'+ ' + name + ': ' + what:<64.64}  {run.ledger_usd:>9.4f}  {saving:>7.1%}  "
+              f"{share:+.1%}")  # fmt: skip
+        before = run.ledger_usd
+
+
 def tiers(cost: FeatureCost) -> str:
     return ", ".join(f"{tier} {n}" for tier, n in cost.tiers.most_common()) or "-"
 
 
-def report(naive: Run, tokenq: Run, cfg: Config, a: argparse.Namespace) -> bool:
+def report(naive: Run, runs: list[Run], cfg: Config, a: argparse.Namespace) -> bool:
     """Print the figures, the headline last; whether every check passed."""
+    tokenq = runs[-1]
     model = top_model(cfg)
     print(f"workload: bench/workloads/make_workload.py --jobs {a.jobs} --seed {a.seed}; "
           f"naive: {model}, max_tokens {NAIVE_MAX_TOKENS}, realtime, concurrency "
@@ -341,18 +386,20 @@ def report(naive: Run, tokenq: Run, cfg: Config, a: argparse.Namespace) -> bool:
           f"{tokenq.ledger_usd:>10.4f}  {1 - ratio:6.1%}")  # fmt: skip
     for run in (naive, tokenq):
         print(f"ledger, {run.name} ({run.seconds:.0f} s): {run.billed()}")
-    gap = tokenq.accounting_gap_usd
-    to_the_cent = round(gap, 2) == 0
+    levers_table(naive, runs)
+    gaps = [run.accounting_gap_usd for run in runs]
+    gap = max(gaps, key=abs)
+    to_the_cent = all(round(g, 2) == 0 for g in gaps)
     print(f"accounting: tokenq's usage events sum to ${tokenq.usage_usd:.6f} over "
           f"{tokenq.events} events of kind job ({tokenq.jobs} jobs); ledger "
-          f"${tokenq.ledger_usd:.6f}; ${gap:.6f} apart: "
+          f"${tokenq.ledger_usd:.6f}; largest gap over the {len(runs)} tokenq runs ${gap:.6f}: "
           f"{'matches to the cent' if to_the_cent else 'DOES NOT match to the cent'}")  # fmt: skip
     print(baseline_line(naive, tokenq, cfg))
-    failed = naive.failures + tokenq.failures
-    for run in (naive, tokenq):
+    failed = sum((run.failures for run in runs), naive.failures)
+    for run in (naive, *runs):
         for why, count in run.failures.most_common():
             print(f"NOT ok, {run.name}: {count} x {why}")
-    ok = to_the_cent and not failed and tokenq.events == tokenq.jobs
+    ok = to_the_cent and not failed and all(run.events == run.jobs for run in runs)
     note = "" if ok else f"; CHECKS FAILED ({sum(failed.values())} jobs not ok)"
     apart = "matches the ledger to the cent" if to_the_cent else "is off the ledger"
     print(f"cost: tokenq ${tokenq.ledger_usd:.2f} vs naive ${naive.ledger_usd:.2f} on the "
@@ -406,9 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tokenq-bench-") as tmp, servers(Path(tmp)) as srv:
         trace = workload(Path(tmp), a.jobs, a.seed)
         naive = naive_run(srv, cfg, trace, a)
-        tokenq = tokenq_run(Path(tmp), srv, trace, a)
+        runs = lever_runs(Path(tmp), srv, trace, cfg, a)
     say(f"whole run {time.monotonic() - t0:.0f} s")
-    if not report(naive, tokenq, cfg, a):
+    if not report(naive, runs, cfg, a):
         sys.exit(1)
 
 
