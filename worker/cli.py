@@ -31,7 +31,7 @@ from worker.fleet import run_fleet
 from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
-from worker.usage import HitRates, follow, format_event
+from worker.usage import HitRates, follow, tail_line
 from worker.worker import parse_request, serve
 
 EPILOG = """\
@@ -397,13 +397,8 @@ def cmd_tail(ns: argparse.Namespace) -> int:
         async with _redis(cfg, block_s=5.0) as redis:
             rates = HitRates()
             async for _, event in follow(redis, Keys(cfg.prefix), from_start=ns.from_start):
-                rates.add(event)
-                if ns.json:
-                    print(json.dumps(to_fields(event)), flush=True)
-                    continue
-                hits = rates.describe(event.feature) if event.kind == "job" else ""
-                print(format_event(event) + (f"  [{event.feature} {hits}]" if hits else ""),
-                      flush=True)  # fmt: skip
+                line = json.dumps(to_fields(event)) if ns.json else tail_line(event, rates)
+                print(line, flush=True)
         return 0
 
     return _run_async(run)

@@ -21,7 +21,7 @@ from worker.config import Config
 from worker.contract import Keys
 from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
-from worker.usage import follow, format_event
+from worker.usage import HitRates, follow, tail_line
 
 
 def simulator_needed(cfg: Config) -> bool:
@@ -102,12 +102,13 @@ class _Totals:
 
 
 async def _print_events(redis: aioredis.Redis, keys: Keys, totals: _Totals) -> None:
+    rates = HitRates()
     async for entry_id, event in follow(redis, keys, block_ms=1000):
         totals.count += 1
         totals.cost_usd += event.cost_usd
         totals.baseline_usd += event.baseline_cost_usd
         totals.last_id = entry_id
-        print(format_event(event), flush=True)
+        print(tail_line(event, rates), flush=True)
 
 
 async def _caught_up(redis: aioredis.Redis, keys: Keys, totals: _Totals) -> None:

@@ -137,6 +137,13 @@ class HitRates:
         return ("hits: " + ", ".join(parts)) if parts else ""
 
 
+def tail_line(event: UsageEvent, rates: HitRates) -> str:
+    """format_event, with the feature's cache hit rates so far (rates learns the event)."""
+    rates.add(event)
+    hits = rates.describe(event.feature) if event.kind == "job" else ""
+    return format_event(event) + (f"  [{event.feature} {hits}]" if hits else "")
+
+
 async def follow(
     redis: aioredis.Redis, keys: Keys, *, from_start: bool = False, block_ms: int = 5000
 ) -> AsyncIterator[tuple[str, UsageEvent]]:

@@ -7,7 +7,7 @@ from typing import Any
 from worker.caching import cache_key, mark_prompt_cache, normalised
 from worker.config import FeatureConfig
 from worker.contract import UsageEvent
-from worker.usage import HitRates
+from worker.usage import HitRates, tail_line
 
 LONG = "policy " * 400  # 2,800 characters: about 700 tokens
 
@@ -82,3 +82,13 @@ def test_tail_hit_rates_per_feature() -> None:
     assert rates.describe("faq") == "hits: response 2/4 50%, prompt 1/2 50%"
     assert rates.describe("doc") == "hits: prompt 1/1 100%"
     assert rates.describe("none") == ""
+
+
+def test_tail_lines_carry_the_features_hit_rates() -> None:
+    rates = HitRates()
+    first = tail_line(event("faq", "miss", write=900), rates)
+    second = tail_line(event("faq", "hit"), rates)
+    assert first.endswith("  [faq hits: response 0/1 0%, prompt 0/1 0%]")
+    assert second.endswith("  [faq hits: response 1/2 50%, prompt 0/1 0%]")
+    alert = UsageEvent(ts_ms=0, job_id="", feature="faq", kind="alert", message="80% of cap")
+    assert "[" not in tail_line(alert, rates) and "ALERT faq" in tail_line(alert, rates)
