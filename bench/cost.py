@@ -12,11 +12,17 @@ temporary folder. Then two runs over the same jobs, each billed by the simulator
      in flight, every request on the top tier of config.toml [tiers] (the last, dearest: opus)
      with max_tokens 4096, realtime: what a client without tokenq pays. It goes feature by
      feature, so the ledger's growth over each gives that feature's naive cost.
-  2. tokenq: every job preloaded on its priority stream (feature, tenant and priority from the
-     trace, no tier), then --processes `tokenq worker` processes (--concurrency each) with the
-     repo's config.toml: its feature tiers, router, escalation and max_tokens caps. The models'
-     rate limits are raised far above what the bench sends, so the limiter runs but never makes
-     a job wait (limits decide when a job runs, not what it costs).
+  2. tokenq, routing: every job preloaded on its priority stream (feature, tenant and priority
+     from the trace, no tier), then --processes `tokenq worker` processes (--concurrency each)
+     with the repo's config.toml: its feature tiers, router, escalation and max_tokens caps,
+     but batch windows off (batch.priorities = []): every job in real time. The models' rate
+     limits are raised far above what the bench sends, so the limiter runs but never makes a
+     job wait (limits decide when a job runs, not what it costs).
+  3. tokenq, + batch windows: the same with config.toml's batch windows (priority `low`, the
+     trace's nightly_enrich jobs, goes to Message Batches at the batch price), the flush
+     interval and polling shortened to seconds so the run stays short (they decide when a batch
+     is sent, not what it costs). The ledger's `batch` section is checked against the models'
+     realtime prices: it must bill half.
 Checks: every job has a result with status ok and exactly one usage event of kind "job", and
 the events' summed cost_usd equals the ledger's total_cost_usd to the cent. tokenq's cost per
 feature comes from its usage events (the ledger bills per model, and features run together);
@@ -75,6 +81,7 @@ class Run:
     features: dict[str, FeatureCost] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
     events: int = 0
+    modes: list[str] = field(default_factory=list)  # each job event's mode
     usage_usd: float = 0.0
     baseline_usd: float = 0.0
 
@@ -261,6 +268,7 @@ def account(run: Run, events: list[UsageEvent], ids: list[str]) -> None:
     """Fill `run` from tokenq's usage events (kind "job"; alerts are skipped)."""
     jobs = [e for e in events if e.kind == "job"]
     run.events = len(jobs)
+    run.modes = [e.mode for e in jobs]
     for event in jobs:
         cost = run.features.setdefault(event.feature, FeatureCost())
         cost.jobs += 1
@@ -296,7 +304,7 @@ def tokenq_run(
     processes with the repo's config.toml plus `settings`; resets the simulator before."""
     base = load_config(ROOT / "config.toml")
     overrides = {**raised_limits(base), **(settings or {})}
-    cfg, path = write_config(folder, srv, f"cost{name}", overrides)
+    cfg, path = write_config(folder, srv, f"cost-{name.replace('+', '-')}", overrides)
     ids = asyncio.run(preload(srv.redis_url, cfg.prefix, trace))
     sim_call(srv.sim_url, "reset", {})
     say(f"{name}: {len(ids)} jobs preloaded; {a.processes} worker processes x concurrency "
@@ -316,11 +324,50 @@ def tokenq_run(
     return run
 
 
+NO_BATCH: dict[str, object] = {"batch.priorities": []}
+# Batch windows as config.toml has them, but flushed and polled within seconds.
+QUICK_BATCH: dict[str, object] = {"batch.flush_interval_s": 2.0, "batch.poll_s": 0.5}
+
+
+def batch_discount(run: Run, cfg: Config) -> tuple[float, float, int]:
+    """(ledger's batch cost, the same tokens at realtime prices, batch requests)."""
+    billed = realtime = 0.0
+    requests = 0
+    for model, t in run.ledger.get("batch", {}).items():
+        p = cfg.models[model]
+        realtime += (
+            t["input_tokens"] * p.input_usd_per_mtok
+            + t["output_tokens"] * p.output_usd_per_mtok
+            + t.get("ephemeral_5m_input_tokens", 0) * p.cache_write_5m_usd_per_mtok
+            + t.get("ephemeral_1h_input_tokens", 0) * p.cache_write_1h_usd_per_mtok
+            + t.get("cache_read_input_tokens", 0) * p.cache_read_usd_per_mtok
+        ) / 1_000_000
+        billed += float(t["cost_usd"])
+        requests += int(t["requests"])
+    return billed, realtime, requests
+
+
+def batch_lines(routed: Run, batched: Run, cfg: Config) -> list[str]:
+    """What the batch lever adds, and the ledger's word on the discount."""
+    billed, realtime, requests = batch_discount(batched, cfg)
+    share = billed / realtime if realtime else 0.0
+    saved = routed.ledger_usd - batched.ledger_usd
+    modes = Counter(e for e in batched.modes)
+    return [
+        f"batch windows: {requests:,} requests billed in the ledger's batch section, "
+        f"${billed:.6f} against ${realtime:.6f} for the same tokens at realtime prices: "
+        f"{share:.1%} of the price ({'half price' if abs(share - 0.5) < 1e-6 else 'NOT half'})",
+        f"batch windows add: ${routed.ledger_usd:.4f} -> ${batched.ledger_usd:.4f}, "
+        f"${saved:.4f} saved ({saved / routed.ledger_usd:.1%} of the routed cost); results by "
+        f"mode: {', '.join(f'{m} {n}' for m, n in sorted(modes.items()))}",
+    ]
+
+
 def tiers(cost: FeatureCost) -> str:
     return ", ".join(f"{tier} {n}" for tier, n in cost.tiers.most_common()) or "-"
 
 
-def report(naive: Run, tokenq: Run, cfg: Config, a: argparse.Namespace) -> bool:
+def report(naive: Run, routed: Run, tokenq: Run, cfg: Config, a: argparse.Namespace) -> bool:
     """Print the figures, the headline last; whether every check passed."""
     model = top_model(cfg)
     print(f"workload: bench/workloads/make_workload.py --jobs {a.jobs} --seed {a.seed}; "
@@ -328,19 +375,22 @@ def report(naive: Run, tokenq: Run, cfg: Config, a: argparse.Namespace) -> bool:
           f"{a.concurrency}; tokenq: {a.processes} x `tokenq worker` (concurrency "
           f"{a.concurrency}), config.toml (rate limits raised)")  # fmt: skip
     width = max(len(f) for f in naive.features)
-    print(f"{'feature':<{width}}  {'jobs':>5}  {'naive $':>10}  {'tokenq $':>10}  saving  "
-          f"tokenq tiers (jobs)")  # fmt: skip
+    print(f"{'feature':<{width}}  {'jobs':>5}  {'naive $':>10}  {'routed $':>10}  "
+          f"{'+batch $':>10}  saving  tokenq tiers (jobs)")  # fmt: skip
     for feature, n in naive.features.items():
+        r = routed.features.get(feature, FeatureCost())
         t = tokenq.features.get(feature, FeatureCost())
         # Rounded first: float sums of equal costs must not print as -0.0%.
         saving = f"{round(1 - t.cost_usd / n.cost_usd, 4) + 0.0:6.1%}" if n.cost_usd else "     -"
-        print(f"{feature:<{width}}  {n.jobs:>5}  {n.cost_usd:>10.4f}  {t.cost_usd:>10.4f}  "
-              f"{saving}  {tiers(t)}")  # fmt: skip
+        print(f"{feature:<{width}}  {n.jobs:>5}  {n.cost_usd:>10.4f}  {r.cost_usd:>10.4f}  "
+              f"{t.cost_usd:>10.4f}  {saving}  {tiers(t)}")  # fmt: skip
     ratio = tokenq.ledger_usd / naive.ledger_usd
     print(f"{'total (ledger)':<{width}}  {naive.jobs:>5}  {naive.ledger_usd:>10.4f}  "
-          f"{tokenq.ledger_usd:>10.4f}  {1 - ratio:6.1%}")  # fmt: skip
-    for run in (naive, tokenq):
+          f"{routed.ledger_usd:>10.4f}  {tokenq.ledger_usd:>10.4f}  {1 - ratio:6.1%}")  # fmt: skip
+    for run in (naive, routed, tokenq):
         print(f"ledger, {run.name} ({run.seconds:.0f} s): {run.billed()}")
+    for line in batch_lines(routed, tokenq, cfg):
+        print(line)
     gap = tokenq.accounting_gap_usd
     to_the_cent = round(gap, 2) == 0
     print(f"accounting: tokenq's usage events sum to ${tokenq.usage_usd:.6f} over "
@@ -348,11 +398,14 @@ def report(naive: Run, tokenq: Run, cfg: Config, a: argparse.Namespace) -> bool:
           f"${tokenq.ledger_usd:.6f}; ${gap:.6f} apart: "
           f"{'matches to the cent' if to_the_cent else 'DOES NOT match to the cent'}")  # fmt: skip
     print(baseline_line(naive, tokenq, cfg))
-    failed = naive.failures + tokenq.failures
-    for run in (naive, tokenq):
+    failed = naive.failures + routed.failures + tokenq.failures
+    for run in (naive, routed, tokenq):
         for why, count in run.failures.most_common():
             print(f"NOT ok, {run.name}: {count} x {why}")
-    ok = to_the_cent and not failed and tokenq.events == tokenq.jobs
+    billed, realtime, _ = batch_discount(tokenq, cfg)
+    half = realtime > 0 and abs(billed / realtime - 0.5) < 1e-6
+    to_the_cent = to_the_cent and round(routed.accounting_gap_usd, 2) == 0
+    ok = to_the_cent and half and not failed and tokenq.events == tokenq.jobs
     note = "" if ok else f"; CHECKS FAILED ({sum(failed.values())} jobs not ok)"
     apart = "matches the ledger to the cent" if to_the_cent else "is off the ledger"
     print(f"cost: tokenq ${tokenq.ledger_usd:.2f} vs naive ${naive.ledger_usd:.2f} on the "
@@ -406,9 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tokenq-bench-") as tmp, servers(Path(tmp)) as srv:
         trace = workload(Path(tmp), a.jobs, a.seed)
         naive = naive_run(srv, cfg, trace, a)
-        tokenq = tokenq_run(Path(tmp), srv, trace, a)
+        routed = tokenq_run(Path(tmp), srv, trace, a, "tokenq-routed", NO_BATCH)
+        tokenq = tokenq_run(Path(tmp), srv, trace, a, "tokenq+batch", QUICK_BATCH)
     say(f"whole run {time.monotonic() - t0:.0f} s")
-    if not report(naive, tokenq, cfg, a):
+    if not report(naive, routed, tokenq, cfg, a):
         sys.exit(1)
 
 
