@@ -12,11 +12,17 @@ temporary folder. Then two runs over the same jobs, each billed by the simulator
      in flight, every request on the top tier of config.toml [tiers] (the last, dearest: opus)
      with max_tokens 4096, realtime: what a client without tokenq pays. It goes feature by
      feature, so the ledger's growth over each gives that feature's naive cost.
-  2. tokenq: every job preloaded on its priority stream (feature, tenant and priority from the
-     trace, no tier), then --processes `tokenq worker` processes (--concurrency each) with the
-     repo's config.toml: its feature tiers, router, escalation and max_tokens caps. The models'
-     rate limits are raised far above what the bench sends, so the limiter runs but never makes
-     a job wait (limits decide when a job runs, not what it costs).
+  2. tokenq, routing: every job preloaded on its priority stream (feature, tenant and priority
+     from the trace, no tier), then --processes `tokenq worker` processes (--concurrency each)
+     with the repo's config.toml: its feature tiers, router, escalation and max_tokens caps,
+     but batch windows off (batch.priorities = []): every job in real time. The models' rate
+     limits are raised far above what the bench sends, so the limiter runs but never makes a
+     job wait (limits decide when a job runs, not what it costs).
+  3. tokenq, + batch windows: the same with config.toml's batch windows (priority `low`, the
+     trace's nightly_enrich jobs, goes to Message Batches at the batch price), the flush
+     interval and polling shortened to seconds so the run stays short (they decide when a batch
+     is sent, not what it costs). The ledger's `batch` section is checked against the models'
+     realtime prices: it must bill half.
 Checks: every job has a result with status ok and exactly one usage event of kind "job", and
 the events' summed cost_usd equals the ledger's total_cost_usd to the cent. tokenq's cost per
 feature comes from its usage events (the ledger bills per model, and features run together);
@@ -76,6 +82,7 @@ class Run:
     features: dict[str, FeatureCost] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
     events: int = 0
+    modes: list[str] = field(default_factory=list)  # each job event's mode
     usage_usd: float = 0.0
     baseline_usd: float = 0.0
 
@@ -262,6 +269,7 @@ def account(run: Run, events: list[UsageEvent], ids: list[str]) -> None:
     """Fill `run` from tokenq's usage events (kind "job"; alerts are skipped)."""
     jobs = [e for e in events if e.kind == "job"]
     run.events = len(jobs)
+    run.modes = [e.mode for e in jobs]
     for event in jobs:
         cost = run.features.setdefault(event.feature, FeatureCost())
         cost.jobs += 1
@@ -297,7 +305,7 @@ def tokenq_run(
     processes with the repo's config.toml plus `settings`; resets the simulator before."""
     base = load_config(ROOT / "config.toml")
     overrides = {**raised_limits(base), **(settings or {})}
-    cfg, path = write_config(folder, srv, f"cost{name}", overrides)
+    cfg, path = write_config(folder, srv, f"cost-{name.replace('+', '-')}", overrides)
     ids = asyncio.run(preload(srv.redis_url, cfg.prefix, trace))
     sim_call(srv.sim_url, "reset", {})
     say(f"{name}: {len(ids)} jobs preloaded; {a.processes} worker processes x concurrency "
@@ -317,6 +325,11 @@ def tokenq_run(
     return run
 
 
+NO_BATCH: dict[str, object] = {"batch.priorities": []}
+# Batch windows as config.toml has them, but flushed and polled within seconds.
+QUICK_BATCH: dict[str, object] = {"batch.flush_interval_s": 2.0, "batch.poll_s": 0.5}
+
+
 def without_prompt_cache(cfg: Config) -> dict[str, object]:
     return {f"features.{name}.prompt_cache": "off" for name in cfg.features}
 
@@ -332,10 +345,13 @@ def without_response_cache(cfg: Config) -> dict[str, object]:
 # levers not added yet). The last run is config.toml as it is.
 LEVERS: list[tuple[str, str, Callable[[Config], dict[str, object]]]] = [
     ("routing", "tiers per feature, escalation, max_tokens caps",
-     lambda cfg: {**without_prompt_cache(cfg), **without_response_cache(cfg)}),
-    ("prompt cache", "cache breakpoints on the stable prefix", without_response_cache),
+     lambda cfg: {**without_prompt_cache(cfg), **without_response_cache(cfg), **NO_BATCH}),
+    ("prompt cache", "cache breakpoints on the stable prefix",
+     lambda cfg: {**without_response_cache(cfg), **NO_BATCH}),
     ("response cache", "answers kept and shared (support_faq), one call in flight",
-     lambda cfg: {}),
+     lambda cfg: dict(NO_BATCH)),
+    ("batch windows", "low priority as Message Batches at half price",
+     lambda cfg: dict(QUICK_BATCH)),
 ]  # fmt: skip
 
 
@@ -358,6 +374,40 @@ def levers_table(naive: Run, runs: list[Run]) -> None:
         print(f"{'+ ' + name + ': ' + what:<64.64}  {run.ledger_usd:>9.4f}  {saving:>7.1%}  "
               f"{share:+.1%}")  # fmt: skip
         before = run.ledger_usd
+
+
+def batch_discount(run: Run, cfg: Config) -> tuple[float, float, int]:
+    """(ledger's batch cost, the same tokens at realtime prices, batch requests)."""
+    billed = realtime = 0.0
+    requests = 0
+    for model, t in run.ledger.get("batch", {}).items():
+        p = cfg.models[model]
+        realtime += (
+            t["input_tokens"] * p.input_usd_per_mtok
+            + t["output_tokens"] * p.output_usd_per_mtok
+            + t.get("ephemeral_5m_input_tokens", 0) * p.cache_write_5m_usd_per_mtok
+            + t.get("ephemeral_1h_input_tokens", 0) * p.cache_write_1h_usd_per_mtok
+            + t.get("cache_read_input_tokens", 0) * p.cache_read_usd_per_mtok
+        ) / 1_000_000
+        billed += float(t["cost_usd"])
+        requests += int(t["requests"])
+    return billed, realtime, requests
+
+
+def batch_lines(routed: Run, batched: Run, cfg: Config) -> list[str]:
+    """What the batch lever adds, and the ledger's word on the discount."""
+    billed, realtime, requests = batch_discount(batched, cfg)
+    share = billed / realtime if realtime else 0.0
+    saved = routed.ledger_usd - batched.ledger_usd
+    modes = Counter(e for e in batched.modes)
+    return [
+        f"batch windows: {requests:,} requests billed in the ledger's batch section, "
+        f"${billed:.6f} against ${realtime:.6f} for the same tokens at realtime prices: "
+        f"{share:.1%} of the price ({'half price' if abs(share - 0.5) < 1e-6 else 'NOT half'})",
+        f"batch windows add: ${routed.ledger_usd:.4f} -> ${batched.ledger_usd:.4f}, "
+        f"${saved:.4f} saved ({saved / routed.ledger_usd:.1%} of the routed cost); results by "
+        f"mode: {', '.join(f'{m} {n}' for m, n in sorted(modes.items()))}",
+    ]
 
 
 def tiers(cost: FeatureCost) -> str:
@@ -387,6 +437,8 @@ def report(naive: Run, runs: list[Run], cfg: Config, a: argparse.Namespace) -> b
     for run in (naive, tokenq):
         print(f"ledger, {run.name} ({run.seconds:.0f} s): {run.billed()}")
     levers_table(naive, runs)
+    for line in batch_lines(runs[-2], tokenq, cfg):
+        print(line)
     gaps = [run.accounting_gap_usd for run in runs]
     gap = max(gaps, key=abs)
     to_the_cent = all(round(g, 2) == 0 for g in gaps)
@@ -399,7 +451,9 @@ def report(naive: Run, runs: list[Run], cfg: Config, a: argparse.Namespace) -> b
     for run in (naive, *runs):
         for why, count in run.failures.most_common():
             print(f"NOT ok, {run.name}: {count} x {why}")
-    ok = to_the_cent and not failed and all(run.events == run.jobs for run in runs)
+    billed, realtime, _ = batch_discount(tokenq, cfg)
+    half = realtime > 0 and abs(billed / realtime - 0.5) < 1e-6
+    ok = to_the_cent and half and not failed and all(run.events == run.jobs for run in runs)
     note = "" if ok else f"; CHECKS FAILED ({sum(failed.values())} jobs not ok)"
     apart = "matches the ledger to the cent" if to_the_cent else "is off the ledger"
     print(f"cost: tokenq ${tokenq.ledger_usd:.2f} vs naive ${naive.ledger_usd:.2f} on the "

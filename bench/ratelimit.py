@@ -120,6 +120,7 @@ def one_run(
     cfg, path = write_config(folder, srv, f"rl{mode}", {
         "limits.mode": mode, f"{limits}.rpm": LIMITS[0], f"{limits}.itpm": LIMITS[1],
         f"{limits}.otpm": LIMITS[2],
+        "batch.priorities": [],  # every job in real time, under the limits being measured
     })  # fmt: skip
     asyncio.run(preload(srv.redis_url, cfg.prefix, trace))
     sim_call(srv.sim_url, "reset", {})

@@ -20,6 +20,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from producers import Producer
+from worker.batcher import batch_rows, cancel_batch
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
 from worker.config import Config, config_path, load_config
@@ -32,7 +33,7 @@ from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
 from worker.usage import HitRates, follow, tail_line
-from worker.worker import parse_request, serve
+from worker.worker import make_client, parse_request, serve
 
 EPILOG = """\
 commands, in the order you meet them:
@@ -44,6 +45,7 @@ commands, in the order you meet them:
   dead        list or replay dead-lettered jobs
   limits      rate limits per model: configured, in use across the fleet, headroom
   budgets     spend caps per feature and tenant: spent, reserved, cap; circuit breakers
+  batches     Message Batches of the batch windows: state and counts; cancel one
   reload      make every running worker re-read its config file (limits, features, prices)
   config      check a config file
   simulator   a local Anthropic API with a billing ledger (the default without an API key)
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dead(sub)
     _add_limits(sub)
     _add_budgets(sub)
+    _add_batches(sub)
     _add_config(sub)
     sub.add_parser("simulator", help="a local Anthropic API (see `tokenq simulator --help`)")
     p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")
@@ -228,6 +231,25 @@ def _add_budgets(sub: Sub[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per cap and breaker")
     p.set_defaults(run=cmd_budgets)
+
+
+def _add_batches(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "batches",
+        help="Message Batches: state and counts; cancel one",
+        description="The newest batches the batcher made from the batch priorities "
+        "(batch.priorities), newest first: local id, the API's id, state (planned, "
+        "submitted, done), requests, bytes, and once done the API's counts. `cancel ID` asks "
+        "the API to cancel one (local or msgbatch_ id); its unfinished jobs go back to their "
+        "stream when it ends, and into the next window.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per batch")
+    p.add_argument("--limit", type=_positive, default=50, help="at most this many (50)")
+    p.set_defaults(run=cmd_batches)
+    bsub = p.add_subparsers(dest="batches_command", metavar="ACTION")
+    cp = bsub.add_parser("cancel", help="cancel a submitted batch")
+    cp.add_argument("id", help="a batch id from `tokenq batches` (local or msgbatch_...)")
+    cp.set_defaults(run=cmd_batches_cancel)
 
 
 def _add_dead(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -473,6 +495,53 @@ def _budget_text(row: dict[str, Any]) -> str:
     if row["cap_requests"] is not None:
         parts.append(f"requests {row['requests']} of {row['cap_requests']}")
     return "; ".join(parts) + f"; resets {row['resets_at']}"
+
+
+def cmd_batches(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        async with _redis(cfg) as redis:
+            rows = await batch_rows(redis, Keys(cfg.prefix), ns.limit)
+        for row in rows:
+            print(json.dumps(row) if ns.json else _batch_text(row))
+        if not rows and not ns.json:
+            batched = ", ".join(cfg.batch.priorities) or "none (batch.priorities = [])"
+            print(f"no batches yet; batched priorities: {batched}")
+        return 0
+
+    return _run_async(run)
+
+
+def _batch_text(row: dict[str, Any]) -> str:
+    planned = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(row["planned_ms"]) / 1000))
+    counts = ", ".join(f"{k} {row[k]}" for k in ("succeeded", "errored", "expired", "canceled")
+                       if k in row)  # fmt: skip
+    waiting = f", {row['awaiting_results']} awaiting results" if row["awaiting_results"] else ""
+    return (
+        f"{row['batch']} {row.get('api_id', '-')} {row['state']}: {row['count']} requests, "
+        f"{int(row['bytes']):,} bytes, planned {planned}{waiting}"
+        + (f"; {counts}" if counts else "")
+    )
+
+
+def cmd_batches_cancel(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        client = make_client(cfg, 1)
+        try:
+            async with _redis(cfg) as redis:
+                local, answer = await cancel_batch(redis, Keys(cfg.prefix), client, ns.id)
+        except LookupError as exc:
+            print(f"tokenq: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+        print(f"batch {local}: {answer}")
+        return 0
+
+    return _run_async(run)
 
 
 def cmd_reload(ns: argparse.Namespace) -> int:

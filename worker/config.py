@@ -170,6 +170,24 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     dedupe: bool = False
 
 
+WINDOW = r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class BatchConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Batch windows: which priorities go to Message Batches, when, and how big (batcher.py)."""
+
+    priorities: list[Name] = msgspec.field(default_factory=lambda: ["low"])
+    flush_interval_s: Positive = 60.0
+    windows: list[Annotated[str, msgspec.Meta(pattern=WINDOW)]] = []
+    timezone: str = "UTC"
+    max_requests: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 64 * 1024 * 1024
+    completion_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 86_400.0
+    poll_s: Positive = 10.0
+    retry: Literal["batch", "realtime"] = "batch"
+    lease_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 15.0
+
+
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] = "tokenq"
     redis: RedisConfig = RedisConfig()
@@ -180,6 +198,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsConfig = LimitsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     breakers: BreakersConfig = BreakersConfig()
+    batch: BatchConfig = BatchConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}
@@ -302,7 +321,7 @@ def _type_at(segments: list[str]) -> Any:
 
 def _cross_check(cfg: Config) -> list[str]:
     """Checks across sections: every name used is defined, URLs have a known form."""
-    return _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg)
+    return _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_batch(cfg)
 
 
 def _check_names(cfg: Config) -> list[str]:
@@ -373,4 +392,32 @@ def _check_urls(cfg: Config) -> list[str]:
             f'anthropic.base_url = {cfg.anthropic.base_url!r} is not allowed: use "auto" '
             "or an http(s):// URL"
         )
+    return out
+
+
+def _check_batch(cfg: Config) -> list[str]:
+    out: list[str] = []
+    b, priorities = cfg.batch, cfg.queue.priorities
+    for name in b.priorities:
+        if name not in priorities:
+            out.append(
+                f"batch.priorities names {name!r}, which is not in queue.priorities "
+                f"({', '.join(priorities)}); name one of those, or [] for no batching"
+            )
+    if priorities and set(priorities) <= set(b.priorities):
+        out.append(
+            f"batch.priorities = {b.priorities!r} takes every priority; leave at least one for "
+            "realtime jobs (usually the highest)"
+        )
+    try:
+        zoneinfo.ZoneInfo(b.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        out.append(
+            f"batch.timezone = {b.timezone!r} is not a time zone; use an IANA name such as "
+            '"UTC" or "Europe/Berlin"'
+        )
+    for window in b.windows:
+        start, _, end = window.partition("-")
+        if start == end:
+            out.append(f'batch.windows has {window!r}, which is empty; e.g. "01:00-06:00"')
     return out

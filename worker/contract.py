@@ -32,6 +32,9 @@ Kind = Literal["job", "alert"]
 GROUP = "workers"
 """The consumer group every worker reads the job streams with."""
 
+BATCHER = "batcher"
+"""The consumer of GROUP that holds the jobs of batch priorities (see worker.batcher)."""
+
 
 class Keys:
     """Every Redis key name tokenq uses, built from one prefix (default `tokenq`)."""
@@ -42,6 +45,29 @@ class Keys:
         self.dead = f"{prefix}:dead"
         self.control = f"{prefix}:control"  # pub/sub channel: `reload` to every worker
         self.deferred = f"{prefix}:deferred"  # sorted set: jobs put off until their score (ms)
+
+    @property
+    def batcher_lease(self) -> str:
+        """A string: the token of the process whose batcher is active, with a TTL."""
+        return f"{self.prefix}:batcher:lease"
+
+    @property
+    def batches(self) -> str:
+        """A sorted set of local batch ids by creation time (ms): the batcher's index."""
+        return f"{self.prefix}:batches"
+
+    @property
+    def batch_ids(self) -> str:
+        """A hash of the API's batch ids to local ones, for batches tokenq submitted."""
+        return f"{self.prefix}:batches:api"
+
+    def batch(self, local_id: str) -> str:
+        """A hash: one batch's state, API id, times and counts."""
+        return f"{self.prefix}:batch:{local_id}"
+
+    def batch_members(self, local_id: str) -> str:
+        """A hash of custom_id to the job it stands for, while the job awaits its result."""
+        return f"{self.prefix}:batch:{local_id}:members"
 
     def limits(self, model: str, feature: str | None = None) -> str:
         """A hash of rate-limit buckets: a model's, or a feature's share of it."""

@@ -15,6 +15,11 @@ the visibility timeout, so a slow call is never taken away; a delivery whose wor
 being renewed, and after the visibility timeout any worker reclaims it with XAUTOCLAIM, before it
 reads new entries. Nothing is acknowledged before its result and usage event are written: both
 `finish` and `ack_duplicate` run as one MULTI together with the XACK.
+
+Batch priorities (config batch.priorities) are left out of a worker's reads and reclaims: only
+the batcher reads them, as consumer `batcher` (see worker.batcher), with `take`, `stale`,
+`own_pending` and `fetch`, and finishes them with `finish_into` and `requeue_into` inside its
+own transactions.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,11 +141,15 @@ class Queue:
         result_ttl_s: int = 86_400,
         usage_maxlen: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
+        batched: Collection[str] = (),
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.priorities = list(priorities)
         self.streams = {p: keys.jobs(p) for p in priorities}
+        # What read() and the reclaims look at: every priority but the batched ones.
+        self.readable = [p for p in priorities if p not in batched]
+        self._read_streams = {p: self.streams[p] for p in self.readable}
         self.consumer = consumer
         self.visibility_ms = visibility_ms
         self.fair_every = fair_every
@@ -151,7 +160,7 @@ class Queue:
         self._fair_turn = 0
         self._buffer: list[Delivery] = []
         self._next_reclaim = 0.0
-        self._cursors = dict.fromkeys(priorities, "0-0")
+        self._cursors = dict.fromkeys(self.readable, "0-0")
         self._begin = redis.register_script(_BEGIN_ATTEMPT)
         self._move = redis.register_script(_MOVE_DUE)
 
@@ -197,9 +206,10 @@ class Queue:
 
     async def _read_new(self, count: int) -> list[Delivery]:
         self._reads += 1
-        order = [(p, count) for p in self.priorities]
-        if len(self.priorities) > 1 and self._reads % self.fair_every == 0:
-            lower = self.priorities[1 + self._fair_turn % (len(self.priorities) - 1)]
+        readable = self.readable
+        order = [(p, count) for p in readable]
+        if len(readable) > 1 and self._reads % self.fair_every == 0:
+            lower = readable[1 + self._fair_turn % (len(readable) - 1)]
             self._fair_turn += 1
             order.insert(0, (lower, 1))
         out: list[Delivery] = []
@@ -213,7 +223,7 @@ class Queue:
 
     async def _read_blocking(self, block_ms: int) -> list[Delivery]:
         # COUNT is per stream: one entry from each stream at most, priority order restored below.
-        got = await self._xreadgroup({s: ">" for s in self.streams.values()}, 1, block_ms)
+        got = await self._xreadgroup({s: ">" for s in self._read_streams.values()}, 1, block_ms)
         return sorted(got, key=lambda d: self.priorities.index(d.priority))
 
     async def _xreadgroup(
@@ -238,7 +248,7 @@ class Queue:
 
     async def _reclaim(self, count: int) -> None:
         """Take over deliveries idle past the visibility timeout (their worker died)."""
-        for priority, stream in self.streams.items():
+        for priority, stream in self._read_streams.items():
             try:
                 cursor, entries, *_deleted = await self.redis.xautoclaim(
                     stream, GROUP, self.consumer, self.visibility_ms,
@@ -303,17 +313,105 @@ class Queue:
     async def finish(self, d: Delivery, job_id: str, end: Finish) -> None:
         """Write result, usage event (and dead letter, reply) and acknowledge, in one MULTI."""
         async with self.redis.pipeline(transaction=True) as tx:
-            if end.dead is not None:
-                tx.xadd(self.keys.dead, _map(end.dead))
-            tx.set(self.keys.result(job_id), end.result_json, ex=self.result_ttl_s)
-            tx.xadd(self.keys.usage, _map(end.usage), maxlen=self.usage_maxlen, approximate=True)
-            if end.reply_to:
-                tx.xadd(end.reply_to, {"result": end.result_json})
-            # Wakes result() waiters; short-lived, the result key itself is the record.
-            tx.rpush(self.keys.done(job_id), 1)
-            tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
-            self._ack(tx, d, job_id)
+            self.finish_into(tx, d, job_id, end)
             await tx.execute()
+
+    def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
+        """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""
+        if end.dead is not None:
+            tx.xadd(self.keys.dead, _map(end.dead))
+        tx.set(self.keys.result(job_id), end.result_json, ex=self.result_ttl_s)
+        tx.xadd(self.keys.usage, _map(end.usage), maxlen=self.usage_maxlen, approximate=True)
+        if end.reply_to:
+            tx.xadd(end.reply_to, {"result": end.result_json})
+        # Wakes result() waiters; short-lived, the result key itself is the record.
+        tx.rpush(self.keys.done(job_id), 1)
+        tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
+        self._ack(tx, d, job_id)
+
+    def requeue_into(self, tx: Any, d: Delivery, job_id: str, *, refund: bool) -> None:
+        """Queue writes that put a job back at the end of its stream under the same job id
+        (a new entry; this one acknowledged and deleted). Its attempts are kept, less the
+        last one when `refund` (the attempt was not the job's fault: expired, canceled)."""
+        tx.xadd(d.stream, _map({**d.fields, "id": job_id}))
+        tx.xack(d.stream, GROUP, d.entry_id)
+        tx.xdel(d.stream, d.entry_id)
+        if refund:
+            tx.hincrby(self.keys.state(job_id), "attempts", -1)
+
+    async def take(self, priority: str, count: int) -> list[Delivery]:
+        """Up to `count` new entries of one stream for this consumer, without blocking."""
+        return await self._xreadgroup({self.streams[priority]: ">"}, count, None)
+
+    async def stale(self, priority: str, min_idle_ms: int) -> list[Delivery]:
+        """Take over the entries other consumers of one stream left idle over min_idle_ms
+        (their process died): the batcher's sweep of the batch streams."""
+        stream = self.streams[priority]
+        try:
+            consumers: Any = await self.redis.xinfo_consumers(stream, GROUP)
+        except ResponseError:
+            return []
+        out: list[Delivery] = []
+        for c in consumers:
+            if c["name"] == self.consumer or c["pending"] == 0:
+                continue
+            rows: Any = await self.redis.xpending_range(
+                stream, GROUP, min="-", max="+", count=1000, consumername=c["name"],
+                idle=min_idle_ms,
+            )  # fmt: skip
+            ids = [r["message_id"] for r in rows]
+            if not ids:
+                continue
+            claimed: Any = await self.redis.xclaim(stream, GROUP, self.consumer, min_idle_ms, ids)
+            out += [Delivery(priority, stream, i, f) for i, f in claimed if f]
+        return out
+
+    async def own_pending(self, priority: str) -> list[str]:
+        """Every entry id of one stream pending for this consumer, oldest first."""
+        stream, start, ids = self.streams[priority], "-", list[str]()
+        while True:
+            rows: Any = await self.redis.xpending_range(
+                stream, GROUP, min=start, max="+", count=1000, consumername=self.consumer
+            )
+            ids += [str(r["message_id"]) for r in rows]
+            if len(rows) < 1000:
+                return ids
+            start = f"({ids[-1]}"
+
+    async def fetch(self, wanted: list[tuple[str, str]]) -> list[Delivery | None]:
+        """The entries (priority, entry id) as deliveries; None for one no longer there."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for priority, entry_id in wanted:
+                pipe.xrange(self.streams[priority], entry_id, entry_id)
+            replies: list[Any] = await pipe.execute()
+        return [
+            Delivery(p, self.streams[p], i, dict(r[0][1])) if r else None
+            for (p, i), r in zip(wanted, replies, strict=True)
+        ]
+
+    async def begin_attempts(self, ds: list[Delivery]) -> list[Attempt]:
+        """begin_attempt for many deliveries in one round trip (two when ids collide)."""
+        out: list[Attempt | None] = [None] * len(ds)
+        todo = list(range(len(ds)))
+        while todo:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for n in todo:
+                    d = ds[n]
+                    owner = "" if d.fields.get("id") else d.owner
+                    keys = [self.keys.state(d.job_id), self.keys.result(d.job_id)]
+                    await self._begin(keys=keys, args=[owner, STATE_TTL_S], client=pipe)
+                replies: list[Any] = await pipe.execute()
+            again = []
+            for n, (exists, attempts, last_error) in zip(todo, replies, strict=True):
+                if int(exists) >= 0:
+                    out[n] = Attempt(bool(exists), int(attempts), _text(last_error))
+                elif not ds[n].qualified:
+                    ds[n].qualified = True  # see begin_attempt
+                    again.append(n)
+                else:
+                    raise RuntimeError(f"job id {ds[n].job_id!r} is owned by another entry")
+            todo = again
+        return [a for a in out if a is not None]
 
     async def defer(self, d: Delivery, job_id: str, until_ms: int) -> None:
         """Put a job off until until_ms: it leaves its stream (acknowledged) for the deferred
@@ -361,6 +459,10 @@ class Queue:
                 continue
             if any(c["name"] == self.consumer and c["pending"] == 0 for c in consumers):
                 await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _map(fields: dict[str, str]) -> dict[Any, Any]:

@@ -196,6 +196,7 @@ class Worker:
         renewer = asyncio.create_task(self._renew_forever())
         mover = asyncio.create_task(self._move_deferred_forever())
         control = asyncio.create_task(listen(self.queue.redis, self.queue.keys, self.reload))
+        batching = asyncio.create_task(self._batcher())
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -205,17 +206,36 @@ class Worker:
                     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 for delivery in await self._read(free):
-                    task = asyncio.create_task(self._handle(delivery))
-                    self._in_flight[task] = delivery
-                    task.add_done_callback(self._in_flight.pop)
+                    self.adopt(delivery)
         finally:
             stop_wait.cancel()
-            await self._drain()
+            await self._drain(batching)
             renewer.cancel()
             mover.cancel()
             control.cancel()
             await asyncio.gather(control, return_exceptions=True)
             await self.queue.leave()
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once stop() was called."""
+        return self._stopping
+
+    def adopt(self, d: Delivery) -> None:
+        """Run a delivery as a job in flight: one read here, or one the batcher hands over
+        (due before its batch window ends, or an errored batch item retried in real time)."""
+        task = asyncio.create_task(self._handle(d))
+        self._in_flight[task] = d
+        task.add_done_callback(self._in_flight.pop)
+
+    async def _batcher(self) -> None:
+        """This process's batcher candidate (worker.batcher), while batching is configured."""
+        if not self.cfg.batch.priorities:
+            return
+        # Imported here: the batcher imports this module (the jobs it hands back run here).
+        from worker.batcher import Batcher
+
+        await Batcher(self).run()
 
     async def _read(self, free: int) -> list[Delivery]:
         try:
@@ -225,8 +245,13 @@ class Worker:
             await self._pause(1.0)
             return []
 
-    async def _drain(self) -> None:
-        """Give in-flight jobs grace_s; cancel the rest (unacknowledged, so they are reclaimed)."""
+    async def _drain(self, batching: asyncio.Task[None]) -> None:
+        """Give in-flight jobs (and the batcher's step) grace_s; cancel the rest
+        (unacknowledged, so they are reclaimed)."""
+        _, late = await asyncio.wait({batching}, timeout=self.cfg.worker.grace_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(batching, return_exceptions=True)
         if not self._in_flight:
             return
         _, late = await asyncio.wait(self._in_flight, timeout=self.cfg.worker.grace_s)
@@ -996,6 +1021,7 @@ def build_worker(
         fair_every=cfg.queue.fair_every,
         result_ttl_s=cfg.queue.result_ttl_s,
         usage_maxlen=cfg.queue.usage_maxlen,
+        batched=cfg.batch.priorities,
     )
     client = client or make_client(cfg, concurrency)
     return Worker(cfg, queue, client, concurrency=concurrency)

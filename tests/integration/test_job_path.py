@@ -139,7 +139,8 @@ async def _drained(redis: aioredis.Redis, stream: str) -> bool:
 async def test_same_entry_id_on_two_streams_gives_two_results(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
 ) -> None:
-    cfg, _ = make_config()
+    # Both streams read in real time (low is batched by default; test_batches covers that).
+    cfg, _ = make_config(**{"batch.priorities": []})
     # Each stream numbers its own entries: both get id 5-1 (as two XADDs in one ms would).
     for priority in ("high", "low"):
         await redis.xadd(keys.jobs(priority), {"feature": "summarize", "request": HELLO}, id="5-1")
@@ -157,7 +158,7 @@ async def test_same_entry_id_on_two_streams_gives_two_results(
 async def test_a_same_numbered_entry_after_the_first_finished_still_runs(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
 ) -> None:
-    cfg, _ = make_config()
+    cfg, _ = make_config(**{"batch.priorities": []})  # batched: see test_batches
     async with run_worker(cfg):
         await redis.xadd(keys.jobs("normal"), {"feature": "summarize", "request": HELLO}, id="7-0")
         await eventually(lambda: redis.exists(keys.result("7-0")), what="normal's result")

@@ -178,7 +178,8 @@ async def test_slow_calls_are_renewed_not_reclaimed(
 async def test_higher_priority_first(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
 ) -> None:
-    cfg, _ = make_config(**{"queue.fair_every": 1000})
+    # The rule for realtime reads: low is batched by default, so it is read in real time here.
+    cfg, _ = make_config(**{"queue.fair_every": 1000, "batch.priorities": []})
     producer = Producer(redis, keys.prefix)
     for priority in ("low", "normal", "high"):
         for _ in range(4):
@@ -192,7 +193,8 @@ async def test_higher_priority_first(
 async def test_lower_priorities_are_not_starved(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
 ) -> None:
-    cfg, _ = make_config(**{"queue.fair_every": 3})
+    # The rule for realtime reads: low is batched by default, so it is read in real time here.
+    cfg, _ = make_config(**{"queue.fair_every": 3, "batch.priorities": []})
     producer = Producer(redis, keys.prefix)
     for priority in ("low", "normal", "high"):
         for _ in range(12):
