@@ -405,8 +405,8 @@ def batch_lines(routed: Run, batched: Run, cfg: Config) -> list[str]:
         f"${billed:.6f} against ${realtime:.6f} for the same tokens at realtime prices: "
         f"{share:.1%} of the price ({'half price' if abs(share - 0.5) < 1e-6 else 'NOT half'})",
         f"batch windows add: ${routed.ledger_usd:.4f} -> ${batched.ledger_usd:.4f}, "
-        f"${saved:.4f} saved ({saved / routed.ledger_usd:.1%} of the routed cost); results by "
-        f"mode: {', '.join(f'{m} {n}' for m, n in sorted(modes.items()))}",
+        f"${saved:.4f} saved ({saved / routed.ledger_usd:.1%} of the cost without them); "
+        f"results by mode: {', '.join(f'{m} {n}' for m, n in sorted(modes.items()))}",
     ]
 
 
