@@ -60,10 +60,11 @@ from worker.config import BatchConfig, Config
 from worker.contract import BATCHER, Job, Keys, Result, UsageEvent, entry_ms, to_fields
 from worker.errors import InvalidRequest, JobRejected
 from worker.estimate import raw_estimate
+from worker.jobs import ApiMessage, exhausted, text_of
 from worker.queue import Delivery, Finish, Queue
 from worker.router import check_answer, static_route
 from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
-from worker.worker import ApiMessage, Worker, exhausted, text_of
+from worker.worker import Worker
 
 log = logging.getLogger("tokenq.batcher")
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")

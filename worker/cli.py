@@ -29,11 +29,12 @@ from worker.control import publish_reload
 from worker.embedded import connect, ping, redis_url, server_args
 from worker.errors import ConfigError, MalformedJob
 from worker.fleet import run_fleet
+from worker.jobs import parse_request
 from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
 from worker.usage import HitRates, follow, tail_line
-from worker.worker import make_client, parse_request, serve
+from worker.worker import make_client, serve
 
 EPILOG = """\
 commands, in the order you meet them:

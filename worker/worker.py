@@ -17,7 +17,6 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anthropic
@@ -36,21 +35,18 @@ from worker.caching import (
 )
 from worker.config import Config, FeatureConfig
 from worker.contract import (
-    REQUEST_FIELDS,
     ErrorInfo,
     Job,
     Keys,
     Request,
     Result,
     UsageEvent,
-    decode_job,
     entry_ms,
     to_fields,
 )
 from worker.control import listen, reloaded
 from worker.embedded import connect, redis_url
 from worker.errors import (
-    AttemptsExhausted,
     BudgetExceeded,
     CircuitOpen,
     ConfigError,
@@ -62,6 +58,25 @@ from worker.errors import (
     UnknownFeature,
 )
 from worker.estimate import Calibration, raw_estimate
+from worker.jobs import (
+    CLASSIFIER_ERRORS,
+    RETRYABLE,
+    ApiMessage,
+    Defer,
+    Plan,
+    Refused,
+    Spend,
+    check_deadline,
+    decode_message,
+    describe,
+    exhausted,
+    failure_answer,
+    more_room,
+    now_ms,
+    parse_job,
+    parse_request,
+    text_of,
+)
 from worker.limiter import Answer, Grant, Unfit, make_limiter
 from worker.queue import Delivery, Finish, Queue
 from worker.router import (
@@ -79,34 +94,7 @@ from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
 T = TypeVar("T")
 log = logging.getLogger("tokenq.worker")
 
-# Failures that are not the job's fault: the job is retried after a backoff.
-RETRYABLE: tuple[type[Exception], ...] = (
-    anthropic.RateLimitError,
-    anthropic.InternalServerError,  # 500, 529 (OverloadedError), 503, 504 ...
-    anthropic.APIConnectionError,  # APITimeoutError too
-    anthropic.RequestTimeoutError,
-    anthropic.ConflictError,
-    anthropic.AuthenticationError,  # a key problem: every job would fail, none is malformed
-    anthropic.PermissionDeniedError,
-    anthropic.PaymentRequiredError,
-)
 
-
-# The classifier is optional: any API error makes the router fall back to its default tier.
-CLASSIFIER_ERRORS: tuple[type[Exception], ...] = (*RETRYABLE, anthropic.APIStatusError)
-
-
-class ApiMessage(msgspec.Struct, frozen=True):
-    """The parts of a Messages API response the worker reads."""
-
-    model: str
-    content: list[dict[str, Any]]
-    usage: dict[str, Any]
-    stop_reason: str | None = None
-
-
-_decode_message = msgspec.json.Decoder(ApiMessage).decode
-_decode_request = msgspec.json.Decoder(Request).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -464,7 +452,7 @@ class Worker:
                 call = mark_prompt_cache({**params, "model": model}, feature.prompt_cache,
                                          prices.min_cache_tokens)  # fmt: skip
                 message, latency_ms = await self._paid_call(job, call, rank, attempt, spend, ticket)
-            except _Refused as refused:
+            except Refused as refused:
                 moved = self._on_budget(job, feature, plan.tier, refused.refusal, plan.route,
                                         attempt)  # fmt: skip
                 if isinstance(moved, Defer):
@@ -475,7 +463,7 @@ class Worker:
             up = dearer(self.cfg, plan.tier) if problem else None
             if problem and up and plan.escalations < self.cfg.router.max_escalations:
                 plan.escalations += 1
-                room = _more_room(feature, params) if problem == CUT else ""
+                room = more_room(feature, params) if problem == CUT else ""
                 plan.route.append(f"escalated to {up}: {problem}{room}")
                 plan.tier = up
                 continue
@@ -543,7 +531,7 @@ class Worker:
         try:
             message, _ = await self._paid_call(job, classifier_request(self.cfg, params), rank, 0,
                                                spend, None)  # fmt: skip
-        except _Refused as refused:
+        except Refused as refused:
             return self.cfg.router.default_tier, f"router.default_tier (classifier: {refused})"
         except CLASSIFIER_ERRORS as exc:
             return self.cfg.router.default_tier, f"router.default_tier (classifier failed: {exc})"
@@ -559,7 +547,7 @@ class Worker:
     ) -> tuple[ApiMessage, int]:  # fmt: skip
         """One API call within the rate limits and the budgets: capacity, then a budget
         reservation of its worst case, the call, then both settled and the breakers told.
-        Raises _Refused when a budget cap refuses the reservation."""
+        Raises Refused when a budget cap refuses the reservation."""
         model = params["model"]
         estimate, raw = self.calibration.estimate(model, params)
         grant = await self._capacity(job, model, rank, (1, estimate, int(params["max_tokens"])),
@@ -603,7 +591,7 @@ class Worker:
         )  # fmt: skip
         got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, now_ms())
         if isinstance(got, Refusal):
-            raise _Refused(got)
+            raise Refused(got)
         return got
 
     async def _settle_budget(self, job: Job, hold: Hold, cost: float, *, called: bool) -> None:
@@ -692,9 +680,9 @@ class Worker:
             body = await raw.read()
         except BaseException as exc:
             if grant is not None:  # shielded: a cancelled job still gives capacity back
-                await asyncio.shield(self._settle(grant, _failure(exc)))
+                await asyncio.shield(self._settle(grant, failure_answer(exc)))
             raise
-        message = _decode_message(body)
+        message = decode_message(body)
         usage = msgspec.convert(message.usage, ApiUsage)
         self.calibration.learn(params["model"], raw_estimate, usage.prompt_tokens)
         if grant is not None:
@@ -851,147 +839,9 @@ class Worker:
         return Finish(_encode(result), to_fields(event), f.get("reply_to") or None, dead)
 
 
-@dataclass
-class Spend:
-    """What a job's calls used, summed: a classifier call, escalations, the answer."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_write: int = 0
-    cache_read: int = 0
-    cost_usd: float = 0.0
-
-    def add(self, usage: ApiUsage, cost: float) -> None:
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        self.cache_write += usage.cache_write
-        self.cache_read += usage.cache_read
-        self.cost_usd += cost
-
-
-@dataclass
-class Plan:
-    """Where a job is routed, how it got there (route_reason's parts), and what the
-    response cache did: "off", "miss" (and then the answer worth keeping)."""
-
-    tier: str
-    route: list[str]
-    escalations: int = 0
-    cache: str = "off"
-    answer: CachedAnswer | None = None
-
-
-@dataclass(frozen=True)
-class Defer:
-    """Put the job off until until_ms (unix ms), for the reason given."""
-
-    until_ms: int
-    why: str
-
-
-class _Refused(Exception):
-    """A budget cap refused a call's reservation."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.sentence())
-        self.refusal = refusal
-
-
-def _more_room(feature: FeatureConfig, params: dict[str, Any]) -> str:
-    """An answer cut at max_tokens is retried with twice the room, up to max_tokens_cap: a
-    dearer model alone writes no shorter. Changes params; says what it did."""
-    cap, wanted = feature.max_tokens_cap, int(params["max_tokens"])
-    if cap is None or wanted >= cap:
-        return ""
-    params["max_tokens"] = min(cap, wanted * 2)
-    return f" (max_tokens {wanted} -> {params['max_tokens']})"
-
-
-def text_of(message: ApiMessage) -> str:
-    """The answer's text blocks, joined."""
-    return "".join(b.get("text", "") for b in message.content if b.get("type") == "text")
-
-
 def _fields(fields: dict[str, str]) -> dict[Any, Any]:
     """redis-py's stubs want invariant dicts of unions; a dict of str is one at runtime."""
     return fields
-
-
-def parse_job(fields: dict[str, str]) -> Job:
-    """The stream fields as a Job, or MalformedJob saying which field is wrong and how."""
-    try:
-        return decode_job(fields)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "missing required field `feature`" in text:
-            raise MalformedJob(
-                "the job has no `feature` field; every job names a feature of config.toml "
-                "[features]. Add it to the XADD."
-            ) from None
-        if "missing required field `request`" in text:
-            raise MalformedJob(
-                "the job has no `request` field; it must be a JSON object of Messages API "
-                'parameters, e.g. {"messages":[{"role":"user","content":"Hi"}]}.'
-            ) from None
-        raise MalformedJob(f"a job field is not valid: {text}. Fix the producer.") from None
-
-
-def parse_request(text: str) -> Request:
-    """The `request` field as a Request, or MalformedJob saying what is wrong with it."""
-    try:
-        return _decode_request(text)
-    except msgspec.ValidationError as exc:
-        detail = str(exc)
-        if detail.startswith("Expected `object`") and "at `$" not in detail:
-            detail = "it must be a JSON object, not " + detail.split("got ")[-1]
-        for name in ("temperature", "top_p", "top_k"):
-            if f"unknown field `{name}`" in detail:
-                detail = f"`{name}` is not accepted: the API version 2026-10-21 rejects it; drop it"
-        if "unknown field" in detail:
-            detail += f" (allowed: {', '.join(REQUEST_FIELDS)})"
-        raise MalformedJob(f"`request` is not valid: {detail}. Fix the producer.") from None
-    except msgspec.DecodeError as exc:
-        raise MalformedJob(
-            f"`request` is not valid JSON ({exc}); it must be a JSON object of Messages API "
-            "parameters. Fix the producer."
-        ) from None
-
-
-def _failure(exc: BaseException) -> Answer:
-    """What a failed call tells the limiter: its status and headers, if it got an answer."""
-    if isinstance(exc, anthropic.APIStatusError):
-        return Answer(None, exc.response.headers, exc.status_code)
-    return Answer(None, {}, 0)
-
-
-def check_deadline(job: Job) -> None:
-    """Raise DeadlineExceeded once the job's deadline_ms has passed."""
-    if job.deadline_ms is not None and now_ms() > job.deadline_ms:
-        raise DeadlineExceeded(
-            f"deadline_ms {job.deadline_ms} passed before the job could run "
-            f"({now_ms() - job.deadline_ms} ms late); submit it again with a later deadline"
-        )
-
-
-def exhausted(attempts: int, last_error: str) -> AttemptsExhausted:
-    return AttemptsExhausted(
-        f"the job failed {attempts} attempts (queue.max_attempts); last error: "
-        f"{last_error or 'its worker stopped mid-call each time'}. Replay it when the cause "
-        "is fixed (tokenq dead replay).",
-        attempts=attempts,
-    )
-
-
-def describe(exc: Exception) -> str:
-    """An SDK error in one line: class, status, the API's message and request id."""
-    if isinstance(exc, anthropic.APIStatusError):
-        request_id = exc.response.headers.get("request-id", "-")
-        return f"{type(exc).__name__} {exc.status_code}: {exc.message} (request-id {request_id})"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def consumer_name() -> str:

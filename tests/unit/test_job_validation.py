@@ -6,7 +6,7 @@ import pytest
 
 from worker.contract import decode_job
 from worker.errors import JobRejected
-from worker.worker import parse_job, parse_request
+from worker.jobs import parse_job, parse_request
 
 HELLO = '{"messages":[{"role":"user","content":"Hi"}]}'
 

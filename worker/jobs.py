@@ -1,0 +1,190 @@
+"""A job's parts between the stream and the API: its fields parsed and checked, the errors
+worth another attempt, the API's answer, what the job's calls spent, how it was routed, and
+the outcomes a job can have short of a result (put off, refused by a budget).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import msgspec
+
+from worker.budgets import Refusal
+from worker.caching import CachedAnswer
+from worker.config import FeatureConfig
+from worker.contract import REQUEST_FIELDS, Job, Request, decode_job
+from worker.errors import AttemptsExhausted, DeadlineExceeded, MalformedJob
+from worker.limiter import Answer
+from worker.usage import ApiUsage
+
+# Failures that are not the job's fault: the job is retried after a backoff.
+RETRYABLE: tuple[type[Exception], ...] = (
+    anthropic.RateLimitError,
+    anthropic.InternalServerError,  # 500, 529 (OverloadedError), 503, 504 ...
+    anthropic.APIConnectionError,  # APITimeoutError too
+    anthropic.RequestTimeoutError,
+    anthropic.ConflictError,
+    anthropic.AuthenticationError,  # a key problem: every job would fail, none is malformed
+    anthropic.PermissionDeniedError,
+    anthropic.PaymentRequiredError,
+)
+
+
+# The classifier is optional: any API error makes the router fall back to its default tier.
+CLASSIFIER_ERRORS: tuple[type[Exception], ...] = (*RETRYABLE, anthropic.APIStatusError)
+
+
+class ApiMessage(msgspec.Struct, frozen=True):
+    """The parts of a Messages API response the worker reads."""
+
+    model: str
+    content: list[dict[str, Any]]
+    usage: dict[str, Any]
+    stop_reason: str | None = None
+
+
+decode_message = msgspec.json.Decoder(ApiMessage).decode
+
+
+_decode_request = msgspec.json.Decoder(Request).decode
+
+
+@dataclass
+class Spend:
+    """What a job's calls used, summed: a classifier call, escalations, the answer."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write: int = 0
+    cache_read: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, usage: ApiUsage, cost: float) -> None:
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cache_write += usage.cache_write
+        self.cache_read += usage.cache_read
+        self.cost_usd += cost
+
+
+@dataclass
+class Plan:
+    """Where a job is routed, how it got there (route_reason's parts), and what the
+    response cache did: "off", "miss" (and then the answer worth keeping)."""
+
+    tier: str
+    route: list[str]
+    escalations: int = 0
+    cache: str = "off"
+    answer: CachedAnswer | None = None
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Put the job off until until_ms (unix ms), for the reason given."""
+
+    until_ms: int
+    why: str
+
+
+class Refused(Exception):
+    """A budget cap refused a call's reservation."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.sentence())
+        self.refusal = refusal
+
+
+def more_room(feature: FeatureConfig, params: dict[str, Any]) -> str:
+    """An answer cut at max_tokens is retried with twice the room, up to max_tokens_cap: a
+    dearer model alone writes no shorter. Changes params; says what it did."""
+    cap, wanted = feature.max_tokens_cap, int(params["max_tokens"])
+    if cap is None or wanted >= cap:
+        return ""
+    params["max_tokens"] = min(cap, wanted * 2)
+    return f" (max_tokens {wanted} -> {params['max_tokens']})"
+
+
+def text_of(message: ApiMessage) -> str:
+    """The answer's text blocks, joined."""
+    return "".join(b.get("text", "") for b in message.content if b.get("type") == "text")
+
+
+def parse_job(fields: dict[str, str]) -> Job:
+    """The stream fields as a Job, or MalformedJob saying which field is wrong and how."""
+    try:
+        return decode_job(fields)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "missing required field `feature`" in text:
+            raise MalformedJob(
+                "the job has no `feature` field; every job names a feature of config.toml "
+                "[features]. Add it to the XADD."
+            ) from None
+        if "missing required field `request`" in text:
+            raise MalformedJob(
+                "the job has no `request` field; it must be a JSON object of Messages API "
+                'parameters, e.g. {"messages":[{"role":"user","content":"Hi"}]}.'
+            ) from None
+        raise MalformedJob(f"a job field is not valid: {text}. Fix the producer.") from None
+
+
+def parse_request(text: str) -> Request:
+    """The `request` field as a Request, or MalformedJob saying what is wrong with it."""
+    try:
+        return _decode_request(text)
+    except msgspec.ValidationError as exc:
+        detail = str(exc)
+        if detail.startswith("Expected `object`") and "at `$" not in detail:
+            detail = "it must be a JSON object, not " + detail.split("got ")[-1]
+        for name in ("temperature", "top_p", "top_k"):
+            if f"unknown field `{name}`" in detail:
+                detail = f"`{name}` is not accepted: the API version 2026-10-21 rejects it; drop it"
+        if "unknown field" in detail:
+            detail += f" (allowed: {', '.join(REQUEST_FIELDS)})"
+        raise MalformedJob(f"`request` is not valid: {detail}. Fix the producer.") from None
+    except msgspec.DecodeError as exc:
+        raise MalformedJob(
+            f"`request` is not valid JSON ({exc}); it must be a JSON object of Messages API "
+            "parameters. Fix the producer."
+        ) from None
+
+
+def failure_answer(exc: BaseException) -> Answer:
+    """What a failed call tells the limiter: its status and headers, if it got an answer."""
+    if isinstance(exc, anthropic.APIStatusError):
+        return Answer(None, exc.response.headers, exc.status_code)
+    return Answer(None, {}, 0)
+
+
+def check_deadline(job: Job) -> None:
+    """Raise DeadlineExceeded once the job's deadline_ms has passed."""
+    if job.deadline_ms is not None and now_ms() > job.deadline_ms:
+        raise DeadlineExceeded(
+            f"deadline_ms {job.deadline_ms} passed before the job could run "
+            f"({now_ms() - job.deadline_ms} ms late); submit it again with a later deadline"
+        )
+
+
+def exhausted(attempts: int, last_error: str) -> AttemptsExhausted:
+    return AttemptsExhausted(
+        f"the job failed {attempts} attempts (queue.max_attempts); last error: "
+        f"{last_error or 'its worker stopped mid-call each time'}. Replay it when the cause "
+        "is fixed (tokenq dead replay).",
+        attempts=attempts,
+    )
+
+
+def describe(exc: Exception) -> str:
+    """An SDK error in one line: class, status, the API's message and request id."""
+    if isinstance(exc, anthropic.APIStatusError):
+        request_id = exc.response.headers.get("request-id", "-")
+        return f"{type(exc).__name__} {exc.status_code}: {exc.message} (request-id {request_id})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
