@@ -22,6 +22,9 @@ async def test_up_runs_the_demo_to_the_end(tmp_path: Path) -> None:
             'simulator_url = "http://127.0.0.1:8787"',
             f'simulator_url = "http://127.0.0.1:{sim_port}"',
         ),
+        # The demo's low-priority jobs go to a batch; flush and poll within a second here.
+        ("flush_interval_s = 60.0", "flush_interval_s = 1.0"),
+        ("poll_s = 10.0", "poll_s = 0.5"),
     ]:
         assert old in text
         text = text.replace(old, new)
