@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.config import Config, load_config
+from worker.config import Config, load_config, with_settings
 from worker.embedded import free_port, server_args, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,30 +79,6 @@ def servers(folder: Path, sim_args: tuple[str, ...] = ("--limit", UNLIMITED)) ->
                 proc.stdout.close()
 
 
-def override(text: str, settings: dict[str, object]) -> str:
-    """config.toml's text with `key = value` lines replaced (keys written `section.key`); a key
-    the file does not have is added under its section's header."""
-    lines, section, left = text.splitlines(), "", dict(settings)
-    headers: dict[str, int] = {}
-    for n, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            section = stripped.strip("[]")
-            headers[section] = n
-        elif "=" in stripped and not stripped.startswith("#"):
-            key = f"{section}.{stripped.split('=', 1)[0].strip()}".lstrip(".")
-            if key in left:
-                lines[n] = f"{key.rsplit('.', 1)[-1]} = {json.dumps(left.pop(key))}"
-    for key in sorted(left, key=len, reverse=True):
-        head, _, name = key.rpartition(".")
-        if head not in headers:
-            raise RuntimeError(f"config.toml has no [{head}] for {key}; update the bench")
-        at = headers[head]
-        lines.insert(at + 1, f"{name} = {json.dumps(left[key])}")
-        headers = {h: i + (i > at) for h, i in headers.items()}
-    return "\n".join(lines) + "\n"
-
-
 def write_config(
     folder: Path, srv: Servers, prefix: str, settings: dict[str, object] | None = None
 ) -> tuple[Config, Path]:
@@ -115,7 +91,7 @@ def write_config(
         **(settings or {}),
     }
     path = folder / f"{prefix}.toml"
-    path.write_text(override((ROOT / "config.toml").read_text(), merged))
+    path.write_text(with_settings((ROOT / "config.toml").read_text(), merged))
     return load_config(path), path
 
 

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import sim_call
-from worker.config import Config, load_config
+from worker.config import Config, load_config, with_settings
 from worker.contract import Keys
 from worker.embedded import connect, free_port, server_args, wait_until_ready
 
@@ -130,51 +130,7 @@ def make_config(tmp_path: Path, valkey_url: str, simulator_url: str, prefix: str
             **overrides,
         }
         path = tmp_path / "config.toml"
-        path.write_text(_override(text, settings))
+        path.write_text(with_settings(text, settings))
         return load_config(path), path
 
     return make
-
-
-def _override(text: str, settings: dict[str, Any]) -> str:
-    """Replace `key = value` lines of the TOML text (keys as section.key). A key the file
-    does not have is added under its section's header (the section is added if need be)."""
-    lines = text.splitlines()
-    section = ""
-    seen: set[str] = set()
-    headers: dict[str, int] = {}
-    for n, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            section = stripped.strip("[]")
-            headers[section] = n
-            continue
-        name = stripped.split("=", 1)[0].strip()
-        dotted = f"{section}.{name}" if section else name
-        if "=" in stripped and not stripped.startswith("#") and dotted in settings:
-            lines[n] = f"{name} = {toml_value(settings[dotted])}"
-            seen.add(dotted)
-    for dotted in sorted(set(settings) - seen, key=len, reverse=True):
-        head, _, name = dotted.rpartition(".")
-        assert head, f"top-level key {dotted!r} is not in config.toml"
-        line = f"{name} = {toml_value(settings[dotted])}"
-        if head in headers:
-            lines.insert(headers[head] + 1, line)
-            headers = {h: i + (i > headers[head]) for h, i in headers.items()}
-        else:
-            lines += ["", f"[{head}]", line]
-            headers[head] = len(lines) - 2
-    return "\n".join(lines) + "\n"
-
-
-def toml_value(value: Any) -> str:
-    """A Python value as a TOML value (inline tables for dicts)."""
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(value)

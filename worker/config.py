@@ -7,6 +7,7 @@ the file nor the value. Unknown keys are errors: a typo must not silently fall b
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -421,3 +422,47 @@ def _check_batch(cfg: Config) -> list[str]:
         if start == end:
             out.append(f'batch.windows has {window!r}, which is empty; e.g. "01:00-06:00"')
     return out
+
+
+def with_settings(text: str, settings: dict[str, Any]) -> str:
+    """A config file's TOML text with `key = value` lines replaced (keys written
+    `section.key`); a key the file does not have is added under its section's header (the
+    section is added if need be). For tests, benchmarks and tools that derive a config."""
+    lines = text.splitlines()
+    section = ""
+    seen: set[str] = set()
+    headers: dict[str, int] = {}
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]")
+            headers[section] = n
+            continue
+        name = stripped.split("=", 1)[0].strip()
+        dotted = f"{section}.{name}" if section else name
+        if "=" in stripped and not stripped.startswith("#") and dotted in settings:
+            lines[n] = f"{name} = {toml_value(settings[dotted])}"
+            seen.add(dotted)
+    for dotted in sorted(set(settings) - seen, key=len, reverse=True):
+        head, _, name = dotted.rpartition(".")
+        if not head:
+            raise ConfigError(f"top-level key {dotted!r} is not in the config text")
+        line = f"{name} = {toml_value(settings[dotted])}"
+        if head in headers:
+            lines.insert(headers[head] + 1, line)
+            headers = {h: i + (i > headers[head]) for h, i in headers.items()}
+        else:
+            lines += ["", f"[{head}]", line]
+            headers[head] = len(lines) - 2
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as a TOML value (inline tables for dicts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)

@@ -91,3 +91,20 @@ def test_config_check_command_exit_codes(tmp_path: Path) -> None:
 def test_missing_config_file_says_how_to_name_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--config PATH or set TOKENQ_CONFIG"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_with_settings_replaces_adds_under_the_header_or_adds_the_section() -> None:
+    from worker.config import with_settings
+
+    text = 'prefix = "t"\n\n[queue]\nmax_attempts = 5\n\n[features.a]\ntier = "haiku"\n'
+    out = with_settings(text, {
+        "queue.max_attempts": 2, "features.a.expect": "json", "features.b.max_tokens": 9,
+        "router.rules": [{"tier": "opus", "keywords": ["x"]}], "prefix": "u",
+    })  # fmt: skip
+    parsed = tomllib.loads(out)
+    assert parsed["prefix"] == "u" and parsed["queue"]["max_attempts"] == 2
+    assert parsed["features"]["a"] == {"expect": "json", "tier": "haiku"}
+    assert parsed["features"]["b"] == {"max_tokens": 9}
+    assert parsed["router"]["rules"] == [{"tier": "opus", "keywords": ["x"]}]
+    with pytest.raises(ConfigError, match="top-level key 'nope'"):
+        with_settings(text, {"nope": 1})
