@@ -59,7 +59,6 @@ from worker.caching import mark_prompt_cache
 from worker.config import BatchConfig, Config
 from worker.contract import BATCHER, Job, Keys, Result, UsageEvent, entry_ms, to_fields
 from worker.errors import InvalidRequest, JobRejected
-from worker.estimate import raw_estimate
 from worker.jobs import ApiMessage, exhausted, text_of
 from worker.queue import Delivery, Finish, Queue
 from worker.router import check_answer, static_route
@@ -321,7 +320,7 @@ class Batcher:
             return None
         if any(note.startswith("kept the newest") for note in notes):
             return None
-        decided = static_route(self.cfg, job, feature, params, raw_estimate(params))
+        decided = static_route(self.cfg, job, feature, params)
         if decided is None and self.cfg.router.classifier.enabled:
             return None  # the classifier is a realtime call of its own
         tier, why = decided or (self.cfg.router.default_tier, "router.default_tier")

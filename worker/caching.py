@@ -53,9 +53,18 @@ def _chars(value: Any) -> int:
     return len(str(value))
 
 
+def has_cache_control(value: Any) -> bool:
+    """Whether a request (or any part of it) marks a cache breakpoint."""
+    if isinstance(value, dict):
+        return "cache_control" in value or any(has_cache_control(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_cache_control(v) for v in value)
+    return False
+
+
 def mark_prompt_cache(params: dict[str, Any], mode: str, min_tokens: int) -> dict[str, Any]:
     """params with one cache breakpoint at the end of tools + system, when worth it."""
-    if mode == "off" or "cache_control" in json.dumps(params):
+    if mode == "off" or has_cache_control(params):
         return params
     system, tools = params.get("system"), params.get("tools") or []
     prefix_tokens = (_chars(system) + len(json.dumps(tools))) // 4 if system or tools else 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import time
 import uuid
@@ -22,6 +21,7 @@ from redis.exceptions import RedisError
 
 from worker.breakers import Breakers, Open, Ticket
 from worker.budgets import Budgets, Hold, Refusal, caps_for, worst_case_usd
+from worker.caching import has_cache_control
 from worker.config import Config, FeatureConfig
 from worker.contract import Job, UsageEvent, to_fields
 from worker.errors import BudgetExceeded, CircuitOpen, DeadlineExceeded, TooLarge
@@ -63,10 +63,11 @@ class CallPath:
     async def _paid_call(
         self, job: Job, params: dict[str, Any], rank: int, attempt: int, spend: Spend,
         ticket: Ticket | None,
-    ) -> tuple[ApiMessage, int]:  # fmt: skip
+    ) -> tuple[ApiMessage, ApiUsage, int]:  # fmt: skip
         """One API call within the rate limits and the budgets: capacity, then a budget
         reservation of its worst case, the call, then both settled and the breakers told.
-        Raises Refused when a budget cap refuses the reservation."""
+        The answer, its usage and the call's latency (ms). Raises Refused when a budget cap
+        refuses the reservation."""
         model = params["model"]
         estimate, raw = self.calibration.estimate(model, params)
         grant = await self._capacity(job, model, rank, (1, estimate, int(params["max_tokens"])),
@@ -80,7 +81,7 @@ class CallPath:
             raise
         t0 = time.monotonic()
         try:
-            message = await self._call(params, grant, raw)
+            message, usage = await self._call(params, grant, raw)
         except BaseException as exc:
             if ticket is not None:
                 await asyncio.shield(self._record(ticket, exc))
@@ -88,14 +89,13 @@ class CallPath:
                 await asyncio.shield(self._settle_budget(job, hold, 0.0, called=False))
             raise
         latency_ms = int((time.monotonic() - t0) * 1000)
-        usage = msgspec.convert(message.usage, ApiUsage)
         cost = cost_usd(usage, self.cfg.models[model])
         spend.add(usage, cost)
         if ticket is not None:
             await self._record(ticket, None)
         if hold is not None:
             await self._settle_budget(job, hold, cost, called=True)
-        return message, latency_ms
+        return message, usage, latency_ms
 
     async def _reserve(self, job: Job, params: dict[str, Any], estimate: int) -> Hold | None:
         feature = self.cfg.features[job.feature]
@@ -106,7 +106,7 @@ class CallPath:
         model = params["model"]
         worst = worst_case_usd(
             self.cfg.models[model], estimate, int(params["max_tokens"]),
-            caches="cache_control" in json.dumps(params), margin=self.cfg.budgets.estimate_margin,
+            caches=has_cache_control(params), margin=self.cfg.budgets.estimate_margin,
         )  # fmt: skip
         got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, now_ms())
         if isinstance(got, Refusal):
@@ -192,8 +192,9 @@ class CallPath:
 
     async def _call(
         self, params: dict[str, Any], grant: Grant | None, raw_estimate: int
-    ) -> ApiMessage:
-        """One API call; its rate-limit reservation is settled whatever happens."""
+    ) -> tuple[ApiMessage, ApiUsage]:
+        """One API call, its answer and usage; its rate-limit reservation is settled whatever
+        happens."""
         try:
             raw = await self.client.messages.with_raw_response.create(**params)
             body = await raw.read()
@@ -207,7 +208,7 @@ class CallPath:
         if grant is not None:
             used = (1, usage.input_tokens + usage.cache_write, usage.output_tokens)
             await self._settle(grant, Answer(used, raw.headers))
-        return message
+        return message, usage
 
     async def _capacity(
         self, job: Job, model: str, rank: int, want: tuple[int, int, int], attempt: int

@@ -29,6 +29,7 @@ from typing import Any
 
 from worker.config import Config, FeatureConfig, RouteRule
 from worker.contract import Job
+from worker.estimate import raw_estimate
 
 
 def tier_order(cfg: Config) -> list[str]:
@@ -94,14 +95,18 @@ def _describe(n: int, rule: RouteRule) -> str:
 
 
 def static_route(
-    cfg: Config, job: Job, feature: FeatureConfig, params: dict[str, Any], input_tokens: int
-) -> tuple[str, str] | None:
-    """Steps 1-3: the tier and why, or None when the classifier (or the default) decides."""
+    cfg: Config, job: Job, feature: FeatureConfig, params: dict[str, Any],
+    input_tokens: int | None = None,
+) -> tuple[str, str] | None:  # fmt: skip
+    """Steps 1-3: the tier and why, or None when the classifier (or the default) decides.
+    The input is estimated (raw_estimate) only when a rule needs it and none is given."""
     if job.tier is not None:
         return job.tier, "forced by job.tier"
     if feature.tier is not None:
         return feature.tier, f"features.{job.feature}.tier"
     if cfg.router.rules:
+        if input_tokens is None:
+            input_tokens = raw_estimate(params)
         text = request_text(params).lower()
         for n, rule in enumerate(cfg.router.rules):
             if _matches(rule, job.feature, input_tokens, text):

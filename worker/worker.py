@@ -443,7 +443,9 @@ class Worker(CallPath):
                 prices = self.cfg.models[model]
                 call = mark_prompt_cache({**params, "model": model}, feature.prompt_cache,
                                          prices.min_cache_tokens)  # fmt: skip
-                message, latency_ms = await self._paid_call(job, call, rank, attempt, spend, ticket)
+                message, usage, latency_ms = await self._paid_call(
+                    job, call, rank, attempt, spend, ticket
+                )
             except Refused as refused:
                 moved = self._on_budget(job, feature, plan.tier, refused.refusal, plan.route,
                                         attempt)  # fmt: skip
@@ -464,7 +466,7 @@ class Worker(CallPath):
             else:
                 plan.answer = CachedAnswer(text_of(message), message.content, message.model,
                                      plan.tier, message.stop_reason, message.usage)  # fmt: skip
-            return self._succeeded(d, job, plan, message, attempt, latency_ms, spend)
+            return self._succeeded(d, job, plan, message, usage, attempt, latency_ms, spend)
 
     def _shape(self, job: Job, feature: FeatureConfig, params: dict[str, Any]) -> list[str]:
         """Apply the feature's max_tokens default and cap and its max_input_tokens; what was
@@ -507,7 +509,7 @@ class Worker(CallPath):
         self, job: Job, feature: FeatureConfig, params: dict[str, Any], rank: int, spend: Spend
     ) -> tuple[str, str]:
         """The tier (see worker.router) and why; the classifier call's cost goes to spend."""
-        decided = static_route(self.cfg, job, feature, params, raw_estimate(params))
+        decided = static_route(self.cfg, job, feature, params)
         if decided is not None:
             return decided
         c = self.cfg.router.classifier
@@ -521,8 +523,8 @@ class Worker(CallPath):
             if tier in self.cfg.tiers:
                 return tier, f"classifier (cached): {tier}"
         try:
-            message, _ = await self._paid_call(job, classifier_request(self.cfg, params), rank, 0,
-                                               spend, None)  # fmt: skip
+            asked = classifier_request(self.cfg, params)
+            message, _, _ = await self._paid_call(job, asked, rank, 0, spend, None)
         except Refused as refused:
             return self.cfg.router.default_tier, f"router.default_tier (classifier: {refused})"
         except CLASSIFIER_ERRORS as exc:
@@ -567,13 +569,12 @@ class Worker(CallPath):
         return delay
 
     def _succeeded(
-        self, d: Delivery, job: Job, plan: Plan, message: ApiMessage, attempt: int,
-        latency_ms: int, spend: Spend,
+        self, d: Delivery, job: Job, plan: Plan, message: ApiMessage, usage: ApiUsage,
+        attempt: int, latency_ms: int, spend: Spend,
     ) -> Finish:  # fmt: skip
         """The result and usage event of an answered job. Cost and tokens are the sums over
         every call the job made (a classifier call, escalations); the baseline prices the
-        final answer's tokens on the baseline tier."""
-        usage = msgspec.convert(message.usage, ApiUsage)
+        final answer's `usage` on the baseline tier."""
         cost = spend.cost_usd
         result = Result(
             id=d.job_id,
