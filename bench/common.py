@@ -95,6 +95,15 @@ def write_config(
     return load_config(path), path
 
 
+def workload(folder: Path, jobs: int, seed: int) -> list[dict[str, Any]]:
+    """The reference trace generator's output (bench/workloads/make_workload.py), as dicts."""
+    out = folder / "workload.jsonl"
+    script = ROOT / "bench" / "workloads" / "make_workload.py"
+    cmd = [sys.executable, str(script), "--jobs", str(jobs), "--seed", str(seed), "--out"]
+    subprocess.run([*cmd, str(out)], check=True)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
 def sim_call(sim_url: str, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """GET (or POST with a body) one of the simulator's /_sim/ admin routes."""
     data = None if body is None else json.dumps(body).encode()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
 import tempfile
@@ -46,14 +45,23 @@ from typing import Any
 
 import anthropic
 import redis.asyncio as aioredis
-from common import ROOT, UNLIMITED, Servers, say, servers, sim_call, stop, write_config
+from common import (
+    ROOT,
+    UNLIMITED,
+    Servers,
+    say,
+    servers,
+    sim_call,
+    stop,
+    workload,
+    write_config,
+)
 
 from producers import NewJob, Producer
 from worker.config import Config, load_config
 from worker.contract import Keys, UsageEvent, from_fields
 from worker.embedded import connect
 
-WORKLOAD = ROOT / "bench" / "workloads" / "make_workload.py"
 NAIVE_MAX_TOKENS = 4096
 Trace = list[dict[str, Any]]
 
@@ -105,14 +113,6 @@ class Run:
                     f"{t['output_tokens']:,} out, ${t['cost_usd']:.4f}"
                 )
         return "; ".join(parts) or "nothing"
-
-
-def workload(folder: Path, jobs: int, seed: int) -> Trace:
-    """The reference trace generator's output, as dicts."""
-    out = folder / "workload.jsonl"
-    cmd = [sys.executable, str(WORKLOAD), "--jobs", str(jobs), "--seed", str(seed), "--out"]
-    subprocess.run([*cmd, str(out)], check=True)
-    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def feature_order(cfg: Config, trace: Trace) -> list[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, UNLIMITED, Servers, say, servers, sim_call, stop, write_config
+from common import (
+    ROOT,
+    UNLIMITED,
+    Servers,
+    say,
+    servers,
+    sim_call,
+    stop,
+    workload,
+    write_config,
+)
 
 from producers import NewJob, Producer
 from simulator.tokens import input_tokens
@@ -40,17 +49,6 @@ from worker.estimate import Calibration
 MODEL = "claude-haiku-5-5"
 LIMITS = (600, 200_000, 40_000)
 DIMS = ("requests", "input tokens", "output tokens")
-WORKLOAD = ROOT / "bench" / "workloads" / "make_workload.py"
-
-
-def workload(folder: Path, jobs: int) -> list[dict[str, Any]]:
-    """The reference trace (seed 7) as dicts."""
-    out = folder / "workload.jsonl"
-    subprocess.run(
-        [sys.executable, str(WORKLOAD), "--jobs", str(jobs), "--seed", "7", "--out", str(out)],
-        check=True,
-    )
-    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def estimator_error(trace: list[dict[str, Any]], scale: float = 1.0) -> str:
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         tempfile.TemporaryDirectory(prefix="tokenq-bench-") as tmp,
         servers(Path(tmp), sim_args) as srv,
     ):
-        trace = workload(Path(tmp), a.jobs)
+        trace = workload(Path(tmp), a.jobs, 7)
         say(f"estimator on {len(trace)} reference jobs: {estimator_error(trace)}")
         outcomes = []
         for mode in ("fleet", "local"):

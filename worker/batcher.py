@@ -59,8 +59,8 @@ from worker.caching import mark_prompt_cache
 from worker.config import BatchConfig, Config
 from worker.contract import BATCHER, Job, Keys, Result, UsageEvent, entry_ms, to_fields
 from worker.errors import InvalidRequest, JobRejected
-from worker.jobs import ApiMessage, exhausted, text_of
-from worker.queue import Delivery, Finish, Queue
+from worker.jobs import ApiMessage, exhausted, now_ms, text_of
+from worker.queue import Delivery, Finish, Queue, as_text
 from worker.router import check_answer, static_route
 from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
 from worker.worker import Worker
@@ -146,18 +146,10 @@ def window_end_ms(b: BatchConfig, arrived_ms: int) -> int:
     return flush_at_ms(b, arrived_ms) + int(b.completion_s * 1000)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def _hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
     """HGETALL as str to str."""
     raw: Any = await redis.hgetall(key)
-    return {_text(k): _text(v) for k, v in raw.items()}
+    return {as_text(k): as_text(v) for k, v in raw.items()}
 
 
 # KEYS: the lease. ARGV: token, ttl ms. Renew only while it is still ours.
@@ -446,9 +438,9 @@ class Batcher:
         if locals_:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for local in locals_:
-                    pipe.hget(self.keys.batch(_text(local)), "state")
+                    pipe.hget(self.keys.batch(as_text(local)), "state")
                 states = await pipe.execute()
-        return [_text(lo) for lo, s in zip(locals_, states, strict=True) if s in OPEN]
+        return [as_text(lo) for lo, s in zip(locals_, states, strict=True) if s in OPEN]
 
     async def _members(self, local: str) -> list[Member]:
         raw: Any = await self.redis.hvals(self.keys.batch_members(local))
@@ -553,7 +545,7 @@ class Batcher:
         """Whether an adopted batch's results are exactly our members' custom_ids."""
         ids = {line.custom_id async for line in await self.client.messages.batches.results(api_id)}
         mine: Any = await self.redis.hkeys(self.keys.batch_members(local))
-        return ids == {_text(c) for c in mine}
+        return ids == {as_text(c) for c in mine}
 
     async def _close(self, local: str, batch: Any) -> None:
         """Jobs left without a result line go back to their streams; the batch is done."""
@@ -687,7 +679,7 @@ class Batcher:
             try:
                 async with self.redis.pipeline(transaction=True) as tx:
                     await tx.watch(self.keys.batcher_lease)
-                    if _text(await tx.get(self.keys.batcher_lease)) != self.lease.token:
+                    if as_text(await tx.get(self.keys.batcher_lease)) != self.lease.token:
                         raise LeaseLost("another process holds the batcher lease")
                     tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
                     write(tx)
@@ -705,7 +697,7 @@ async def batch_rows(redis: aioredis.Redis, keys: Keys, limit: int = 50) -> list
     locals_: Any = await redis.zrevrange(keys.batches, 0, limit - 1)
     rows = []
     for raw in locals_:
-        local = _text(raw)
+        local = as_text(raw)
         info = await _hash(redis, keys.batch(local))
         if not info:
             continue
@@ -727,9 +719,9 @@ async def cancel_batch(
         found: Any = await redis.hget(keys.batch_ids, ident)
         if found is None:
             raise LookupError(f"tokenq submitted no batch {ident!r}; see `tokenq batches`")
-        local = _text(found)
+        local = as_text(found)
     api_id: Any = await redis.hget(keys.batch(local), "api_id")
     if api_id is None:
         raise LookupError(f"batch {ident!r} is unknown or not submitted yet; see `tokenq batches`")
-    batch = await client.messages.batches.cancel(_text(api_id))
+    batch = await client.messages.batches.cancel(as_text(api_id))
     return local, f"{batch.id} {batch.processing_status}"

@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 
 from worker.config import BreakersConfig
 from worker.contract import Keys
+from worker.queue import as_text
 
 log = logging.getLogger("tokenq.breakers")
 
@@ -171,10 +172,6 @@ def is_failure(exc: BaseException | None) -> bool | None:
     if isinstance(exc, anthropic.InternalServerError | anthropic.APIConnectionError):
         return True
     return None  # 4xx caused by the request, cancellations, anything else
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _Failed(Exception):
@@ -338,6 +335,6 @@ class Breakers:
             if key.endswith(":probes"):
                 continue
             values: Any = await self.redis.hgetall(key)
-            row = {_text(k): _text(v) for k, v in values.items()}
+            row = {as_text(k): as_text(v) for k, v in values.items()}
             out.append({"breaker": key.removeprefix(f"{self.keys.prefix}:breaker:"), **row})
         return sorted(out, key=lambda r: str(r["breaker"]))

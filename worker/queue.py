@@ -404,7 +404,7 @@ class Queue:
             again = []
             for n, (exists, attempts, last_error) in zip(todo, replies, strict=True):
                 if int(exists) >= 0:
-                    out[n] = Attempt(bool(exists), int(attempts), _text(last_error))
+                    out[n] = Attempt(bool(exists), int(attempts), as_text(last_error))
                 elif not ds[n].qualified:
                     ds[n].qualified = True  # see begin_attempt
                     again.append(n)
@@ -461,7 +461,8 @@ class Queue:
                 await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A Redis reply value as str (clients may decode replies or not)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
