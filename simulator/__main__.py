@@ -37,6 +37,7 @@ admin routes (not part of the Anthropic API):
                        "faults": {"429": N, ...}, "rate_limited": {"requests": N,
                        "input_tokens": N, "output_tokens": N}, "rejected": N,
                        "total_cost_usd": X (realtime + batch), "in_flight": N,
+                       "peak_in_flight": N (the most at once since the last reset),
                        "batch": {MODEL: {the same totals, for batch items at batch prices}}}
   POST /_sim/reset    clear the ledger, the prompt cache and the batches, and refill the
                       rate-limit buckets; answers the ledger as it was

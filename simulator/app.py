@@ -140,9 +140,11 @@ class Simulator:
         # Received and not yet answered; a request whose client went away still counts
         # until its answer (and bill) is done, as it would at the API.
         self.in_flight = 0
+        self.peak_in_flight = 0  # since the last reset: tests read it instead of sampling
 
     async def messages(self, request: web.Request) -> web.Response:
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             try:
                 body = await self._read(request, count_tokens=False)
@@ -325,12 +327,14 @@ class Simulator:
 
     async def get_ledger(self, _: web.Request) -> web.Response:
         self.batches.settle_all(self.clock())  # bills the batches that have ended by now
-        return _json(shapes.encode(self.ledger.report(in_flight=self.in_flight)))
+        report = self.ledger.report(in_flight=self.in_flight, peak_in_flight=self.peak_in_flight)
+        return _json(shapes.encode(report))
 
     async def reset(self, _: web.Request) -> web.Response:
         self.batches.settle_all(self.clock())
-        before = self.ledger.report(in_flight=self.in_flight)
+        before = self.ledger.report(in_flight=self.in_flight, peak_in_flight=self.peak_in_flight)
         self.ledger = Ledger()
+        self.peak_in_flight = self.in_flight
         self.limits = {}  # full buckets; requests in flight settle with the old ones
         self.cache = Cache()  # the clock keeps its time: it never goes back
         self.batches = Batches(self.cache, self.ledger)

@@ -32,7 +32,8 @@ class ModelTotals(msgspec.Struct, kw_only=True):
 class LedgerReport(msgspec.Struct, kw_only=True):
     """GET /_sim/ledger. `faults` is keyed by status ("429"), `rate_limited` by the limit that
     refused a request ("requests", "input_tokens", "output_tokens"), `rejected` counts 4xx
-    answers to invalid requests, `in_flight` the requests received and not yet answered."""
+    answers to invalid requests, `in_flight` the requests received and not yet answered, and
+    `peak_in_flight` the most there were at once since the last reset."""
 
     models: dict[str, ModelTotals]
     faults: dict[str, int]
@@ -40,6 +41,7 @@ class LedgerReport(msgspec.Struct, kw_only=True):
     rejected: int
     total_cost_usd: float  # realtime and batch
     in_flight: int
+    peak_in_flight: int = 0
     # Message Batches items, per model, billed at the batch price (half); not in `models`.
     batch: dict[str, ModelTotals] = {}
 
@@ -79,7 +81,7 @@ class Ledger:
         """Record one request refused (429) because `limit` had too little left."""
         self.rate_limited[limit] += 1
 
-    def report(self, *, in_flight: int) -> LedgerReport:
+    def report(self, *, in_flight: int, peak_in_flight: int = 0) -> LedgerReport:
         return LedgerReport(
             models={name: msgspec.structs.replace(t) for name, t in self.models.items()},
             faults=dict(self.faults),
@@ -87,5 +89,6 @@ class Ledger:
             rejected=self.rejected,
             total_cost_usd=sum(t.cost_usd for t in [*self.models.values(), *self.batch.values()]),
             in_flight=in_flight,
+            peak_in_flight=peak_in_flight,
             batch={name: msgspec.structs.replace(t) for name, t in self.batch.items()},
         )

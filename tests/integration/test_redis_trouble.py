@@ -30,18 +30,19 @@ async def test_more_jobs_in_flight_than_redis_connections(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
 ) -> None:
     # 200 calls in flight share 4 connections: commands wait for a free one, none fails.
+    # The simulator records the most calls it held at once, so nothing samples the worker
+    # (a synchronous poll here would stall the worker's own event loop).
     cfg, _ = make_config(**{"redis.max_connections": 4})
-    sim_call(sim, "config", {"latency_ms": 300})
+    sim_call(sim, "config", {"latency_ms": 2000})
     producer = Producer(redis, keys.prefix)
     await producer.submit_many(NewJob(feature="summarize", request=REQUEST) for _ in range(400))
     async with run_worker(cfg, concurrency=200):
-        await eventually(lambda: sim_is(sim, in_flight=150, at_least=True),
-                         what="150 calls in flight")  # fmt: skip
         await eventually(lambda: stream_at_least(redis, keys.usage, 400), what="400 events",
-                         timeout_s=30)  # fmt: skip
+                         timeout_s=60)  # fmt: skip
     events = await usage_events(redis, keys)
     assert len(events) == 400 and {e.status for e in events} == {"ok"}
     assert sim_requests(sim) == 400
+    assert sim_call(sim, "ledger")["peak_in_flight"] >= 150
     assert await pending_count(redis, keys.jobs("normal")) == 0
 
 
