@@ -109,6 +109,11 @@ def connect(
 ) -> aioredis.Redis:
     """An asyncio client with str replies and at most `max_connections` connections.
 
+    Replies are decoded as UTF-8 with undecodable bytes kept as surrogate escapes
+    (`encoding_errors="surrogateescape"`): reading an entry a producer filled with other bytes
+    never raises, and writing such a string back (a dead letter's copy) restores its bytes.
+    worker.admission refuses such a job; contract.clean makes text clean for everything else.
+
     A command that finds them all busy waits for one (up to POOL_WAIT_S, then ConnectionError)
     instead of failing at once as redis-py's default pool does. The socket timeout outlasts
     blocking reads of block_s. `retries`: how often redis-py itself re-sends a command after a
@@ -120,6 +125,7 @@ def connect(
         max_connections=max_connections,
         timeout=POOL_WAIT_S,
         decode_responses=True,
+        encoding_errors="surrogateescape",
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=5.0,
         health_check_interval=30,

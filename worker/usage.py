@@ -15,7 +15,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from worker.config import LongContextPrices, ModelConfig
-from worker.contract import Keys, UsageEvent, from_fields
+from worker.contract import Keys, UsageEvent, clean, from_fields
 
 
 class CacheCreation(msgspec.Struct, frozen=True):
@@ -81,11 +81,21 @@ def baseline_cost_usd(usage: ApiUsage, prices: ModelConfig) -> float:
     return cost_usd(naive, prices)
 
 
+def _text(value: str) -> str:
+    """A field for a terminal: control characters and line breaks escaped (an entry another
+    program wrote may hold anything)."""
+    return value if value.isprintable() else repr(value)[1:-1]
+
+
 def format_event(event: UsageEvent) -> str:
     """One line per event for people: time, outcome, who, where, tokens, cost, timing."""
-    clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
+    try:
+        clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
+    except (OverflowError, ValueError, OSError):  # a time no clock shows
+        clock = "--:--:--"
+    feature, tenant = _text(event.feature), _text(event.tenant) or "-"
     if event.kind == "alert":
-        return f"{clock} ALERT {event.feature} tenant={event.tenant or '-'}: {event.message}"
+        return f"{clock} ALERT {feature} tenant={tenant}: {_text(event.message)}"
     cache = ""
     if event.cache_read_input_tokens or event.cache_creation_input_tokens:
         cache = (
@@ -94,11 +104,12 @@ def format_event(event: UsageEvent) -> str:
         )
     error = f" error={event.error_type}" if event.error_type else ""
     return (
-        f"{clock} {event.status:<5} {event.feature} tenant={event.tenant or '-'}"
-        f" {event.priority} {event.tier or '-'}/{event.mode} in={event.input_tokens}"
+        f"{clock} {event.status:<5} {feature} tenant={tenant}"
+        f" {_text(event.priority)} {_text(event.tier) or '-'}/{event.mode} in={event.input_tokens}"
         f" out={event.output_tokens}{cache} ${event.cost_usd:.6f}"
         f" (naive ${event.baseline_cost_usd:.6f}) {event.latency_ms}ms"
-        f" queued={event.queue_ms}ms attempt={event.attempt}{error} job={event.job_id}"
+        f" queued={event.queue_ms}ms attempt={event.attempt}{_text(error)}"
+        f" job={_text(event.job_id)}"
         + (f" route={event.route_reason!r}" if event.route_reason else "")
     )
 
@@ -150,7 +161,7 @@ async def follow(
     """Yield usage events as they arrive (a blocking XREAD, no polling), forever.
 
     Starts at the newest entry, or at the oldest with from_start. Entries that do not decode
-    as usage events (written by something else) are skipped.
+    as usage events (written by something else) are skipped; text is made clean UTF-8.
     """
     last = "0-0"
     if not from_start:
@@ -162,6 +173,7 @@ async def follow(
             for entry_id, fields in entries:
                 last = entry_id
                 try:
-                    yield entry_id, from_fields(fields)
+                    event = from_fields({clean(k): clean(v) for k, v in (fields or {}).items()})
                 except msgspec.ValidationError:
                     continue
+                yield entry_id, event
