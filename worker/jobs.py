@@ -138,11 +138,14 @@ def exhausted(attempts: int, last_error: str) -> AttemptsExhausted:
 
 
 def describe(exc: Exception) -> str:
-    """An SDK error in one line: class, status, the API's message and request id."""
+    """An SDK error in one line: class, status, the API's message and request id. Control
+    characters are escaped: an API message may quote the request, and it goes into logs."""
     if isinstance(exc, anthropic.APIStatusError):
         request_id = exc.response.headers.get("request-id", "-")
-        return f"{type(exc).__name__} {exc.status_code}: {exc.message} (request-id {request_id})"
-    return f"{type(exc).__name__}: {exc}"
+        text = f"{type(exc).__name__} {exc.status_code}: {exc.message} (request-id {request_id})"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def now_ms() -> int:
