@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 import redis.asyncio as aioredis
 
-from worker.contract import RESERVED_ID, Keys, Result, id_problem
+from worker.contract import Keys, Result, id_problem, is_reserved_id
 
 DEFAULT_PRIORITIES = ("high", "normal", "low")
 _WAKE_SLICE_S = 2.0  # below redis-py's default 5 s socket timeout, so any client can wait
@@ -77,7 +77,7 @@ class Producer:
         """The README's rules for `id` and `reply_to`, so the worker need not dead-letter."""
         if job.id is not None:
             problem = id_problem(job.id)
-            if problem is None and RESERVED_ID.fullmatch(job.id):
+            if problem is None and is_reserved_id(job.id, self.priorities):
                 problem = (
                     f"id {job.id!r} has the form of a stream entry id, which is the id of a job "
                     "without one; choose another id or leave it out"

@@ -337,9 +337,12 @@ def _system(value: Any) -> str | None:
     return None
 
 
+MAX_TOKENS = 1_000_000  # far above any model's output (128K; 300K in batches): a broken producer
+
+
 def _max_tokens(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return _must("max_tokens", "a whole number of at least 1", value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS:
+        return _must("max_tokens", f"a whole number from 1 to {MAX_TOKENS:,}", value)
     return None
 
 

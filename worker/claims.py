@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from worker.contract import Keys, fingerprint
+from worker.contract import Keys, fingerprint, id_problem, is_reserved_id
 from worker.queue import Delivery, as_text
 
 STATE_TTL_S = 7 * 86_400  # a claim of a job in progress, renewed at each attempt
@@ -62,7 +62,7 @@ class Attempt:
 
 
 # KEYS: state, result, then the job streams in the order of ARGV[7..] (their priorities).
-# ARGV: me (this entry), fingerprint, id kind (Delivery.id_kind), state TTL s, now ms, mode
+# ARGV: me (this entry), fingerprint, id kind (Claims.kind), state TTL s, now ms, mode
 # ("run": claim and count an attempt; "error": only settle where an error result goes),
 # priorities...
 # Run replies {code, attempts, last_error, detail}: 1 go, 2 a result exists, -1 the bare
@@ -121,9 +121,18 @@ class Claims:
 
     def _call(self, d: Delivery, mode: str, now_ms: int, client: Any = None) -> Any:
         keys = [self.keys.state(d.job_id), self.keys.result(d.job_id), *self.streams.values()]
-        args: list[Any] = [d.owner, fingerprint(d.fields), d.id_kind, STATE_TTL_S, now_ms,
+        args: list[Any] = [d.owner, fingerprint(d.fields), self.kind(d), STATE_TTL_S, now_ms,
                            mode, *self.streams]  # fmt: skip
         return self._script(keys=keys, args=args, client=client)
+
+    def kind(self, d: Delivery) -> str:
+        """How d's job id is treated: `default` (an entry's own; the first claim wins),
+        `explicit` (the producer's idempotency key) or `readded` (an `id` of a reserved form,
+        which only tokenq writes, on a job it puts back on a stream)."""
+        explicit = d.fields.get("id")
+        if d.qualified or explicit is None or id_problem(explicit) is not None:
+            return "default"
+        return "readded" if is_reserved_id(explicit, self.streams) else "explicit"
 
     async def begin(self, d: Delivery, now_ms: int) -> Attempt:
         """Claim d's job id and count an attempt, first settling its job id: a bare entry id

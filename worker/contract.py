@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -224,10 +225,18 @@ def decode_job(fields: dict[str, str]) -> Job:
 # -- producer-supplied text: ids, fingerprints, showing it in logs --
 
 MAX_ID_CHARS = 255
-# Stream entry ids (`<ms>-<seq>`) and `<priority>:<entry id>` are the ids of jobs without an
-# `id`; an `id` of that form is accepted only from tokenq itself (a deferred, requeued or
-# replayed job keeps its id), which Queue.begin_attempt tells apart by the job's fingerprint.
-RESERVED_ID = re.compile(r"(?:[A-Za-z0-9_.-]+:)?[0-9]+-[0-9]+")
+_ENTRY_ID = re.compile(r"[0-9]+-[0-9]+")
+
+
+def is_reserved_id(value: str, priorities: Collection[str]) -> bool:
+    """Whether `value` has the form of the id of a job without `id`: a stream entry id
+    (`<ms>-<seq>`), or `<priority>:<entry id>` for one of `priorities`. Such an `id` is
+    accepted only from tokenq itself (a deferred, requeued or replayed job keeps its id),
+    which worker.claims tells apart by the job's fingerprint."""
+    head, colon, tail = value.partition(":")
+    if not colon:
+        return _ENTRY_ID.fullmatch(value) is not None
+    return head in priorities and _ENTRY_ID.fullmatch(tail) is not None
 
 
 def id_problem(value: str) -> str | None:

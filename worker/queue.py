@@ -34,7 +34,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
-from worker.contract import GROUP, RESERVED_ID, Keys, fingerprint, id_problem
+from worker.contract import GROUP, Keys, fingerprint, id_problem
 
 log = logging.getLogger("tokenq.queue")
 
@@ -73,16 +73,6 @@ class Delivery:
         if self.qualified or (explicit is not None and id_problem(explicit) is not None):
             return self.owner
         return self.entry_id if explicit is None else explicit
-
-    @property
-    def id_kind(self) -> str:
-        """How worker.claims treats the job id: `default` (an entry's own; the first claim
-        wins), `explicit` (the producer's idempotency key) or `readded` (an `id` of a reserved
-        form, which only tokenq writes, on a job it puts back on a stream)."""
-        explicit = self.fields.get("id")
-        if self.qualified or explicit is None or id_problem(explicit) is not None:
-            return "default"
-        return "readded" if RESERVED_ID.fullmatch(explicit) else "explicit"
 
 
 # KEYS: the reply stream. ARGV: the result JSON. Written only to a stream or a new key, so a

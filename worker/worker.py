@@ -462,8 +462,8 @@ class Worker(CallPath):
         if begun.outcome == "reserved":
             raise MalformedJob(
                 f"`id` {shown(d.job_id, 80)} has the form of a stream entry id (<ms>-<seq>, or "
-                "<priority>:<ms>-<seq>), which is the id of a job without one; choose another "
-                "id, or leave `id` out. Fix the producer."
+                "<priority>:<ms>-<seq> for a priority of queue.priorities), which is the id of "
+                "a job without one; choose another id, or leave `id` out. Fix the producer."
             )
         if begun.number > self.cfg.queue.max_attempts:
             raise exhausted(begun.number - 1, begun.last_error)

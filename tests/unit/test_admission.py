@@ -8,12 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 
+from producers import NewJob, Producer
 from worker.admission import DEAD_VALUE_CHARS, admit, dead_copy, reply_to_of
 from worker.api_request import MAX_DEPTH, parse_request
 from worker.config import Config, load_config, with_settings
-from worker.contract import clean, decode_job, fingerprint, id_problem, shown
+from worker.contract import clean, decode_job, fingerprint, id_problem, is_reserved_id, shown
 from worker.errors import JobRejected
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -174,7 +176,8 @@ def msg(*content: Any, role: str = "user") -> dict[str, Any]:
         ({"messages": [{"role": "user"}]}, "`messages[0]` has no `content`"),
         ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, "`messages[0].name`"),
         ({"messages": [{"role": "user", "content": 5}]}, "`messages[0].content` must be a string"),
-        ({**msg(), "max_tokens": "ten"}, "`max_tokens` must be a whole number of at least 1"),
+        ({**msg(), "max_tokens": "ten"}, "`max_tokens` must be a whole number from 1 to"),
+        ({**msg(), "max_tokens": 10**30}, "`max_tokens` must be a whole number from 1 to"),
         ({**msg(), "max_tokens": 0}, "`max_tokens` must be a whole number"),
         ({**msg(), "max_tokens": True}, "`max_tokens` must be a whole number"),
         ({**msg(), "temperature": 0.2}, "2026-10-21"),
@@ -334,3 +337,25 @@ def test_clean_and_shown_make_producer_text_safe() -> None:
     assert clean(raw) == "a\ufffdb"
     assert shown("x\ny\x1b[2J" + raw) == "'x\\ny\\x1b[2Ja\ufffdb'"
     assert shown("z" * 500, 10) == repr("z" * 10 + "...")
+
+
+def test_reserved_ids_are_entry_ids_and_priority_entry_ids() -> None:
+    priorities = ("high", "normal", "low")
+    for value in ("1763830000000-0", "5-1", "low:5-1", "normal:1763830000000-12"):
+        assert is_reserved_id(value, priorities), value
+    for value in ("invoice:2024-001x", "invoice:2024-001", "5-1a", "job-1", "low:abc", "x:low:5-1"):
+        assert not is_reserved_id(value, priorities), value
+
+
+def test_the_python_client_refuses_what_the_worker_would_dead_letter() -> None:
+    producer = Producer(fakeredis.FakeAsyncRedis(), "tq")
+    for kw, says in (
+        ({"id": "1763830000000-0"}, "form of a stream entry id"),
+        ({"id": "high:5-1"}, "form of a stream entry id"),
+        ({"id": "a b"}, "contains ' '"),
+        ({"reply_to": "tq:usage"}, "names one of tokenq's own keys"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            producer.fields(NewJob(feature="f", request=HELLO, **kw))  # type: ignore[arg-type]
+    fields = producer.fields(NewJob(feature="f", request=HELLO, id="invoice:2024-001"))
+    assert fields["id"] == "invoice:2024-001"
