@@ -10,7 +10,8 @@ import sys
 from aiohttp import web
 
 from simulator import faults, limits
-from simulator.app import Settings, check_batch_rates, make_app
+from simulator.app import make_app
+from simulator.settings import Settings, check_batch_rates
 
 SHUTDOWN_S = 1.0
 DESCRIPTION = """\

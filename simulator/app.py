@@ -26,7 +26,6 @@ Admin routes (not part of the Anthropic API):
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -36,66 +35,21 @@ from simulator.batches import Batches
 from simulator.cache import Cache, Plan
 from simulator.clock import SimClock
 from simulator.errors import ApiError
-from simulator.faults import FaultDice, check_fault_rates
+from simulator.faults import FaultDice
 from simulator.ledger import Ledger
-from simulator.limits import (
-    JSON_FORM,
-    STANDARD,
-    LimitTable,
-    ModelLimits,
-    Need,
-    OtpmMode,
-    Refusal,
-    check_table,
-    limits_for,
+from simulator.limits import ModelLimits, Need, OtpmMode, Refusal, limits_for
+from simulator.settings import (
+    DEFAULT_SETTINGS,
+    Settings,
+    apply_change,
+    check_batch_rates,
+    config_error,
+    decode_change,
+    shown_settings,
 )
 from simulator.tokens import Body
 
-
-class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """What the simulator does; POST /_sim/config swaps in a changed copy while it runs."""
-
-    latency_ms: int = 0
-    fault_rate: dict[str, float] = {}  # status ("429") -> share of requests; never mutated
-    seed: int = 0
-    # "*" or a model id -> (RPM, ITPM, OTPM); has a "*" row; never mutated
-    limits: LimitTable = msgspec.field(default_factory=lambda: {"*": STANDARD})
-    otpm_mode: OtpmMode = "actual"
-    batch_seconds: float = 1.0  # how long a batch takes to process, on the simulator's clock
-    batch_error_rate: float = 0.0  # share of batch items answered `errored`
-    batch_expiry_rate: float = 0.0  # share of batch items left `expired`
-
-
-# Settings added after /_sim/config's first shape: its answer shows them only once changed,
-# so a client comparing the whole answer with the older fields still matches.
-_SHOWN_WHEN_CHANGED = ("batch_seconds", "batch_error_rate", "batch_expiry_rate")
-
-
-def shown_settings(settings: Settings) -> dict[str, Any]:
-    """Settings as GET and POST /_sim/config answer them."""
-    shown: dict[str, Any] = msgspec.to_builtins(settings)
-    for name in _SHOWN_WHEN_CHANGED:
-        if getattr(settings, name) == getattr(DEFAULT_SETTINGS, name):
-            del shown[name]
-    return shown
-
-
-class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """POST /_sim/config: the settings to change; `fault_rate` replaces the whole table,
-    `seed` restarts the fault dice, and `limits` replaces the whole limit table and refills
-    every bucket at its new capacity."""
-
-    latency_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    fault_rate: dict[str, float] | None = None
-    seed: int | None = None
-    limits: dict[str, list[int]] | None = None
-    otpm_mode: OtpmMode | None = None
-    batch_seconds: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    batch_error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    batch_expiry_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-
-
-_decode_change = msgspec.json.Decoder(ConfigChange).decode
+__all__ = ["DEFAULT_SETTINGS", "SIMULATOR", "Settings", "check_batch_rates", "make_app"]
 
 
 class Advance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -113,12 +67,6 @@ class ClockState(msgspec.Struct, frozen=True):
 
 
 _decode_advance = msgspec.json.Decoder(Advance).decode
-# What a field accepts, added to msgspec's bare "Expected ... at `$.limits[...]`" errors.
-_FORMS = {
-    "$.limits": f"limits is {JSON_FORM}",
-    "$.otpm_mode": 'otpm_mode is "actual" (output counted as generated, the 2026 docs) or '
-    '"max_tokens" (max_tokens reserved at the start, the 2025 docs)',
-}
 RETRY_AFTER_S = "1"
 ROUTES = (
     "POST /v1/messages, POST /v1/messages/count_tokens, /v1/messages/batches[/ID[/cancel|"
@@ -354,7 +302,7 @@ class Simulator:
 
     async def configure(self, request: web.Request) -> web.Response:
         try:
-            change = _decode_change(await request.read() or b"{}")
+            change = decode_change(await request.read() or b"{}")
             settings = apply_change(self.settings, change)
         except (msgspec.DecodeError, ValueError) as exc:
             return _json(shapes.encode({"error": config_error(exc)}), status=400)
@@ -367,53 +315,6 @@ class Simulator:
 
     async def health(self, _: web.Request) -> web.Response:
         return _json(b'{"ok":true}')
-
-
-def apply_change(settings: Settings, change: ConfigChange) -> Settings:
-    """`settings` with the change applied; raises ValueError for bad fault rates or limits."""
-    changed = msgspec.structs.replace(
-        settings,
-        latency_ms=settings.latency_ms if change.latency_ms is None else change.latency_ms,
-        fault_rate=(
-            settings.fault_rate if change.fault_rate is None
-            else check_fault_rates(change.fault_rate)
-        ),
-        seed=settings.seed if change.seed is None else change.seed,
-        limits=settings.limits if change.limits is None else check_table(change.limits),
-        otpm_mode=settings.otpm_mode if change.otpm_mode is None else change.otpm_mode,
-        batch_seconds=_or(change.batch_seconds, settings.batch_seconds),
-        batch_error_rate=_or(change.batch_error_rate, settings.batch_error_rate),
-        batch_expiry_rate=_or(change.batch_expiry_rate, settings.batch_expiry_rate),
-    )  # fmt: skip
-    check_batch_rates(changed.batch_error_rate, changed.batch_expiry_rate)
-    return changed
-
-
-def _or(new: float | None, old: float) -> float:
-    return old if new is None else new
-
-
-def check_batch_rates(error_rate: float, expiry_rate: float) -> None:
-    """Raises ValueError unless the two batch-item rates are 0..1 and sum to at most 1."""
-    for name, rate in (("batch_error_rate", error_rate), ("batch_expiry_rate", expiry_rate)):
-        if not 0 <= rate <= 1:
-            raise ValueError(f"{name} is {rate!r}; it must be between 0 and 1")
-    if error_rate + expiry_rate > 1:
-        raise ValueError(
-            f"batch_error_rate + batch_expiry_rate is {error_rate + expiry_rate:g}, more than 1"
-        )
-
-
-def config_error(exc: Exception) -> str:
-    """The 400 message of a refused POST /_sim/config: the problem, what the field accepts
-    (where msgspec's message names only a path), and the fields there are."""
-    text = str(exc)
-    hint = next((form for path, form in _FORMS.items() if path in text), None)
-    allowed = ", ".join(f.name for f in msgspec.structs.fields(ConfigChange))
-    return (
-        f"POST /_sim/config: {text}{f'; {hint}' if hint else ''}. "
-        f"Send a JSON object with any of: {allowed}."
-    )
 
 
 def _origin(request: web.Request) -> str:
@@ -454,7 +355,6 @@ def _json(body: bytes, headers: dict[str, str] | None = None, status: int = 200)
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
-DEFAULT_SETTINGS = Settings()
 
 
 def make_app(settings: Settings) -> web.Application:

@@ -1,0 +1,115 @@
+"""What the simulator does: its settings, given as flags at start (__main__.py) and changed
+while it runs by POST /_sim/config (a ConfigChange), each checked with a message that says
+what the field accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from simulator.faults import check_fault_rates
+from simulator.limits import JSON_FORM, STANDARD, LimitTable, OtpmMode, check_table
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the simulator does; POST /_sim/config swaps in a changed copy while it runs."""
+
+    latency_ms: int = 0
+    fault_rate: dict[str, float] = {}  # status ("429") -> share of requests; never mutated
+    seed: int = 0
+    # "*" or a model id -> (RPM, ITPM, OTPM); has a "*" row; never mutated
+    limits: LimitTable = msgspec.field(default_factory=lambda: {"*": STANDARD})
+    otpm_mode: OtpmMode = "actual"
+    batch_seconds: float = 1.0  # how long a batch takes to process, on the simulator's clock
+    batch_error_rate: float = 0.0  # share of batch items answered `errored`
+    batch_expiry_rate: float = 0.0  # share of batch items left `expired`
+
+
+DEFAULT_SETTINGS = Settings()
+# Settings added after /_sim/config's first shape: its answer shows them only once changed,
+# so a client comparing the whole answer with the older fields still matches.
+_SHOWN_WHEN_CHANGED = ("batch_seconds", "batch_error_rate", "batch_expiry_rate")
+
+
+def shown_settings(settings: Settings) -> dict[str, Any]:
+    """Settings as GET and POST /_sim/config answer them."""
+    shown: dict[str, Any] = msgspec.to_builtins(settings)
+    for name in _SHOWN_WHEN_CHANGED:
+        if getattr(settings, name) == getattr(DEFAULT_SETTINGS, name):
+            del shown[name]
+    return shown
+
+
+class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """POST /_sim/config: the settings to change; `fault_rate` replaces the whole table,
+    `seed` restarts the fault dice, and `limits` replaces the whole limit table and refills
+    every bucket at its new capacity."""
+
+    latency_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    fault_rate: dict[str, float] | None = None
+    seed: int | None = None
+    limits: dict[str, list[int]] | None = None
+    otpm_mode: OtpmMode | None = None
+    batch_seconds: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    batch_error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    batch_expiry_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+
+
+decode_change = msgspec.json.Decoder(ConfigChange).decode
+
+
+# What a field accepts, added to msgspec's bare "Expected ... at `$.limits[...]`" errors.
+_FORMS = {
+    "$.limits": f"limits is {JSON_FORM}",
+    "$.otpm_mode": 'otpm_mode is "actual" (output counted as generated, the 2026 docs) or '
+    '"max_tokens" (max_tokens reserved at the start, the 2025 docs)',
+}
+
+
+def apply_change(settings: Settings, change: ConfigChange) -> Settings:
+    """`settings` with the change applied; raises ValueError for bad fault rates or limits."""
+    changed = msgspec.structs.replace(
+        settings,
+        latency_ms=settings.latency_ms if change.latency_ms is None else change.latency_ms,
+        fault_rate=(
+            settings.fault_rate if change.fault_rate is None
+            else check_fault_rates(change.fault_rate)
+        ),
+        seed=settings.seed if change.seed is None else change.seed,
+        limits=settings.limits if change.limits is None else check_table(change.limits),
+        otpm_mode=settings.otpm_mode if change.otpm_mode is None else change.otpm_mode,
+        batch_seconds=_or(change.batch_seconds, settings.batch_seconds),
+        batch_error_rate=_or(change.batch_error_rate, settings.batch_error_rate),
+        batch_expiry_rate=_or(change.batch_expiry_rate, settings.batch_expiry_rate),
+    )  # fmt: skip
+    check_batch_rates(changed.batch_error_rate, changed.batch_expiry_rate)
+    return changed
+
+
+def _or(new: float | None, old: float) -> float:
+    return old if new is None else new
+
+
+def check_batch_rates(error_rate: float, expiry_rate: float) -> None:
+    """Raises ValueError unless the two batch-item rates are 0..1 and sum to at most 1."""
+    for name, rate in (("batch_error_rate", error_rate), ("batch_expiry_rate", expiry_rate)):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"{name} is {rate!r}; it must be between 0 and 1")
+    if error_rate + expiry_rate > 1:
+        raise ValueError(
+            f"batch_error_rate + batch_expiry_rate is {error_rate + expiry_rate:g}, more than 1"
+        )
+
+
+def config_error(exc: Exception) -> str:
+    """The 400 message of a refused POST /_sim/config: the problem, what the field accepts
+    (where msgspec's message names only a path), and the fields there are."""
+    text = str(exc)
+    hint = next((form for path, form in _FORMS.items() if path in text), None)
+    allowed = ", ".join(f.name for f in msgspec.structs.fields(ConfigChange))
+    return (
+        f"POST /_sim/config: {text}{f'; {hint}' if hint else ''}. "
+        f"Send a JSON object with any of: {allowed}."
+    )
