@@ -27,8 +27,11 @@ split into input, cache writes by TTL and cache reads, billed at their prices. I
 Message Batches (/v1/messages/batches: create, retrieve, list, cancel, delete, results)
 on its own clock: a batch takes --batch-seconds, its items are answered as /v1/messages
 would answer them (through the prompt cache, outside the rate limits) and billed at half
-price, and seeded shares of items can come back `errored` or `expired`. Once listening it
-prints one line: `simulator listening on http://HOST:PORT`.
+price, and seeded shares of items can come back `errored` or `expired`. It injects faults
+on seeded shares of requests (429 with or without `retry-after`, the organization's spend cap,
+500, 504, 529, 529 on batch create) and slow answers, and can hold the spend cap on.
+
+Once listening it prints one line: `simulator listening on http://HOST:PORT`.
 """
 EPILOG = """\
 admin routes (not part of the Anthropic API):
@@ -48,15 +51,18 @@ admin routes (not part of the Anthropic API):
   POST /_sim/config   {"latency_ms": 200, "fault_rate": {"529": 0.1}, "seed": 1,
                        "limits": {"*": [600, 200000, 40000], MODEL: [RPM, ITPM, OTPM]},
                        "otpm_mode": "max_tokens", "batch_seconds": 5, "batch_error_rate":
-                       0.05, "batch_expiry_rate": 0.01}, any subset; `limits` replaces the whole
-                      table (no "*": the standard 1000/2000000/400000) and refills the
-                      buckets; answers the settings now in effect (GET shows them)
+                       0.05, "batch_expiry_rate": 0.01, "spend_cap_reached": true,
+                       "slow_rate": 0.05, "slow_ms": 5000}, any subset; `limits` replaces
+                      the whole table (no "*": the standard 1000/2000000/400000) and refills
+                      the buckets; answers the settings now in effect (GET shows them)
   GET  /_sim/health   {"ok": true}
 
 examples:
   python -m simulator --port 0 --latency-ms 300 --fault-rate 429=0.1,529=0.05
   python -m simulator --limit 600/200000/40000 --limit claude-haiku-5-5=100/50000/10000
   python -m simulator --batch-seconds 30 --batch-error-rate 0.02 --batch-expiry-rate 0.01
+  python -m simulator --fault-rate 429-bare=0.05,spend-cap=0.001,batch-529=0.2
+  python -m simulator --slow-rate 0.05 --slow-ms 5000 --spend-cap-reached
 """
 
 
@@ -107,11 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="non-blocking delay before each /v1/messages answer, faults included (0)",
     )  # fmt: skip
     parser.add_argument(
-        "--fault-rate", type=parse_fault_rates, default={}, metavar="STATUS=RATE,...",
-        help="share of valid /v1/messages requests answered with an error instead, per status "
-        "(429, 500, 504, 529; rates 0..1 summing to at most 1), e.g. 429=0.1,529=0.05,500=0.01",
+        "--fault-rate", type=parse_fault_rates, default={}, metavar="FAULT=RATE,...",
+        help="share of valid /v1/messages requests answered with an error instead, per fault "
+        "(rates 0..1 summing to at most 1): 429 (with retry-after: 1), 429-bare (no "
+        "retry-after), spend-cap (429 enforced_spend_limit_reached, no retry-after), 500, 504, "
+        "529; and batch-529: share of valid batch creates answered 529 (the batch is not "
+        "created); e.g. 429=0.1,529=0.05,500=0.01",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fault dice (0)")
+    parser.add_argument(
+        "--spend-cap-reached", action="store_true",
+        help="start with the organization's monthly spend cap reached: every /v1/messages "
+        "request and batch create gets 429 enforced_spend_limit_reached until POST "
+        '/_sim/config {"spend_cap_reached": false}',
+    )  # fmt: skip
+    parser.add_argument(
+        "--slow-rate", type=_rate, default=0.0, metavar="RATE",
+        help="share of /v1/messages requests answered --slow-ms later than the rest, faults "
+        "included, seeded by --seed (0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--slow-ms", type=_non_negative, default=5000, metavar="MS",
+        help="how much later a slow answer comes (5000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the fault, slow and batch dice (0)",
+    )  # fmt: skip
     parser.add_argument(
         "--limit", type=parse_limit, action="append", default=[], metavar="[MODEL=]RPM/ITPM/OTPM",
         help="rate limits per minute: requests, input tokens (input + cache writes), output "
@@ -203,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         latency_ms=args.latency_ms, fault_rate=args.fault_rate, seed=args.seed,
         limits=table, otpm_mode=args.otpm_mode, batch_seconds=args.batch_seconds,
         batch_error_rate=args.batch_error_rate, batch_expiry_rate=args.batch_expiry_rate,
+        spend_cap_reached=args.spend_cap_reached, slow_rate=args.slow_rate,
+        slow_ms=args.slow_ms,
     )  # fmt: skip
     asyncio.run(serve(args.host, args.port, settings))
 

@@ -4,11 +4,13 @@ API routes answer as the API does (anthropic-api.md): the same response and erro
 `request-id` on every response, `anthropic-ratelimit-*` headers on 200s and rate-limit 429s,
 and `retry-after` on 429s. Only POST /v1/messages gets latency, faults and rate limits
 (count_tokens is a fast, free endpoint). In order: validation (invalid requests are always
-refused with a 4xx), the fault dice, the rate limits (limits.py; a refusal is answered at
-once: the latency stands for the model's work, which a refused request never reaches), the
-latency, the answer. Prompt caching (cache.py) is looked up when a request passes the
-faults, so the rate limits can count its cache writes, and written when its answer is made.
-The Message Batches routes (batches.py) check auth and version, then answer at once.
+refused with a 4xx), the spend cap (`spend_cap_reached`: refused at once), the fault dice
+and the slow dice (faults.py), the rate limits (limits.py; a refusal is answered at once: the
+latency stands for the model's work, which a refused request never reaches), the latency
+(plus `slow_ms` for a slow one), the answer. Prompt caching (cache.py) is looked up when a
+request passes the faults, so the rate limits can count its cache writes, and written when
+its answer is made. The Message Batches routes (batches.py) check auth and version, then
+answer at once; a create meets the spend cap and the `batch-529` fault first.
 
 Admin routes (not part of the Anthropic API):
     GET  /_sim/ledger  -> LedgerReport
@@ -16,10 +18,9 @@ Admin routes (not part of the Anthropic API):
                           also empties the prompt cache and forgets every batch)
     POST /_sim/advance {"seconds": N} -> ClockState: move the simulator's clock (cache
                           lifetimes) N seconds forward, no sleeping
-    GET  /_sim/config, POST /_sim/config {"latency_ms"?, "fault_rate"?, "seed"?, "limits"?,
-                                          "otpm_mode"?, "batch_seconds"?,
-                                          "batch_error_rate"?, "batch_expiry_rate"?}
-                          -> Settings (the batch ones shown once changed from their defaults)
+    GET  /_sim/config, POST /_sim/config {any field of settings.ConfigChange}
+                          -> Settings (those added after the first shape shown once changed
+                          from their defaults)
     GET  /_sim/health  -> {"ok": true}
 """
 
@@ -30,12 +31,12 @@ import asyncio
 import msgspec
 from aiohttp import web
 
-from simulator import batches, cache, shapes, tokens, validate
+from simulator import batches, cache, faults, shapes, tokens, validate
 from simulator.batches import Batches
 from simulator.cache import Cache, Plan
 from simulator.clock import SimClock
 from simulator.errors import ApiError
-from simulator.faults import FaultDice
+from simulator.faults import BATCH_FAULTS, FaultDice
 from simulator.ledger import Ledger
 from simulator.limits import ModelLimits, Need, OtpmMode, Refusal, limits_for
 from simulator.settings import (
@@ -67,7 +68,6 @@ class ClockState(msgspec.Struct, frozen=True):
 
 
 _decode_advance = msgspec.json.Decoder(Advance).decode
-RETRY_AFTER_S = "1"
 ROUTES = (
     "POST /v1/messages, POST /v1/messages/count_tokens, /v1/messages/batches[/ID[/cancel|"
     "/results]], /_sim/{ledger,reset,advance,config,health}"
@@ -81,7 +81,7 @@ class Simulator:
         self.settings = settings
         self.ledger = Ledger()
         self.limits: dict[str, ModelLimits] = {}  # made on a model's first request
-        self.dice = FaultDice(settings.seed)
+        self._seed_dice(settings.seed)
         self.clock = SimClock()  # cache lifetimes; POST /_sim/advance moves it
         self.cache = Cache()
         self.batches = Batches(self.cache, self.ledger)
@@ -89,6 +89,12 @@ class Simulator:
         # until its answer (and bill) is done, as it would at the API.
         self.in_flight = 0
         self.peak_in_flight = 0  # since the last reset: tests read it instead of sampling
+
+    def _seed_dice(self, seed: int) -> None:
+        """One set of dice per kind of roll, so that none shifts another's sequence."""
+        self.dice = FaultDice(seed)
+        self.batch_dice = FaultDice(f"{seed}/batch", BATCH_FAULTS)
+        self.slow_dice = FaultDice(f"{seed}/slow")
 
     async def messages(self, request: web.Request) -> web.Response:
         self.in_flight += 1
@@ -102,8 +108,11 @@ class Simulator:
                 return error_response(exc)
             settings = self.settings
             fault = self.dice.roll(settings.fault_rate)
+            slow = self.slow_dice.happens(settings.slow_rate)
+            if settings.spend_cap_reached:  # answered at once: no model work is done
+                return self._fault("spend-cap")
             if fault is not None:  # instead of the answer: the limits are not consulted
-                await _latency(settings)
+                await _latency(settings, slow=slow)
                 return self._fault(fault)
             limits = self._model_limits(body["model"])
             started = self.clock()  # cache lifetimes run from the start of the request
@@ -118,7 +127,7 @@ class Simulator:
             refusal = limits.admit(need)  # taken now: requests during the latency see it
             if refusal is not None:
                 return self._refuse(body["model"], limits, refusal, settings.otpm_mode)
-            await _latency(settings)
+            await _latency(settings, slow=slow)
             return self._answer(body, limits, need, plan, started)
         finally:
             self.in_flight -= 1
@@ -131,10 +140,10 @@ class Simulator:
         return limits
 
     def _fault(self, fault: str) -> web.Response:
+        """An injected fault (or the spend cap): not billed, counted in the ledger's
+        `faults` under its name."""
         self.ledger.fault(fault)
-        extra = {"retry-after": RETRY_AFTER_S} if fault == "429" else None
-        message = f"simulated {fault} fault (--fault-rate or POST /_sim/config)"
-        return error_response(ApiError(int(fault), message), extra)
+        return error_response(*faults.fault_answer(fault))
 
     def _refuse(
         self, model: str, limits: ModelLimits, refusal: Refusal, mode: OtpmMode
@@ -202,13 +211,24 @@ class Simulator:
             version = validate.check_headers(request.headers)
             if (request.content_length or 0) > batches.MAX_BODY_BYTES:
                 raise ApiError(413, validate.too_large(batches.MAX_BODY_BYTES))
-            raw = await request.read()
-            s = self.settings
-            batch = self.batches.create(
-                raw, now=self.clock(), seconds=s.batch_seconds, version=version, seed=s.seed,
-                error_rate=s.batch_error_rate, expiry_rate=s.batch_expiry_rate,
-            )  # fmt: skip
+            requests = batches.check_create(
+                validate.decode_body(await request.read(), max_bytes=batches.MAX_BODY_BYTES)
+            )
         except ApiError as exc:
+            self.ledger.rejected += 1
+            return error_response(exc)
+        s = self.settings
+        fault = self.batch_dice.roll(s.fault_rate)
+        if s.spend_cap_reached:
+            fault = "spend-cap"
+        if fault is not None:  # the batch is not created
+            return self._fault(fault)
+        try:
+            batch = self.batches.create(
+                requests, now=self.clock(), seconds=s.batch_seconds, version=version,
+                seed=s.seed, error_rate=s.batch_error_rate, expiry_rate=s.batch_expiry_rate,
+            )  # fmt: skip
+        except ApiError as exc:  # the processing-queue cap
             self.ledger.rejected += 1
             return error_response(exc)
         return self._batch_json(self.batches.shown(batch, _origin(request)))
@@ -307,7 +327,7 @@ class Simulator:
         except (msgspec.DecodeError, ValueError) as exc:
             return _json(shapes.encode({"error": config_error(exc)}), status=400)
         if change.seed is not None:
-            self.dice = FaultDice(change.seed)
+            self._seed_dice(change.seed)
         if change.limits is not None:
             self.limits = {}  # full buckets at the new capacities
         self.settings = settings
@@ -336,15 +356,17 @@ def _list_limit(text: str | None) -> int:
     return limit
 
 
-async def _latency(settings: Settings) -> None:
-    if settings.latency_ms:
-        await asyncio.sleep(settings.latency_ms / 1000)
+async def _latency(settings: Settings, *, slow: bool = False) -> None:
+    delay_ms = settings.latency_ms + (settings.slow_ms if slow else 0)
+    if delay_ms:
+        await asyncio.sleep(delay_ms / 1000)
 
 
 def error_response(exc: ApiError, extra: dict[str, str] | None = None) -> web.Response:
     """The API's error body (§2.2), with the same request id in the body and the header."""
     request_id = shapes.new_id("req_")
-    body = shapes.ErrorBody(error=shapes.ErrorDetail(exc.error_type, exc.message),
+    details = None if exc.error_code is None else shapes.ErrorCode(exc.error_code)
+    body = shapes.ErrorBody(error=shapes.ErrorDetail(exc.error_type, exc.message, details),
                             request_id=request_id)  # fmt: skip
     headers = {"request-id": request_id, **(extra or {})}
     return _json(shapes.encode(body), headers, status=exc.status)

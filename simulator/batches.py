@@ -157,11 +157,11 @@ class Batches:
         self.created = 0  # numbers the batches, for their seeded rolls
 
     def create(
-        self, raw: bytes, *, now: float, seconds: float, version: str, seed: int,
-        error_rate: float, expiry_rate: float,
+        self, requests: list[tuple[str, Body]], *, now: float, seconds: float, version: str,
+        seed: int, error_rate: float, expiry_rate: float,
     ) -> Batch:  # fmt: skip
-        """A new batch from a request body; raises ApiError (400, 413, 429) as the API does."""
-        requests = check_create(validate.decode_body(raw, max_bytes=MAX_BODY_BYTES))
+        """A new batch of checked requests (check_create); raises ApiError 429 when the
+        processing queue cannot take them, as the API does."""
         queued = sum(b.counts.processing for b in self.batches.values() if b.ended_at is None)
         if queued + len(requests) > MAX_QUEUED:
             raise ApiError(

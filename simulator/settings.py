@@ -12,12 +12,14 @@ import msgspec
 from simulator.faults import check_fault_rates
 from simulator.limits import JSON_FORM, STANDARD, LimitTable, OtpmMode, check_table
 
+Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """What the simulator does; POST /_sim/config swaps in a changed copy while it runs."""
 
     latency_ms: int = 0
-    fault_rate: dict[str, float] = {}  # status ("429") -> share of requests; never mutated
+    fault_rate: dict[str, float] = {}  # fault ("429") -> share of requests; never mutated
     seed: int = 0
     # "*" or a model id -> (RPM, ITPM, OTPM); has a "*" row; never mutated
     limits: LimitTable = msgspec.field(default_factory=lambda: {"*": STANDARD})
@@ -25,12 +27,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     batch_seconds: float = 1.0  # how long a batch takes to process, on the simulator's clock
     batch_error_rate: float = 0.0  # share of batch items answered `errored`
     batch_expiry_rate: float = 0.0  # share of batch items left `expired`
+    # Every Messages request and batch create gets the spend-cap 429 while this is on.
+    spend_cap_reached: bool = False
+    slow_rate: float = 0.0  # share of /v1/messages requests that take slow_ms longer
+    slow_ms: int = 5000
 
 
 DEFAULT_SETTINGS = Settings()
 # Settings added after /_sim/config's first shape: its answer shows them only once changed,
 # so a client comparing the whole answer with the older fields still matches.
-_SHOWN_WHEN_CHANGED = ("batch_seconds", "batch_error_rate", "batch_expiry_rate")
+_SHOWN_WHEN_CHANGED = (
+    "batch_seconds", "batch_error_rate", "batch_expiry_rate", "spend_cap_reached", "slow_rate",
+    "slow_ms",
+)  # fmt: skip
 
 
 def shown_settings(settings: Settings) -> dict[str, Any]:
@@ -53,13 +62,14 @@ class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: dict[str, list[int]] | None = None
     otpm_mode: OtpmMode | None = None
     batch_seconds: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    batch_error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    batch_expiry_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    batch_error_rate: Rate | None = None
+    batch_expiry_rate: Rate | None = None
+    spend_cap_reached: bool | None = None
+    slow_rate: Rate | None = None
+    slow_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 decode_change = msgspec.json.Decoder(ConfigChange).decode
-
-
 # What a field accepts, added to msgspec's bare "Expected ... at `$.limits[...]`" errors.
 _FORMS = {
     "$.limits": f"limits is {JSON_FORM}",
@@ -70,26 +80,16 @@ _FORMS = {
 
 def apply_change(settings: Settings, change: ConfigChange) -> Settings:
     """`settings` with the change applied; raises ValueError for bad fault rates or limits."""
-    changed = msgspec.structs.replace(
-        settings,
-        latency_ms=settings.latency_ms if change.latency_ms is None else change.latency_ms,
-        fault_rate=(
-            settings.fault_rate if change.fault_rate is None
-            else check_fault_rates(change.fault_rate)
-        ),
-        seed=settings.seed if change.seed is None else change.seed,
-        limits=settings.limits if change.limits is None else check_table(change.limits),
-        otpm_mode=settings.otpm_mode if change.otpm_mode is None else change.otpm_mode,
-        batch_seconds=_or(change.batch_seconds, settings.batch_seconds),
-        batch_error_rate=_or(change.batch_error_rate, settings.batch_error_rate),
-        batch_expiry_rate=_or(change.batch_expiry_rate, settings.batch_expiry_rate),
-    )  # fmt: skip
+    given = {
+        f: getattr(change, f) for f in change.__struct_fields__ if getattr(change, f) is not None
+    }
+    if change.fault_rate is not None:
+        given["fault_rate"] = check_fault_rates(change.fault_rate)
+    if change.limits is not None:
+        given["limits"] = check_table(change.limits)
+    changed = msgspec.structs.replace(settings, **given)
     check_batch_rates(changed.batch_error_rate, changed.batch_expiry_rate)
     return changed
-
-
-def _or(new: float | None, old: float) -> float:
-    return old if new is None else new
 
 
 def check_batch_rates(error_rate: float, expiry_rate: float) -> None:
