@@ -7,7 +7,8 @@ and `retry-after` on 429s. Only POST /v1/messages gets latency, faults and rate 
 refused with a 4xx), the spend cap (`spend_cap_reached`: refused at once), the fault dice
 and the slow dice (faults.py), the rate limits (limits.py; a refusal is answered at once: the
 latency stands for the model's work, which a refused request never reaches), the latency
-(plus `slow_ms` for a slow one), the answer. Prompt caching (cache.py) is looked up when a
+(plus `slow_ms` for a slow one), the answer, made right or wrong by the ground truth
+(truth.py, grades.py) when `quality` is on. Prompt caching (cache.py) is looked up when a
 request passes the faults, so the rate limits can count its cache writes, and written when
 its answer is made. The Message Batches routes (batches.py) check auth and version, then
 answer at once; a create meets the spend cap and the `batch-529` fault first.
@@ -21,6 +22,8 @@ Admin routes (not part of the Anthropic API):
     GET  /_sim/config, POST /_sim/config {any field of settings.ConfigChange}
                           -> Settings (those added after the first shape shown once changed
                           from their defaults)
+    GET  /_sim/grade?ids=..., POST /_sim/grade {"items"?, "ids"?} -> grades.Answer: the truth
+                          of answers, for benchmarks (grades.py)
     GET  /_sim/health  -> {"ok": true}
 """
 
@@ -37,6 +40,7 @@ from simulator.cache import Cache, Plan
 from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import BATCH_FAULTS, FaultDice
+from simulator.grades import Grader, query_ids
 from simulator.ledger import Ledger
 from simulator.limits import ModelLimits, Need, OtpmMode, Refusal, limits_for
 from simulator.settings import (
@@ -70,7 +74,7 @@ class ClockState(msgspec.Struct, frozen=True):
 _decode_advance = msgspec.json.Decoder(Advance).decode
 ROUTES = (
     "POST /v1/messages, POST /v1/messages/count_tokens, /v1/messages/batches[/ID[/cancel|"
-    "/results]], /_sim/{ledger,reset,advance,config,health}"
+    "/results]], /_sim/{ledger,reset,advance,config,grade,health}"
 )
 
 
@@ -84,7 +88,8 @@ class Simulator:
         self._seed_dice(settings.seed)
         self.clock = SimClock()  # cache lifetimes; POST /_sim/advance moves it
         self.cache = Cache()
-        self.batches = Batches(self.cache, self.ledger)
+        self.grader = Grader(lambda: self.settings.truth())
+        self.batches = Batches(self.cache, self.ledger, self.grader)
         # Received and not yet answered; a request whose client went away still counts
         # until its answer (and bill) is done, as it would at the API.
         self.in_flight = 0
@@ -161,13 +166,16 @@ class Simulator:
         self, body: Body, limits: ModelLimits, need: Need, plan: Plan, started: float
     ) -> web.Response:
         model: str = body["model"]
-        text, output_tokens, stop_reason, stop_sequence = tokens.reply(body)
+        (text, output_tokens, stop_reason, stop_sequence), grade = self.grader.reply(body, model)
         self.cache.commit(plan, started)  # readable from now on: the answer has begun
         usage = cache.usage_of(plan.split, output_tokens)
         self.ledger.bill(model, usage)
         limits.settle(need.output_tokens, output_tokens)
+        message_id = shapes.new_id("msg_")
+        if grade is not None:
+            self.grader.remember(message_id, model, grade)
         message = shapes.Message(
-            id=shapes.new_id("msg_"),
+            id=message_id,
             model=model,
             content=[shapes.TextBlock("text", text)] if text else [],
             stop_reason=stop_reason,
@@ -305,7 +313,7 @@ class Simulator:
         self.peak_in_flight = self.in_flight
         self.limits = {}  # full buckets; requests in flight settle with the old ones
         self.cache = Cache()  # the clock keeps its time: it never goes back
-        self.batches = Batches(self.cache, self.ledger)
+        self.batches = Batches(self.cache, self.ledger, self.grader)  # grades are kept
         return _json(shapes.encode(before))
 
     async def advance(self, request: web.Request) -> web.Response:
@@ -332,6 +340,15 @@ class Simulator:
             self.limits = {}  # full buckets at the new capacities
         self.settings = settings
         return _json(shapes.encode(shown_settings(settings)))
+
+    async def grade(self, request: web.Request) -> web.Response:
+        try:
+            raw = await request.read() if request.method == "POST" else None
+            answer = self.grader.answer(raw, query_ids(request.query.getall("ids", [])))
+        except ValueError as exc:
+            message = f"{request.method} /_sim/grade: {exc}"
+            return _json(shapes.encode({"error": message}), status=400)
+        return _json(shapes.encode(answer))
 
     async def health(self, _: web.Request) -> web.Response:
         return _json(b'{"ok":true}')
@@ -394,6 +411,8 @@ def make_app(settings: Settings) -> web.Application:
     add("GET", "/_sim/config", sim.get_config)
     add("POST", "/_sim/config", sim.configure)
     add("GET", "/_sim/health", sim.health)
+    add("GET", "/_sim/grade", sim.grade)
+    add("POST", "/_sim/grade", sim.grade)
     add("POST", "/v1/messages/batches", sim.create_batch)
     add("GET", "/v1/messages/batches", sim.list_batches)
     add("GET", "/v1/messages/batches/{batch_id}", sim.retrieve_batch)

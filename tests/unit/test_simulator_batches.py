@@ -15,8 +15,10 @@ from simulator import validate
 from simulator.batches import MAX_BODY_BYTES, Batch, Batches, ResultLine, check_create
 from simulator.cache import Cache
 from simulator.errors import ApiError
+from simulator.grades import Grader
 from simulator.ledger import Ledger
 from simulator.pricing import Usage, cost_usd
+from simulator.truth import Quality
 
 T0 = 1_790_000_000.0
 HAIKU = "claude-haiku-5-5"
@@ -44,7 +46,7 @@ def make(
 
 
 def new_batches() -> Batches:
-    return Batches(Cache(), Ledger())
+    return Batches(Cache(), Ledger(), Grader(Quality))
 
 
 def results(batches: Batches, batch: Batch, now: float) -> dict[str, Any]:
