@@ -142,7 +142,7 @@ async def test_slow_answers_are_slow_and_hold_no_one_else_up(
 async def test_a_seeded_share_of_answers_is_slow(
     client: anthropic.AsyncAnthropic, simulator_url: str
 ) -> None:
-    sim_call(simulator_url, "config", {"slow_rate": 0.5, "slow_ms": 6000})
+    sim_call(simulator_url, "config", {"slow_rate": 0.5, "slow_ms": 4000})
     calls = [asyncio.create_task(hello(client)) for _ in range(30)]
     out: list[int] = []
 

@@ -110,7 +110,7 @@ def test_the_reference_workload_maps_to_its_kinds_and_their_mixes() -> None:
 @pytest.mark.parametrize("skills", [truth.DEFAULT_SKILLS, {HAIKU: 1.5, SONNET: 3.0, OPUS: 9.0}])
 def test_pass_rates_per_model_match_the_logistic_curve(skills: dict[str, float]) -> None:
     q = Quality(mode="on", seed=5, skills=skills)
-    bodies = [ask(t) for t in texts(3000)]
+    bodies = [ask(t) for t in texts(2000)]
     for model in (HAIKU, SONNET, OPUS):
         grades = [judge(b, model, q).grade for b in bodies]
         chances = [truth.p_correct(skills[model], g.difficulty) for g in grades]
