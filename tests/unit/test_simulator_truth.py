@@ -12,6 +12,7 @@ import json
 import math
 import runpy
 from collections.abc import Iterator
+from pathlib import Path
 from statistics import median, quantiles
 from typing import Any
 
@@ -22,7 +23,7 @@ from simulator.grades import Grader
 from simulator.tokens import LABELS, reply, text_tokens
 from simulator.truth import Quality, judge, right_tier
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]
 HAIKU, SONNET, OPUS = "claude-haiku-5-5", "claude-sonnet-5-5", "claude-opus-5-5"
 ON = Quality(mode="on", seed=3)
 WORDS = ("alpha", "beta", "gamma", "delta", "queue", "worker", "stream", "token", "answer",
