@@ -26,8 +26,10 @@ split into input, cache writes by TTL and cache reads, billed at their prices. I
 Message Batches (/v1/messages/batches: create, retrieve, list, cancel, delete, results)
 on its own clock: a batch takes --batch-seconds, its items are answered as /v1/messages
 would answer them (through the prompt cache, outside the rate limits) and billed at half
-price, and seeded shares of items can come back `errored` or `expired`. Once listening it
-prints one line: `simulator listening on http://HOST:PORT`.
+price, and seeded shares of items can come back `errored` or `expired`. It answers the
+Admin API's usage and cost reports (GET /v1/organizations/usage_report/messages and
+/v1/organizations/cost_report) from its ledger. Once listening it prints one line:
+`simulator listening on http://HOST:PORT`.
 """
 EPILOG = """\
 admin routes (not part of the Anthropic API):

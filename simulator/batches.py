@@ -236,7 +236,7 @@ class Batches:
             self.cache.commit(plan, now)
         text, output_tokens, stop_reason, stop_sequence = tokens.reply(params)
         usage = cache.usage_of(plan.split, output_tokens)
-        self.ledger.bill(model, usage, batch=True)
+        self.ledger.bill(model, usage, batch=True, at=now)
         return shapes.Message(
             id=shapes.new_id("msg_"),
             model=model,

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
+import os
 import shlex
 import sys
 from collections.abc import Callable, Coroutine
+from decimal import Decimal
 from typing import Any
 
 import redis as syncredis
 
-from worker import alerts
+from worker import alerts, reconcile
 from worker.config import Config, load_config
 from worker.embedded import redis_url
+from worker.errors import ConfigError
+from worker.usage import money
 
 EPILOG_LINES = """\
   top         a live view of the fleet: queues, rates, limits, breakers, budgets, consumers
@@ -32,6 +38,7 @@ Sub = argparse._SubParsersAction  # argparse names no public type for it
 
 def add_tool_commands(sub: Sub[argparse.ArgumentParser]) -> None:
     """Register the commands of this module on `tokenq`'s subparsers."""
+    _add_reconcile(sub)
     _add_alerts(sub)
     _add_redis_cli(sub)
 
@@ -47,6 +54,145 @@ def _run_async(make: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
     except KeyboardInterrupt:
         return 130
     return result or 0
+
+
+def _add_reconcile(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "reconcile",
+        help="compare tokenq's spend per model and day with the provider's report",
+        description="Sum tokenq's usage events per model and UTC day and compare them with "
+        "the provider's own usage and cost report (the Admin API's usage_report/messages and "
+        "cost_report; an Admin API key in ANTHROPIC_ADMIN_API_KEY; the simulator answers "
+        "them without one). Prints each difference with its likely causes. Exits 1 when a "
+        "difference is over both thresholds, so it can run from cron; 2 when a side cannot "
+        "be read.",
+    )
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--month", type=_month, help="YYYY-MM (default: this month, UTC)")
+    when.add_argument("--from", dest="first", type=_date, help="first day, YYYY-MM-DD")
+    p.add_argument("--to", dest="last", type=_date, help="last day (with --from; default today)")
+    p.add_argument("--max-diff-usd", type=_amount, default=Decimal("0.01"),
+                   help="a day and model off by more than this many USD (0.01) ...")  # fmt: skip
+    p.add_argument("--max-diff-pct", type=_amount, default=Decimal(1),
+                   help="... and more than this percent of the larger side fails (1)")  # fmt: skip
+    p.add_argument("--workspace-id", help="compare with this workspace's usage only")
+    p.add_argument("--admin-url", help="the Admin API's base URL (default: from [anthropic])")
+    p.add_argument("--json", action="store_true", help="one JSON object per day and model")
+    p.set_defaults(run=cmd_reconcile)
+
+
+def _amount(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        value = Decimal(-1)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of 0 or more, e.g. 0.05")
+    return value
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day as YYYY-MM-DD") from None
+
+
+def _month(text: str) -> dt.date:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m").date()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month as YYYY-MM") from None
+
+
+def _period(ns: argparse.Namespace, today: dt.date) -> tuple[dt.date, dt.date]:
+    if ns.last is not None and ns.first is None:
+        raise ConfigError("--to needs --from (or use --month)")
+    if ns.first is not None:
+        last = ns.last or today
+        if last < ns.first:
+            raise ConfigError(f"--to {last} is before --from {ns.first}")
+        return ns.first, last
+    first = ns.month or today.replace(day=1)
+    following = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return first, min(following - dt.timedelta(days=1), today)
+
+
+def cmd_reconcile(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    today = dt.datetime.now(dt.UTC).date()
+    first, last = _period(ns, today)
+    url = ns.admin_url or reconcile.admin_url(cfg, os.environ)
+    key = os.environ.get("ANTHROPIC_ADMIN_API_KEY", "none")
+    limits = reconcile.Thresholds(ns.max_diff_usd, ns.max_diff_pct)
+
+    async def run() -> list[reconcile.Row]:
+        return await reconcile.reconcile(
+            cfg, first, last, limits, url=url, key=key, workspace=ns.workspace_id
+        )
+
+    try:
+        rows = asyncio.run(run())
+    except reconcile.ProviderError as exc:
+        print(f"tokenq: {exc}", file=sys.stderr)
+        return 2
+    if ns.json:
+        for row in rows:
+            print(json.dumps(_row_json(row)))
+    else:
+        print(f"tokenq reconcile: {first} to {last} (UTC days), tokenq's usage events "
+              f"against the Admin API at {url}")  # fmt: skip
+        print(_reconcile_text(rows, ns))
+    return 1 if any(r.over for r in rows) else 0
+
+
+def _row_json(row: reconcile.Row) -> dict[str, Any]:
+    def side(s: reconcile.Side) -> dict[str, Any]:
+        return {
+            "cost_usd": str(s.cost_usd), "batch_cost_usd": str(s.batch_cost_usd),
+            "input_tokens": s.input_tokens, "cache_write_tokens": s.cache_write_tokens,
+            "cache_read_tokens": s.cache_read_tokens, "output_tokens": s.output_tokens,
+        }  # fmt: skip
+
+    return {
+        "day": row.day, "model": row.model, "tokenq": side(row.tokenq),
+        "provider": side(row.provider), "diff_usd": str(row.diff_usd),
+        "diff_pct": float(round(row.diff_pct, 2)), "over": row.over, "causes": row.causes,
+    }  # fmt: skip
+
+
+def _reconcile_text(rows: list[reconcile.Row], ns: argparse.Namespace) -> str:
+    if not rows:
+        return "neither side has any usage in this period"
+    head = f"{'day':<11} {'model':<22} {'tokenq':>12} {'provider':>12} {'difference':>22}"
+    lines = [head]
+    for r in rows:
+        diff = f"{_signed(r.diff_usd)} ({r.diff_pct:.1f}%)"
+        flag = "  OVER" if r.over else ""
+        lines.append(f"{r.day:<11} {r.model:<22} {money(float(r.tokenq.cost_usd)):>12} "
+                     f"{money(float(r.provider.cost_usd)):>12} {diff:>22}{flag}")  # fmt: skip
+        tokens = _token_diff(r)
+        if tokens:
+            lines.append(f"{'':<11} tokens, tokenq less provider: {tokens}")
+        lines += [f"{'':<11} likely: {cause}" for cause in r.causes]
+    ours = sum((r.tokenq.cost_usd for r in rows), Decimal(0))
+    theirs = sum((r.provider.cost_usd for r in rows), Decimal(0))
+    lines.append(f"{'total':<34} {money(float(ours)):>12} {money(float(theirs)):>12} "
+                 f"{_signed(ours - theirs):>22}")  # fmt: skip
+    over = sum(r.over for r in rows)
+    lines.append(f"{over} of {len(rows)} day-and-model rows over the thresholds "
+                 f"(more than ${ns.max_diff_usd} and more than {ns.max_diff_pct}%)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _signed(usd: Decimal) -> str:
+    return ("+" if usd > 0 else "") + money(float(usd))
+
+
+def _token_diff(r: reconcile.Row) -> str:
+    names = ("input", "cache writes", "cache reads", "output")
+    pairs = zip(names, r.tokenq.tokens(), r.provider.tokens(), strict=True)
+    return ", ".join(f"{n} {a - b:+,}" for n, a, b in pairs if a != b)
 
 
 def _add_alerts(sub: Sub[argparse.ArgumentParser]) -> None:

@@ -1,0 +1,399 @@
+"""`tokenq reconcile`: tokenq's spend per model and UTC day against the provider's own report.
+
+One row per (day, model), two sides:
+
+- **tokenq's**: the sums of the usage events of the period (`tokenq_totals`, the one place
+  that reads tokenq's figures: the usage stream today, the rollups once they exist). A job's
+  tokens and cost are counted under the model of its final answer.
+- **the provider's**: the Admin API's usage report, `GET /v1/organizations/usage_report/
+  messages` with `group_by[]=model` and daily buckets, for tokens, and its cost report,
+  `GET /v1/organizations/cost_report` with `group_by[]=description`, for cost per model and
+  service tier (amounts in cents, as decimal strings). Both need an Admin API key
+  (`sk-ant-admin...`) in ANTHROPIC_ADMIN_API_KEY, sent as `x-api-key` with `anthropic-version:
+  2023-06-01`. Docs: platform.claude.com/docs/en/api/admin/usage_report/retrieve_messages and
+  platform.claude.com/docs/en/api/admin/cost_report (buckets snap to UTC days; `limit` is at
+  most 31 daily buckets a page; `has_more` and `next_page` page on); the simulator answers
+  both from its ledger (simulator/admin.py). The cost report leaves out Priority Tier costs.
+
+A row is over the thresholds when its cost differs by more than max_diff_usd *and* by more
+than max_diff_pct percent of the larger side; `tokenq reconcile` then exits 1, so cron can
+mail it. Each such row gets its likely causes, from what the two sides show.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import msgspec
+import redis.asyncio as aioredis
+
+from worker.config import Config
+from worker.contract import Keys, entry_ms
+from worker.embedded import connect, redis_url
+from worker.usage import event_of
+
+DAY_MS = 86_400_000
+MAX_PAGES = 1000  # a report that keeps saying has_more is cut off here
+ADMIN_VERSION = "2023-06-01"
+
+
+class ProviderError(Exception):
+    """The Admin API could not be reached or refused a request (the message says which)."""
+
+
+@dataclass
+class Side:
+    """One side's sums for a (day, model)."""
+
+    input_tokens: int = 0  # uncached input
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    batch_cost_usd: Decimal = Decimal(0)
+
+    def tokens(self) -> tuple[int, int, int, int]:
+        return (
+            self.input_tokens,
+            self.cache_write_tokens,
+            self.cache_read_tokens,
+            self.output_tokens,
+        )
+
+
+@dataclass
+class Hints:
+    """What tokenq's events of a (day, model) tell about a difference."""
+
+    jobs: int = 0
+    retried: int = 0  # jobs that needed more than one API call attempt
+    rerouted: int = 0  # escalated or classified: calls on other models counted here
+    batch: int = 0
+
+
+Key = tuple[str, str]  # (day YYYY-MM-DD, model)
+
+
+@dataclass
+class TokenqSide:
+    totals: dict[Key, Side] = field(default_factory=dict)
+    hints: dict[Key, Hints] = field(default_factory=dict)
+    first_ms: int | None = None  # the oldest entry of the usage stream (it is trimmed)
+
+
+async def tokenq_totals(
+    redis: aioredis.Redis, keys: Keys, start_ms: int, end_ms: int
+) -> TokenqSide:
+    """tokenq's sums per (UTC day, model) over [start_ms, end_ms), from the usage stream.
+
+    `redis` should not decode replies (entries others wrote may not be UTF-8). Entries that
+    are not usage events, alerts and cache answers (no call) are left out.
+    """
+    out = TokenqSide()
+    oldest: Any = await redis.xrange(keys.usage, count=1)
+    out.first_ms = entry_ms(_text(oldest[0][0])) if oldest else None
+    start = f"{start_ms}-0"
+    while True:
+        page: Any = await redis.xrange(keys.usage, min=start, max=str(end_ms - 1), count=5000)
+        for raw_id, fields in page:
+            entry_id = _text(raw_id)
+            event = event_of(fields)
+            if event is None or event.kind != "job" or event.mode == "cache" or not event.model:
+                continue
+            key = (_day(entry_ms(entry_id)), event.model)
+            side = out.totals.setdefault(key, Side())
+            side.input_tokens += event.input_tokens
+            side.cache_write_tokens += event.cache_creation_input_tokens
+            side.cache_read_tokens += event.cache_read_input_tokens
+            side.output_tokens += event.output_tokens
+            cost = Decimal(fields.get(b"cost_usd", b"0").decode(errors="replace") or "0")
+            side.cost_usd += cost
+            hint = out.hints.setdefault(key, Hints())
+            hint.jobs += 1
+            hint.retried += event.attempt > 1
+            hint.rerouted += "escalated" in event.route_reason or "classifier" in event.route_reason
+            if event.mode == "batch":
+                side.batch_cost_usd += cost
+                hint.batch += 1
+        if len(page) < 5000:
+            return out
+        start = f"({_text(page[-1][0])}"
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _day(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+
+
+# The reports' shapes, as far as reconcile reads them (other fields are ignored).
+class _CacheCreation(msgspec.Struct):
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
+
+
+class _UsageRow(msgspec.Struct):
+    model: str | None = None
+    uncached_input_tokens: int = 0
+    cache_creation: _CacheCreation | None = None
+    cache_read_input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class _CostRow(msgspec.Struct):
+    amount: str = "0"
+    currency: str = "USD"
+    model: str | None = None
+    service_tier: str | None = None
+    workspace_id: str | None = None
+
+
+class _UsageBucket(msgspec.Struct):
+    starting_at: str
+    results: list[_UsageRow] = []
+
+
+class _CostBucket(msgspec.Struct):
+    starting_at: str
+    results: list[_CostRow] = []
+
+
+class _UsagePage(msgspec.Struct):
+    data: list[_UsageBucket] = []
+    has_more: bool = False
+    next_page: str | None = None
+
+
+class _CostPage(msgspec.Struct):
+    data: list[_CostBucket] = []
+    has_more: bool = False
+    next_page: str | None = None
+
+
+class AdminApi:
+    """The two reports of the Admin API at base_url (the API, or the simulator)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: str) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"x-api-key": key, "anthropic-version": ADMIN_VERSION}
+
+    async def _get(self, path: str, params: list[tuple[str, str]]) -> bytes:
+        url = f"{self.base_url}{path}"
+        try:
+            async with self.session.get(url, params=params, headers=self.headers) as reply:
+                body = await reply.read()
+                if reply.status == 401 or reply.status == 403:
+                    raise ProviderError(
+                        f"the Admin API at {self.base_url} refused the key ({reply.status}): set "
+                        "ANTHROPIC_ADMIN_API_KEY to an Admin API key (sk-ant-admin..., made in "
+                        "the Console under Settings, Admin keys)"
+                    )
+                if reply.status != 200:
+                    text = body.decode(errors="replace")[:300]
+                    raise ProviderError(f"GET {url} answered {reply.status}: {text}")
+                return body
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderError(f"cannot reach the Admin API at {self.base_url}: {exc}") from None
+
+    async def _pages(self, path: str, params: list[tuple[str, str]]) -> AsyncIterator[bytes]:
+        page = None
+        for _ in range(MAX_PAGES):
+            body = await self._get(path, [*params, *([("page", page)] if page else [])])
+            yield body
+            head = _decode(body, _PageHead)
+            if not head.has_more or not head.next_page or head.next_page == page:
+                return
+            page = head.next_page
+        raise ProviderError(f"GET {self.base_url}{path}: more than {MAX_PAGES} pages")
+
+    async def totals(
+        self, first_day: dt.date, last_day: dt.date, workspace: str | None
+    ) -> dict[Key, Side]:
+        """The provider's sums per (day, model) from the first day to the last (inclusive)."""
+        span = [
+            ("starting_at", f"{first_day.isoformat()}T00:00:00Z"),
+            ("ending_at", f"{(last_day + dt.timedelta(days=1)).isoformat()}T00:00:00Z"),
+            ("bucket_width", "1d"),
+            ("limit", "31"),
+        ]
+        out: dict[Key, Side] = {}
+        usage = [
+            *span,
+            ("group_by[]", "model"),
+            *([("workspace_ids[]", workspace)] if workspace else []),
+        ]
+        async for body in self._pages("/v1/organizations/usage_report/messages", usage):
+            for bucket in _decode(body, _UsagePage).data:
+                for row in bucket.results:
+                    side = out.setdefault(
+                        (bucket.starting_at[:10], row.model or "(no model)"), Side()
+                    )
+                    side.input_tokens += row.uncached_input_tokens
+                    cc = row.cache_creation or _CacheCreation()
+                    side.cache_write_tokens += (
+                        cc.ephemeral_5m_input_tokens + cc.ephemeral_1h_input_tokens
+                    )
+                    side.cache_read_tokens += row.cache_read_input_tokens
+                    side.output_tokens += row.output_tokens
+        cost = [*span, ("group_by[]", "description"), ("group_by[]", "workspace_id")]
+        async for body in self._pages("/v1/organizations/cost_report", cost):
+            for bucket in _decode(body, _CostPage).data:
+                for row in bucket.results:
+                    if workspace and row.workspace_id != workspace:
+                        continue
+                    usd = _cents(row.amount) / 100
+                    side = out.setdefault(
+                        (bucket.starting_at[:10], row.model or "(not tokens)"), Side()
+                    )
+                    side.cost_usd += usd
+                    if row.service_tier == "batch":
+                        side.batch_cost_usd += usd
+        return out
+
+
+class _PageHead(msgspec.Struct):
+    has_more: bool = False
+    next_page: str | None = None
+
+
+def _decode(body: bytes, type_: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise ProviderError(f"the Admin API's answer is not a report: {exc}") from None
+
+
+def _cents(amount: str) -> Decimal:
+    try:
+        return Decimal(amount)
+    except ArithmeticError:
+        raise ProviderError(
+            f"the cost report has an amount {amount!r} that is not a number"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_diff_usd: Decimal
+    max_diff_pct: Decimal
+
+
+@dataclass
+class Row:
+    """One (day, model) of the comparison."""
+
+    day: str
+    model: str
+    tokenq: Side
+    provider: Side
+    hints: Hints
+    over: bool = False
+    causes: list[str] = field(default_factory=list)
+
+    @property
+    def diff_usd(self) -> Decimal:
+        """tokenq's cost less the provider's (negative: the provider billed more)."""
+        return self.tokenq.cost_usd - self.provider.cost_usd
+
+    @property
+    def diff_pct(self) -> Decimal:
+        larger = max(self.tokenq.cost_usd, self.provider.cost_usd)
+        return abs(self.diff_usd) * 100 / larger if larger else Decimal(0)
+
+
+def compare(ours: TokenqSide, theirs: dict[Key, Side], limits: Thresholds, today: str) -> list[Row]:
+    """A row per (day, model) either side has, oldest day first, with its verdict and likely
+    causes. Days before the usage stream's oldest entry (trimmed at queue.usage_maxlen) are
+    shown but never over the thresholds: tokenq no longer has their events."""
+    trimmed = _day(ours.first_ms) if ours.first_ms is not None else None
+    rows = []
+    for key in sorted(set(ours.totals) | set(theirs)):
+        row = Row(*key, ours.totals.get(key, Side()), theirs.get(key, Side()),
+                  ours.hints.get(key, Hints()))  # fmt: skip
+        complete = trimmed is None or row.day >= trimmed
+        row.over = complete and (
+            abs(row.diff_usd) > limits.max_diff_usd and row.diff_pct > limits.max_diff_pct
+        )
+        if row.diff_usd or row.tokenq.tokens() != row.provider.tokens():
+            row.causes = _causes(row, rows_of_day(ours, theirs, row.day), today, complete)
+        rows.append(row)
+    return rows
+
+
+def rows_of_day(ours: TokenqSide, theirs: dict[Key, Side], day: str) -> tuple[Decimal, Decimal]:
+    """(tokenq's, the provider's) cost of a whole day, all models."""
+    mine = sum((s.cost_usd for (d, _), s in ours.totals.items() if d == day), Decimal(0))
+    other = sum((s.cost_usd for (d, _), s in theirs.items() if d == day), Decimal(0))
+    return mine, other
+
+
+def _causes(row: Row, day_totals: tuple[Decimal, Decimal], today: str, complete: bool) -> list[str]:
+    out: list[str] = []
+    h = row.hints
+    if not complete:
+        out.append("tokenq's usage stream no longer reaches back to this day (it is trimmed at "
+                   "queue.usage_maxlen events)")  # fmt: skip
+    if row.day == today:
+        out.append("today is not over: the provider's report can trail by some minutes")
+    same_day = abs(day_totals[0] - day_totals[1]) <= abs(row.diff_usd) / 10
+    if h.rerouted and same_day:
+        out.append(f"{h.rerouted} job(s) were escalated or routed by the classifier: tokenq "
+                   "counts every call of a job under its final model, the provider under the "
+                   "model each call used (the day's total agrees)")  # fmt: skip
+    if row.diff_usd < 0:
+        out.append("the provider billed calls tokenq has no record of: other applications "
+                   "on the same organization or workspace (the report covers all of them; "
+                   "--workspace-id narrows it)")  # fmt: skip
+        if h.retried:
+            out.append(f"calls in flight when a worker died: {h.retried} job(s) that day "
+                       "needed more than one attempt, and a dead worker's call is billed but "
+                       "never recorded")  # fmt: skip
+    elif row.diff_usd > 0:
+        out.append("tokenq recorded more than the provider billed: prices in config.toml "
+                   f'[models."{row.model}"] above the provider\'s, or calls the provider has '
+                   "not billed yet")  # fmt: skip
+    if row.tokenq.tokens() == row.provider.tokens() and row.diff_usd:
+        out.append(f'the tokens agree: the prices differ (config.toml [models."{row.model}"])'
+                   + (", or the batch discount (batch_discount)" if h.batch else ""))  # fmt: skip
+    if h.batch and row.tokenq.batch_cost_usd != row.provider.batch_cost_usd:
+        out.append(f"batch discount: tokenq's batch jobs cost ${row.tokenq.batch_cost_usd:f}, "
+                   f"the provider's batch tier ${row.provider.batch_cost_usd:f} (a batch that "
+                   "ended around midnight can fall on the other day)")  # fmt: skip
+    return out
+
+
+def admin_url(cfg: Config, env: Mapping[str, str]) -> str:
+    """Where the Admin API is: the API when anthropic.base_url is auto and a key is set, the
+    simulator when no key is, else anthropic.base_url itself."""
+    if cfg.anthropic.base_url != "auto":
+        return cfg.anthropic.base_url
+    if env.get("ANTHROPIC_ADMIN_API_KEY") or env.get("ANTHROPIC_API_KEY"):
+        return "https://api.anthropic.com"
+    return cfg.anthropic.simulator_url
+
+
+async def reconcile(
+    cfg: Config, first: dt.date, last: dt.date, limits: Thresholds, *, url: str, key: str,
+    workspace: str | None = None, today: dt.date | None = None,
+) -> list[Row]:  # fmt: skip
+    """Both sides over the UTC days first..last (inclusive), compared (see compare)."""
+    start_ms = int(dt.datetime.combine(first, dt.time(), dt.UTC).timestamp() * 1000)
+    end_ms = int(dt.datetime.combine(last, dt.time(), dt.UTC).timestamp() * 1000) + DAY_MS
+    redis = connect(redis_url(cfg), decode=False)
+    try:
+        ours = await tokenq_totals(redis, Keys(cfg.prefix), start_ms, end_ms)
+    finally:
+        await redis.aclose()
+    timeout = aiohttp.ClientTimeout(total=cfg.anthropic.timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        theirs = await AdminApi(session, url, key).totals(first, last, workspace)
+    now = today or dt.datetime.now(dt.UTC).date()
+    return compare(ours, theirs, limits, now.isoformat())
