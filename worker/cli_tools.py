@@ -15,15 +15,22 @@ import shlex
 import sys
 from collections.abc import Callable, Coroutine
 from decimal import Decimal
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import anthropic
 import redis as syncredis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from worker import alerts, reconcile
+from worker import alerts, quote, reconcile
 from worker.config import Config, load_config
 from worker.embedded import redis_url
 from worker.errors import ConfigError
+from worker.jobs import describe
 from worker.usage import money
+from worker.worker import make_client
 
 EPILOG_LINES = """\
   top         a live view of the fleet: queues, rates, limits, breakers, budgets, consumers
@@ -38,6 +45,7 @@ Sub = argparse._SubParsersAction  # argparse names no public type for it
 
 def add_tool_commands(sub: Sub[argparse.ArgumentParser]) -> None:
     """Register the commands of this module on `tokenq`'s subparsers."""
+    _add_estimate(sub)
     _add_reconcile(sub)
     _add_alerts(sub)
     _add_redis_cli(sub)
@@ -54,6 +62,190 @@ def _run_async(make: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
     except KeyboardInterrupt:
         return 130
     return result or 0
+
+
+def _add_estimate(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="what a request or a JSONL workload would cost, per tier and as routed",
+        description="Price one request (a JSON object of Messages API parameters: the "
+        "REQUEST argument, --file, or standard input) or a workload (--workload FILE: JSON "
+        'lines of {"t_ms", "feature", "tenant", "priority", "request"}, the reference '
+        "trace's format) on every tier and as the router would send it, in real time, with "
+        "prompt caching, in batch windows and with both. Input tokens come from the API's "
+        "free count_tokens when the API (or the simulator) answers, else from the local "
+        "estimate; the output says which. Output is priced at max_tokens (the most a request "
+        "can cost) unless --output-tokens says otherwise.",
+    )
+    p.add_argument("request", nargs="?", help='JSON, e.g. \'{"messages":[...]}\'; "-" = stdin')
+    p.add_argument("-f", "--file", help="read the request JSON from this file")
+    p.add_argument("--workload", metavar="FILE", help='a JSONL workload ("-" = stdin)')
+    p.add_argument("--feature", default="", help="the request's feature (its tier, caps, cache)")
+    p.add_argument("--priority", default="normal", help="its priority stream (default normal)")
+    p.add_argument("--output-tokens", type=_positive, help="output tokens to assume per request")
+    p.add_argument("--local", action="store_true", help="no count_tokens: the local estimate")
+    p.add_argument("--json", action="store_true", help="the figures as one JSON object")
+    p.set_defaults(run=cmd_estimate)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def cmd_estimate(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    if ns.workload:
+        where = "standard input" if ns.workload == "-" else ns.workload
+        text = sys.stdin.read() if ns.workload == "-" else _read(ns.workload)
+        items = quote.read_workload(text.splitlines(), where)
+    else:
+        if ns.feature and ns.feature not in cfg.features:
+            raise ConfigError(f"--feature {ns.feature!r} is not in [features]: "
+                              f"{', '.join(cfg.features)}")  # fmt: skip
+        items = [quote.read_request(_request_text(ns), ns.feature, ns.priority)]
+    priced, source = asyncio.run(_estimate(cfg, items, ns))
+    output = (
+        f"{ns.output_tokens:,} output tokens a request (--output-tokens)" if ns.output_tokens
+        else "output at max_tokens (the most a request can cost; --output-tokens N for a "
+        "figure of your own)"
+    )  # fmt: skip
+    if ns.json:
+        print(json.dumps(_estimate_json(cfg, priced, source)))
+    elif ns.workload:
+        print(_workload_text(cfg, priced, f"input from {source}; {output}", where))
+    else:
+        print(_request_text_out(cfg, priced[0], source, output))
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _request_text(ns: argparse.Namespace) -> str:
+    if ns.file:
+        return _read(ns.file)
+    if ns.request and ns.request != "-":
+        return str(ns.request)
+    if sys.stdin.isatty():
+        raise ConfigError("no request given: pass REQUEST, --file FILE, --workload FILE, or "
+                          "pipe JSON on stdin")  # fmt: skip
+    return sys.stdin.read()
+
+
+async def _estimate(
+    cfg: Config, items: list[quote.Item], ns: argparse.Namespace
+) -> tuple[list[quote.Priced], str]:
+    """Price with count_tokens, or the local estimate when asked or when it fails."""
+    with Progress(
+        TextColumn("counting input tokens"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+        disable=len(items) < 50 or not sys.stderr.isatty(),
+    ) as bar:  # fmt: skip
+        task = bar.add_task("count", total=len(items))
+        price = partial(quote.price_all, cfg, items, output_tokens=ns.output_tokens,
+                        progress=partial(bar.advance, task))  # fmt: skip
+        if ns.local:
+            return await price(
+                quote.local_count
+            ), "the local estimate (--local; 4 characters a token)"
+        client = make_client(cfg, quote.COUNTS_AT_ONCE)
+        try:
+            return await price(quote.api_count(client)), f"count_tokens at {client.base_url}"
+        except (anthropic.APIConnectionError, anthropic.APIStatusError) as exc:
+            why = f"count_tokens at {client.base_url} failed: {describe(exc)}"
+        finally:
+            await client.close()
+        bar.reset(task)
+        return await price(quote.local_count), f"the local estimate (4 characters a token; {why})"
+
+
+def _request_text_out(cfg: Config, p: quote.Priced, source: str, output: str) -> str:
+    model = cfg.tiers[p.tier]
+    lines = [
+        f"input: {p.input_tokens:,} tokens, from {source}"
+        + (f" on {model}" if source.startswith("count_tokens") else ""),
+        f"  of them {p.prefix_tokens:,} the prefix prompt caching would cache (tools and system)"
+        if p.prefix_tokens else
+        "  no prompt caching: no tools or system prompt of at least the model's "
+        "min_cache_tokens, or the feature's prompt_cache is off",
+        f"output: {p.output_tokens:,} tokens; {output}",
+        f"routed: {p.tier} ({p.why}); priority {p.item.priority}: "
+        + ("a batch window (batch.priorities)" if p.batched else "real time"),
+        "",
+        f"{'tier':<8} {'model':<20} {'real time':>11} {'cache 1st':>11} {'cache later':>11} "
+        f"{'batch':>11} {'batch+cache':>11}",
+    ]  # fmt: skip
+    for tier, model_id in cfg.tiers.items():
+        figures = [quote.cost(cfg, p, tier)]
+        if p.prefix_tokens:
+            figures += [
+                quote.cost(cfg, p, tier, cache="write"),
+                quote.cost(cfg, p, tier, cache="read"),
+            ]
+        cells = [money(f) for f in figures] + ["-"] * (3 - len(figures))
+        cells += [money(quote.cost(cfg, p, tier, batch=True))]
+        cells += (
+            [money(quote.cost(cfg, p, tier, cache="read", batch=True))]
+            if p.prefix_tokens
+            else ["-"]
+        )
+        mark = "  <- routed" if tier == p.tier else ""
+        lines.append(f"{tier:<8} {model_id:<20} " + " ".join(f"{c:>11}" for c in cells) + mark)
+    return "\n".join(lines)
+
+
+def _workload_text(cfg: Config, priced: list[quote.Priced], how: str, where: str) -> str:
+    t = quote.workload_totals(cfg, priced)
+    naive_tier = cfg.router.baseline_tier
+    naive = t.per_tier[naive_tier]
+
+    def line(label: str, usd: float) -> str:
+        saved = f"{1 - usd / naive:>7.1%}" if naive else ""
+        return f"  {label:<52} {money(usd):>12} {saved}"
+
+    out = [
+        f"workload: {t.requests:,} requests from {where}; {how}",
+        f"  {'':<52} {'cost':>12} {'saved':>7} (against every job on {naive_tier}, real time)",
+    ]
+    for tier in cfg.tiers:
+        out.append(line(f"every job on {tier}, real time", t.per_tier[tier]))
+    used = ", ".join(f"{tier} {n:,}" for tier, n in t.tiers_used.items())
+    out += [
+        line(f"as routed ({used}), real time", t.routed),
+        line("as routed + prompt caching", t.routed_cached),
+        line(f"as routed + batch windows ({', '.join(cfg.batch.priorities) or 'none'})",
+             t.routed_batched),
+        line("as routed + prompt caching + batch windows", t.routed_cached_batched),
+        "",
+        f"  {'feature':<24} {'jobs':>7} {'as routed, every lever':>24}",
+    ]  # fmt: skip
+    for feature, (jobs, usd) in sorted(t.per_feature.items()):
+        out.append(f"  {feature:<24} {int(jobs):>7,} {money(usd):>24}")
+    out.append("  (not counted: the response cache and de-duplication)")
+    return "\n".join(out)
+
+
+def _estimate_json(cfg: Config, priced: list[quote.Priced], source: str) -> dict[str, Any]:
+    t = quote.workload_totals(cfg, priced)
+    return {
+        "requests": t.requests, "source": source,
+        "input_tokens": sum(p.input_tokens for p in priced),
+        "output_tokens": sum(p.output_tokens for p in priced),
+        "per_tier_usd": t.per_tier, "routed_usd": t.routed,
+        "routed_prompt_cache_usd": t.routed_cached, "routed_batch_usd": t.routed_batched,
+        "routed_all_levers_usd": t.routed_cached_batched, "tiers_used": t.tiers_used,
+        "per_feature": {f: {"jobs": int(j), "usd": u} for f, (j, u) in t.per_feature.items()},
+    }  # fmt: skip
 
 
 def _add_reconcile(sub: Sub[argparse.ArgumentParser]) -> None:
