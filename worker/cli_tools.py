@@ -18,18 +18,19 @@ from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anthropic
 import redis as syncredis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from worker import alerts, quote, reconcile
+from worker import alerts, quote, reconcile, top
+from worker.admin_api import ProviderError
 from worker.config import Config, load_config
-from worker.embedded import redis_url
+from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
 from worker.jobs import describe
-from worker.usage import money
 from worker.worker import make_client
 
 EPILOG_LINES = """\
@@ -45,6 +46,7 @@ Sub = argparse._SubParsersAction  # argparse names no public type for it
 
 def add_tool_commands(sub: Sub[argparse.ArgumentParser]) -> None:
     """Register the commands of this module on `tokenq`'s subparsers."""
+    _add_top(sub)
     _add_estimate(sub)
     _add_reconcile(sub)
     _add_alerts(sub)
@@ -62,6 +64,47 @@ def _run_async(make: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
     except KeyboardInterrupt:
         return 130
     return result or 0
+
+
+def _add_top(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "top",
+        help="a live view of the fleet: queues, rates, limits, breakers, budgets, consumers",
+        description="A view of the whole fleet from Redis, refreshed in place: each priority "
+        "stream's depth, waiting jobs, oldest waiting age and pending jobs; jobs/s and "
+        "errors/s from the usage stream; calls in flight; rate limits in use per model; "
+        "breakers that are not closed; spend caps at budgets.alert_at or more; batches in "
+        "flight; consumers live, idle (seen within queue.visibility_timeout_s or not) and "
+        "dead (not seen, holding jobs). q or Ctrl-C quits.",
+    )
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (1)")
+    p.add_argument("--window", type=float, default=10.0,
+                   help="seconds of usage events the rates are over (10)")  # fmt: skip
+    p.set_defaults(run=cmd_top)
+
+
+def cmd_top(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    if not ns.interval > 0 or not ns.window > 0:
+        raise ConfigError("--interval and --window are seconds above 0, e.g. --interval 2")
+    url = redis_url(cfg)
+    where = urlsplit(url)  # never the password
+    shown = f"redis {where.hostname}:{where.port or 6379}{where.path or ''}"
+    console = Console(width=None if sys.stdout.isatty() else 120)
+
+    async def run() -> int:
+        redis = connect(url, decode=False)
+        try:
+            if ns.once:
+                await top.once(redis, cfg, console, shown, ns.window)
+            else:
+                await top.live(redis, cfg, console, shown, ns.interval, ns.window)
+        finally:
+            await redis.aclose()
+        return 0
+
+    return _run_async(run)
 
 
 def _add_estimate(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -116,11 +159,11 @@ def cmd_estimate(ns: argparse.Namespace) -> int:
         "figure of your own)"
     )  # fmt: skip
     if ns.json:
-        print(json.dumps(_estimate_json(cfg, priced, source)))
+        print(json.dumps(quote.as_json(cfg, priced, source)))
     elif ns.workload:
-        print(_workload_text(cfg, priced, f"input from {source}; {output}", where))
+        print(quote.workload_table(cfg, priced, f"input from {source}; {output}", where))
     else:
-        print(_request_text_out(cfg, priced[0], source, output))
+        print(quote.request_table(cfg, priced[0], source, output))
     return 0
 
 
@@ -167,85 +210,6 @@ async def _estimate(
             await client.close()
         bar.reset(task)
         return await price(quote.local_count), f"the local estimate (4 characters a token; {why})"
-
-
-def _request_text_out(cfg: Config, p: quote.Priced, source: str, output: str) -> str:
-    model = cfg.tiers[p.tier]
-    lines = [
-        f"input: {p.input_tokens:,} tokens, from {source}"
-        + (f" on {model}" if source.startswith("count_tokens") else ""),
-        f"  of them {p.prefix_tokens:,} the prefix prompt caching would cache (tools and system)"
-        if p.prefix_tokens else
-        "  no prompt caching: no tools or system prompt of at least the model's "
-        "min_cache_tokens, or the feature's prompt_cache is off",
-        f"output: {p.output_tokens:,} tokens; {output}",
-        f"routed: {p.tier} ({p.why}); priority {p.item.priority}: "
-        + ("a batch window (batch.priorities)" if p.batched else "real time"),
-        "",
-        f"{'tier':<8} {'model':<20} {'real time':>11} {'cache 1st':>11} {'cache later':>11} "
-        f"{'batch':>11} {'batch+cache':>11}",
-    ]  # fmt: skip
-    for tier, model_id in cfg.tiers.items():
-        figures = [quote.cost(cfg, p, tier)]
-        if p.prefix_tokens:
-            figures += [
-                quote.cost(cfg, p, tier, cache="write"),
-                quote.cost(cfg, p, tier, cache="read"),
-            ]
-        cells = [money(f) for f in figures] + ["-"] * (3 - len(figures))
-        cells += [money(quote.cost(cfg, p, tier, batch=True))]
-        cells += (
-            [money(quote.cost(cfg, p, tier, cache="read", batch=True))]
-            if p.prefix_tokens
-            else ["-"]
-        )
-        mark = "  <- routed" if tier == p.tier else ""
-        lines.append(f"{tier:<8} {model_id:<20} " + " ".join(f"{c:>11}" for c in cells) + mark)
-    return "\n".join(lines)
-
-
-def _workload_text(cfg: Config, priced: list[quote.Priced], how: str, where: str) -> str:
-    t = quote.workload_totals(cfg, priced)
-    naive_tier = cfg.router.baseline_tier
-    naive = t.per_tier[naive_tier]
-
-    def line(label: str, usd: float) -> str:
-        saved = f"{1 - usd / naive:>7.1%}" if naive else ""
-        return f"  {label:<52} {money(usd):>12} {saved}"
-
-    out = [
-        f"workload: {t.requests:,} requests from {where}; {how}",
-        f"  {'':<52} {'cost':>12} {'saved':>7} (against every job on {naive_tier}, real time)",
-    ]
-    for tier in cfg.tiers:
-        out.append(line(f"every job on {tier}, real time", t.per_tier[tier]))
-    used = ", ".join(f"{tier} {n:,}" for tier, n in t.tiers_used.items())
-    out += [
-        line(f"as routed ({used}), real time", t.routed),
-        line("as routed + prompt caching", t.routed_cached),
-        line(f"as routed + batch windows ({', '.join(cfg.batch.priorities) or 'none'})",
-             t.routed_batched),
-        line("as routed + prompt caching + batch windows", t.routed_cached_batched),
-        "",
-        f"  {'feature':<24} {'jobs':>7} {'as routed, every lever':>24}",
-    ]  # fmt: skip
-    for feature, (jobs, usd) in sorted(t.per_feature.items()):
-        out.append(f"  {feature:<24} {int(jobs):>7,} {money(usd):>24}")
-    out.append("  (not counted: the response cache and de-duplication)")
-    return "\n".join(out)
-
-
-def _estimate_json(cfg: Config, priced: list[quote.Priced], source: str) -> dict[str, Any]:
-    t = quote.workload_totals(cfg, priced)
-    return {
-        "requests": t.requests, "source": source,
-        "input_tokens": sum(p.input_tokens for p in priced),
-        "output_tokens": sum(p.output_tokens for p in priced),
-        "per_tier_usd": t.per_tier, "routed_usd": t.routed,
-        "routed_prompt_cache_usd": t.routed_cached, "routed_batch_usd": t.routed_batched,
-        "routed_all_levers_usd": t.routed_cached_batched, "tiers_used": t.tiers_used,
-        "per_feature": {f: {"jobs": int(j), "usd": u} for f, (j, u) in t.per_feature.items()},
-    }  # fmt: skip
 
 
 def _add_reconcile(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -325,66 +289,17 @@ def cmd_reconcile(ns: argparse.Namespace) -> int:
 
     try:
         rows = asyncio.run(run())
-    except reconcile.ProviderError as exc:
+    except ProviderError as exc:
         print(f"tokenq: {exc}", file=sys.stderr)
         return 2
     if ns.json:
         for row in rows:
-            print(json.dumps(_row_json(row)))
+            print(json.dumps(reconcile.row_json(row)))
     else:
         print(f"tokenq reconcile: {first} to {last} (UTC days), tokenq's usage events "
               f"against the Admin API at {url}")  # fmt: skip
-        print(_reconcile_text(rows, ns))
+        print(reconcile.text(rows, limits))
     return 1 if any(r.over for r in rows) else 0
-
-
-def _row_json(row: reconcile.Row) -> dict[str, Any]:
-    def side(s: reconcile.Side) -> dict[str, Any]:
-        return {
-            "cost_usd": str(s.cost_usd), "batch_cost_usd": str(s.batch_cost_usd),
-            "input_tokens": s.input_tokens, "cache_write_tokens": s.cache_write_tokens,
-            "cache_read_tokens": s.cache_read_tokens, "output_tokens": s.output_tokens,
-        }  # fmt: skip
-
-    return {
-        "day": row.day, "model": row.model, "tokenq": side(row.tokenq),
-        "provider": side(row.provider), "diff_usd": str(row.diff_usd),
-        "diff_pct": float(round(row.diff_pct, 2)), "over": row.over, "causes": row.causes,
-    }  # fmt: skip
-
-
-def _reconcile_text(rows: list[reconcile.Row], ns: argparse.Namespace) -> str:
-    if not rows:
-        return "neither side has any usage in this period"
-    head = f"{'day':<11} {'model':<22} {'tokenq':>12} {'provider':>12} {'difference':>22}"
-    lines = [head]
-    for r in rows:
-        diff = f"{_signed(r.diff_usd)} ({r.diff_pct:.1f}%)"
-        flag = "  OVER" if r.over else ""
-        lines.append(f"{r.day:<11} {r.model:<22} {money(float(r.tokenq.cost_usd)):>12} "
-                     f"{money(float(r.provider.cost_usd)):>12} {diff:>22}{flag}")  # fmt: skip
-        tokens = _token_diff(r)
-        if tokens:
-            lines.append(f"{'':<11} tokens, tokenq less provider: {tokens}")
-        lines += [f"{'':<11} likely: {cause}" for cause in r.causes]
-    ours = sum((r.tokenq.cost_usd for r in rows), Decimal(0))
-    theirs = sum((r.provider.cost_usd for r in rows), Decimal(0))
-    lines.append(f"{'total':<34} {money(float(ours)):>12} {money(float(theirs)):>12} "
-                 f"{_signed(ours - theirs):>22}")  # fmt: skip
-    over = sum(r.over for r in rows)
-    lines.append(f"{over} of {len(rows)} day-and-model rows over the thresholds "
-                 f"(more than ${ns.max_diff_usd} and more than {ns.max_diff_pct}%)")  # fmt: skip
-    return "\n".join(lines)
-
-
-def _signed(usd: Decimal) -> str:
-    return ("+" if usd > 0 else "") + money(float(usd))
-
-
-def _token_diff(r: reconcile.Row) -> str:
-    names = ("input", "cache writes", "cache reads", "output")
-    pairs = zip(names, r.tokenq.tokens(), r.provider.tokens(), strict=True)
-    return ", ".join(f"{n} {a - b:+,}" for n, a, b in pairs if a != b)
 
 
 def _add_alerts(sub: Sub[argparse.ArgumentParser]) -> None:

@@ -45,7 +45,7 @@ from worker.errors import ConfigError, MalformedJob
 from worker.estimate import REQUEST_OVERHEAD, raw_estimate
 from worker.jobs import parse_request
 from worker.router import static_route
-from worker.usage import ApiUsage, CacheCreation, cost_usd
+from worker.usage import ApiUsage, CacheCreation, cost_usd, money
 
 COUNT_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking")
 COUNTS_AT_ONCE = 8  # count_tokens requests in flight together
@@ -247,3 +247,81 @@ def workload_totals(cfg: Config, priced: list[Priced]) -> Totals:
 def _prefix_digest(params: dict[str, Any]) -> str:
     head = {k: params[k] for k in ("tools", "system") if k in params}
     return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def request_table(cfg: Config, p: Priced, source: str, output: str) -> str:
+    """One request for people: tokens, routing, and a row per tier."""
+    model = cfg.tiers[p.tier]
+    lines = [
+        f"input: {p.input_tokens:,} tokens, from {source}"
+        + (f" on {model}" if source.startswith("count_tokens") else ""),
+        f"  of them {p.prefix_tokens:,} the prefix prompt caching would cache (tools and system)"
+        if p.prefix_tokens else
+        "  no prompt caching: no tools or system prompt of at least the model's "
+        "min_cache_tokens, or the feature's prompt_cache is off",
+        f"output: {p.output_tokens:,} tokens; {output}",
+        f"routed: {p.tier} ({p.why}); priority {p.item.priority}: "
+        + ("a batch window (batch.priorities)" if p.batched else "real time"),
+        "",
+        f"{'tier':<8} {'model':<20} {'real time':>11} {'cache 1st':>11} {'cache later':>11} "
+        f"{'batch':>11} {'batch+cache':>11}",
+    ]  # fmt: skip
+    for tier, model_id in cfg.tiers.items():
+        figures = [cost(cfg, p, tier)]
+        if p.prefix_tokens:
+            figures += [
+                cost(cfg, p, tier, cache="write"),
+                cost(cfg, p, tier, cache="read"),
+            ]
+        cells = [money(f) for f in figures] + ["-"] * (3 - len(figures))
+        cells += [money(cost(cfg, p, tier, batch=True))]
+        cells += [money(cost(cfg, p, tier, cache="read", batch=True))] if p.prefix_tokens else ["-"]
+        mark = "  <- routed" if tier == p.tier else ""
+        lines.append(f"{tier:<8} {model_id:<20} " + " ".join(f"{c:>11}" for c in cells) + mark)
+    return "\n".join(lines)
+
+
+def workload_table(cfg: Config, priced: list[Priced], how: str, where: str) -> str:
+    """A workload for people: each scenario's cost and saving, then a line per feature."""
+    t = workload_totals(cfg, priced)
+    naive_tier = cfg.router.baseline_tier
+    naive = t.per_tier[naive_tier]
+
+    def line(label: str, usd: float) -> str:
+        saved = f"{1 - usd / naive:>7.1%}" if naive else ""
+        return f"  {label:<52} {money(usd):>12} {saved}"
+
+    out = [
+        f"workload: {t.requests:,} requests from {where}; {how}",
+        f"  {'':<52} {'cost':>12} {'saved':>7} (against every job on {naive_tier}, real time)",
+    ]
+    for tier in cfg.tiers:
+        out.append(line(f"every job on {tier}, real time", t.per_tier[tier]))
+    used = ", ".join(f"{tier} {n:,}" for tier, n in t.tiers_used.items())
+    out += [
+        line(f"as routed ({used}), real time", t.routed),
+        line("as routed + prompt caching", t.routed_cached),
+        line(f"as routed + batch windows ({', '.join(cfg.batch.priorities) or 'none'})",
+             t.routed_batched),
+        line("as routed + prompt caching + batch windows", t.routed_cached_batched),
+        "",
+        f"  {'feature':<24} {'jobs':>7} {'as routed, every lever':>24}",
+    ]  # fmt: skip
+    for feature, (jobs, usd) in sorted(t.per_feature.items()):
+        out.append(f"  {feature:<24} {int(jobs):>7,} {money(usd):>24}")
+    out.append("  (not counted: the response cache and de-duplication)")
+    return "\n".join(out)
+
+
+def as_json(cfg: Config, priced: list[Priced], source: str) -> dict[str, Any]:
+    """The figures as one JSON object (`--json`)."""
+    t = workload_totals(cfg, priced)
+    return {
+        "requests": t.requests, "source": source,
+        "input_tokens": sum(p.input_tokens for p in priced),
+        "output_tokens": sum(p.output_tokens for p in priced),
+        "per_tier_usd": t.per_tier, "routed_usd": t.routed,
+        "routed_prompt_cache_usd": t.routed_cached, "routed_batch_usd": t.routed_batched,
+        "routed_all_levers_usd": t.routed_cached_batched, "tiers_used": t.tiers_used,
+        "per_feature": {f: {"jobs": int(j), "usd": u} for f, (j, u) in t.per_feature.items()},
+    }  # fmt: skip

@@ -5,15 +5,9 @@ One row per (day, model), two sides:
 - **tokenq's**: the sums of the usage events of the period (`tokenq_totals`, the one place
   that reads tokenq's figures: the usage stream today, the rollups once they exist). A job's
   tokens and cost are counted under the model of its final answer.
-- **the provider's**: the Admin API's usage report, `GET /v1/organizations/usage_report/
-  messages` with `group_by[]=model` and daily buckets, for tokens, and its cost report,
-  `GET /v1/organizations/cost_report` with `group_by[]=description`, for cost per model and
-  service tier (amounts in cents, as decimal strings). Both need an Admin API key
-  (`sk-ant-admin...`) in ANTHROPIC_ADMIN_API_KEY, sent as `x-api-key` with `anthropic-version:
-  2023-06-01`. Docs: platform.claude.com/docs/en/api/admin/usage_report/retrieve_messages and
-  platform.claude.com/docs/en/api/admin/cost_report (buckets snap to UTC days; `limit` is at
-  most 31 daily buckets a page; `has_more` and `next_page` page on); the simulator answers
-  both from its ledger (simulator/admin.py). The cost report leaves out Priority Tier costs.
+- **the provider's**: the Admin API's usage report (tokens) and cost report (cost per model
+  and service tier), summed the same way (worker.admin_api; an Admin API key in
+  ANTHROPIC_ADMIN_API_KEY; the simulator answers both from its ledger).
 
 A row is over the thresholds when its cost differs by more than max_diff_usd *and* by more
 than max_diff_pct percent of the larger side; `tokenq reconcile` then exits 1, so cron can
@@ -23,47 +17,21 @@ mail it. Each such row gets its likely causes, from what the two sides show.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
-import msgspec
 import redis.asyncio as aioredis
 
+from worker.admin_api import AdminApi, Key, Side
 from worker.config import Config
 from worker.contract import Keys, entry_ms
 from worker.embedded import connect, redis_url
-from worker.usage import event_of
+from worker.usage import event_of, money
 
 DAY_MS = 86_400_000
-MAX_PAGES = 1000  # a report that keeps saying has_more is cut off here
-ADMIN_VERSION = "2023-06-01"
-
-
-class ProviderError(Exception):
-    """The Admin API could not be reached or refused a request (the message says which)."""
-
-
-@dataclass
-class Side:
-    """One side's sums for a (day, model)."""
-
-    input_tokens: int = 0  # uncached input
-    cache_write_tokens: int = 0
-    cache_read_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: Decimal = Decimal(0)
-    batch_cost_usd: Decimal = Decimal(0)
-
-    def tokens(self) -> tuple[int, int, int, int]:
-        return (
-            self.input_tokens,
-            self.cache_write_tokens,
-            self.cache_read_tokens,
-            self.output_tokens,
-        )
 
 
 @dataclass
@@ -74,9 +42,6 @@ class Hints:
     retried: int = 0  # jobs that needed more than one API call attempt
     rerouted: int = 0  # escalated or classified: calls on other models counted here
     batch: int = 0
-
-
-Key = tuple[str, str]  # (day YYYY-MM-DD, model)
 
 
 @dataclass
@@ -131,153 +96,6 @@ def _text(value: Any) -> str:
 
 def _day(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d")
-
-
-# The reports' shapes, as far as reconcile reads them (other fields are ignored).
-class _CacheCreation(msgspec.Struct):
-    ephemeral_5m_input_tokens: int = 0
-    ephemeral_1h_input_tokens: int = 0
-
-
-class _UsageRow(msgspec.Struct):
-    model: str | None = None
-    uncached_input_tokens: int = 0
-    cache_creation: _CacheCreation | None = None
-    cache_read_input_tokens: int = 0
-    output_tokens: int = 0
-
-
-class _CostRow(msgspec.Struct):
-    amount: str = "0"
-    currency: str = "USD"
-    model: str | None = None
-    service_tier: str | None = None
-    workspace_id: str | None = None
-
-
-class _UsageBucket(msgspec.Struct):
-    starting_at: str
-    results: list[_UsageRow] = []
-
-
-class _CostBucket(msgspec.Struct):
-    starting_at: str
-    results: list[_CostRow] = []
-
-
-class _UsagePage(msgspec.Struct):
-    data: list[_UsageBucket] = []
-    has_more: bool = False
-    next_page: str | None = None
-
-
-class _CostPage(msgspec.Struct):
-    data: list[_CostBucket] = []
-    has_more: bool = False
-    next_page: str | None = None
-
-
-class AdminApi:
-    """The two reports of the Admin API at base_url (the API, or the simulator)."""
-
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: str) -> None:
-        self.session = session
-        self.base_url = base_url.rstrip("/")
-        self.headers = {"x-api-key": key, "anthropic-version": ADMIN_VERSION}
-
-    async def _get(self, path: str, params: list[tuple[str, str]]) -> bytes:
-        url = f"{self.base_url}{path}"
-        try:
-            async with self.session.get(url, params=params, headers=self.headers) as reply:
-                body = await reply.read()
-                if reply.status == 401 or reply.status == 403:
-                    raise ProviderError(
-                        f"the Admin API at {self.base_url} refused the key ({reply.status}): set "
-                        "ANTHROPIC_ADMIN_API_KEY to an Admin API key (sk-ant-admin..., made in "
-                        "the Console under Settings, Admin keys)"
-                    )
-                if reply.status != 200:
-                    text = body.decode(errors="replace")[:300]
-                    raise ProviderError(f"GET {url} answered {reply.status}: {text}")
-                return body
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderError(f"cannot reach the Admin API at {self.base_url}: {exc}") from None
-
-    async def _pages(self, path: str, params: list[tuple[str, str]]) -> AsyncIterator[bytes]:
-        page = None
-        for _ in range(MAX_PAGES):
-            body = await self._get(path, [*params, *([("page", page)] if page else [])])
-            yield body
-            head = _decode(body, _PageHead)
-            if not head.has_more or not head.next_page or head.next_page == page:
-                return
-            page = head.next_page
-        raise ProviderError(f"GET {self.base_url}{path}: more than {MAX_PAGES} pages")
-
-    async def totals(
-        self, first_day: dt.date, last_day: dt.date, workspace: str | None
-    ) -> dict[Key, Side]:
-        """The provider's sums per (day, model) from the first day to the last (inclusive)."""
-        span = [
-            ("starting_at", f"{first_day.isoformat()}T00:00:00Z"),
-            ("ending_at", f"{(last_day + dt.timedelta(days=1)).isoformat()}T00:00:00Z"),
-            ("bucket_width", "1d"),
-            ("limit", "31"),
-        ]
-        out: dict[Key, Side] = {}
-        usage = [
-            *span,
-            ("group_by[]", "model"),
-            *([("workspace_ids[]", workspace)] if workspace else []),
-        ]
-        async for body in self._pages("/v1/organizations/usage_report/messages", usage):
-            for bucket in _decode(body, _UsagePage).data:
-                for row in bucket.results:
-                    side = out.setdefault(
-                        (bucket.starting_at[:10], row.model or "(no model)"), Side()
-                    )
-                    side.input_tokens += row.uncached_input_tokens
-                    cc = row.cache_creation or _CacheCreation()
-                    side.cache_write_tokens += (
-                        cc.ephemeral_5m_input_tokens + cc.ephemeral_1h_input_tokens
-                    )
-                    side.cache_read_tokens += row.cache_read_input_tokens
-                    side.output_tokens += row.output_tokens
-        cost = [*span, ("group_by[]", "description"), ("group_by[]", "workspace_id")]
-        async for body in self._pages("/v1/organizations/cost_report", cost):
-            for bucket in _decode(body, _CostPage).data:
-                for row in bucket.results:
-                    if workspace and row.workspace_id != workspace:
-                        continue
-                    usd = _cents(row.amount) / 100
-                    side = out.setdefault(
-                        (bucket.starting_at[:10], row.model or "(not tokens)"), Side()
-                    )
-                    side.cost_usd += usd
-                    if row.service_tier == "batch":
-                        side.batch_cost_usd += usd
-        return out
-
-
-class _PageHead(msgspec.Struct):
-    has_more: bool = False
-    next_page: str | None = None
-
-
-def _decode(body: bytes, type_: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as exc:
-        raise ProviderError(f"the Admin API's answer is not a report: {exc}") from None
-
-
-def _cents(amount: str) -> Decimal:
-    try:
-        return Decimal(amount)
-    except ArithmeticError:
-        raise ProviderError(
-            f"the cost report has an amount {amount!r} that is not a number"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -397,3 +215,57 @@ async def reconcile(
         theirs = await AdminApi(session, url, key).totals(first, last, workspace)
     now = today or dt.datetime.now(dt.UTC).date()
     return compare(ours, theirs, limits, now.isoformat())
+
+
+def row_json(row: Row) -> dict[str, Any]:
+    """One row as a JSON object (`--json`): both sides, the difference, verdict, causes."""
+
+    def side(s: Side) -> dict[str, Any]:
+        return {
+            "cost_usd": str(s.cost_usd), "batch_cost_usd": str(s.batch_cost_usd),
+            "input_tokens": s.input_tokens, "cache_write_tokens": s.cache_write_tokens,
+            "cache_read_tokens": s.cache_read_tokens, "output_tokens": s.output_tokens,
+        }  # fmt: skip
+
+    return {
+        "day": row.day, "model": row.model, "tokenq": side(row.tokenq),
+        "provider": side(row.provider), "diff_usd": str(row.diff_usd),
+        "diff_pct": float(round(row.diff_pct, 2)), "over": row.over, "causes": row.causes,
+    }  # fmt: skip
+
+
+def text(rows: list[Row], limits: Thresholds) -> str:
+    """The comparison for people: a line per day and model, its token differences and likely
+    causes, the totals, and how many rows are over the thresholds."""
+    if not rows:
+        return "neither side has any usage in this period"
+    head = f"{'day':<11} {'model':<22} {'tokenq':>12} {'provider':>12} {'difference':>22}"
+    lines = [head]
+    for r in rows:
+        diff = f"{_signed(r.diff_usd)} ({r.diff_pct:.1f}%)"
+        flag = "  OVER" if r.over else ""
+        lines.append(f"{r.day:<11} {r.model:<22} {money(float(r.tokenq.cost_usd)):>12} "
+                     f"{money(float(r.provider.cost_usd)):>12} {diff:>22}{flag}")  # fmt: skip
+        tokens = _token_diff(r)
+        if tokens:
+            lines.append(f"{'':<11} tokens, tokenq less provider: {tokens}")
+        lines += [f"{'':<11} likely: {cause}" for cause in r.causes]
+    ours = sum((r.tokenq.cost_usd for r in rows), Decimal(0))
+    theirs = sum((r.provider.cost_usd for r in rows), Decimal(0))
+    lines.append(f"{'total':<34} {money(float(ours)):>12} {money(float(theirs)):>12} "
+                 f"{_signed(ours - theirs):>22}")  # fmt: skip
+    over = sum(r.over for r in rows)
+    usd, pct = limits.max_diff_usd, limits.max_diff_pct
+    lines.append(f"{over} of {len(rows)} day-and-model rows over the thresholds "
+                 f"(more than ${usd} and more than {pct}%)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _signed(usd: Decimal) -> str:
+    return ("+" if usd > 0 else "") + money(float(usd))
+
+
+def _token_diff(r: Row) -> str:
+    names = ("input", "cache writes", "cache reads", "output")
+    pairs = zip(names, r.tokenq.tokens(), r.provider.tokens(), strict=True)
+    return ", ".join(f"{n} {a - b:+,}" for n, a, b in pairs if a != b)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal as D
 
-from worker.reconcile import Hints, Side, Thresholds, TokenqSide, compare
+from worker.admin_api import Side
+from worker.reconcile import Hints, Thresholds, TokenqSide, compare
 
 LIMITS = Thresholds(max_diff_usd=D("0.01"), max_diff_pct=D(1))
 DAY = "2026-11-20"
