@@ -6,7 +6,8 @@ and listed in the Procfile) watches three things:
 - **alert events** on the usage stream (`kind = alert`): a spend cap reaching
   budgets.alert_at, the worker's alert for a spend-cap 429, and any alert a later version
   writes; each is sent as its `message` says, whatever its `error_type`;
-- **circuit breakers** whose fleet state (the `<prefix>:breaker:*` hashes) is open;
+- **circuit breakers** whose fleet state (the `<prefix>:breaker:*` hashes) is open, looked
+  for every 10 seconds (with SCAN);
 - **dead-letter bursts**: alerts.dead_letter_burst dead letters or more within
   alerts.dead_letter_window_s.
 
@@ -47,7 +48,8 @@ from worker.usage import event_of
 
 log = logging.getLogger("tokenq.alerts")
 
-TICK_MS = 2000  # the usage stream is read blocking; breakers and dead letters every tick
+TICK_MS = 2000  # the usage stream is read blocking; dead letters every tick
+BREAKERS_EVERY_MS = 10_000
 SEND_TIMEOUT_S = 10.0
 MAX_WAITING = 100  # alerts whose send failed, kept for the next tick
 
@@ -131,6 +133,7 @@ class Alerter:
         self.fleet = cfg.prefix
         self.breakers = Breakers(redis, self.keys, cfg.breakers, 0)
         self.waiting: dict[str, Alert] = {}  # sends that failed, by digest
+        self.breakers_at: int | None = None
         self.sent = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -167,10 +170,13 @@ class Alerter:
                 if alert is not None:
                     await self.notify(alert)
             await self.redis.set(self.keys.alerts_cursor, last, ex=self.cfg.alerts.period_s)
-        for row in await self.breakers.status():
-            alert = breaker_alert(row, self.fleet)
-            if alert is not None:
-                await self.notify(alert)
+        now = self.clock_ms()
+        if self.breakers_at is None or now - self.breakers_at >= BREAKERS_EVERY_MS:
+            self.breakers_at = now  # found with SCAN: not every tick on a big keyspace
+            for row in await self.breakers.status():
+                alert = breaker_alert(row, self.fleet)
+                if alert is not None:
+                    await self.notify(alert)
         burst = burst_alert(await self._recent_dead(), self.cfg, self.fleet)
         if burst is not None:
             await self.notify(burst)

@@ -11,7 +11,8 @@ Every refresh reads, from Redis only (so it shows every machine's workers):
   are `status = error`); entries that are not usage events are skipped;
 - calls in flight: the pending entries of every consumer but the batcher;
 - each limited model's rate limits in use (worker.limiter.status), breakers that are not
-  closed, spend caps at or past budgets.alert_at, batches not done (worker.batcher);
+  closed, spend caps at or past budgets.alert_at (these two found by SCAN, so read every
+  5 seconds only), batches not done (worker.batcher);
 - consumers of the group, merged over the streams: live (seen within the visibility
   timeout; a live worker renews its jobs every third of it), dead (not seen for that long
   and holding jobs, which another worker will reclaim), idle (not seen for that long,
@@ -53,6 +54,7 @@ from worker.queue import as_text
 from worker.usage import event_of, money
 
 PAGE = 5000  # usage entries read per round trip
+SCAN_EVERY_MS = 5000
 MOST_PER_REFRESH = 100_000  # beyond this a refresh stops reading; the rates say "at least"
 
 
@@ -125,7 +127,28 @@ class RateMeter:
         return len(self.seen) / seconds, errors / seconds
 
 
-async def snapshot(redis: aioredis.Redis, cfg: Config, meter: RateMeter, now_ms: int) -> Snapshot:
+@dataclass
+class Scanned:
+    """What is found with SCAN over the whole keyspace (tenant caps, breakers): read at most
+    every SCAN_EVERY_MS, not every frame, so a big Redis is not walked each second."""
+
+    at_ms: int | None = None
+    budgets: list[dict[str, Any]] = field(default_factory=list)
+    breakers: list[dict[str, Any]] = field(default_factory=list)
+
+    async def update(self, redis: aioredis.Redis, cfg: Config, now_ms: int) -> None:
+        if self.at_ms is not None and now_ms - self.at_ms < SCAN_EVERY_MS:
+            return
+        keys = Keys(cfg.prefix)
+        when = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+        self.budgets = await budget_rows(redis, cfg, keys, when)
+        self.breakers = await Breakers(redis, keys, cfg.breakers, 0).status()
+        self.at_ms = now_ms
+
+
+async def snapshot(
+    redis: aioredis.Redis, cfg: Config, meter: RateMeter, scanned: Scanned, now_ms: int
+) -> Snapshot:
     """Everything one frame shows, read from Redis."""
     keys = Keys(cfg.prefix)
     streams: list[StreamRow] = []
@@ -143,14 +166,13 @@ async def snapshot(redis: aioredis.Redis, cfg: Config, meter: RateMeter, now_ms:
     visibility_ms = int(cfg.queue.visibility_timeout_s * 1000)
     rows = [ConsumerRow(n, p, i, _state(p, i, visibility_ms)) for n, (p, i) in consumers.items()]
     in_flight = sum(r.pending for r in rows if r.name != BATCHER)
-    budgets = await budget_rows(redis, cfg, keys, dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC))
-    breakers = await Breakers(redis, keys, cfg.breakers, 0).status()
+    await scanned.update(redis, cfg, now_ms)
     return Snapshot(
         at_ms=now_ms, streams=streams, jobs_per_s=jobs, errors_per_s=errors,
         rates_capped=meter.capped, in_flight=in_flight,
         limits=await status(redis, cfg),
-        breakers=[b for b in breakers if b.get("state", "closed") != "closed"],
-        budgets=[b for b in budgets if _share(b) >= cfg.budgets.alert_at],
+        breakers=[b for b in scanned.breakers if b.get("state", "closed") != "closed"],
+        budgets=[b for b in scanned.budgets if _share(b) >= cfg.budgets.alert_at],
         batches=[b for b in await batch_rows(redis, keys, 50) if b.get("state") != "done"],
         consumers=sorted(rows, key=lambda r: (r.state != "dead", r.name)),
     )  # fmt: skip
@@ -296,7 +318,7 @@ async def once(redis: aioredis.Redis, cfg: Config, console: Console, where: str,
                window_s: float) -> None:  # fmt: skip
     """Print one frame."""
     at = now_ms()
-    frame = await snapshot(redis, cfg, RateMeter(int(window_s * 1000)), at)
+    frame = await snapshot(redis, cfg, RateMeter(int(window_s * 1000)), Scanned(), at)
     console.print(render(frame, cfg, where))
 
 
@@ -307,7 +329,7 @@ async def live(redis: aioredis.Redis, cfg: Config, console: Console, where: str,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    meter = RateMeter(int(window_s * 1000))
+    meter, scanned = RateMeter(int(window_s * 1000)), Scanned()
 
     def on_key(key: str) -> None:
         if key in ("q", "Q"):
@@ -319,7 +341,8 @@ async def live(redis: aioredis.Redis, cfg: Config, console: Console, where: str,
     ):
         while not stop.is_set():
             at = now_ms()
-            view.update(render(await snapshot(redis, cfg, meter, at), cfg, where), refresh=True)
+            frame = await snapshot(redis, cfg, meter, scanned, at)
+            view.update(render(frame, cfg, where), refresh=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
 
