@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import anthropic
 import redis as syncredis
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -100,6 +101,9 @@ def cmd_top(ns: argparse.Namespace) -> int:
                 await top.once(redis, cfg, console, shown, ns.window)
             else:
                 await top.live(redis, cfg, console, shown, ns.interval, ns.window)
+        except (RedisError, OSError) as exc:
+            print(f"tokenq: cannot read Redis ({shown}): {exc}", file=sys.stderr)
+            return 1
         finally:
             await redis.aclose()
         return 0
@@ -291,6 +295,9 @@ def cmd_reconcile(ns: argparse.Namespace) -> int:
         rows = asyncio.run(run())
     except ProviderError as exc:
         print(f"tokenq: {exc}", file=sys.stderr)
+        return 2
+    except (RedisError, OSError) as exc:
+        print(f"tokenq: cannot read the usage stream from Redis: {exc}", file=sys.stderr)
         return 2
     if ns.json:
         for row in rows:

@@ -143,11 +143,9 @@ def route(cfg: Config, item: Item) -> tuple[str, str]:
 Count = Callable[[str, dict[str, Any]], Awaitable[int]]
 
 
-def local_count(model: str, params: dict[str, Any]) -> Awaitable[int]:
+async def local_count(model: str, params: dict[str, Any]) -> int:
     """The worker's local estimate (no API call)."""
-    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    future.set_result(raw_estimate(params))
-    return future
+    return raw_estimate(params)
 
 
 def api_count(client: anthropic.AsyncAnthropic) -> Count:

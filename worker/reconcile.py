@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from worker.admin_api import AdminApi, Key, Side
 from worker.config import Config
-from worker.contract import Keys, entry_ms
+from worker.contract import Keys, entry_ms, usd
 from worker.embedded import connect, redis_url
 from worker.usage import event_of, money
 
@@ -76,7 +76,7 @@ async def tokenq_totals(
             side.cache_write_tokens += event.cache_creation_input_tokens
             side.cache_read_tokens += event.cache_read_input_tokens
             side.output_tokens += event.output_tokens
-            cost = Decimal(fields.get(b"cost_usd", b"0").decode(errors="replace") or "0")
+            cost = Decimal(usd(event.cost_usd))  # the field's own fixed-point digits
             side.cost_usd += cost
             hint = out.hints.setdefault(key, Hints())
             hint.jobs += 1

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -341,8 +341,11 @@ async def live(redis: aioredis.Redis, cfg: Config, console: Console, where: str,
     ):
         while not stop.is_set():
             at = now_ms()
-            frame = await snapshot(redis, cfg, meter, scanned, at)
-            view.update(render(frame, cfg, where), refresh=True)
+            try:
+                frame = await snapshot(redis, cfg, meter, scanned, at)
+                view.update(render(frame, cfg, where), refresh=True)
+            except (RedisError, OSError) as exc:  # a restart, a failover: keep trying
+                view.update(Text(f"tokenq top: cannot read Redis ({where}): {exc}"), refresh=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
 
