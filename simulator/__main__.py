@@ -40,6 +40,8 @@ JSON fails a parse or schema check with probability --json-visible; other wrong 
 right. tokenq's router classifier prompt gets a tier name, right with probability
 --classifier-accuracy. GET or POST /_sim/grade tells a benchmark which answers were right.
 With --quality off (the default) every answer is right, exactly as without ground truth.
+It answers the Admin API's usage and cost reports (GET
+/v1/organizations/usage_report/messages and /v1/organizations/cost_report) from its ledger.
 
 Once listening it prints one line: `simulator listening on http://HOST:PORT`.
 """

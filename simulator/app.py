@@ -11,7 +11,8 @@ latency stands for the model's work, which a refused request never reaches), the
 (truth.py, grades.py) when `quality` is on. Prompt caching (cache.py) is looked up when a
 request passes the faults, so the rate limits can count its cache writes, and written when
 its answer is made. The Message Batches routes (batches.py) check auth and version, then
-answer at once; a create meets the spend cap and the `batch-529` fault first.
+answer at once; a create meets the spend cap and the `batch-529` fault first. The Admin
+API's usage and cost reports (admin.py) are answered from the ledger.
 
 Admin routes (not part of the Anthropic API):
     GET  /_sim/ledger  -> LedgerReport
@@ -34,7 +35,7 @@ import asyncio
 import msgspec
 from aiohttp import web
 
-from simulator import batches, cache, faults, shapes, tokens, validate
+from simulator import admin, batches, cache, faults, shapes, tokens, validate
 from simulator.batches import Batches
 from simulator.cache import Cache, Plan
 from simulator.clock import SimClock
@@ -74,7 +75,8 @@ class ClockState(msgspec.Struct, frozen=True):
 _decode_advance = msgspec.json.Decoder(Advance).decode
 ROUTES = (
     "POST /v1/messages, POST /v1/messages/count_tokens, /v1/messages/batches[/ID[/cancel|"
-    "/results]], /_sim/{ledger,reset,advance,config,grade,health}"
+    "/results]], GET /v1/organizations/{usage_report/messages,cost_report}, "
+    "/_sim/{ledger,reset,advance,config,grade,health}"
 )
 
 
@@ -83,10 +85,10 @@ class Simulator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ledger = Ledger()
+        self.clock = SimClock()  # cache lifetimes, the ledger's dates; POST /_sim/advance moves it
+        self.ledger = Ledger(self.clock)
         self.limits: dict[str, ModelLimits] = {}  # made on a model's first request
         self._seed_dice(settings.seed)
-        self.clock = SimClock()  # cache lifetimes; POST /_sim/advance moves it
         self.cache = Cache()
         self.grader = Grader(lambda: self.settings.truth())
         self.batches = Batches(self.cache, self.ledger, self.grader)
@@ -309,7 +311,7 @@ class Simulator:
     async def reset(self, _: web.Request) -> web.Response:
         self.batches.settle_all(self.clock())
         before = self.ledger.report(in_flight=self.in_flight, peak_in_flight=self.peak_in_flight)
-        self.ledger = Ledger()
+        self.ledger = Ledger(self.clock)
         self.peak_in_flight = self.in_flight
         self.limits = {}  # full buckets; requests in flight settle with the old ones
         self.cache = Cache()  # the clock keeps its time: it never goes back
@@ -419,5 +421,6 @@ def make_app(settings: Settings) -> web.Application:
     add("DELETE", "/v1/messages/batches/{batch_id}", sim.delete_batch)
     add("POST", "/v1/messages/batches/{batch_id}/cancel", sim.cancel_batch)
     add("GET", "/v1/messages/batches/{batch_id}/results", sim.batch_results)
+    admin.add_routes(app, lambda: sim.ledger, sim.clock, error_response)
     add("*", "/{tail:.*}", sim.unknown_route)  # last: every other path gets the API's 404
     return app

@@ -239,7 +239,7 @@ class Batches:
             self.cache.commit(plan, now)
         (text, output_tokens, stop_reason, stop_sequence), grade = self.grader.reply(params, model)
         usage = cache.usage_of(plan.split, output_tokens)
-        self.ledger.bill(model, usage, batch=True)
+        self.ledger.bill(model, usage, batch=True, at=now)
         message_id = shapes.new_id("msg_")
         if grade is not None:
             self.grader.remember(message_id, model, grade)

@@ -7,13 +7,15 @@ the file nor the value. Unknown keys are errors: a typo must not silently fall b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tomllib
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 
@@ -189,6 +191,15 @@ class BatchConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     lease_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 15.0
 
 
+class AlertsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Alerts out (worker.alerts): where they go and how often a condition may repeat."""
+
+    webhook_url: str = ""  # "" = `tokenq alerts` only logs them
+    period_s: Annotated[int, msgspec.Meta(ge=1)] = 3600
+    dead_letter_burst: Count = 10
+    dead_letter_window_s: Positive = 60.0
+
+
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] = "tokenq"
     redis: RedisConfig = RedisConfig()
@@ -200,6 +211,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     budgets: BudgetsConfig = BudgetsConfig()
     breakers: BreakersConfig = BreakersConfig()
     batch: BatchConfig = BatchConfig()
+    alerts: AlertsConfig = AlertsConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}
@@ -232,92 +244,103 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def parse_config(raw: dict[str, Any], where: str = DEFAULT_PATH) -> Config:
-    """Validate an already-parsed TOML document; see load_config."""
-    try:
-        cfg = msgspec.convert(raw, Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {_explain(str(exc), raw)}") from None
-    problems = _cross_check(cfg)
+    """Validate an already-parsed TOML document; see load_config. Every problem is reported
+    at once: a bad value is left out (its default stands in) so the rest, and the checks
+    across sections, still run."""
+    problems, cleaned = _problems(raw, Config, [])
+    cfg: Config | None = None
+    # A required key is missing when this fails: already a problem, and the checks across
+    # sections need a whole config.
+    with contextlib.suppress(msgspec.ValidationError):
+        cfg = msgspec.convert(cleaned, Config)
+    if cfg is not None:
+        problems += _cross_check(cfg)
+    if len(problems) == 1:
+        raise ConfigError(f"{where}: {problems[0]}")
     if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems))
+        listed = "".join(f"\n  - {p}" for p in problems)
+        raise ConfigError(f"{where}: {len(problems)} problems:{listed}")
+    assert cfg is not None
     return cfg
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
-_SEGMENT = re.compile(r"\.(\w+)|\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
+_BAD = object()  # stands for a value left out after its problem was noted
 
 
-def _explain(message: str, raw: dict[str, Any]) -> str:
-    """Turn msgspec's error text into one naming the key, the value and what is allowed."""
-    what, segments = _locate(message, raw)
-    unknown = re.match(r"Object contains unknown field `(.+)`", what)
-    if unknown:
-        allowed = ", ".join(_fields_at(segments))
-        key = _dotted([*segments, unknown[1]])
-        return f"unknown key {key!r}. Allowed keys here: {allowed}. Check the spelling."
-    missing = re.match(r"Object missing required field `(.+)`", what)
-    if missing:
-        return f"{_dotted([*segments, missing[1]])} is required but missing. Add it."
-    value = _value_at(raw, segments)
-    return f"{_dotted(segments)} = {value!r} is not allowed: {what}. Fix it in the config file."
+def _problems(value: Any, type_: Any, path: list[str]) -> tuple[list[str], Any]:
+    """Every problem of `value` against `type_` at `path`, and the value with each bad part
+    left out (_BAD when the value itself is bad). msgspec stops at its first error; this
+    walks tables, their entries and lists of tables, and converts each leaf on its own."""
+    struct = _struct_in(type_)
+    plain = _unwrap(type_)
+    if struct is not None and isinstance(value, dict):
+        return _table_problems(value, struct, path)
+    if get_origin(plain) is dict and isinstance(value, dict):
+        value_type = get_args(plain)[1]
+        out: list[str] = []
+        kept: dict[str, Any] = {}
+        for key, item in value.items():
+            found, clean = _problems(item, value_type, [*path, str(key)])
+            out += found
+            if clean is not _BAD:
+                kept[key] = clean
+        return out, kept
+    if get_origin(plain) is list and isinstance(value, list):
+        item_type = get_args(plain)[0]
+        results = [_problems(v, item_type, [*path, str(n)]) for n, v in enumerate(value)]
+        found = [p for problems, _ in results for p in problems]
+        if found:  # else the list as a whole is checked below (its length, say)
+            return found, [clean for _, clean in results if clean is not _BAD]
+    try:
+        msgspec.convert(value, type_)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        what = match["what"] if match else str(exc)
+        return [f"{_dotted(path)} = {value!r} is not allowed: {what}. Fix it in the config "
+                "file."], _BAD  # fmt: skip
+    return [], value
 
 
-def _locate(message: str, raw: dict[str, Any]) -> tuple[str, list[str]]:
-    """Split msgspec's text into (what went wrong, path segments), naming hidden dict keys.
+def _table_problems(
+    value: dict[str, Any], struct: type[msgspec.Struct], path: list[str]
+) -> tuple[list[str], Any]:
+    fields = {f.name: f for f in msgspec.structs.fields(struct)}
+    hints = get_type_hints(struct, include_extras=True)
+    out: list[str] = []
+    kept: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in fields:
+            allowed = ", ".join(fields)
+            out.append(f"unknown key {_dotted([*path, key])!r}. Allowed keys here: {allowed}. "
+                       "Check the spelling.")  # fmt: skip
+            continue
+        found, clean = _problems(item, hints[key], [*path, key])
+        out += found
+        if clean is not _BAD:
+            kept[key] = clean
+    for name, f in fields.items():
+        if f.required and name not in value:
+            out.append(f"{_dotted([*path, name])} is required but missing. Add it.")
+    return out, kept
 
-    msgspec writes a dict key as `[...]`; the entries of that dict are validated again one by
-    one to find the key whose value failed.
-    """
-    match = _AT.match(message)
-    assert match is not None  # the pattern matches any string
-    what, path = match["what"], match["path"] or ""
-    head, hidden, tail = path.partition("[...]")
-    if not hidden:
-        return what, _segments(path)
-    prefix = _segments(head)
-    value_type = _type_at([*prefix, "*"])
-    for key, value in (_value_at(raw, prefix) or {}).items():
-        try:
-            msgspec.convert(value, value_type)
-        except msgspec.ValidationError as exc:
-            inner_what, inner = _locate(str(exc), value)
-            return inner_what, [*prefix, key, *inner]
-    return what, [*prefix, *_segments(tail)]
+
+def _unwrap(type_: Any) -> Any:
+    """The type inside Annotated[...] and X | None."""
+    while get_origin(type_) in (Annotated, Union, UnionType):
+        type_ = next(a for a in get_args(type_) if a is not type(None))
+    return type_
 
 
-def _segments(path: str) -> list[str]:
-    return [next(g for g in m.groups() if g is not None) for m in _SEGMENT.finditer(path)]
+def _struct_in(type_: Any) -> type[msgspec.Struct] | None:
+    plain = _unwrap(type_)
+    if isinstance(plain, type) and issubclass(plain, msgspec.Struct):
+        return plain
+    return None
 
 
 def _dotted(segments: list[str]) -> str:
     return ".".join(s if re.fullmatch(r"[\w-]+", s) else f'"{s}"' for s in segments) or "(top)"
-
-
-def _value_at(raw: Any, segments: list[str]) -> Any:
-    for seg in segments:
-        raw = raw[int(seg)] if isinstance(raw, list) else raw.get(seg)
-    return raw
-
-
-def _fields_at(segments: list[str]) -> list[str]:
-    """The keys the Struct at this path accepts (for the unknown-key message)."""
-    type_ = _type_at(segments)
-    if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
-        return list(type_.__struct_fields__)
-    return []
-
-
-def _type_at(segments: list[str]) -> Any:
-    """The declared type at a path of keys; a dict key or list index steps into its values."""
-    type_: Any = Config
-    for seg in segments:
-        if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
-            type_ = get_type_hints(type_, include_extras=True)[seg]
-        else:
-            type_ = get_args(type_)[-1]
-        while get_origin(type_) not in (None, dict, list):  # unwrap Annotated and Optional
-            type_ = next(a for a in get_args(type_) if a is not type(None))
-    return type_
 
 
 def _cross_check(cfg: Config) -> list[str]:
@@ -366,10 +389,12 @@ def _check_router_budgets(cfg: Config) -> list[str]:
         for name in rule.features or []:
             if name not in cfg.features:
                 out.append(f"router.rules[{n}].features names {name!r}, which is not in [features]")
-    if cfg.router.classifier.enabled and cfg.router.classifier.tier not in cfg.tiers:
+    # Checked when the classifier is off too: turning it on must not be what breaks a config.
+    if cfg.router.classifier.tier not in cfg.tiers:
+        off = "" if cfg.router.classifier.enabled else " (router.classifier is off, for now)"
         out.append(
             f"router.classifier.tier = {cfg.router.classifier.tier!r} is not a tier; "
-            f"defined: {tiers}"
+            f"defined: {tiers}{off}"
         )
     try:
         zoneinfo.ZoneInfo(cfg.budgets.timezone)
@@ -387,6 +412,11 @@ def _check_urls(cfg: Config) -> list[str]:
         out.append(
             f'redis.url = {cfg.redis.url!r} is not allowed: use "embedded", '
             "redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path"
+        )
+    if cfg.alerts.webhook_url and not re.match(r"^https?://.+", cfg.alerts.webhook_url):
+        out.append(
+            f"alerts.webhook_url = {cfg.alerts.webhook_url!r} is not allowed: use an http(s):// "
+            'URL (a Slack incoming webhook, or any that takes {"text": ...}), or "" for none'
         )
     if not re.match(r"^(auto|https?://.+)$", cfg.anthropic.base_url):
         out.append(

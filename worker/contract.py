@@ -69,6 +69,16 @@ class Keys:
         """A hash of custom_id to the job it stands for, while the job awaits its result."""
         return f"{self.prefix}:batch:{local_id}:members"
 
+    def alert(self, condition: str) -> str:
+        """A string with a TTL: an alert for this condition (a digest) went out in the
+        last alerts.period_s; SET NX makes one process of the fleet the one that sends it."""
+        return f"{self.prefix}:alert:{condition}"
+
+    @property
+    def alerts_cursor(self) -> str:
+        """A string: the last usage-stream entry `tokenq alerts` has looked at."""
+        return f"{self.prefix}:alerts:cursor"
+
     def limits(self, model: str, feature: str | None = None) -> str:
         """A hash of rate-limit buckets: a model's, or a feature's share of it."""
         base = f"{self.prefix}:limits:{model}"

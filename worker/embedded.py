@@ -105,9 +105,12 @@ def redis_url(cfg: Config) -> str:
 
 
 def connect(
-    url: str, *, block_s: float = 0.0, max_connections: int = 16, retries: int = 3
-) -> aioredis.Redis:
-    """An asyncio client with str replies and at most `max_connections` connections.
+    url: str, *, block_s: float = 0.0, max_connections: int = 16, retries: int = 3,
+    decode: bool = True,
+) -> aioredis.Redis:  # fmt: skip
+    """An asyncio client with str replies (bytes with `decode=False`, for readers of entries
+    others may have written: one invalid UTF-8 value would fail a whole decoded reply) and at
+    most `max_connections` connections.
 
     A command that finds them all busy waits for one (up to POOL_WAIT_S, then ConnectionError)
     instead of failing at once as redis-py's default pool does. The socket timeout outlasts
@@ -119,7 +122,7 @@ def connect(
         url,
         max_connections=max_connections,
         timeout=POOL_WAIT_S,
-        decode_responses=True,
+        decode_responses=decode,
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=5.0,
         health_check_interval=30,

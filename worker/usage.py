@@ -7,6 +7,7 @@ long-context rates throughout; batch results get the model's batch discount on a
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -81,6 +82,19 @@ def baseline_cost_usd(usage: ApiUsage, prices: ModelConfig) -> float:
     return cost_usd(naive, prices)
 
 
+def money(usd: float) -> str:
+    """A dollar amount for people: cents above a dollar, else four significant digits, so a
+    $0.003 cap does not print as $0.00 (e.g. $12.50, $0.50, $0.003, $0.0001234)."""
+    size = abs(usd)
+    if size >= 1 or size == 0:
+        return f"{'-' if usd < 0 else ''}${size:,.2f}"
+    decimals = max(2, 3 - math.floor(math.log10(size)))
+    text = f"{size:.{decimals}f}".rstrip("0")
+    if len(text.partition(".")[2]) < 2:
+        text = f"{size:.2f}"
+    return f"{'-' if usd < 0 else ''}${text}"
+
+
 def format_event(event: UsageEvent) -> str:
     """One line per event for people: time, outcome, who, where, tokens, cost, timing."""
     clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
@@ -93,6 +107,8 @@ def format_event(event: UsageEvent) -> str:
             f" cache_write={event.cache_creation_input_tokens}"
         )
     error = f" error={event.error_type}" if event.error_type else ""
+    if event.message:  # why it failed (or what happened), in the worker's words
+        error += f" message={event.message!r}"
     return (
         f"{clock} {event.status:<5} {event.feature} tenant={event.tenant or '-'}"
         f" {event.priority} {event.tier or '-'}/{event.mode} in={event.input_tokens}"
@@ -142,6 +158,20 @@ def tail_line(event: UsageEvent, rates: HitRates) -> str:
     rates.add(event)
     hits = rates.describe(event.feature) if event.kind == "job" else ""
     return format_event(event) + (f"  [{event.feature} {hits}]" if hits else "")
+
+
+def event_of(fields: Any) -> UsageEvent | None:
+    """A usage-stream entry (str or bytes fields) as a UsageEvent, or None when it is not one
+    (an entry someone else wrote: readers skip it). Invalid UTF-8 is replaced, not fatal."""
+    try:
+        text = {_text(k): _text(v) for k, v in dict(fields or {}).items()}
+        return from_fields(text)
+    except (msgspec.ValidationError, TypeError, ValueError):
+        return None
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 async def follow(
