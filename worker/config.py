@@ -159,6 +159,12 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     input_overflow: Literal["reject", "truncate"] = "reject"
     limit_share: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     expect: Literal["text", "json"] = "text"
+    # A JSON Schema the answer must validate against (expect = "json"): an inline table, or
+    # the path of a JSON file relative to the config file; load_config replaces a path by the
+    # schema it holds.
+    expect_schema: dict[str, Any] | str | None = None
+    expect_regex: str | None = None
+    min_output_tokens: Count | None = None
     daily_usd: Positive | None = None
     monthly_usd: Positive | None = None
     budget_policy: Literal["reject", "defer", "downgrade"] = "reject"
@@ -237,7 +243,8 @@ def parse_config(raw: dict[str, Any], where: str = DEFAULT_PATH) -> Config:
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{where}: {_explain(str(exc), raw)}") from None
-    problems = _cross_check(cfg)
+    cfg, problems = _load_schemas(cfg, Path(where).parent)
+    problems += _cross_check(cfg)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     return cfg
@@ -322,7 +329,10 @@ def _type_at(segments: list[str]) -> Any:
 
 def _cross_check(cfg: Config) -> list[str]:
     """Checks across sections: every name used is defined, URLs have a known form."""
-    return _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_batch(cfg)
+    return (
+        _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_batch(cfg)
+        + _check_answers(cfg)
+    )  # fmt: skip
 
 
 def _check_names(cfg: Config) -> list[str]:
@@ -421,6 +431,103 @@ def _check_batch(cfg: Config) -> list[str]:
         start, _, end = window.partition("-")
         if start == end:
             out.append(f'batch.windows has {window!r}, which is empty; e.g. "01:00-06:00"')
+    return out
+
+
+def _load_schemas(cfg: Config, base: Path) -> tuple[Config, list[str]]:
+    """Each feature's expect_schema read from its file (a path relative to `base`, the config
+    file's folder) and checked: valid JSON Schema, references only inside itself."""
+    features, problems = dict(cfg.features), []
+    for name, feature in cfg.features.items():
+        schema, key = feature.expect_schema, f"features.{name}.expect_schema"
+        if isinstance(schema, str):
+            file = base / schema
+            try:
+                schema = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                problems.append(
+                    f"{key} = {feature.expect_schema!r}: cannot read a JSON Schema from "
+                    f"{str(file)!r} ({exc}); give the path of a JSON file, relative to the "
+                    "config file, or an inline table"
+                )
+                continue
+            if not isinstance(schema, dict):
+                problems.append(f"{key}: {str(file)!r} holds no JSON object; a schema is one")
+                continue
+            features[name] = msgspec.structs.replace(feature, expect_schema=schema)
+        if isinstance(schema, dict):
+            problems += [f"{key}: {p}" for p in schema_problems(schema)]
+    return msgspec.structs.replace(cfg, features=features), problems
+
+
+def schema_problems(schema: dict[str, Any]) -> list[str]:
+    """Why a JSON Schema cannot be used: not valid for its draft (its "$schema", else
+    2020-12), or a "$ref" that does not point inside it (tokenq fetches nothing)."""
+    # Imported here: jsonschema takes ~90 ms to import, which every CLI command would pay.
+    from jsonschema import Draft202012Validator, SchemaError
+    from jsonschema.validators import validator_for
+    from referencing import Registry, Resource
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012
+
+    cls = validator_for(schema, default=Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(the root)"
+        return [
+            f"not a valid JSON Schema at {where}: {exc.message[:200]}. See "
+            "https://json-schema.org/understanding-json-schema/"
+        ]
+    root = Resource.from_contents(schema, default_specification=DRAFT202012)
+    resolver = Registry().with_resource(SCHEMA_URI, root).resolver(SCHEMA_URI)
+    out = []
+    for ref in _refs(schema):
+        try:
+            if not ref.startswith("#"):
+                raise Unresolvable(ref)
+            resolver.lookup(ref)
+        except Unresolvable:
+            out.append(
+                f"$ref {ref[:100]!r} does not point inside the schema; only references from "
+                'its root such as "#/$defs/name" are allowed (tokenq fetches nothing)'
+            )
+    return out
+
+
+SCHEMA_URI = "urn:tokenq:expect-schema"
+
+
+def _refs(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    if not isinstance(value, dict):
+        return []
+    own = [v for k, v in value.items() if k in ("$ref", "$dynamicRef") and isinstance(v, str)]
+    return own + [r for v in value.values() for r in _refs(v)]
+
+
+def _check_answers(cfg: Config) -> list[str]:
+    """A feature's answer checks: each can be met."""
+    out: list[str] = []
+    for name, f in cfg.features.items():
+        key = f"features.{name}"
+        if f.expect_schema is not None and f.expect != "json":
+            out.append(f'{key}.expect_schema needs {key}.expect = "json"; add it')
+        if f.expect_regex is not None:
+            try:
+                re.compile(f.expect_regex)
+            except re.error as exc:
+                out.append(
+                    f"{key}.expect_regex = {f.expect_regex!r} is not a regular expression: "
+                    f"{exc} (Python re syntax)"
+                )
+        ceiling = f.max_tokens_cap or f.max_tokens
+        if f.min_output_tokens is not None and f.min_output_tokens > ceiling:
+            out.append(
+                f"{key}.min_output_tokens = {f.min_output_tokens} is over the most an answer "
+                f"may have ({ceiling}, max_tokens_cap or max_tokens); no answer could pass"
+            )
     return out
 
 
