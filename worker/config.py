@@ -87,12 +87,35 @@ class ClassifierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_onl
     cache_ttl_s: Count = 86_400
 
 
+class AdaptiveConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How router.policy = "adaptive" learns from outcomes (worker.adaptive)."""
+
+    # Share of a feature's jobs sent one tier below the chosen one, to learn whether it will do.
+    explore_share: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.05
+    # One-sided confidence of the Wilson bounds that prove a tier good or bad.
+    confidence: Annotated[float, msgspec.Meta(ge=0.5, lt=1)] = 0.9
+    # Answers (decayed) a tier needs counted before it can be proven good.
+    min_samples: Count = 20
+    # An answer counts half as much every half_life_s; in the recent counts (to notice a
+    # drop at once) every recent_half_life_s.
+    half_life_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86_400)] = 3600
+    recent_half_life_s: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 60
+    # Kinds of job: input-length bands, name -> the fewest estimated input tokens of the band.
+    bands: dict[Name, Annotated[int, msgspec.Meta(ge=0)]] = msgspec.field(
+        default_factory=lambda: {"short": 0, "medium": 500, "long": 2000}
+    )
+    feedback_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 86_400
+    cache_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 1000
+
+
 class RouterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     default_tier: str = "sonnet"
     baseline_tier: str = "opus"
     max_escalations: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
     rules: list[RouteRule] = []
     classifier: ClassifierConfig = ClassifierConfig()
+    policy: Literal["static", "adaptive"] = "static"
+    adaptive: AdaptiveConfig = AdaptiveConfig()
 
 
 class BudgetsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -165,6 +188,7 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     expect_schema: dict[str, Any] | str | None = None
     expect_regex: str | None = None
     min_output_tokens: Count | None = None
+    target_pass_rate: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
     daily_usd: Positive | None = None
     monthly_usd: Positive | None = None
     budget_policy: Literal["reject", "defer", "downgrade"] = "reject"
@@ -331,7 +355,7 @@ def _cross_check(cfg: Config) -> list[str]:
     """Checks across sections: every name used is defined, URLs have a known form."""
     return (
         _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_batch(cfg)
-        + _check_answers(cfg)
+        + _check_answers(cfg) + _check_adaptive(cfg)
     )  # fmt: skip
 
 
@@ -528,6 +552,37 @@ def _check_answers(cfg: Config) -> list[str]:
                 f"{key}.min_output_tokens = {f.min_output_tokens} is over the most an answer "
                 f"may have ({ceiling}, max_tokens_cap or max_tokens); no answer could pass"
             )
+    return out
+
+
+def _check_adaptive(cfg: Config) -> list[str]:
+    out: list[str] = []
+    a = cfg.router.adaptive
+    for name, f in cfg.features.items():
+        if f.target_pass_rate is not None and f.tier is not None:
+            out.append(
+                f"features.{name}.target_pass_rate has no effect: features.{name}.tier = "
+                f"{f.tier!r} fixes the tier; remove one of them"
+            )
+    if cfg.router.policy == "adaptive" and all(
+        f.target_pass_rate is None for f in cfg.features.values()
+    ):
+        out.append(
+            'router.policy = "adaptive" but no feature sets target_pass_rate: set '
+            "features.<name>.target_pass_rate (e.g. 0.98) on the features to route adaptively"
+        )
+    if a.recent_half_life_s >= a.half_life_s:
+        out.append(
+            f"router.adaptive.recent_half_life_s = {a.recent_half_life_s} must be shorter than "
+            f"half_life_s = {a.half_life_s}: the recent counts are there to notice a drop sooner"
+        )
+    bounds = list(a.bands.values())
+    if not bounds or bounds[0] != 0 or bounds != sorted(set(bounds)) or len(bounds) > 8:
+        out.append(
+            f"router.adaptive.bands = {a.bands!r}: give 1 to 8 bands, name = the fewest "
+            "estimated input tokens, the first 0 and each larger than the one before, e.g. "
+            "{short = 0, medium = 500, long = 2000}"
+        )
     return out
 
 
