@@ -189,6 +189,8 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     expect_regex: str | None = None
     min_output_tokens: Count | None = None
     target_pass_rate: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
+    max_tokens_learn: bool = False
+    max_tokens_floor: Count = 16
     daily_usd: Positive | None = None
     monthly_usd: Positive | None = None
     budget_policy: Literal["reject", "defer", "downgrade"] = "reject"
@@ -458,6 +460,22 @@ def _check_batch(cfg: Config) -> list[str]:
     return out
 
 
+def _check_learning(key: str, f: FeatureConfig, ceiling: int) -> list[str]:
+    out: list[str] = []
+    if f.max_tokens_floor > ceiling:
+        out.append(
+            f"{key}.max_tokens_floor = {f.max_tokens_floor} is over max_tokens_cap or "
+            f"max_tokens ({ceiling}); lower the floor, or raise the cap"
+        )
+    if f.min_output_tokens is not None and f.max_tokens_floor < f.min_output_tokens:
+        out.append(
+            f"{key}.max_tokens_floor = {f.max_tokens_floor} is below its min_output_tokens "
+            f"= {f.min_output_tokens}: a learnt max_tokens could cut every answer short; "
+            "raise the floor"
+        )
+    return out
+
+
 def _load_schemas(cfg: Config, base: Path) -> tuple[Config, list[str]]:
     """Each feature's expect_schema read from its file (a path relative to `base`, the config
     file's folder) and checked: valid JSON Schema, references only inside itself."""
@@ -532,7 +550,7 @@ def _refs(value: Any) -> list[str]:
 
 
 def _check_answers(cfg: Config) -> list[str]:
-    """A feature's answer checks: each can be met."""
+    """A feature's answer checks and learnt max_tokens: each can be met."""
     out: list[str] = []
     for name, f in cfg.features.items():
         key = f"features.{name}"
@@ -552,6 +570,8 @@ def _check_answers(cfg: Config) -> list[str]:
                 f"{key}.min_output_tokens = {f.min_output_tokens} is over the most an answer "
                 f"may have ({ceiling}, max_tokens_cap or max_tokens); no answer could pass"
             )
+        if f.max_tokens_learn:
+            out += _check_learning(key, f, ceiling)
     return out
 
 

@@ -90,7 +90,7 @@ class Keys:
         """A hash of a job in progress: `attempts` started and the `last_error`."""
         return f"{self.prefix}:state:{job_id}"
 
-    # The adaptive router's keys (worker.adaptive).
+    # The adaptive router's keys (worker.adaptive, worker.maxtokens).
     @property
     def feedback(self) -> str:
         """The stream producers XADD quality verdicts onto (Feedback entries)."""
@@ -113,6 +113,10 @@ class Keys:
     def answered(self, job_id: str) -> str:
         """A string: where a job's answer came from (feature, kind, tier, time), for feedback."""
         return f"{self.prefix}:answered:{job_id}"
+
+    def lengths(self, feature: str, day: int) -> str:
+        """A hash: a feature's answer lengths in one day, counted in fixed buckets."""
+        return f"{self.prefix}:outlen:{feature}:{day}"
 
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
