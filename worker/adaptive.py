@@ -98,7 +98,7 @@ def applies(cfg: Config, feature: FeatureConfig) -> bool:
 
 def kind_of(a: AdaptiveConfig, input_tokens: int) -> str:
     """The band of router.adaptive.bands an estimated input falls in."""
-    return [name for name, least in a.bands.items() if input_tokens >= least][-1]
+    return [name for name, least in a.bands.items() if max(0, input_tokens) >= least][-1]
 
 
 def draw_of(job_id: str) -> float:

@@ -141,8 +141,8 @@ def test_wilson_bounds_match_the_textbook() -> None:
 
 def test_kinds_are_input_length_bands() -> None:
     a = adaptive_config().router.adaptive
-    assert [kind_of(a, n) for n in (0, 499, 500, 1999, 2000, 10**6)] == [
-        "short", "short", "medium", "medium", "long", "long",
+    assert [kind_of(a, n) for n in (-1, 0, 499, 500, 1999, 2000, 10**6)] == [
+        "short", "short", "short", "medium", "medium", "long", "long",
     ]  # fmt: skip
 
 
