@@ -100,6 +100,34 @@ class Keys:
         """A hash of a job in progress: `attempts` started and the `last_error`."""
         return f"{self.prefix}:state:{job_id}"
 
+    # The adaptive router's keys (worker.adaptive, worker.maxtokens).
+    @property
+    def feedback(self) -> str:
+        """The stream producers XADD quality verdicts onto (Feedback entries)."""
+        return f"{self.prefix}:feedback"
+
+    @property
+    def feedback_counts(self) -> str:
+        """A hash: feedback entries applied, unchanged, for an unknown job, malformed."""
+        return f"{self.prefix}:feedback:counts"
+
+    def outcomes(self, feature: str, horizon: str, epoch: int) -> str:
+        """A hash: a feature's decayed counts of answers that passed and failed, per kind and
+        tier, for one horizon ("w" or "r") and epoch."""
+        return f"{self.prefix}:adaptive:{feature}:{horizon}{epoch}"
+
+    def in_use(self, feature: str) -> str:
+        """A hash: the tier the adaptive router sends a feature's jobs to, per kind of job."""
+        return f"{self.prefix}:adaptive:{feature}:in_use"
+
+    def answered(self, job_id: str) -> str:
+        """A string: where a job's answer came from (feature, kind, tier, time), for feedback."""
+        return f"{self.prefix}:answered:{job_id}"
+
+    def lengths(self, feature: str, day: int) -> str:
+        """A hash: a feature's answer lengths in one day, counted in fixed buckets."""
+        return f"{self.prefix}:outlen:{feature}:{day}"
+
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -195,6 +223,14 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     # The response cache's part: "hit" (answered from the cache), "joined" (answered by an
     # identical call in flight), "miss" (called the API), "off" (not used), "" (not a job).
     response_cache: str = ""
+
+
+class Feedback(msgspec.Struct, frozen=True, kw_only=True):
+    """A `tokenq:feedback` entry: a producer's verdict on a job's answer, after the fact."""
+
+    job_id: NonEmpty
+    verdict: Literal["good", "bad"]
+    reason: str = ""  # free text, for people; kept cut to 200 characters
 
 
 def usd(value: float) -> str:
