@@ -6,8 +6,12 @@
     python3 dev.py bench [NAME]   run bench/NAME.py (throughput, the default; ratelimit; cost)
 
 Each command first makes ./.venv and installs tokenq with its dev tools into it (again only
-when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else. Arguments
-after the command go to `tokenq up`, to pytest or to the benchmark.
+when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else; pip's output
+is shown only when the install fails. Arguments after the command go to `tokenq up`, to
+pytest or to the benchmark.
+
+Another config file: `python3 dev.py up --config PATH` (or TOKENQ_CONFIG=PATH); the default
+is ./config.toml. `python3 dev.py up --help` lists the other options of `tokenq up`.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ def ensure_venv() -> None:
                 "install the venv module first (apt install python3-venv), then run again."
             )
     say("installing tokenq and its dev tools into .venv (the first time takes a minute)")
-    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check"]
-    if os.environ.get("CI"):
-        pip.append("--progress-bar=off")
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar=off"]
+    # Quiet unless it fails: a newcomer needs pip's pages of output only to see what broke.
+    done = subprocess.run([*pip, "-e", f"{ROOT}[dev]"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        sys.exit(f"dev.py: installing into .venv failed (pip exit {done.returncode}; above)")
     STAMP.write_text(wanted)
 
 
@@ -79,6 +85,9 @@ def test(extra: list[str]) -> int:
 
 def main() -> int:
     command, extra = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
     if command not in ("up", "test", "bench"):
         print(__doc__, file=sys.stderr)
         return 2

@@ -85,6 +85,13 @@ async def run(url: str, prefix: str, jobs: int, rate: float, seed: int) -> int:
     producer = Producer(redis, prefix)
     rng = random.Random(seed)
     ids: list[str] = []
+    share = MALFORMED_WEIGHT / (sum(f[2] for f in FEATURES) + MALFORMED_WEIGHT)
+    print(
+        f"demo: submitting {jobs} jobs at {rate:g}/s; about {share:.0%} of them are malformed "
+        "on purpose (an unknown feature, a request that is not JSON, no feature) to show "
+        "dead letters: expect `error` lines for them (`tokenq dead list` shows them)",
+        flush=True,
+    )
     t0 = time.monotonic()
     for n in range(jobs):
         job = demo_job(rng, n)

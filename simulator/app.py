@@ -4,11 +4,15 @@ API routes answer as the API does (anthropic-api.md): the same response and erro
 `request-id` on every response, `anthropic-ratelimit-*` headers on 200s and rate-limit 429s,
 and `retry-after` on 429s. Only POST /v1/messages gets latency, faults and rate limits
 (count_tokens is a fast, free endpoint). In order: validation (invalid requests are always
-refused with a 4xx), the fault dice, the rate limits (limits.py; a refusal is answered at
-once: the latency stands for the model's work, which a refused request never reaches), the
-latency, the answer. Prompt caching (cache.py) is looked up when a request passes the
-faults, so the rate limits can count its cache writes, and written when its answer is made.
-The Message Batches routes (batches.py) check auth and version, then answer at once.
+refused with a 4xx), the spend cap (`spend_cap_reached`: refused at once), the fault dice
+and the slow dice (faults.py), the rate limits (limits.py; a refusal is answered at once: the
+latency stands for the model's work, which a refused request never reaches), the latency
+(plus `slow_ms` for a slow one), the answer, made right or wrong by the ground truth
+(truth.py, grades.py) when `quality` is on. Prompt caching (cache.py) is looked up when a
+request passes the faults, so the rate limits can count its cache writes, and written when
+its answer is made. The Message Batches routes (batches.py) check auth and version, then
+answer at once; a create meets the spend cap and the `batch-529` fault first. The Admin
+API's usage and cost reports (admin.py) are answered from the ledger.
 
 Admin routes (not part of the Anthropic API):
     GET  /_sim/ledger  -> LedgerReport
@@ -16,86 +20,42 @@ Admin routes (not part of the Anthropic API):
                           also empties the prompt cache and forgets every batch)
     POST /_sim/advance {"seconds": N} -> ClockState: move the simulator's clock (cache
                           lifetimes) N seconds forward, no sleeping
-    GET  /_sim/config, POST /_sim/config {"latency_ms"?, "fault_rate"?, "seed"?, "limits"?,
-                                          "otpm_mode"?, "batch_seconds"?,
-                                          "batch_error_rate"?, "batch_expiry_rate"?}
-                          -> Settings (the batch ones shown once changed from their defaults)
+    GET  /_sim/config, POST /_sim/config {any field of settings.ConfigChange}
+                          -> Settings (those added after the first shape shown once changed
+                          from their defaults)
+    GET  /_sim/grade?ids=..., POST /_sim/grade {"items"?, "ids"?} -> grades.Answer: the truth
+                          of answers, for benchmarks (grades.py)
     GET  /_sim/health  -> {"ok": true}
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 
-from simulator import batches, cache, shapes, tokens, validate
+from simulator import admin, batches, cache, faults, shapes, tokens, validate
 from simulator.batches import Batches
 from simulator.cache import Cache, Plan
 from simulator.clock import SimClock
 from simulator.errors import ApiError
-from simulator.faults import FaultDice, check_fault_rates
+from simulator.faults import BATCH_FAULTS, FaultDice
+from simulator.grades import Grader, query_ids
 from simulator.ledger import Ledger
-from simulator.limits import (
-    JSON_FORM,
-    STANDARD,
-    LimitTable,
-    ModelLimits,
-    Need,
-    OtpmMode,
-    Refusal,
-    check_table,
-    limits_for,
+from simulator.limits import ModelLimits, Need, OtpmMode, Refusal, limits_for
+from simulator.settings import (
+    DEFAULT_SETTINGS,
+    Settings,
+    apply_change,
+    check_batch_rates,
+    config_error,
+    decode_change,
+    shown_settings,
 )
 from simulator.tokens import Body
 
-
-class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """What the simulator does; POST /_sim/config swaps in a changed copy while it runs."""
-
-    latency_ms: int = 0
-    fault_rate: dict[str, float] = {}  # status ("429") -> share of requests; never mutated
-    seed: int = 0
-    # "*" or a model id -> (RPM, ITPM, OTPM); has a "*" row; never mutated
-    limits: LimitTable = msgspec.field(default_factory=lambda: {"*": STANDARD})
-    otpm_mode: OtpmMode = "actual"
-    batch_seconds: float = 1.0  # how long a batch takes to process, on the simulator's clock
-    batch_error_rate: float = 0.0  # share of batch items answered `errored`
-    batch_expiry_rate: float = 0.0  # share of batch items left `expired`
-
-
-# Settings added after /_sim/config's first shape: its answer shows them only once changed,
-# so a client comparing the whole answer with the older fields still matches.
-_SHOWN_WHEN_CHANGED = ("batch_seconds", "batch_error_rate", "batch_expiry_rate")
-
-
-def shown_settings(settings: Settings) -> dict[str, Any]:
-    """Settings as GET and POST /_sim/config answer them."""
-    shown: dict[str, Any] = msgspec.to_builtins(settings)
-    for name in _SHOWN_WHEN_CHANGED:
-        if getattr(settings, name) == getattr(DEFAULT_SETTINGS, name):
-            del shown[name]
-    return shown
-
-
-class ConfigChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """POST /_sim/config: the settings to change; `fault_rate` replaces the whole table,
-    `seed` restarts the fault dice, and `limits` replaces the whole limit table and refills
-    every bucket at its new capacity."""
-
-    latency_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    fault_rate: dict[str, float] | None = None
-    seed: int | None = None
-    limits: dict[str, list[int]] | None = None
-    otpm_mode: OtpmMode | None = None
-    batch_seconds: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    batch_error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    batch_expiry_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-
-
-_decode_change = msgspec.json.Decoder(ConfigChange).decode
+__all__ = ["DEFAULT_SETTINGS", "SIMULATOR", "Settings", "check_batch_rates", "make_app"]
 
 
 class Advance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -113,16 +73,10 @@ class ClockState(msgspec.Struct, frozen=True):
 
 
 _decode_advance = msgspec.json.Decoder(Advance).decode
-# What a field accepts, added to msgspec's bare "Expected ... at `$.limits[...]`" errors.
-_FORMS = {
-    "$.limits": f"limits is {JSON_FORM}",
-    "$.otpm_mode": 'otpm_mode is "actual" (output counted as generated, the 2026 docs) or '
-    '"max_tokens" (max_tokens reserved at the start, the 2025 docs)',
-}
-RETRY_AFTER_S = "1"
 ROUTES = (
     "POST /v1/messages, POST /v1/messages/count_tokens, /v1/messages/batches[/ID[/cancel|"
-    "/results]], /_sim/{ledger,reset,advance,config,health}"
+    "/results]], GET /v1/organizations/{usage_report/messages,cost_report}, "
+    "/_sim/{ledger,reset,advance,config,grade,health}"
 )
 
 
@@ -131,16 +85,23 @@ class Simulator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ledger = Ledger()
+        self.clock = SimClock()  # cache lifetimes, the ledger's dates; POST /_sim/advance moves it
+        self.ledger = Ledger(self.clock)
         self.limits: dict[str, ModelLimits] = {}  # made on a model's first request
-        self.dice = FaultDice(settings.seed)
-        self.clock = SimClock()  # cache lifetimes; POST /_sim/advance moves it
+        self._seed_dice(settings.seed)
         self.cache = Cache()
-        self.batches = Batches(self.cache, self.ledger)
+        self.grader = Grader(lambda: self.settings.truth())
+        self.batches = Batches(self.cache, self.ledger, self.grader)
         # Received and not yet answered; a request whose client went away still counts
         # until its answer (and bill) is done, as it would at the API.
         self.in_flight = 0
         self.peak_in_flight = 0  # since the last reset: tests read it instead of sampling
+
+    def _seed_dice(self, seed: int) -> None:
+        """One set of dice per kind of roll, so that none shifts another's sequence."""
+        self.dice = FaultDice(seed)
+        self.batch_dice = FaultDice(f"{seed}/batch", BATCH_FAULTS)
+        self.slow_dice = FaultDice(f"{seed}/slow")
 
     async def messages(self, request: web.Request) -> web.Response:
         self.in_flight += 1
@@ -154,8 +115,11 @@ class Simulator:
                 return error_response(exc)
             settings = self.settings
             fault = self.dice.roll(settings.fault_rate)
+            slow = self.slow_dice.happens(settings.slow_rate)
+            if settings.spend_cap_reached:  # answered at once: no model work is done
+                return self._fault("spend-cap")
             if fault is not None:  # instead of the answer: the limits are not consulted
-                await _latency(settings)
+                await _latency(settings, slow=slow)
                 return self._fault(fault)
             limits = self._model_limits(body["model"])
             started = self.clock()  # cache lifetimes run from the start of the request
@@ -170,7 +134,7 @@ class Simulator:
             refusal = limits.admit(need)  # taken now: requests during the latency see it
             if refusal is not None:
                 return self._refuse(body["model"], limits, refusal, settings.otpm_mode)
-            await _latency(settings)
+            await _latency(settings, slow=slow)
             return self._answer(body, limits, need, plan, started)
         finally:
             self.in_flight -= 1
@@ -183,10 +147,10 @@ class Simulator:
         return limits
 
     def _fault(self, fault: str) -> web.Response:
+        """An injected fault (or the spend cap): not billed, counted in the ledger's
+        `faults` under its name."""
         self.ledger.fault(fault)
-        extra = {"retry-after": RETRY_AFTER_S} if fault == "429" else None
-        message = f"simulated {fault} fault (--fault-rate or POST /_sim/config)"
-        return error_response(ApiError(int(fault), message), extra)
+        return error_response(*faults.fault_answer(fault))
 
     def _refuse(
         self, model: str, limits: ModelLimits, refusal: Refusal, mode: OtpmMode
@@ -204,13 +168,16 @@ class Simulator:
         self, body: Body, limits: ModelLimits, need: Need, plan: Plan, started: float
     ) -> web.Response:
         model: str = body["model"]
-        text, output_tokens, stop_reason, stop_sequence = tokens.reply(body)
+        (text, output_tokens, stop_reason, stop_sequence), grade = self.grader.reply(body, model)
         self.cache.commit(plan, started)  # readable from now on: the answer has begun
         usage = cache.usage_of(plan.split, output_tokens)
         self.ledger.bill(model, usage)
         limits.settle(need.output_tokens, output_tokens)
+        message_id = shapes.new_id("msg_")
+        if grade is not None:
+            self.grader.remember(message_id, model, grade)
         message = shapes.Message(
-            id=shapes.new_id("msg_"),
+            id=message_id,
             model=model,
             content=[shapes.TextBlock("text", text)] if text else [],
             stop_reason=stop_reason,
@@ -254,13 +221,24 @@ class Simulator:
             version = validate.check_headers(request.headers)
             if (request.content_length or 0) > batches.MAX_BODY_BYTES:
                 raise ApiError(413, validate.too_large(batches.MAX_BODY_BYTES))
-            raw = await request.read()
-            s = self.settings
-            batch = self.batches.create(
-                raw, now=self.clock(), seconds=s.batch_seconds, version=version, seed=s.seed,
-                error_rate=s.batch_error_rate, expiry_rate=s.batch_expiry_rate,
-            )  # fmt: skip
+            requests = batches.check_create(
+                validate.decode_body(await request.read(), max_bytes=batches.MAX_BODY_BYTES)
+            )
         except ApiError as exc:
+            self.ledger.rejected += 1
+            return error_response(exc)
+        s = self.settings
+        fault = self.batch_dice.roll(s.fault_rate)
+        if s.spend_cap_reached:
+            fault = "spend-cap"
+        if fault is not None:  # the batch is not created
+            return self._fault(fault)
+        try:
+            batch = self.batches.create(
+                requests, now=self.clock(), seconds=s.batch_seconds, version=version,
+                seed=s.seed, error_rate=s.batch_error_rate, expiry_rate=s.batch_expiry_rate,
+            )  # fmt: skip
+        except ApiError as exc:  # the processing-queue cap
             self.ledger.rejected += 1
             return error_response(exc)
         return self._batch_json(self.batches.shown(batch, _origin(request)))
@@ -333,11 +311,11 @@ class Simulator:
     async def reset(self, _: web.Request) -> web.Response:
         self.batches.settle_all(self.clock())
         before = self.ledger.report(in_flight=self.in_flight, peak_in_flight=self.peak_in_flight)
-        self.ledger = Ledger()
+        self.ledger = Ledger(self.clock)
         self.peak_in_flight = self.in_flight
         self.limits = {}  # full buckets; requests in flight settle with the old ones
         self.cache = Cache()  # the clock keeps its time: it never goes back
-        self.batches = Batches(self.cache, self.ledger)
+        self.batches = Batches(self.cache, self.ledger, self.grader)  # grades are kept
         return _json(shapes.encode(before))
 
     async def advance(self, request: web.Request) -> web.Response:
@@ -354,66 +332,28 @@ class Simulator:
 
     async def configure(self, request: web.Request) -> web.Response:
         try:
-            change = _decode_change(await request.read() or b"{}")
+            change = decode_change(await request.read() or b"{}")
             settings = apply_change(self.settings, change)
         except (msgspec.DecodeError, ValueError) as exc:
             return _json(shapes.encode({"error": config_error(exc)}), status=400)
         if change.seed is not None:
-            self.dice = FaultDice(change.seed)
+            self._seed_dice(change.seed)
         if change.limits is not None:
             self.limits = {}  # full buckets at the new capacities
         self.settings = settings
         return _json(shapes.encode(shown_settings(settings)))
 
+    async def grade(self, request: web.Request) -> web.Response:
+        try:
+            raw = await request.read() if request.method == "POST" else None
+            answer = self.grader.answer(raw, query_ids(request.query.getall("ids", [])))
+        except ValueError as exc:
+            message = f"{request.method} /_sim/grade: {exc}"
+            return _json(shapes.encode({"error": message}), status=400)
+        return _json(shapes.encode(answer))
+
     async def health(self, _: web.Request) -> web.Response:
         return _json(b'{"ok":true}')
-
-
-def apply_change(settings: Settings, change: ConfigChange) -> Settings:
-    """`settings` with the change applied; raises ValueError for bad fault rates or limits."""
-    changed = msgspec.structs.replace(
-        settings,
-        latency_ms=settings.latency_ms if change.latency_ms is None else change.latency_ms,
-        fault_rate=(
-            settings.fault_rate if change.fault_rate is None
-            else check_fault_rates(change.fault_rate)
-        ),
-        seed=settings.seed if change.seed is None else change.seed,
-        limits=settings.limits if change.limits is None else check_table(change.limits),
-        otpm_mode=settings.otpm_mode if change.otpm_mode is None else change.otpm_mode,
-        batch_seconds=_or(change.batch_seconds, settings.batch_seconds),
-        batch_error_rate=_or(change.batch_error_rate, settings.batch_error_rate),
-        batch_expiry_rate=_or(change.batch_expiry_rate, settings.batch_expiry_rate),
-    )  # fmt: skip
-    check_batch_rates(changed.batch_error_rate, changed.batch_expiry_rate)
-    return changed
-
-
-def _or(new: float | None, old: float) -> float:
-    return old if new is None else new
-
-
-def check_batch_rates(error_rate: float, expiry_rate: float) -> None:
-    """Raises ValueError unless the two batch-item rates are 0..1 and sum to at most 1."""
-    for name, rate in (("batch_error_rate", error_rate), ("batch_expiry_rate", expiry_rate)):
-        if not 0 <= rate <= 1:
-            raise ValueError(f"{name} is {rate!r}; it must be between 0 and 1")
-    if error_rate + expiry_rate > 1:
-        raise ValueError(
-            f"batch_error_rate + batch_expiry_rate is {error_rate + expiry_rate:g}, more than 1"
-        )
-
-
-def config_error(exc: Exception) -> str:
-    """The 400 message of a refused POST /_sim/config: the problem, what the field accepts
-    (where msgspec's message names only a path), and the fields there are."""
-    text = str(exc)
-    hint = next((form for path, form in _FORMS.items() if path in text), None)
-    allowed = ", ".join(f.name for f in msgspec.structs.fields(ConfigChange))
-    return (
-        f"POST /_sim/config: {text}{f'; {hint}' if hint else ''}. "
-        f"Send a JSON object with any of: {allowed}."
-    )
 
 
 def _origin(request: web.Request) -> str:
@@ -435,15 +375,17 @@ def _list_limit(text: str | None) -> int:
     return limit
 
 
-async def _latency(settings: Settings) -> None:
-    if settings.latency_ms:
-        await asyncio.sleep(settings.latency_ms / 1000)
+async def _latency(settings: Settings, *, slow: bool = False) -> None:
+    delay_ms = settings.latency_ms + (settings.slow_ms if slow else 0)
+    if delay_ms:
+        await asyncio.sleep(delay_ms / 1000)
 
 
 def error_response(exc: ApiError, extra: dict[str, str] | None = None) -> web.Response:
     """The API's error body (§2.2), with the same request id in the body and the header."""
     request_id = shapes.new_id("req_")
-    body = shapes.ErrorBody(error=shapes.ErrorDetail(exc.error_type, exc.message),
+    details = None if exc.error_code is None else shapes.ErrorCode(exc.error_code)
+    body = shapes.ErrorBody(error=shapes.ErrorDetail(exc.error_type, exc.message, details),
                             request_id=request_id)  # fmt: skip
     headers = {"request-id": request_id, **(extra or {})}
     return _json(shapes.encode(body), headers, status=exc.status)
@@ -454,7 +396,6 @@ def _json(body: bytes, headers: dict[str, str] | None = None, status: int = 200)
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
-DEFAULT_SETTINGS = Settings()
 
 
 def make_app(settings: Settings) -> web.Application:
@@ -472,11 +413,14 @@ def make_app(settings: Settings) -> web.Application:
     add("GET", "/_sim/config", sim.get_config)
     add("POST", "/_sim/config", sim.configure)
     add("GET", "/_sim/health", sim.health)
+    add("GET", "/_sim/grade", sim.grade)
+    add("POST", "/_sim/grade", sim.grade)
     add("POST", "/v1/messages/batches", sim.create_batch)
     add("GET", "/v1/messages/batches", sim.list_batches)
     add("GET", "/v1/messages/batches/{batch_id}", sim.retrieve_batch)
     add("DELETE", "/v1/messages/batches/{batch_id}", sim.delete_batch)
     add("POST", "/v1/messages/batches/{batch_id}/cancel", sim.cancel_batch)
     add("GET", "/v1/messages/batches/{batch_id}/results", sim.batch_results)
+    admin.add_routes(app, lambda: sim.ledger, sim.clock, error_response)
     add("*", "/{tail:.*}", sim.unknown_route)  # last: every other path gets the API's 404
     return app

@@ -34,6 +34,7 @@ import msgspec
 from simulator import cache, shapes, tokens, validate
 from simulator.cache import Cache
 from simulator.errors import ApiError, ErrorType
+from simulator.grades import Grader
 from simulator.ledger import Ledger
 from simulator.tokens import Body
 
@@ -148,20 +149,22 @@ class Batch:
 
 class Batches:
     """Every batch, oldest first; settles (processes) each one when the clock passes its end.
-    POST /_sim/reset replaces it, with the new cache and ledger."""
+    POST /_sim/reset replaces it, with the new cache and ledger. Items are answered right or
+    wrong by the `grader`'s ground truth of the moment they are settled."""
 
-    def __init__(self, cache_: Cache, ledger: Ledger) -> None:
+    def __init__(self, cache_: Cache, ledger: Ledger, grader: Grader) -> None:
         self.cache = cache_
         self.ledger = ledger
+        self.grader = grader
         self.batches: dict[str, Batch] = {}
         self.created = 0  # numbers the batches, for their seeded rolls
 
     def create(
-        self, raw: bytes, *, now: float, seconds: float, version: str, seed: int,
-        error_rate: float, expiry_rate: float,
+        self, requests: list[tuple[str, Body]], *, now: float, seconds: float, version: str,
+        seed: int, error_rate: float, expiry_rate: float,
     ) -> Batch:  # fmt: skip
-        """A new batch from a request body; raises ApiError (400, 413, 429) as the API does."""
-        requests = check_create(validate.decode_body(raw, max_bytes=MAX_BODY_BYTES))
+        """A new batch of checked requests (check_create); raises ApiError 429 when the
+        processing queue cannot take them, as the API does."""
         queued = sum(b.counts.processing for b in self.batches.values() if b.ended_at is None)
         if queued + len(requests) > MAX_QUEUED:
             raise ApiError(
@@ -234,11 +237,14 @@ class Batches:
         else:
             plan = self.cache.plan(model, prefix, now)  # best effort at the API; always here
             self.cache.commit(plan, now)
-        text, output_tokens, stop_reason, stop_sequence = tokens.reply(params)
+        (text, output_tokens, stop_reason, stop_sequence), grade = self.grader.reply(params, model)
         usage = cache.usage_of(plan.split, output_tokens)
-        self.ledger.bill(model, usage, batch=True)
+        self.ledger.bill(model, usage, batch=True, at=now)
+        message_id = shapes.new_id("msg_")
+        if grade is not None:
+            self.grader.remember(message_id, model, grade)
         return shapes.Message(
-            id=shapes.new_id("msg_"),
+            id=message_id,
             model=model,
             content=[shapes.TextBlock("text", text)] if text else [],
             stop_reason=stop_reason,

@@ -36,11 +36,13 @@ ERROR_TYPES: dict[int, ErrorType] = {
 
 
 class ApiError(Exception):
-    """A request the API answers with an error: HTTP status, its `error.type`, a message."""
+    """A request the API answers with an error: HTTP status, its `error.type`, a message and,
+    for some causes, an `error.details.error_code` (the SDK picks a subclass by it, §2.2)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, error_code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         # The API uses invalid_request_error for any 4xx its table does not list.
         self.error_type: ErrorType = ERROR_TYPES.get(status, "invalid_request_error")
         self.message = message
+        self.error_code = error_code

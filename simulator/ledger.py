@@ -9,10 +9,14 @@ ones tokenq earned.
 
 from __future__ import annotations
 
+import time
+from typing import NamedTuple
+
 import msgspec
 
+from simulator.clock import Clock
 from simulator.limits import LIMITS, Limit
-from simulator.pricing import Usage, cost_usd
+from simulator.pricing import PRICES, Usage, cost_usd
 
 
 class ModelTotals(msgspec.Struct, kw_only=True):
@@ -46,32 +50,43 @@ class LedgerReport(msgspec.Struct, kw_only=True):
     batch: dict[str, ModelTotals] = {}
 
 
-class Ledger:
-    """The running totals; POST /_sim/reset replaces it with a new one."""
+class Minute(NamedTuple):
+    """What the Admin API's reports group by (simulator/admin.py): the minute a response was
+    billed in (unix seconds, UTC), its model, service tier and price band."""
 
-    def __init__(self) -> None:
+    start_s: int
+    model: str
+    service_tier: str  # "standard" or "batch"
+    long_context: bool  # priced at the model's long-context band
+
+
+class Ledger:
+    """The running totals; POST /_sim/reset replaces it with a new one. `clock` (the
+    simulator's) dates each bill for the per-minute records."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
         self.models: dict[str, ModelTotals] = {}
         self.batch: dict[str, ModelTotals] = {}
+        self.minutes: dict[Minute, ModelTotals] = {}  # the usage and cost reports' source
         self.faults: dict[str, int] = {}
         self.rate_limited: dict[str, int] = dict.fromkeys(LIMITS, 0)
         self.rejected = 0
+        self.clock = clock
 
-    def bill(self, model: str, usage: Usage, *, batch: bool = False) -> None:
+    def bill(
+        self, model: str, usage: Usage, *, batch: bool = False, at: float | None = None
+    ) -> None:
         """Record one 200 response, or one succeeded batch item (`batch`, at the batch
-        price). Raises KeyError for a model without prices."""
+        price), billed at unix time `at` (default: now). Raises KeyError for a model without
+        prices."""
         cost = cost_usd(model, usage, batch=batch)
         section = self.batch if batch else self.models
-        totals = section.get(model)
-        if totals is None:
-            totals = section[model] = ModelTotals()
-        totals.requests += 1
-        totals.input_tokens += usage.input_tokens
-        totals.output_tokens += usage.output_tokens
-        totals.cache_creation_input_tokens += usage.cache_creation_input_tokens
-        totals.cache_read_input_tokens += usage.cache_read_input_tokens
-        totals.ephemeral_5m_input_tokens += usage.ephemeral_5m_input_tokens
-        totals.ephemeral_1h_input_tokens += usage.ephemeral_1h_input_tokens
-        totals.cost_usd += cost
+        _add(section.setdefault(model, ModelTotals()), usage, cost)
+        prices = PRICES[model]
+        long = prices.long is not None and usage.prompt_tokens > prices.long_above_tokens
+        when = int(self.clock() if at is None else at) // 60 * 60
+        key = Minute(when, model, "batch" if batch else "standard", long)
+        _add(self.minutes.setdefault(key, ModelTotals()), usage, cost)
 
     def fault(self, status: str) -> None:
         """Record one injected fault answer."""
@@ -92,3 +107,14 @@ class Ledger:
             peak_in_flight=peak_in_flight,
             batch={name: msgspec.structs.replace(t) for name, t in self.batch.items()},
         )
+
+
+def _add(totals: ModelTotals, usage: Usage, cost: float) -> None:
+    totals.requests += 1
+    totals.input_tokens += usage.input_tokens
+    totals.output_tokens += usage.output_tokens
+    totals.cache_creation_input_tokens += usage.cache_creation_input_tokens
+    totals.cache_read_input_tokens += usage.cache_read_input_tokens
+    totals.ephemeral_5m_input_tokens += usage.ephemeral_5m_input_tokens
+    totals.ephemeral_1h_input_tokens += usage.ephemeral_1h_input_tokens
+    totals.cost_usd += cost

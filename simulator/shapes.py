@@ -94,9 +94,16 @@ class TokenCount(msgspec.Struct):
     input_tokens: int
 
 
-class ErrorDetail(msgspec.Struct):
+class ErrorCode(msgspec.Struct):
+    error_code: str
+
+
+class ErrorDetail(msgspec.Struct, omit_defaults=True):
+    """`error`; `details` only for errors with a code (§2.2), absent otherwise."""
+
     type: ErrorType
     message: str
+    details: ErrorCode | None = None
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -17,12 +17,21 @@ and of the words: 3-letter words and a space, 4 characters a token. If the syste
 last user message contains "JSON", the text is a JSON object {"answer": "..."}. A reply longer
 than max_tokens is cut to max_tokens tokens with stop_reason "max_tokens"; a stop sequence found in
 it cuts it there with "stop_sequence"; otherwise it ends with "end_turn".
+
+With the ground truth on (truth.py) a JSON answer takes one of FORMS instead, each exactly as
+many tokens as the plain answer, so right and wrong answers cost the same:
+    valid          {"answer": "...", "label": L} with L one of LABELS (right answers, and
+                   wrong ones that do not show)
+    not_json       the plain words
+    missing_label  {"answer": "..."}
+    bad_label      {"answer": "...", "label": "unknown"}
+JSON_SCHEMA is what every `valid` answer passes and the last two fail.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -39,6 +48,15 @@ _WORDS = [
     "fix", "run", "add", "get", "put", "let", "now", "our", "out", "too",
 ]  # fmt: skip
 _encode = msgspec.json.Encoder().encode
+Form = Literal["auto", "valid", "not_json", "missing_label", "bad_label"]
+FORMS: tuple[Form, ...] = ("valid", "not_json", "missing_label", "bad_label")
+LABELS = ("billing", "account", "shipping", "technical", "other")
+BAD_LABEL = "unknown"
+JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["answer", "label"],
+    "properties": {"answer": {"type": "string"}, "label": {"enum": list(LABELS)}},
+}
 
 
 def text_tokens(text: str) -> int:
@@ -98,20 +116,33 @@ class Reply(NamedTuple):
     stop_sequence: str | None
 
 
-def _full_text(body: Body) -> str:
+def _full_text(body: Body, form: Form) -> str:
     key = _encode([body.get("model"), body.get("system"), body["messages"]])
     # An extendable-output hash gives the length byte and one byte per word in one C call,
     # many times cheaper than seeding a random.Random per request.
     digest = hashlib.shake_128(key).digest(1 + MAX_REPLY_WORDS)
     words = [_WORDS[b % len(_WORDS)] for b in digest[1 : 1 + MIN_REPLY_WORDS + digest[0] % 60]]
-    if asks_for_json(body):
-        return _encode({"answer": " ".join(words[3:])}).decode()
-    return " ".join(words)
+    plain = " ".join(words)  # 4n - 1 characters: n tokens
+    if form == "auto":
+        if asks_for_json(body):  # 4n characters
+            return _encode({"answer": " ".join(words[3:])}).decode()
+        return plain
+    if form == "not_json":
+        return plain
+    shell: dict[str, str] = {"answer": ""}
+    if form != "missing_label":
+        shell["label"] = BAD_LABEL if form == "bad_label" else LABELS[sum(digest) % len(LABELS)]
+    # The answer's words fill the object to 4n characters, the plain answer's n tokens.
+    fill = 4 * len(words) - len(_encode(shell))
+    return _encode({**shell, "answer": plain[:fill]}).decode()
 
 
-def reply(body: Body) -> Reply:
-    """The reply to a request: always the same for the same model, system and messages."""
-    text = _full_text(body)
+def reply(body: Body, form: Form = "auto", text: str | None = None) -> Reply:
+    """The reply to a request: always the same for the same model, system, messages and
+    `form` (truth.py picks it; "auto" is the answer without ground truth); `text`, when
+    given, replaces the words (the router classifier's tier name)."""
+    if text is None:
+        text = _full_text(body, form)
     max_tokens = int(body.get("max_tokens", text_tokens(text)))
     for stop in body.get("stop_sequences") or ():
         at = text.find(stop) if stop else -1

@@ -48,6 +48,8 @@ SIM_LIMITS = (1_000_000, 1_000_000_000, 1_000_000_000)
 SIM_DEFAULTS: dict[str, Any] = {
     "latency_ms": 0, "fault_rate": {}, "limits": {"*": list(SIM_LIMITS)}, "otpm_mode": "actual",
     "batch_seconds": 1.0, "batch_error_rate": 0.0, "batch_expiry_rate": 0.0,
+    "spend_cap_reached": False, "slow_rate": 0.0, "slow_ms": 5000, "quality": "off",
+    "signal": 0.5, "skills": {}, "json_visible": 0.6, "classifier_accuracy": 0.8,
 }  # fmt: skip
 
 

@@ -24,6 +24,8 @@ from worker.api_request import parse_request
 from worker.batcher import batch_rows, cancel_batch
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
+from worker.cli_tools import EPILOG_LINES as TOOLS_EPILOG
+from worker.cli_tools import add_tool_commands
 from worker.config import Config, config_path, load_config
 from worker.contract import Keys, to_fields
 from worker.control import publish_reload
@@ -33,10 +35,10 @@ from worker.fleet import run_fleet
 from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
-from worker.usage import HitRates, follow, tail_line
+from worker.usage import HitRates, follow, money, tail_line
 from worker.worker import make_client, serve
 
-EPILOG = """\
+EPILOG = f"""\
 commands, in the order you meet them:
   up          run everything locally: embedded valkey, simulator, workers, demo jobs, usage tail
   worker      process jobs (one process, or --processes N under a supervisor)
@@ -51,7 +53,7 @@ commands, in the order you meet them:
   config      check a config file
   simulator   a local Anthropic API with a billing ledger (the default without an API key)
   redis       run the embedded valkey-server in the foreground (for the Procfile)
-
+{TOOLS_EPILOG}
 The config file is ./config.toml, or --config PATH, or $TOKENQ_CONFIG.
 """
 
@@ -75,12 +77,24 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         code = ns.run(ns)
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
     except ConfigError as exc:
         print(f"tokenq: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        code = closed_pipe()
     sys.exit(code)
+
+
+def closed_pipe() -> int:
+    """The reader of stdout went away (`tokenq tail | head`): stop quietly, as a tool killed
+    by SIGPIPE would (exit 141), instead of a traceback. Python ignores SIGPIPE, so the
+    write raised instead; stdout is pointed at /dev/null so the final flush cannot raise."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE
 
 
 def _command_index(args: list[str]) -> int | None:
@@ -118,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")
     p.add_argument("--stop", action="store_true", help="stop a background embedded server")
     p.set_defaults(run=cmd_redis)
+    add_tool_commands(sub)
     return parser
 
 
@@ -131,8 +146,13 @@ def _add_up(sub: Sub[argparse.ArgumentParser]) -> None:
         description="Start the embedded valkey-server (redis.url = embedded), the simulator "
         "when ANTHROPIC_API_KEY is unset, the workers and a demo producer, and tail the usage "
         "stream. Ctrl-C stops everything but the valkey-server, which keeps the data "
-        "(`tokenq redis --stop` stops it).",
+        "(`tokenq redis --stop` stops it). The config file is ./config.toml unless --config "
+        "PATH (here or before `up`) or $TOKENQ_CONFIG names another; `tokenq config check "
+        "PATH` checks one first.",
     )
+    # Also accepted after the command word, so `python3 dev.py up --config PATH` works.
+    p.add_argument("--config", default=argparse.SUPPRESS,
+                   help="config file (default ./config.toml or $TOKENQ_CONFIG)")  # fmt: skip
     p.add_argument("--processes", type=_positive, default=2, help="worker processes (2)")
     p.add_argument("--demo-jobs", type=_positive, default=200, help="demo jobs to submit (200)")
     p.add_argument("--demo-rate", type=float, default=20.0, help="demo jobs per second (20)")
@@ -488,11 +508,11 @@ def cmd_budgets(ns: argparse.Namespace) -> int:
 
 def _budget_text(row: dict[str, Any]) -> str:
     spent, held = row["spent_usd"], row["reserved_usd"]
-    parts = [f"{row['cap']} [{row['period']}]: spent ${spent:.4f}, reserved ${held:.4f}"]
+    parts = [f"{row['cap']} [{row['period']}]: spent {money(spent)}, reserved {money(held)}"]
     if row["cap_usd"] is not None:
         left = max(0.0, row["cap_usd"] - spent - held)
-        parts.append(f"cap ${row['cap_usd']:.2f} ({(spent + held) / row['cap_usd']:.0%} used, "
-                     f"${left:.4f} left)")  # fmt: skip
+        parts.append(f"cap {money(row['cap_usd'])} ({(spent + held) / row['cap_usd']:.0%} used, "
+                     f"{money(left)} left)")  # fmt: skip
     if row["cap_requests"] is not None:
         parts.append(f"requests {row['requests']} of {row['cap_requests']}")
     return "; ".join(parts) + f"; resets {row['resets_at']}"

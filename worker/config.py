@@ -13,7 +13,8 @@ import re
 import tomllib
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 
@@ -88,12 +89,35 @@ class ClassifierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_onl
     cache_ttl_s: Count = 86_400
 
 
+class AdaptiveConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How router.policy = "adaptive" learns from outcomes (worker.adaptive)."""
+
+    # Share of a feature's jobs sent one tier below the chosen one, to learn whether it will do.
+    explore_share: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.05
+    # One-sided confidence of the Wilson bounds that prove a tier good or bad.
+    confidence: Annotated[float, msgspec.Meta(ge=0.5, lt=1)] = 0.9
+    # Answers (decayed) a tier needs counted before it can be proven good.
+    min_samples: Count = 20
+    # An answer counts half as much every half_life_s; in the recent counts (to notice a
+    # drop at once) every recent_half_life_s.
+    half_life_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86_400)] = 3600
+    recent_half_life_s: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 60
+    # Kinds of job: input-length bands, name -> the fewest estimated input tokens of the band.
+    bands: dict[Name, Annotated[int, msgspec.Meta(ge=0)]] = msgspec.field(
+        default_factory=lambda: {"short": 0, "medium": 500, "long": 2000}
+    )
+    feedback_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 86_400
+    cache_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 1000
+
+
 class RouterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     default_tier: str = "sonnet"
     baseline_tier: str = "opus"
     max_escalations: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
     rules: list[RouteRule] = []
     classifier: ClassifierConfig = ClassifierConfig()
+    policy: Literal["static", "adaptive"] = "static"
+    adaptive: AdaptiveConfig = AdaptiveConfig()
 
 
 class BudgetsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -160,6 +184,15 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     input_overflow: Literal["reject", "truncate"] = "reject"
     limit_share: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     expect: Literal["text", "json"] = "text"
+    # A JSON Schema the answer must validate against (expect = "json"): an inline table, or
+    # the path of a JSON file relative to the config file; load_config replaces a path by the
+    # schema it holds.
+    expect_schema: dict[str, Any] | str | None = None
+    expect_regex: str | None = None
+    min_output_tokens: Count | None = None
+    target_pass_rate: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
+    max_tokens_learn: bool = False
+    max_tokens_floor: Count = 16
     daily_usd: Positive | None = None
     monthly_usd: Positive | None = None
     budget_policy: Literal["reject", "defer", "downgrade"] = "reject"
@@ -190,6 +223,15 @@ class BatchConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     lease_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 15.0
 
 
+class AlertsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Alerts out (worker.alerts): where they go and how often a condition may repeat."""
+
+    webhook_url: str = ""  # "" = `tokenq alerts` only logs them
+    period_s: Annotated[int, msgspec.Meta(ge=1)] = 3600
+    dead_letter_burst: Count = 10
+    dead_letter_window_s: Positive = 60.0
+
+
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] = "tokenq"
     redis: RedisConfig = RedisConfig()
@@ -201,6 +243,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     budgets: BudgetsConfig = BudgetsConfig()
     breakers: BreakersConfig = BreakersConfig()
     batch: BatchConfig = BatchConfig()
+    alerts: AlertsConfig = AlertsConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}
@@ -233,103 +276,116 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def parse_config(raw: dict[str, Any], where: str = DEFAULT_PATH) -> Config:
-    """Validate an already-parsed TOML document; see load_config."""
+    """Validate an already-parsed TOML document; see load_config. Every problem is reported
+    at once: a bad value is left out (its default stands in) so the rest, and the checks
+    across sections, still run."""
+    problems, cleaned = _problems(raw, Config, [])
+    cfg: Config | None = None
+    # A required key is missing when this fails: already a problem, and the checks across
+    # sections need a whole config.
     try:
-        cfg = msgspec.convert(raw, Config)
+        cfg = msgspec.convert(cleaned, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {_explain(str(exc), raw)}") from None
-    problems = _cross_check(cfg)
+        if not problems:  # a rule the walk above does not know: msgspec's own words
+            problems.append(f"{exc}. Fix it in the config file.")
+    if cfg is not None:
+        cfg, schema_problems = _load_schemas(cfg, Path(where).parent)
+        problems += schema_problems + _cross_check(cfg)
+    if len(problems) == 1:
+        raise ConfigError(f"{where}: {problems[0]}")
     if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems))
+        listed = "".join(f"\n  - {p}" for p in problems)
+        raise ConfigError(f"{where}: {len(problems)} problems:{listed}")
+    assert cfg is not None
     return cfg
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
-_SEGMENT = re.compile(r"\.(\w+)|\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
+_BAD = object()  # stands for a value left out after its problem was noted
 
 
-def _explain(message: str, raw: dict[str, Any]) -> str:
-    """Turn msgspec's error text into one naming the key, the value and what is allowed."""
-    what, segments = _locate(message, raw)
-    unknown = re.match(r"Object contains unknown field `(.+)`", what)
-    if unknown:
-        allowed = ", ".join(_fields_at(segments))
-        key = _dotted([*segments, unknown[1]])
-        return f"unknown key {key!r}. Allowed keys here: {allowed}. Check the spelling."
-    missing = re.match(r"Object missing required field `(.+)`", what)
-    if missing:
-        return f"{_dotted([*segments, missing[1]])} is required but missing. Add it."
-    value = _value_at(raw, segments)
-    return f"{_dotted(segments)} = {value!r} is not allowed: {what}. Fix it in the config file."
+def _problems(value: Any, type_: Any, path: list[str]) -> tuple[list[str], Any]:
+    """Every problem of `value` against `type_` at `path`, and the value with each bad part
+    left out (_BAD when the value itself is bad). msgspec stops at its first error; this
+    walks tables, their entries and lists of tables, and converts each leaf on its own."""
+    struct = _struct_in(type_)
+    plain = _unwrap(type_)
+    if struct is not None and isinstance(value, dict):
+        return _table_problems(value, struct, path)
+    if get_origin(plain) is dict and isinstance(value, dict):
+        key_type, value_type = get_args(plain)
+        out: list[str] = []
+        kept: dict[str, Any] = {}
+        for key, item in value.items():
+            bad_key, _ = _problems(key, key_type, [*path, str(key)])
+            found, clean = _problems(item, value_type, [*path, str(key)])
+            out += bad_key + found
+            if clean is not _BAD and not bad_key:
+                kept[key] = clean
+        return out, kept
+    if get_origin(plain) is list and isinstance(value, list):
+        item_type = get_args(plain)[0]
+        results = [_problems(v, item_type, [*path, str(n)]) for n, v in enumerate(value)]
+        found = [p for problems, _ in results for p in problems]
+        if found:  # else the list as a whole is checked below (its length, say)
+            return found, [clean for _, clean in results if clean is not _BAD]
+    try:
+        msgspec.convert(value, type_)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        what = match["what"] if match else str(exc)
+        return [f"{_dotted(path)} = {value!r} is not allowed: {what}. Fix it in the config "
+                "file."], _BAD  # fmt: skip
+    return [], value
 
 
-def _locate(message: str, raw: dict[str, Any]) -> tuple[str, list[str]]:
-    """Split msgspec's text into (what went wrong, path segments), naming hidden dict keys.
+def _table_problems(
+    value: dict[str, Any], struct: type[msgspec.Struct], path: list[str]
+) -> tuple[list[str], Any]:
+    fields = {f.name: f for f in msgspec.structs.fields(struct)}
+    hints = get_type_hints(struct, include_extras=True)
+    out: list[str] = []
+    kept: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in fields:
+            allowed = ", ".join(fields)
+            out.append(f"unknown key {_dotted([*path, key])!r}. Allowed keys here: {allowed}. "
+                       "Check the spelling.")  # fmt: skip
+            continue
+        found, clean = _problems(item, hints[key], [*path, key])
+        out += found
+        if clean is not _BAD:
+            kept[key] = clean
+    for name, f in fields.items():
+        if f.required and name not in value:
+            out.append(f"{_dotted([*path, name])} is required but missing. Add it.")
+    return out, kept
 
-    msgspec writes a dict key as `[...]`; the entries of that dict are validated again one by
-    one to find the key whose value failed.
-    """
-    match = _AT.match(message)
-    assert match is not None  # the pattern matches any string
-    what, path = match["what"], match["path"] or ""
-    head, hidden, tail = path.partition("[...]")
-    if not hidden:
-        return what, _segments(path)
-    prefix = _segments(head)
-    value_type = _type_at([*prefix, "*"])
-    for key, value in (_value_at(raw, prefix) or {}).items():
-        try:
-            msgspec.convert(value, value_type)
-        except msgspec.ValidationError as exc:
-            inner_what, inner = _locate(str(exc), value)
-            return inner_what, [*prefix, key, *inner]
-    return what, [*prefix, *_segments(tail)]
+
+def _unwrap(type_: Any) -> Any:
+    """The type inside Annotated[...] and X | None."""
+    while get_origin(type_) in (Annotated, Union, UnionType):
+        type_ = next(a for a in get_args(type_) if a is not type(None))
+    return type_
 
 
-def _segments(path: str) -> list[str]:
-    return [next(g for g in m.groups() if g is not None) for m in _SEGMENT.finditer(path)]
+def _struct_in(type_: Any) -> type[msgspec.Struct] | None:
+    plain = _unwrap(type_)
+    if isinstance(plain, type) and issubclass(plain, msgspec.Struct):
+        return plain
+    return None
 
 
 def _dotted(segments: list[str]) -> str:
     return ".".join(s if re.fullmatch(r"[\w-]+", s) else f'"{s}"' for s in segments) or "(top)"
 
 
-def _value_at(raw: Any, segments: list[str]) -> Any:
-    for seg in segments:
-        raw = raw[int(seg)] if isinstance(raw, list) else raw.get(seg)
-    return raw
-
-
-def _fields_at(segments: list[str]) -> list[str]:
-    """The keys the Struct at this path accepts (for the unknown-key message)."""
-    type_ = _type_at(segments)
-    if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
-        return list(type_.__struct_fields__)
-    return []
-
-
-def _type_at(segments: list[str]) -> Any:
-    """The declared type at a path of keys; a dict key or list index steps into its values."""
-    type_: Any = Config
-    for seg in segments:
-        if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
-            type_ = get_type_hints(type_, include_extras=True)[seg]
-        else:
-            type_ = get_args(type_)[-1]
-        while get_origin(type_) not in (None, dict, list):  # unwrap Annotated and Optional
-            type_ = next(a for a in get_args(type_) if a is not type(None))
-    return type_
-
-
 def _cross_check(cfg: Config) -> list[str]:
     """Checks across sections: every name used is defined, URLs have a known form."""
     return (
-        _check_names(cfg)
-        + _check_router_budgets(cfg)
-        + _check_urls(cfg)
-        + _check_queue(cfg)
-        + _check_batch(cfg)
-    )
+        _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_queue(cfg)
+        + _check_batch(cfg) + _check_answers(cfg) + _check_adaptive(cfg)
+    )  # fmt: skip
 
 
 def _check_names(cfg: Config) -> list[str]:
@@ -373,10 +429,12 @@ def _check_router_budgets(cfg: Config) -> list[str]:
         for name in rule.features or []:
             if name not in cfg.features:
                 out.append(f"router.rules[{n}].features names {name!r}, which is not in [features]")
-    if cfg.router.classifier.enabled and cfg.router.classifier.tier not in cfg.tiers:
+    # Checked when the classifier is off too: turning it on must not be what breaks a config.
+    if cfg.router.classifier.tier not in cfg.tiers:
+        off = "" if cfg.router.classifier.enabled else " (router.classifier is off, for now)"
         out.append(
             f"router.classifier.tier = {cfg.router.classifier.tier!r} is not a tier; "
-            f"defined: {tiers}"
+            f"defined: {tiers}{off}"
         )
     try:
         zoneinfo.ZoneInfo(cfg.budgets.timezone)
@@ -394,6 +452,11 @@ def _check_urls(cfg: Config) -> list[str]:
         out.append(
             f'redis.url = {cfg.redis.url!r} is not allowed: use "embedded", '
             "redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path"
+        )
+    if cfg.alerts.webhook_url and not re.match(r"^https?://.+", cfg.alerts.webhook_url):
+        out.append(
+            f"alerts.webhook_url = {cfg.alerts.webhook_url!r} is not allowed: use an http(s):// "
+            'URL (a Slack incoming webhook, or any that takes {"text": ...}), or "" for none'
         )
     if not re.match(r"^(auto|https?://.+)$", cfg.anthropic.base_url):
         out.append(
@@ -440,6 +503,152 @@ def _check_batch(cfg: Config) -> list[str]:
         start, _, end = window.partition("-")
         if start == end:
             out.append(f'batch.windows has {window!r}, which is empty; e.g. "01:00-06:00"')
+    return out
+
+
+def _check_learning(key: str, f: FeatureConfig, ceiling: int) -> list[str]:
+    out: list[str] = []
+    if f.max_tokens_floor > ceiling:
+        out.append(
+            f"{key}.max_tokens_floor = {f.max_tokens_floor} is over max_tokens_cap or "
+            f"max_tokens ({ceiling}); lower the floor, or raise the cap"
+        )
+    if f.min_output_tokens is not None and f.max_tokens_floor < f.min_output_tokens:
+        out.append(
+            f"{key}.max_tokens_floor = {f.max_tokens_floor} is below its min_output_tokens "
+            f"= {f.min_output_tokens}: a learnt max_tokens could cut every answer short; "
+            "raise the floor"
+        )
+    return out
+
+
+def _load_schemas(cfg: Config, base: Path) -> tuple[Config, list[str]]:
+    """Each feature's expect_schema read from its file (a path relative to `base`, the config
+    file's folder) and checked: valid JSON Schema, references only inside itself."""
+    features, problems = dict(cfg.features), []
+    for name, feature in cfg.features.items():
+        schema, key = feature.expect_schema, f"features.{name}.expect_schema"
+        if isinstance(schema, str):
+            file = base / schema
+            try:
+                schema = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                problems.append(
+                    f"{key} = {feature.expect_schema!r}: cannot read a JSON Schema from "
+                    f"{str(file)!r} ({exc}); give the path of a JSON file, relative to the "
+                    "config file, or an inline table"
+                )
+                continue
+            if not isinstance(schema, dict):
+                problems.append(f"{key}: {str(file)!r} holds no JSON object; a schema is one")
+                continue
+            features[name] = msgspec.structs.replace(feature, expect_schema=schema)
+        if isinstance(schema, dict):
+            problems += [f"{key}: {p}" for p in schema_problems(schema)]
+    return msgspec.structs.replace(cfg, features=features), problems
+
+
+def schema_problems(schema: dict[str, Any]) -> list[str]:
+    """Why a JSON Schema cannot be used: not valid for its draft (its "$schema", else
+    2020-12), or a "$ref" that does not point inside it (tokenq fetches nothing)."""
+    # Imported here: jsonschema takes ~90 ms to import, which every CLI command would pay.
+    from jsonschema import Draft202012Validator, SchemaError
+    from jsonschema.validators import validator_for
+    from referencing import Registry, Resource
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012
+
+    cls = validator_for(schema, default=Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(the root)"
+        return [
+            f"not a valid JSON Schema at {where}: {exc.message[:200]}. See "
+            "https://json-schema.org/understanding-json-schema/"
+        ]
+    root = Resource.from_contents(schema, default_specification=DRAFT202012)
+    resolver = Registry().with_resource(SCHEMA_URI, root).resolver(SCHEMA_URI)
+    out = []
+    for ref in _refs(schema):
+        try:
+            if not ref.startswith("#"):
+                raise Unresolvable(ref)
+            resolver.lookup(ref)
+        except Unresolvable:
+            out.append(
+                f"$ref {ref[:100]!r} does not point inside the schema; only references from "
+                'its root such as "#/$defs/name" are allowed (tokenq fetches nothing)'
+            )
+    return out
+
+
+SCHEMA_URI = "urn:tokenq:expect-schema"
+
+
+def _refs(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    if not isinstance(value, dict):
+        return []
+    own = [v for k, v in value.items() if k in ("$ref", "$dynamicRef") and isinstance(v, str)]
+    return own + [r for v in value.values() for r in _refs(v)]
+
+
+def _check_answers(cfg: Config) -> list[str]:
+    """A feature's answer checks and learnt max_tokens: each can be met."""
+    out: list[str] = []
+    for name, f in cfg.features.items():
+        key = f"features.{name}"
+        if f.expect_schema is not None and f.expect != "json":
+            out.append(f'{key}.expect_schema needs {key}.expect = "json"; add it')
+        if f.expect_regex is not None:
+            try:
+                re.compile(f.expect_regex)
+            except re.error as exc:
+                out.append(
+                    f"{key}.expect_regex = {f.expect_regex!r} is not a regular expression: "
+                    f"{exc} (Python re syntax)"
+                )
+        ceiling = f.max_tokens_cap or f.max_tokens
+        if f.min_output_tokens is not None and f.min_output_tokens > ceiling:
+            out.append(
+                f"{key}.min_output_tokens = {f.min_output_tokens} is over the most an answer "
+                f"may have ({ceiling}, max_tokens_cap or max_tokens); no answer could pass"
+            )
+        if f.max_tokens_learn:
+            out += _check_learning(key, f, ceiling)
+    return out
+
+
+def _check_adaptive(cfg: Config) -> list[str]:
+    out: list[str] = []
+    a = cfg.router.adaptive
+    for name, f in cfg.features.items():
+        if f.target_pass_rate is not None and f.tier is not None:
+            out.append(
+                f"features.{name}.target_pass_rate has no effect: features.{name}.tier = "
+                f"{f.tier!r} fixes the tier; remove one of them"
+            )
+    if cfg.router.policy == "adaptive" and all(
+        f.target_pass_rate is None for f in cfg.features.values()
+    ):
+        out.append(
+            'router.policy = "adaptive" but no feature sets target_pass_rate: set '
+            "features.<name>.target_pass_rate (e.g. 0.98) on the features to route adaptively"
+        )
+    if a.recent_half_life_s >= a.half_life_s:
+        out.append(
+            f"router.adaptive.recent_half_life_s = {a.recent_half_life_s} must be shorter than "
+            f"half_life_s = {a.half_life_s}: the recent counts are there to notice a drop sooner"
+        )
+    bounds = list(a.bands.values())
+    if not bounds or bounds[0] != 0 or bounds != sorted(set(bounds)) or len(bounds) > 8:
+        out.append(
+            f"router.adaptive.bands = {a.bands!r}: give 1 to 8 bands, name = the fewest "
+            "estimated input tokens, the first 0 and each larger than the one before, e.g. "
+            "{short = 0, medium = 500, long = 2000}"
+        )
     return out
 
 

@@ -73,6 +73,16 @@ class Keys:
         """A hash of custom_id to the job it stands for, while the job awaits its result."""
         return f"{self.prefix}:batch:{local_id}:members"
 
+    def alert(self, condition: str) -> str:
+        """A string with a TTL: an alert for this condition (a digest) went out in the
+        last alerts.period_s; SET NX makes one process of the fleet the one that sends it."""
+        return f"{self.prefix}:alert:{condition}"
+
+    @property
+    def alerts_cursor(self) -> str:
+        """A string: the last usage-stream entry `tokenq alerts` has looked at."""
+        return f"{self.prefix}:alerts:cursor"
+
     def limits(self, model: str, feature: str | None = None) -> str:
         """A hash of rate-limit buckets: a model's, or a feature's share of it."""
         base = f"{self.prefix}:limits:{model}"
@@ -93,6 +103,34 @@ class Keys:
     def state(self, job_id: str) -> str:
         """A hash of a job in progress: `attempts` started and the `last_error`."""
         return f"{self.prefix}:state:{job_id}"
+
+    # The adaptive router's keys (worker.adaptive, worker.maxtokens).
+    @property
+    def feedback(self) -> str:
+        """The stream producers XADD quality verdicts onto (Feedback entries)."""
+        return f"{self.prefix}:feedback"
+
+    @property
+    def feedback_counts(self) -> str:
+        """A hash: feedback entries applied, unchanged, for an unknown job, malformed."""
+        return f"{self.prefix}:feedback:counts"
+
+    def outcomes(self, feature: str, horizon: str, epoch: int) -> str:
+        """A hash: a feature's decayed counts of answers that passed and failed, per kind and
+        tier, for one horizon ("w" or "r") and epoch."""
+        return f"{self.prefix}:adaptive:{feature}:{horizon}{epoch}"
+
+    def in_use(self, feature: str) -> str:
+        """A hash: the tier the adaptive router sends a feature's jobs to, per kind of job."""
+        return f"{self.prefix}:adaptive:{feature}:in_use"
+
+    def answered(self, job_id: str) -> str:
+        """A string: where a job's answer came from (feature, kind, tier, time), for feedback."""
+        return f"{self.prefix}:answered:{job_id}"
+
+    def lengths(self, feature: str, day: int) -> str:
+        """A hash: a feature's answer lengths in one day, counted in fixed buckets."""
+        return f"{self.prefix}:outlen:{feature}:{day}"
 
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -190,6 +228,14 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     # identical call in flight), "miss" (called the API), "off" (not used), "no_tenant" (the
     # feature's cache is scoped to the tenant and the job has none), "" (not a job).
     response_cache: str = ""
+
+
+class Feedback(msgspec.Struct, frozen=True, kw_only=True):
+    """A `tokenq:feedback` entry: a producer's verdict on a job's answer, after the fact."""
+
+    job_id: NonEmpty
+    verdict: Literal["good", "bad"]
+    reason: str = ""  # free text, for people; kept cut to 200 characters
 
 
 def usd(value: float) -> str:

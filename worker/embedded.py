@@ -105,14 +105,17 @@ def redis_url(cfg: Config) -> str:
 
 
 def connect(
-    url: str, *, block_s: float = 0.0, max_connections: int = 16, retries: int = 3
-) -> aioredis.Redis:
-    """An asyncio client with str replies and at most `max_connections` connections.
+    url: str, *, block_s: float = 0.0, max_connections: int = 16, retries: int = 3,
+    decode: bool = True,
+) -> aioredis.Redis:  # fmt: skip
+    """An asyncio client with str replies (bytes with `decode=False`) and at most
+    `max_connections` connections.
 
     Replies are decoded as UTF-8 with undecodable bytes kept as surrogate escapes
     (`encoding_errors="surrogateescape"`): reading an entry a producer filled with other bytes
-    never raises, and writing such a string back (a dead letter's copy) restores its bytes.
-    worker.admission refuses such a job; contract.clean makes text clean for everything else.
+    never raises (one invalid value no longer fails a whole reply), and writing such a string
+    back (a dead letter's copy) restores its bytes. worker.admission refuses such a job;
+    contract.clean makes text clean for everything else.
 
     A command that finds them all busy waits for one (up to POOL_WAIT_S, then ConnectionError)
     instead of failing at once as redis-py's default pool does. The socket timeout outlasts
@@ -124,7 +127,7 @@ def connect(
         url,
         max_connections=max_connections,
         timeout=POOL_WAIT_S,
-        decode_responses=True,
+        decode_responses=decode,
         encoding_errors="surrogateescape",
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=5.0,

@@ -79,6 +79,9 @@ def up(
     # The usage tail below shows every outcome; the workers report only what goes wrong.
     tokenq = [sys.executable, "-m", "worker", "--config", config_path, "--log-level", "warning"]
     children.append(subprocess.Popen([*tokenq, "worker", "--processes", str(processes)]))
+    if cfg.alerts.webhook_url:  # without one, the tail below shows the alert events already
+        children.append(subprocess.Popen([*tokenq, "alerts"]))
+        print(f"tokenq up: alerts go to {cfg.alerts.webhook_url}", flush=True)
     demo = subprocess.Popen(
         [sys.executable, "-m", "producers.demo", "--redis-url", url, "--prefix", cfg.prefix,
          "--jobs", str(demo_jobs), "--rate", str(demo_rate)]

@@ -13,11 +13,14 @@ The order of precedence, first match wins:
 5. `router.default_tier`.
 
 Tiers are ordered as `[tiers]` lists them, cheapest first. An answer that fails the feature's
-check (`expect = "json"` and the text does not parse, or `stop_reason == "max_tokens"`) is
-escalated to the next dearer tier, at most `router.max_escalations` times (an answer cut at
-`max_tokens` also gets twice the room, up to the feature's `max_tokens_cap`); a budget or breaker
-with the `downgrade` policy moves a job to the next cheaper tier. Every step is appended to
-the job's `route_reason`.
+check (worker.checks: cut at `max_tokens`, `min_output_tokens`, `expect = "json"` with its
+`expect_schema`, `expect_regex`) is escalated to the next dearer tier, at most
+`router.max_escalations` times (an answer cut at `max_tokens` also gets twice the room, up to
+the feature's `max_tokens_cap`); a budget or breaker with the `downgrade` policy moves a job to
+the next cheaper tier. Every step is appended to the job's `route_reason`.
+
+With `router.policy = "adaptive"`, worker.adaptive takes the place of steps 4 and 5 for the
+features that set `target_pass_rate` (see that module; not yet called by the worker).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+# Re-exported: the worker and the batcher import the answer check from here.
+from worker.checks import CUT as CUT
+from worker.checks import check_answer as check_answer
 from worker.config import Config, FeatureConfig, RouteRule
 from worker.contract import Job
 from worker.estimate import raw_estimate
@@ -142,28 +148,3 @@ def request_hash(params: dict[str, Any]) -> str:
     """A stable hash of a request (model left out), the classifier cache's key."""
     body = {k: v for k, v in params.items() if k != "model"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
-
-
-CUT = "stop_reason max_tokens"
-
-
-def check_answer(feature: FeatureConfig, text: str, stop_reason: str | None) -> str | None:
-    """Why an answer fails the feature's check, or None when it passes."""
-    if stop_reason == "max_tokens":
-        return CUT
-    if feature.expect == "json":
-        try:
-            json.loads(_strip_fence(text))
-        except ValueError:
-            return "answer is not JSON"
-    return None
-
-
-def _strip_fence(text: str) -> str:
-    """JSON inside a ``` fence counts as JSON."""
-    stripped = text.strip()
-    if stripped.startswith("```") and stripped.endswith("```"):
-        stripped = stripped[3:-3]
-        if stripped.startswith("json"):
-            stripped = stripped[4:]
-    return stripped

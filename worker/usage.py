@@ -7,6 +7,7 @@ long-context rates throughout; batch results get the model's batch discount on a
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -81,10 +82,23 @@ def baseline_cost_usd(usage: ApiUsage, prices: ModelConfig) -> float:
     return cost_usd(naive, prices)
 
 
-def _text(value: str) -> str:
+def _printable(value: str) -> str:
     """A field for a terminal: control characters and line breaks escaped (an entry another
     program wrote may hold anything)."""
     return value if value.isprintable() else repr(value)[1:-1]
+
+
+def money(usd: float) -> str:
+    """A dollar amount for people: cents above a dollar, else four significant digits, so a
+    $0.003 cap does not print as $0.00 (e.g. $12.50, $0.50, $0.003, $0.0001234)."""
+    size = abs(usd)
+    if size >= 1 or size == 0:
+        return f"{'-' if usd < 0 else ''}${size:,.2f}"
+    decimals = max(2, 3 - math.floor(math.log10(size)))
+    text = f"{size:.{decimals}f}".rstrip("0")
+    if len(text.partition(".")[2]) < 2:
+        text = f"{size:.2f}"
+    return f"{'-' if usd < 0 else ''}${text}"
 
 
 def format_event(event: UsageEvent) -> str:
@@ -93,9 +107,9 @@ def format_event(event: UsageEvent) -> str:
         clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
     except (OverflowError, ValueError, OSError):  # a time no clock shows
         clock = "--:--:--"
-    feature, tenant = _text(event.feature), _text(event.tenant) or "-"
+    feature, tenant = _printable(event.feature), _printable(event.tenant) or "-"
     if event.kind == "alert":
-        return f"{clock} ALERT {feature} tenant={tenant}: {_text(event.message)}"
+        return f"{clock} ALERT {feature} tenant={tenant}: {_printable(event.message)}"
     cache = ""
     if event.cache_read_input_tokens or event.cache_creation_input_tokens:
         cache = (
@@ -103,13 +117,16 @@ def format_event(event: UsageEvent) -> str:
             f" cache_write={event.cache_creation_input_tokens}"
         )
     error = f" error={event.error_type}" if event.error_type else ""
+    if event.message:  # why it failed (or what happened), in the worker's words
+        error += f" message={event.message!r}"
     return (
         f"{clock} {event.status:<5} {feature} tenant={tenant}"
-        f" {_text(event.priority)} {_text(event.tier) or '-'}/{event.mode} in={event.input_tokens}"
+        f" {_printable(event.priority)} {_printable(event.tier) or '-'}/{event.mode}"
+        f" in={event.input_tokens}"
         f" out={event.output_tokens}{cache} ${event.cost_usd:.6f}"
         f" (naive ${event.baseline_cost_usd:.6f}) {event.latency_ms}ms"
-        f" queued={event.queue_ms}ms attempt={event.attempt}{_text(error)}"
-        f" job={_text(event.job_id)}"
+        f" queued={event.queue_ms}ms attempt={event.attempt}{_printable(error)}"
+        f" job={_printable(event.job_id)}"
         + (f" route={event.route_reason!r}" if event.route_reason else "")
     )
 
@@ -155,6 +172,21 @@ def tail_line(event: UsageEvent, rates: HitRates) -> str:
     return format_event(event) + (f"  [{event.feature} {hits}]" if hits else "")
 
 
+def event_of(fields: Any) -> UsageEvent | None:
+    """A usage-stream entry (str or bytes fields) as a UsageEvent, or None when it is not one
+    (an entry someone else wrote: readers skip it). Invalid UTF-8 is replaced, not fatal."""
+    try:
+        text = {_text(k): _text(v) for k, v in dict(fields or {}).items()}
+        return from_fields(text)
+    except (msgspec.ValidationError, TypeError, ValueError):
+        return None
+
+
+def _text(value: Any) -> str:
+    """Clean UTF-8 text of a reply value, bytes or str (undecodable bytes as U+FFFD)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else clean(str(value))
+
+
 async def follow(
     redis: aioredis.Redis, keys: Keys, *, from_start: bool = False, block_ms: int = 5000
 ) -> AsyncIterator[tuple[str, UsageEvent]]:
@@ -172,8 +204,6 @@ async def follow(
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 last = entry_id
-                try:
-                    event = from_fields({clean(k): clean(v) for k, v in (fields or {}).items()})
-                except msgspec.ValidationError:
-                    continue
-                yield entry_id, event
+                event = event_of(fields)
+                if event is not None:
+                    yield entry_id, event

@@ -16,6 +16,7 @@ from tests.helpers import eventually, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker
 from worker.contract import Keys, Result, UsageEvent
 from worker.queue import dead_letters
+from worker.usage import money
 
 SMALL = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 100}
 
@@ -317,7 +318,7 @@ async def test_tokenq_budgets_shows_spend_reservations_caps_and_breakers(
     code, out, err = await run(sys.executable, "-m", "worker", "--config", str(path), "budgets")
     assert code == 0, err
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    assert f"features.summarize.daily_usd [{day}]: spent ${spent:.4f}, reserved $0.0000" in out
+    assert f"features.summarize.daily_usd [{day}]: spent {money(spent)}, reserved $0.00" in out
     assert "cap $0.50" in out
     assert "features.summarize.tenant_daily_requests (tenant acme)" in out
     assert "requests 3 of 10" in out

@@ -25,6 +25,8 @@ async def test_up_runs_the_demo_to_the_end(tmp_path: Path) -> None:
         # The demo's low-priority jobs go to a batch; flush and poll within a second here.
         ("flush_interval_s = 60.0", "flush_interval_s = 1.0"),
         ("poll_s = 10.0", "poll_s = 0.5"),
+        # With a webhook, `up` starts `tokenq alerts` too (nothing listens there).
+        ('webhook_url = ""', 'webhook_url = "http://127.0.0.1:9/hook"'),
     ]:
         assert old in text
         text = text.replace(old, new)
@@ -48,6 +50,8 @@ async def test_up_runs_the_demo_to_the_end(tmp_path: Path) -> None:
     text = out.decode()
     assert proc.returncode == 0, text
     assert "using the simulator" in text
+    assert "tokenq up: alerts go to http://127.0.0.1:9/hook" in text
+    assert "malformed on purpose" in text  # the demo says its error lines are meant
     assert "demo: all 40 jobs have a result" in text
     assert "usage events, cost $" in text
     assert " ok " in text  # tail lines of finished jobs

@@ -108,3 +108,44 @@ def test_with_settings_replaces_adds_under_the_header_or_adds_the_section() -> N
     assert parsed["router"]["rules"] == [{"tier": "opus", "keywords": ["x"]}]
     with pytest.raises(ConfigError, match="top-level key 'nope'"):
         with_settings(text, {"nope": 1})
+
+
+def test_every_problem_of_a_file_is_reported_at_once() -> None:
+    raw = broken("queue/max_attempts", 0)
+    raw["queue"]["visibilty_timeout_s"] = 3
+    raw["features"]["summarize"]["tier"] = "gpt"  # a cross-check, found despite the others
+    raw["models"]["claude-opus-5-5"]["batch_discount"] = "x"
+    raw["router"]["rules"] = [{"tier": "haiku", "min_input_tokens": -1}, {"tier": "nope"}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    text = str(err.value)
+    assert "6 problems:" in text
+    for expected in [
+        "queue.max_attempts = 0 is not allowed",
+        "unknown key 'queue.visibilty_timeout_s'",
+        "features.summarize.tier = 'gpt' is not a tier",
+        "models.claude-opus-5-5.batch_discount = 'x' is not allowed",
+        "router.rules.0.min_input_tokens = -1 is not allowed",
+        "router.rules[1].tier = 'nope' is not a tier",
+    ]:
+        assert expected in text
+
+
+def test_settings_of_a_disabled_section_are_checked() -> None:
+    raw = broken("router/classifier/tier", "tiny")
+    assert raw["router"]["classifier"]["enabled"] is False
+    with pytest.raises(ConfigError, match=r"router.classifier.tier = 'tiny' is not a tier.*off"):
+        parse_config(raw)
+
+
+def test_config_check_lists_every_problem_of_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    text = (ROOT / "config.toml").read_text()
+    bad.write_text(text.replace("max_attempts = 5", "max_attempt = 5").replace(
+        "fair_every = 10", "fair_every = 1"))  # fmt: skip
+    fail = subprocess.run([sys.executable, "-m", "worker", "config", "check", str(bad)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert fail.returncode == 2
+    assert "2 problems:" in fail.stderr
+    assert "unknown key 'queue.max_attempt'" in fail.stderr
+    assert "queue.fair_every = 1 is not allowed" in fail.stderr

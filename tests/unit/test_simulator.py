@@ -26,7 +26,7 @@ def test_stop_sequence_cuts_the_reply() -> None:
 
 @pytest.mark.parametrize(
     ("text", "says"),
-    [("429", "is not STATUS=RATE"), ("418=0.1", "cannot be injected"), ("500=2", "between 0 and 1"),
+    [("429", "is not FAULT=RATE"), ("418=0.1", "cannot be injected"), ("500=2", "between 0 and 1"),
      ("500=0.6,529=0.6", "more than 1")],
 )  # fmt: skip
 def test_bad_fault_rates_say_what_is_allowed(text: str, says: str) -> None:

@@ -11,11 +11,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from simulator.batches import Batch, Batches, ResultLine
+from simulator import validate
+from simulator.batches import MAX_BODY_BYTES, Batch, Batches, ResultLine, check_create
 from simulator.cache import Cache
 from simulator.errors import ApiError
+from simulator.grades import Grader
 from simulator.ledger import Ledger
 from simulator.pricing import Usage, cost_usd
+from simulator.truth import Quality
 
 T0 = 1_790_000_000.0
 HAIKU = "claude-haiku-5-5"
@@ -35,10 +38,15 @@ def make(
     batches: Batches, *items: dict[str, Any], seconds: float = 10.0, error_rate: float = 0.0,
     expiry_rate: float = 0.0, now: float = T0,
 ) -> Batch:  # fmt: skip
+    requests = check_create(validate.decode_body(body(*items), max_bytes=MAX_BODY_BYTES))
     return batches.create(
-        body(*items), now=now, seconds=seconds, version="2026-10-21", seed=1,
+        requests, now=now, seconds=seconds, version="2026-10-21", seed=1,
         error_rate=error_rate, expiry_rate=expiry_rate,
     )  # fmt: skip
+
+
+def new_batches() -> Batches:
+    return Batches(Cache(), Ledger(), Grader(Quality))
 
 
 def results(batches: Batches, batch: Batch, now: float) -> dict[str, Any]:
@@ -52,7 +60,7 @@ def kinds(batches: Batches, batch: Batch, now: float) -> dict[str, str]:
 
 @pytest.fixture
 def batches() -> Batches:
-    return Batches(Cache(), Ledger())
+    return new_batches()
 
 
 def test_counts_stay_processing_until_the_whole_batch_ends(batches: Batches) -> None:
@@ -115,7 +123,7 @@ def test_bad_requests_are_refused_at_once(
 def test_error_and_expiry_rates_are_seeded(batches: Batches) -> None:
     items = [item(f"r{i}") for i in range(200)]
     one = kinds(batches, make(batches, *items, error_rate=0.2, expiry_rate=0.1), T0 + 10)
-    again = Batches(Cache(), Ledger())
+    again = new_batches()
     two = kinds(again, make(again, *items, error_rate=0.2, expiry_rate=0.1), T0 + 10)
     assert one == two
     counted = {k: list(one.values()).count(k) for k in ("succeeded", "errored", "expired")}

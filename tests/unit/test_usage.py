@@ -8,7 +8,14 @@ import pytest
 
 from worker.config import load_config
 from worker.contract import UsageEvent, from_fields, to_fields, usd
-from worker.usage import ApiUsage, CacheCreation, baseline_cost_usd, cost_usd, format_event
+from worker.usage import (
+    ApiUsage,
+    CacheCreation,
+    baseline_cost_usd,
+    cost_usd,
+    format_event,
+    money,
+)
 
 CFG = load_config(Path(__file__).resolve().parents[2] / "config.toml")
 HAIKU = CFG.models["claude-haiku-5-5"]
@@ -82,3 +89,21 @@ def test_format_event_shows_cost_and_outcome() -> None:
     line = format_event(UsageEvent(ts_ms=0, job_id="j1", feature="summarize", status="error",
                                    error_type="unknown_feature"))  # fmt: skip
     assert "summarize" in line and "error=unknown_feature" in line and "job=j1" in line
+
+
+def test_format_event_shows_an_error_events_message() -> None:
+    event = UsageEvent(
+        ts_ms=0, job_id="j1", feature="f", status="error", error_type="max_attempts",
+        message="5 calls failed; last: 529 overloaded",
+    )  # fmt: skip
+    line = format_event(event)
+    assert "error=max_attempts message='5 calls failed; last: 529 overloaded'" in line
+
+
+@pytest.mark.parametrize(
+    ("usd_", "shown"),
+    [(0.003, "$0.003"), (0.00294, "$0.00294"), (0.0001234, "$0.0001234"), (12.5, "$12.50"),
+     (1234.5, "$1,234.50"), (0.5, "$0.50"), (0.0, "$0.00"), (-0.02, "-$0.02")],
+)  # fmt: skip
+def test_money_keeps_the_digits_of_small_amounts(usd_: float, shown: str) -> None:
+    assert money(usd_) == shown

@@ -1,0 +1,552 @@
+"""The adaptive router: the cheapest tier whose answers are good enough, learnt from outcomes.
+
+Applies to the features that set `target_pass_rate` when `router.policy = "adaptive"`, after
+the job's tier, the feature's tier and the rules (router.py), in place of the classifier and
+`router.default_tier`. Not yet called by the worker (README: Adaptive routing).
+
+**What is counted.** Per feature, kind of job and tier: the answers that passed their check
+and those that failed it. The kind of job is the band of its estimated input tokens
+(`router.adaptive.bands`): known before the call, free, and the signal every workload has.
+An escalated job counts a failure for the tier that failed and the outcome of the next one;
+an answer cut at `max_tokens` counts neither way (a matter of room, see worker.maxtokens).
+A producer's verdict on `tokenq:feedback` overrides the check's for that job's answer.
+
+**Where.** Fleet-wide in Redis, as decayed counts: an answer counts 1 when written and half
+as much every `half_life_s` (the evidence), and every `recent_half_life_s` in the recent
+counts, which notice a drop at once. Per feature, horizon and epoch one hash (fields
+`<kind>|<tier>|p` and `<kind>|<tier>|f`), written with the job's finishing transaction
+(record_into: one HINCRBYFLOAT and one EXPIRE per horizon and answer); and one hash per feature
+of the tier in use by kind, written when a decision changes it. A read is five
+HGETALLs in one round trip per feature, which a process reuses for `cache_ms` (OutcomeStats).
+
+**The decision** (decide, a pure function). With the feature's target t and the Wilson score
+bounds of each tier's pass rate at the one-sided `confidence` (z = Φ⁻¹(confidence)):
+- a tier is *proven bad* when the upper bound of its evidence, or of its recent counts, is
+  below t; *proven good* when it is not proven bad, its evidence counts at least
+  `min_samples` answers, the lower bound of its evidence is at least t, and its recent pass
+  rate (with an answer's worth of recent counts) is at least t;
+- the job goes to the cheapest tier that is proven good, or is the one in use (the most
+  recent answers) and not proven bad: a tier must prove itself to be chosen, and then stays
+  until it is proven bad (hysteresis, so that one unlucky failure does not flap the fleet);
+  with neither, to `router.default_tier`, or the first dearer tier not proven bad, or the
+  dearest;
+- then, for `explore_share` of jobs (a hash of the job id, so a retry decides alike), it goes
+  one tier cheaper instead: how the router learns that it may step down.
+A proven-good tier whose recent answers fail is proven bad at once, so the next job steps up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from statistics import NormalDist
+from typing import Any, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
+from redis.exceptions import RedisError, ResponseError, WatchError
+
+from worker.config import AdaptiveConfig, Config, FeatureConfig
+from worker.contract import GROUP, Feedback, Keys
+
+log = logging.getLogger("tokenq.adaptive")
+
+CUT = "stop_reason max_tokens"  # worker.checks.CUT: room, not quality (a test holds them equal)
+
+
+class TierStats(msgspec.Struct, frozen=True):
+    """One tier's decayed counts of answers for one feature and kind: the evidence, and the
+    recent counts (which decay faster)."""
+
+    passed: float = 0.0
+    failed: float = 0.0
+    recent_passed: float = 0.0
+    recent_failed: float = 0.0
+
+
+EMPTY = TierStats()
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """What the fleet knows of a feature: counts by (kind, tier), the tier in use by kind."""
+
+    counts: dict[tuple[str, str], TierStats] = {}
+    in_use: dict[str, str] = {}
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """Where the adaptive router sends a job, the kind it counts under, and why. `in_use`:
+    the tier to record as in use for the kind (record_into), when that changes."""
+
+    tier: str
+    kind: str
+    reason: str
+    explored: bool = False
+    in_use: str | None = None
+
+
+def applies(cfg: Config, feature: FeatureConfig) -> bool:
+    """Whether the adaptive router chooses (and learns) for this feature's jobs."""
+    return cfg.router.policy == "adaptive" and feature.target_pass_rate is not None
+
+
+def kind_of(a: AdaptiveConfig, input_tokens: int) -> str:
+    """The band of router.adaptive.bands an estimated input falls in."""
+    return [name for name, least in a.bands.items() if max(0, input_tokens) >= least][-1]
+
+
+def draw_of(job_id: str) -> float:
+    """A number in [0, 1) fixed by the job id: the job explores when it is below the share."""
+    digest = hashlib.blake2b(job_id.encode(errors="replace"), digest_size=8, person=b"explore")
+    return int.from_bytes(digest.digest(), "big") / 2**64
+
+
+def bounds(passed: float, n: float, z: float) -> tuple[float, float]:
+    """The Wilson score interval of a pass rate from `passed` of `n` ((0, 1) when n = 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, zz = passed / n, z * z
+    centre = (p + zz / (2 * n)) / (1 + zz / n)
+    half = z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class _View(msgspec.Struct, frozen=True):
+    n: float
+    rate: float
+    recent_n: float
+    recent_rate: float
+    good: bool
+    bad: bool
+
+    def describe(self, tier: str) -> str:
+        if self.recent_n and self.recent_rate < self.rate:
+            return f"{tier} passes {self.recent_rate:.3f} of {self.recent_n:.0f} lately"
+        return f"{tier} passes {self.rate:.3f} of {self.n:.0f}"
+
+
+def _view(s: TierStats, z: float, target: float, min_samples: int) -> _View:
+    n, recent_n = s.passed + s.failed, s.recent_passed + s.recent_failed
+    lower, upper = bounds(s.passed, n, z)
+    recent_upper = bounds(s.recent_passed, recent_n, z)[1]
+    rate, recent_rate = s.passed / n if n else 0.0, s.recent_passed / recent_n if recent_n else 0.0
+    bad = upper < target or recent_upper < target
+    # Also meeting the target lately: a tier just proven bad cannot come back on old evidence
+    # once its recent counts thin out (less than one answer's worth does not count).
+    lately = recent_n < 1 or recent_rate >= target
+    good = not bad and n >= min_samples and lower >= target and lately
+    return _View(n, rate, recent_n, recent_rate, good=good, bad=bad)
+
+
+def decide(
+    tiers: Sequence[str], stats: Mapping[str, TierStats], *, target: float, start: str,
+    in_use: str | None, draw: float, a: AdaptiveConfig, where: str,
+) -> tuple[str, str, bool]:  # fmt: skip
+    """The tier for one job, why, and whether it explores (see the module docstring).
+
+    `tiers` cheapest first; `stats` by tier for the job's feature and kind; `start` the tier
+    while none is proven (router.default_tier); `in_use` the tier the fleet sends these jobs
+    to now, if any; `draw` in [0, 1) (draw_of); `where` names the feature and kind in the
+    reason ("summarize/long")."""
+    z = NormalDist().inv_cdf(a.confidence)
+    views = {t: _view(stats.get(t, EMPTY), z, target, a.min_samples) for t in tiers}
+    kept = [t for t in tiers if views[t].good or (t == in_use and not views[t].bad)]
+    if kept:
+        choice, v = kept[0], views[kept[0]]
+        how = f"n={v.n:.0f}{'' if v.good else ', in use'}, target {target:g}"
+        reason = f"adaptive: {choice} passes {v.rate:.3f} on {where} ({how})"
+        cheaper = [views[t].describe(t) for t in tiers[: tiers.index(choice)] if views[t].bad]
+        reason += "".join(f"; {c}" for c in cheaper)  # why not a cheaper tier, when known
+    else:
+        choice, reason = _fallback(tiers, views, start, target, where)
+    n = tiers.index(choice)
+    if n > 0 and draw < a.explore_share:
+        below = tiers[n - 1]
+        seen = views[below].n
+        return below, f"adaptive: exploring {below} on {where} (n={seen:.0f}), not {choice}", True
+    return choice, reason, False
+
+
+def _fallback(
+    tiers: Sequence[str], views: Mapping[str, _View], start: str, target: float, where: str
+) -> tuple[str, str]:
+    """Nothing proven good nor in use: the start tier, or the first dearer one not proven
+    bad, or the dearest."""
+    above = list(tiers[tiers.index(start) :])
+    choice = next((t for t in above if not views[t].bad), tiers[-1])
+    failing = [views[t].describe(t) for t in tiers[: tiers.index(choice) + 1] if views[t].bad]
+    if not failing:
+        return choice, f"adaptive: no tier proven on {where} yet; {choice}"
+    dearest = ", the dearest" if views[choice].bad else ""
+    return choice, f"adaptive: {', '.join(failing)}, under {target:g} on {where}; {choice}{dearest}"
+
+
+def route(cfg: Config, feature: str, input_tokens: int, stats: Stats, job_id: str) -> Decision:
+    """decide() for one job of an adaptive feature, from its estimated input tokens and the
+    feature's counts (OutcomeStats.get)."""
+    a = cfg.router.adaptive
+    kind = kind_of(a, input_tokens)
+    target = cfg.features[feature].target_pass_rate
+    assert target is not None, "route() is for features that applies() accepts"
+    tiers = list(cfg.tiers)
+    by_tier = {t: stats.counts.get((kind, t), EMPTY) for t in tiers}
+    in_use = stats.in_use.get(kind)
+    tier, reason, explored = decide(
+        tiers, by_tier, target=target, start=cfg.router.default_tier,
+        in_use=in_use if in_use in tiers else None, draw=draw_of(job_id), a=a,
+        where=f"{feature}/{kind}",
+    )  # fmt: skip
+    moved = not explored and tier != in_use
+    return Decision(tier, kind, reason, explored, tier if moved else None)
+
+
+# Counting: decayed counts in Redis, written as commands on the caller's transaction.
+#
+# An answer counts 1 when written and half as much every half-life. Redis cannot decay a
+# stored count, so each answer adds a weight that grows instead: 2^((t - t0) / half-life)
+# from the start t0 of an epoch of EPOCH_HALF_LIVES half-lives, and a reader multiplies by
+# 2^(-(now - t0) / half-life). One hash per feature, horizon ("w" the evidence, "r" the recent
+# counts) and epoch; the current epoch and the one before are read, older ones weigh < 2^-16.
+
+EPOCH_HALF_LIVES = 16
+HORIZONS = ("w", "r")
+Mark = Literal["p", "f", ""]
+
+
+def _half_life_ms(a: AdaptiveConfig, horizon: str) -> int:
+    return 1000 * (a.half_life_s if horizon == "w" else a.recent_half_life_s)
+
+
+def _epoch(half_life_ms: int, t_ms: int) -> int:
+    return t_ms // (EPOCH_HALF_LIVES * half_life_ms)
+
+
+def _weight(half_life_ms: int, t_ms: int, epoch: int) -> float:
+    """An answer's weight at t_ms in an epoch: its count at the epoch's start times 2^16."""
+    return float(2 ** ((t_ms - epoch * EPOCH_HALF_LIVES * half_life_ms) / half_life_ms))
+
+
+def _add_into(tx: Any, keys: Keys, a: AdaptiveConfig, feature: str, field: str, t_ms: int,
+              sign: int, now_ms: int) -> None:  # fmt: skip
+    """Queue the count of one answer at t_ms (sign 1) or its removal (-1) on both horizons;
+    nothing in an epoch too old to be read at now_ms."""
+    for horizon in HORIZONS:
+        half_life = _half_life_ms(a, horizon)
+        epoch = _epoch(half_life, t_ms)
+        if epoch < _epoch(half_life, now_ms) - 1:
+            continue
+        key = keys.outcomes(feature, horizon, epoch)
+        tx.hincrbyfloat(key, field, sign * _weight(half_life, t_ms, epoch))
+        tx.expire(key, (2 * EPOCH_HALF_LIVES + 1) * half_life // 1000)
+
+
+class Answered(msgspec.Struct, frozen=True, array_like=True):
+    """What `tokenq:answered:<job id>` holds: where the job's answer came from, what it added
+    to the counts then (`counted`), what they hold for it now (`held`) since `at_ms`, and the
+    last verdict on it."""
+
+    feature: str
+    kind: str
+    tier: str
+    counted: Mark
+    held: Mark
+    at_ms: int
+    verdict: str = ""
+    reason: str = ""
+
+
+def _mark(problem: str | None) -> Mark:
+    return "p" if problem is None else ("" if problem.startswith(CUT) else "f")
+
+
+def record_into(
+    tx: Any, keys: Keys, cfg: Config, *, feature: str, kind: str, job_id: str,
+    answers: Sequence[tuple[str, str | None]], now_ms: int, in_use: str | None = None,
+    from_cache: bool = False,
+) -> None:  # fmt: skip
+    """Queue on `tx` (the job's finishing MULTI) what the router learns from a job's answers:
+    (tier, the check's problem or None) of each, in order, the last one delivered. Per answer
+    that is evidence, one HINCRBYFLOAT on each horizon's hash (and its EXPIRE); the job's
+    answered record for feedback (SET EX router.adaptive.feedback_ttl_s; about 60 bytes plus
+    the key); and with `in_use` (Decision.in_use: the kind's tier in use changed), HSET and
+    EXPIRE of the feature's in-use hash. An answer from the response cache (`from_cache`)
+    gets its record but is not counted again. Never blocks: the caller executes `tx`."""
+    a = cfg.router.adaptive
+    marks = [] if from_cache else [_mark(problem) for _, problem in answers]
+    for (tier, _), mark in zip(answers, marks, strict=False):
+        if mark:
+            _add_into(tx, keys, a, feature, f"{kind}|{tier}|{mark}", now_ms, 1, now_ms)
+    if in_use is not None:
+        tx.hset(keys.in_use(feature), kind, in_use)
+        tx.expire(keys.in_use(feature), 2 * EPOCH_HALF_LIVES * a.half_life_s)
+    if a.feedback_ttl_s and answers:
+        last = marks[-1] if marks else ""
+        record = Answered(feature, kind, answers[-1][0], last, last, now_ms)
+        tx.set(keys.answered(job_id), _encode(record), ex=a.feedback_ttl_s)
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_answered = msgspec.json.Decoder(Answered).decode
+
+
+# Reading.
+
+
+MARKS = ("wp", "wf", "rp", "rf")  # horizon + mark, in TierStats' order
+
+
+def _plan(a: AdaptiveConfig, now_ms: int) -> list[tuple[str, int]]:
+    """The (horizon, epoch) hashes a read takes."""
+    return [
+        (h, e)
+        for h in HORIZONS
+        for e in (_epoch(_half_life_ms(a, h), now_ms) - 1, _epoch(_half_life_ms(a, h), now_ms))
+    ]
+
+
+def tally(
+    a: AdaptiveConfig, now_ms: int, hashes: Mapping[tuple[str, int], Mapping[str, str]],
+    in_use: Mapping[str, str] | None = None,
+) -> Stats:  # fmt: skip
+    """A feature's counts at now_ms from its hashes by (horizon, epoch), and its in-use hash.
+    Fields that are not counts are left out; a count taken below zero (rounding) is zero."""
+    sums: dict[tuple[str, str, str], float] = {}
+    for (horizon, epoch), fields in hashes.items():
+        half_life = _half_life_ms(a, horizon)
+        decay = 2 ** ((epoch * EPOCH_HALF_LIVES * half_life - now_ms) / half_life)
+        for name, value in fields.items():
+            kind, _, rest = name.partition("|")
+            tier, _, mark = rest.rpartition("|")
+            try:
+                count = float(value) * decay
+            except ValueError:
+                continue
+            if mark in ("p", "f") and tier and math.isfinite(count):
+                key = (kind, tier, horizon + mark)
+                sums[key] = sums.get(key, 0.0) + count
+    pairs = {(k, t) for k, t, _ in sums}
+    counts = {
+        (k, t): TierStats(*(max(0.0, sums.get((k, t, m), 0.0)) for m in MARKS)) for k, t in pairs
+    }
+    return Stats(counts, dict(in_use or {}))
+
+
+async def read_stats(
+    redis: aioredis.Redis, keys: Keys, a: AdaptiveConfig, feature: str, now_ms: int
+) -> Stats:
+    """A feature's counts from Redis: five HGETALLs in one pipelined round trip."""
+    plan = _plan(a, now_ms)
+    async with redis.pipeline(transaction=False) as pipe:
+        for horizon, epoch in plan:
+            pipe.hgetall(keys.outcomes(feature, horizon, epoch))
+        pipe.hgetall(keys.in_use(feature))
+        *replies, in_use = await pipe.execute()
+    return tally(a, now_ms, dict(zip(plan, replies, strict=True)), in_use)
+
+
+class OutcomeStats:
+    """A process's view of the fleet's counts, per feature, read at most every cache_ms.
+
+    Concurrent jobs of a feature whose view is stale wait on one read."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis, self.keys = redis, keys
+        self._views: dict[str, tuple[int, Stats]] = {}
+        self._reads: dict[str, asyncio.Task[Stats]] = {}
+
+    async def get(self, cfg: Config, feature: str, now_ms: int) -> Stats:
+        """The feature's counts; raises RedisError when they cannot be read."""
+        held = self._views.get(feature)
+        if held is not None and now_ms - held[0] < cfg.router.adaptive.cache_ms:
+            return held[1]
+        read = self._reads.get(feature)
+        if read is None:
+            coro = read_stats(self.redis, self.keys, cfg.router.adaptive, feature, now_ms)
+            read = self._reads[feature] = asyncio.create_task(coro)
+            read.add_done_callback(lambda t: self._done(feature, t, now_ms))
+        # Shielded: one waiter's cancellation must not cancel the read the others wait on.
+        return await asyncio.shield(read)
+
+    def _done(self, feature: str, read: asyncio.Task[Stats], now_ms: int) -> None:
+        self._reads.pop(feature, None)
+        if not read.cancelled() and read.exception() is None:  # retrieved: no "never retrieved"
+            self._views[feature] = (now_ms, read.result())
+
+
+# Feedback.
+
+
+def revise(record: Answered, verdict: Literal["good", "bad"], reason: str, now_ms: int) -> Answered:
+    """The record after a verdict. It holds "bad" as a failure; "good" as a pass for an answer
+    that was counted (a failed check overruled), as nothing for one that was not (a cache hit
+    or a cut answer: counted when first written, or never). A changed mark counts from now:
+    a verdict is fresh evidence."""
+    held: Mark = "f" if verdict == "bad" else ("p" if record.counted else "")
+    at_ms = record.at_ms if held == record.held else now_ms
+    return msgspec.structs.replace(
+        record, held=held, at_ms=at_ms, verdict=verdict, reason=reason[:200]
+    )
+
+
+def verdict_into(
+    tx: Any, keys: Keys, a: AdaptiveConfig, old: Answered, new: Answered, now_ms: int
+) -> None:
+    """Queue on `tx` the counts' change from a revised record: the old mark taken back at the
+    weight it was added with, the new one added."""
+    if (old.held, old.at_ms) == (new.held, new.at_ms):
+        return
+    for record, sign in ((old, -1), (new, 1)):
+        if record.held:
+            field = f"{record.kind}|{record.tier}|{record.held}"
+            _add_into(tx, keys, a, record.feature, field, record.at_ms, sign, now_ms)
+
+
+FEEDBACK_IDLE_MS = 60_000  # an entry pending this long: its reader died; another takes it
+FEEDBACK_COUNT = 32  # entries per read: bounds the memory a flood of huge entries can take
+
+
+class FeedbackReader:
+    """Applies producers' verdicts from `tokenq:feedback` to the counts, as check results.
+
+    Reads as a consumer of group `workers` (the entry stays pending until applied, and an
+    entry whose reader died is taken over after `idle_ms`). Each entry is applied in
+    one MULTI, watched on the job's record, with its XACK and XDEL, so it counts once. An
+    entry that is not a Feedback, or names a job without a record (expired, unknown, not
+    adaptive), is logged, counted in `tokenq:feedback:counts` and dropped: no entry stops it.
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, consumer: str,
+        config: Callable[[], Config], clock_ms: Callable[[], int],
+        idle_ms: int = FEEDBACK_IDLE_MS,
+    ) -> None:  # fmt: skip
+        self.redis, self.keys, self.consumer = redis, keys, consumer
+        self.config, self.clock_ms, self.idle_ms = config, clock_ms, idle_ms
+        self.counts: Counter[str] = Counter()
+        self._cursor = "0-0"
+
+    async def run(self, stopping: asyncio.Event, *, block_ms: int = 1000) -> None:
+        """Apply entries until `stopping` is set (a worker duty). A Redis error is logged and
+        retried a second later; this returns only when stopping."""
+        while not stopping.is_set():
+            try:
+                await self.step(block_ms)
+            except RedisError as exc:
+                log.warning("feedback reader: %s; trying again in 1 s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 1.0)
+
+    async def step(self, block_ms: int) -> Counter[str]:
+        """One read (taking over abandoned entries first, then blocking up to block_ms for
+        new ones) and the entries applied; returns what became of them."""
+        entries = await self._reclaim() + await self._read(block_ms)
+        done: Counter[str] = Counter()
+        for entry_id, fields in entries:
+            done[await self._apply(entry_id, fields)] += 1
+        self.counts.update(done)
+        return done
+
+    async def ensure_group(self) -> None:
+        """Create the group on the feedback stream (and the stream), reading from its start."""
+        try:
+            await self.redis.xgroup_create(self.keys.feedback, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def close(self) -> None:
+        """Leave the group when nothing is pending on this consumer."""
+        try:
+            pending: Any = await self.redis.xpending_range(
+                self.keys.feedback, GROUP, "-", "+", 1, consumername=self.consumer
+            )
+            if not pending:
+                await self.redis.xgroup_delconsumer(self.keys.feedback, GROUP, self.consumer)
+        except ResponseError:  # no stream or group: nothing to leave
+            pass
+
+    async def _read(self, block_ms: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        try:
+            reply: Any = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", FEEDBACK_COUNT,
+                "BLOCK", block_ms, "STREAMS", self.keys.feedback, ">", **{NEVER_DECODE: True},
+            )  # fmt: skip
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()
+            return []
+        return [(i, f or {}) for _, entries in reply or [] for i, f in entries]
+
+    async def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        try:
+            reply: Any = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "XAUTOCLAIM", self.keys.feedback, GROUP, self.consumer, self.idle_ms,
+                self._cursor, "COUNT", FEEDBACK_COUNT, **{NEVER_DECODE: True},
+            )  # fmt: skip
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return []
+        self._cursor = reply[0].decode()
+        return [(i, f or {}) for i, f in reply[1]]
+
+    async def _apply(self, entry_id: bytes, fields: dict[bytes, bytes]) -> str:
+        try:
+            text = {k.decode(): v.decode() for k, v in fields.items()}
+            feedback = msgspec.convert(text, Feedback, strict=False)
+        except (UnicodeDecodeError, msgspec.ValidationError) as exc:
+            return await self._drop(entry_id, "malformed", str(exc))
+        for _ in range(5):  # another reader changed the record: read it again
+            try:
+                return await self._apply_to_record(entry_id, feedback)
+            except WatchError:
+                continue
+        log.warning("feedback entry %s left pending: its record kept changing", entry_id)
+        return "retry"
+
+    async def _apply_to_record(self, entry_id: bytes, feedback: Feedback) -> str:
+        key = self.keys.answered(feedback.job_id)
+        async with self.redis.pipeline(transaction=True) as tx:
+            await tx.watch(key)
+            # Raw bytes: a value that is not ours (nor UTF-8) must not stop the reader.
+            raw: Any = await tx.execute_command("GET", key, **{NEVER_DECODE: True})
+            try:
+                record = _decode_answered(raw) if raw is not None else None
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                record = None
+            tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
+            outcome = "unknown_job"
+            if record is not None:
+                a = self.config().router.adaptive
+                now_ms = self.clock_ms()
+                revised = revise(record, feedback.verdict, feedback.reason, now_ms)
+                outcome = "applied" if revised.held != record.held else "unchanged"
+                verdict_into(tx, self.keys, a, record, revised, now_ms)
+                tx.set(key, _encode(revised), keepttl=True)
+            self._ack_into(tx, entry_id, outcome)
+            await tx.execute()
+        if outcome == "unknown_job":
+            log.warning(
+                "feedback entry %s: no record of job %.200r (expired, unknown, or not routed "
+                "adaptively); dropped", entry_id, feedback.job_id,
+            )  # fmt: skip
+        return outcome
+
+    async def _drop(self, entry_id: bytes, outcome: str, why: str) -> str:
+        log.warning("feedback entry %s dropped (%s): %.200s", entry_id, outcome, why)
+        async with self.redis.pipeline(transaction=True) as tx:
+            self._ack_into(tx, entry_id, outcome)
+            await tx.execute()
+        return outcome
+
+    def _ack_into(self, tx: Any, entry_id: bytes, outcome: str) -> None:
+        tx.xack(self.keys.feedback, GROUP, entry_id)
+        tx.xdel(self.keys.feedback, entry_id)
+        tx.hincrby(self.keys.feedback_counts, outcome, 1)
