@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 import redis.asyncio as aioredis
 
-from worker.contract import Keys, Result
+from worker.contract import Keys, Result, id_problem, is_reserved_id
 
 DEFAULT_PRIORITIES = ("high", "normal", "low")
 _WAKE_SLICE_S = 2.0  # below redis-py's default 5 s socket timeout, so any client can wait
@@ -62,6 +62,7 @@ class Producer:
             )
         if not job.feature:
             raise ValueError("feature is empty; name a feature of config.toml [features]")
+        self._check_id_and_reply_to(job)
         request = job.request
         if not isinstance(request, str):
             request = msgspec.json.encode(request).decode()
@@ -71,6 +72,26 @@ class Producer:
             if value is not None:
                 out[name] = str(value)
         return out
+
+    def _check_id_and_reply_to(self, job: NewJob) -> None:
+        """The README's rules for `id` and `reply_to`, so the worker need not dead-letter."""
+        if job.id is not None:
+            problem = id_problem(job.id)
+            if problem is None and is_reserved_id(job.id, self.priorities):
+                problem = (
+                    f"id {job.id!r} has the form of a stream entry id, which is the id of a job "
+                    "without one; choose another id or leave it out"
+                )
+            if problem is not None:
+                raise ValueError(problem)
+        prefix = self.keys.prefix
+        if job.reply_to is not None and (
+            job.reply_to == prefix or job.reply_to.startswith(prefix + ":")
+        ):
+            raise ValueError(
+                f"reply_to {job.reply_to!r} names one of tokenq's own keys (prefix {prefix!r}); "
+                "name a stream of yours outside it"
+            )
 
     async def submit(self, feature: str, request: Mapping[str, Any] | str, **kw: Any) -> str:
         """Submit one job; returns its id (the given `id`, else a new unique one)."""

@@ -54,10 +54,20 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from worker.admission import Admitted, rejection
 from worker.budgets import caps_for
 from worker.caching import mark_prompt_cache
 from worker.config import BatchConfig, Config
-from worker.contract import BATCHER, Job, Keys, Result, UsageEvent, entry_ms, to_fields
+from worker.contract import (
+    BATCHER,
+    Keys,
+    Result,
+    UsageEvent,
+    entry_ms,
+    shown,
+    to_fields,
+    usd_amount,
+)
 from worker.errors import InvalidRequest, JobRejected
 from worker.jobs import ApiMessage, exhausted, now_ms, text_of
 from worker.queue import Delivery, Finish, Queue, as_text
@@ -97,6 +107,7 @@ class Waiting:
     """A job read from a batch stream, waiting for its window to close."""
 
     d: Delivery
+    admitted: Admitted
     params: dict[str, Any]
     tier: str
     why: str
@@ -276,7 +287,7 @@ class Batcher:
             found = [d for d in await self.queue.fetch(wanted) if d is not None]
             if found:
                 log.info("batcher: %d %s jobs were waiting for a window", len(found), priority)
-            self._sort(found)
+            await self._sort(found)
 
     async def _intake(self) -> None:
         room = self.cfg.batch.max_requests - len(self.waiting)
@@ -286,27 +297,43 @@ class Batcher:
                 if not got:
                     break
                 room -= len(got)
-                self._sort(got)
+                await self._sort(got)
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + self.queue.visibility_ms / 4000
             for priority in self.priorities:
-                self._sort(await self.queue.stale(priority, self.queue.visibility_ms))
+                await self._sort(await self.queue.stale(priority, self.queue.visibility_ms))
 
-    def _sort(self, deliveries: list[Delivery]) -> None:
+    async def _sort(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
-            waiting = self._prepare(d)
-            if waiting is None or not self._batchable(d, waiting):
-                self._hand_over(d)
+            waiting = await self._prepared(d)
+            if waiting is None:
+                await self._hand_over(d)
             else:
                 self.waiting.append(waiting)
 
-    def _prepare(self, d: Delivery) -> Waiting | None:
+    async def _prepared(self, d: Delivery) -> Waiting | None:
+        """_prepare, when the job may go into a batch (_batchable); None for real time. One
+        entry's boundary: whatever it holds must not end the batcher (the entry would stop the
+        next batcher too), so an unexpected error sends it to real time, where its attempts
+        count and it is dead-lettered once they are spent."""
+        try:
+            waiting = await self._prepare(d)
+            return waiting if waiting is not None and self._batchable(d, waiting) else None
+        except (RedisError, OSError):
+            raise  # the batcher steps down; the entry waits for the next one
+        except Exception:
+            log.exception("job=%s could not be prepared for a batch; it runs in real time",
+                          shown(d.job_id))  # fmt: skip
+            return None
+
+    async def _prepare(self, d: Delivery) -> Waiting | None:
         """The job's API params as the realtime path would send them; None when it cannot
         be batched as it is (the realtime path dead-letters, truncates or classifies it)."""
         try:
             # The worker's own checks and shaping, so a batch request equals a realtime one.
-            job, request, feature = self.worker._admit(d)
-            params: dict[str, Any] = msgspec.to_builtins(request)
+            admitted = await self.worker.admit(d)
+            job, feature = admitted.job, admitted.feature
+            params: dict[str, Any] = msgspec.to_builtins(admitted.request)
             notes = self.worker._shape(job, feature, params)
         except JobRejected:
             return None
@@ -321,12 +348,12 @@ class Batcher:
         minimum = self.cfg.models[params["model"]].min_cache_tokens
         params = mark_prompt_cache(params, feature.prompt_cache, minimum)
         size = len(_encode({"custom_id": "x" * 64, "params": params})) + 1
-        return Waiting(d, params, tier, "; ".join([why, *notes]), size)
+        return Waiting(d, admitted, params, tier, "; ".join([why, *notes]), size)
 
     def _batchable(self, d: Delivery, w: Waiting) -> bool:
         """Not when its deadline falls before its window's end, nor under a spend cap (the
         realtime path reserves and settles each call against the caps)."""
-        job = msgspec.convert(d.fields, Job, strict=False)
+        job = w.admitted.job
         end = window_end_ms(self.cfg.batch, max(entry_ms(d.entry_id), now_ms()))
         if job.deadline_ms is not None and job.deadline_ms < end:
             return False
@@ -334,9 +361,12 @@ class Batcher:
         moment = dt.datetime.now(dt.UTC)
         return not caps_for(self.cfg, self.keys, job.feature, feature, job.tenant or "", moment)
 
-    def _hand_over(self, d: Delivery) -> None:
-        """Run the job in real time in this process (its worker renews it from now on)."""
-        log.info("job=%s runs in real time, not in a batch", d.job_id)
+    async def _hand_over(self, d: Delivery) -> None:
+        """Run the job in real time in this process. Its entry moves to the worker's consumer
+        at once (renewed there from now on), so that if the job is left pending (its process
+        died, or it failed) the batcher's sweep of other consumers takes it back."""
+        log.info("job=%s runs in real time, not in a batch", shown(d.job_id))
+        await self.worker.queue.renew([d])
         self.worker.adopt(d)
 
     # -- windows: close them into planned batches, submit --
@@ -367,34 +397,51 @@ class Batcher:
         window = self._window()
         taken = {id(w) for w in window}
         self.waiting = [w for w in self.waiting if id(w) not in taken]
-        attempts = await self.queue.begin_attempts([w.d for w in window])
+        attempts = await self.worker.claims.begin_many([w.d for w in window], now_ms())
         members: dict[str, tuple[Member, Waiting]] = {}
         ends: list[tuple[Delivery, Finish]] = []
+        waits: list[tuple[Delivery, int]] = []
         for w, begun in zip(window, attempts, strict=True):
             d = w.d
-            if begun.has_result:
-                await self.queue.ack_duplicate(d, d.job_id)
-            elif begun.number > self.cfg.queue.max_attempts:
-                ends.append((d, self._rejected(d, exhausted(begun.number - 1, begun.last_error))))
+            if begun.outcome == "answered":
+                await self.queue.ack_duplicate(d, d.job_id, w.admitted.job.reply_to)
+            elif begun.outcome == "in_flight":
+                # The same job pending in another entry: wait for it off the stream.
+                waits.append((d, begun.look_again_ms(now_ms())))
+            elif begun.outcome != "go" or begun.number > self.cfg.queue.max_attempts:
+                ends.append((d, await self._refused(d, begun)))
             elif (cid := custom_id(d.job_id)) in members:
                 self.waiting.append(w)  # the same job id twice: the next window settles it
             else:
                 members[cid] = (Member(d.priority, d.entry_id, d.job_id, begun.number, w.tier,
                                        w.why), w)  # fmt: skip
         local = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        await self._record_planned(local, members, ends)
+        await self._record_planned(local, members, ends, waits)
         if members:
             requests = [{"custom_id": c, "params": w.params} for c, (_, w) in members.items()]
             await self._create(local, requests)
 
+    async def _refused(self, d: Delivery, begun: Any) -> Finish:
+        """The end of a batch job its claim refuses: the id is another job's or reserved
+        (see worker.claims), or its attempts are spent."""
+        try:
+            self.worker._check_claim(d, begun)
+            raise exhausted(begun.number - 1, begun.last_error)
+        except JobRejected as exc:
+            await self.worker.claims.for_error(d, now_ms())
+            return self._rejected(d, exc)
+
     async def _record_planned(
-        self, local: str, members: dict[str, tuple[Member, Waiting]], ends: list[Any]
-    ) -> None:
+        self, local: str, members: dict[str, tuple[Member, Waiting]], ends: list[Any],
+        waits: list[tuple[Delivery, int]],
+    ) -> None:  # fmt: skip
         stamp = now_ms()
 
         def write(tx: Any) -> None:
             for d, end in ends:
                 self.queue.finish_into(tx, d, d.job_id, end)
+            for d, until in waits:
+                self.queue.defer_into(tx, d, d.job_id, until, owns_claim=False)
             if not members:
                 return
             size = self._bytes([w for _, w in members.values()])
@@ -503,21 +550,21 @@ class Batcher:
         found = await self.queue.fetch([(m.p, m.e) for m in members.values()])
         requests, gone = [], []
         for (cid, m), d in zip(members.items(), found, strict=True):
-            w = self._prepare(d) if d is not None else None
+            w = await self._prepared(d) if d is not None else None
             if w is None or w.tier != m.t:
-                gone.append((cid, d))
+                gone.append((cid, m, d))
             else:
                 requests.append({"custom_id": cid, "params": w.params})
 
         def write(tx: Any) -> None:
-            for _, d in gone:
+            for _, m, d in gone:
                 if d is not None:
-                    self.queue.requeue_into(tx, d, d.job_id, refund=True)
+                    self.queue.requeue_into(tx, d, m.j, refund=True)
             if not requests:
                 tx.hset(self.keys.batch(local), "state", "dropped")
 
         if gone:
-            await self._commit(write, local, [c for c, _ in gone])
+            await self._commit(write, local, [c for c, _, _ in gone])
         return requests
 
     # -- delivering results --
@@ -589,8 +636,7 @@ class Batcher:
 
         await self._commit(write, local, [line.custom_id for line, _ in mine])
         for d in realtime:
-            await self.worker.queue.renew([d])
-            self._hand_over(d)
+            await self._hand_over(d)
 
     def _outcome(
         self, local: str, info: dict[str, str], result: Any, m: Member, d: Delivery,
@@ -627,7 +673,7 @@ class Batcher:
         return again
 
     def _rejected(self, d: Delivery, exc: JobRejected) -> Finish:
-        return self.worker._rejected(d, exc, now_ms())
+        return rejection(d, exc, now_ms(), self.cfg)
 
     def _succeeded(
         self, local: str, info: dict[str, str], body: dict[str, Any], m: Member, d: Delivery
@@ -645,7 +691,7 @@ class Batcher:
         result = Result(
             id=m.j, status="ok", text=text_of(message), content=message.content,
             model=message.model, tier=m.t, stop_reason=message.stop_reason, usage=message.usage,
-            cost_usd=cost, mode="batch",
+            cost_usd=usd_amount(cost), mode="batch",
         )  # fmt: skip
         submitted = int(info["submitted_ms"])
         event = UsageEvent(

@@ -20,6 +20,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from producers import Producer
+from worker.api_request import parse_request
 from worker.batcher import batch_rows, cancel_batch
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
@@ -31,7 +32,6 @@ from worker.control import publish_reload
 from worker.embedded import connect, ping, redis_url, server_args
 from worker.errors import ConfigError, MalformedJob
 from worker.fleet import run_fleet
-from worker.jobs import parse_request
 from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay

@@ -58,6 +58,7 @@ class QueueConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     usage_maxlen: Annotated[int, msgspec.Meta(ge=1000)] = 1_000_000
     retry_base_s: Positive = 0.5
     retry_max_s: Positive = 30.0
+    reply_to_pattern: str = ""
 
 
 class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -382,8 +383,8 @@ def _dotted(segments: list[str]) -> str:
 def _cross_check(cfg: Config) -> list[str]:
     """Checks across sections: every name used is defined, URLs have a known form."""
     return (
-        _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_batch(cfg)
-        + _check_answers(cfg) + _check_adaptive(cfg)
+        _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_queue(cfg)
+        + _check_batch(cfg) + _check_answers(cfg) + _check_adaptive(cfg)
     )  # fmt: skip
 
 
@@ -463,6 +464,18 @@ def _check_urls(cfg: Config) -> list[str]:
             "or an http(s):// URL"
         )
     return out
+
+
+def _check_queue(cfg: Config) -> list[str]:
+    pattern = cfg.queue.reply_to_pattern
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [
+            f"queue.reply_to_pattern = {pattern!r} is not a regular expression ({exc}); "
+            'e.g. "^replies:[a-z0-9-]+$", or "" to allow any stream outside the prefix'
+        ]
+    return []
 
 
 def _check_batch(cfg: Config) -> list[str]:

@@ -11,6 +11,9 @@ the same hash tag; the default `tokenq` is for a single server (or a primary wit
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -26,6 +29,7 @@ ErrorType = Literal[
     "max_attempts",
     "budget_exceeded",
     "circuit_open",
+    "duplicate_id",
 ]
 Kind = Literal["job", "alert"]
 
@@ -221,7 +225,8 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     kind: Kind = "job"
     message: str = ""
     # The response cache's part: "hit" (answered from the cache), "joined" (answered by an
-    # identical call in flight), "miss" (called the API), "off" (not used), "" (not a job).
+    # identical call in flight), "miss" (called the API), "off" (not used), "no_tenant" (the
+    # feature's cache is scoped to the tenant and the job has none), "" (not a job).
     response_cache: str = ""
 
 
@@ -236,6 +241,12 @@ class Feedback(msgspec.Struct, frozen=True, kw_only=True):
 def usd(value: float) -> str:
     """A dollar amount as a stream field: fixed point, 10 decimals, no exponent."""
     return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
+
+
+def usd_amount(value: float) -> float:
+    """A dollar amount for a result's JSON: the float nearest to usd(value), so the number
+    written has the usage event's digits (0.0000221, not 0.000022100000000000002)."""
+    return float(usd(value))
 
 
 def to_fields(event: UsageEvent) -> dict[str, str]:
@@ -255,6 +266,75 @@ def from_fields(fields: dict[str, str]) -> UsageEvent:
 def decode_job(fields: dict[str, str]) -> Job:
     """A jobs-stream entry as a Job; raises msgspec.ValidationError naming the field."""
     return msgspec.convert(fields, Job, strict=False)
+
+
+# -- producer-supplied text: ids, fingerprints, showing it in logs --
+
+MAX_ID_CHARS = 255
+_ENTRY_ID = re.compile(r"[0-9]+-[0-9]+")
+
+
+def is_reserved_id(value: str, priorities: Collection[str]) -> bool:
+    """Whether `value` has the form of the id of a job without `id`: a stream entry id
+    (`<ms>-<seq>`), or `<priority>:<entry id>` for one of `priorities`. Such an `id` is
+    accepted only from tokenq itself (a deferred, requeued or replayed job keeps its id),
+    which worker.claims tells apart by the job's fingerprint."""
+    head, colon, tail = value.partition(":")
+    if not colon:
+        return _ENTRY_ID.fullmatch(value) is not None
+    return head in priorities and _ENTRY_ID.fullmatch(tail) is not None
+
+
+def id_problem(value: str) -> str | None:
+    """Why `value` cannot be a job id (a sentence), or None: 1 to 255 printable characters,
+    no spaces, valid UTF-8 (the rules of the README's Jobs table)."""
+    if not value:
+        return "`id` is empty; leave the field out for a default id, or give 1 to 255 characters"
+    if len(value) > MAX_ID_CHARS:
+        return f"`id` is {len(value)} characters long; at most {MAX_ID_CHARS} are allowed"
+    bad = next((c for c in value if not c.isprintable() or c.isspace()), None)
+    if bad is not None:
+        return (
+            f"`id` {shown(value, 60)} contains {bad!a}; ids are printable characters "
+            "without spaces or control characters"
+        )
+    return None
+
+
+def fingerprint(fields: dict[str, str]) -> str:
+    """What makes two jobs the same job for their `id`: tenant, feature and request, as sent.
+
+    Hex SHA-256 (40 digits) of the raw field values, so a job with invalid JSON or invalid
+    UTF-8 has one too (the bytes are recovered from surrogate escapes).
+    """
+    digest = hashlib.sha256()
+    for name in ("tenant", "feature", "request"):
+        value = fields.get(name)
+        raw = b"-" if value is None else b"=" + value.encode("utf-8", "surrogateescape")
+        digest.update(b"%d:" % len(raw) + raw)
+    return digest.hexdigest()[:40]
+
+
+def clean(text: str) -> str:
+    """`text` as valid UTF-8: bytes that were not (kept as surrogate escapes by the Redis
+    client) become U+FFFD. Everything tokenq writes besides a job's own copy goes through it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no undecodable byte stands for
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """Producer-supplied text for a log line or an error sentence: quoted, at most `limit`
+    characters, control characters and line breaks escaped, so no field can forge a line."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return repr(clean(cut))
 
 
 def entry_ms(entry_id: str) -> int:

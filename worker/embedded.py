@@ -108,9 +108,14 @@ def connect(
     url: str, *, block_s: float = 0.0, max_connections: int = 16, retries: int = 3,
     decode: bool = True,
 ) -> aioredis.Redis:  # fmt: skip
-    """An asyncio client with str replies (bytes with `decode=False`, for readers of entries
-    others may have written: one invalid UTF-8 value would fail a whole decoded reply) and at
-    most `max_connections` connections.
+    """An asyncio client with str replies (bytes with `decode=False`) and at most
+    `max_connections` connections.
+
+    Replies are decoded as UTF-8 with undecodable bytes kept as surrogate escapes
+    (`encoding_errors="surrogateescape"`): reading an entry a producer filled with other bytes
+    never raises (one invalid value no longer fails a whole reply), and writing such a string
+    back (a dead letter's copy) restores its bytes. worker.admission refuses such a job;
+    contract.clean makes text clean for everything else.
 
     A command that finds them all busy waits for one (up to POOL_WAIT_S, then ConnectionError)
     instead of failing at once as redis-py's default pool does. The socket timeout outlasts
@@ -123,6 +128,7 @@ def connect(
         max_connections=max_connections,
         timeout=POOL_WAIT_S,
         decode_responses=decode,
+        encoding_errors="surrogateescape",
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=5.0,
         health_check_interval=30,

@@ -10,7 +10,9 @@
           ├── InvalidRequest    the API answered 4xx for reasons in the request itself
           ├── AttemptsExhausted the job failed queue.max_attempts times
           ├── BudgetExceeded    a spend or request cap with budget_policy "reject"
-          └── CircuitOpen       a breaker is open and the feature's breaker_policy is "fail"
+          ├── CircuitOpen       a breaker is open and the feature's breaker_policy is "fail"
+          └── DuplicateId       the job's `id` was used by a different job (tenant, feature,
+                                request) within queue.result_ttl_s
 
 Errors of the Anthropic SDK are not wrapped: the worker catches `anthropic.RateLimitError`,
 `anthropic.InternalServerError` and `anthropic.APIConnectionError` by name.
@@ -69,3 +71,7 @@ class BudgetExceeded(JobRejected):
 
 class CircuitOpen(JobRejected):
     error_type: ErrorType = "circuit_open"
+
+
+class DuplicateId(JobRejected):
+    error_type: ErrorType = "duplicate_id"

@@ -15,8 +15,8 @@ import msgspec
 from worker.budgets import Refusal
 from worker.caching import CachedAnswer
 from worker.config import FeatureConfig
-from worker.contract import REQUEST_FIELDS, Job, Request, decode_job
-from worker.errors import AttemptsExhausted, DeadlineExceeded, MalformedJob
+from worker.contract import Job
+from worker.errors import AttemptsExhausted, DeadlineExceeded
 from worker.limiter import Answer
 from worker.usage import ApiUsage
 
@@ -47,9 +47,6 @@ class ApiMessage(msgspec.Struct, frozen=True):
 
 
 decode_message = msgspec.json.Decoder(ApiMessage).decode
-
-
-_decode_request = msgspec.json.Decoder(Request).decode
 
 
 @dataclass
@@ -84,10 +81,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class Defer:
-    """Put the job off until until_ms (unix ms), for the reason given."""
+    """Put the job off until until_ms (unix ms), for the reason given. `waits`: the job is a
+    copy of one still pending in another entry (see worker.claims); it holds no claim."""
 
     until_ms: int
     why: str
+    waits: bool = False
 
 
 class Refused(Exception):
@@ -111,46 +110,6 @@ def more_room(feature: FeatureConfig, params: dict[str, Any]) -> str:
 def text_of(message: ApiMessage) -> str:
     """The answer's text blocks, joined."""
     return "".join(b.get("text", "") for b in message.content if b.get("type") == "text")
-
-
-def parse_job(fields: dict[str, str]) -> Job:
-    """The stream fields as a Job, or MalformedJob saying which field is wrong and how."""
-    try:
-        return decode_job(fields)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "missing required field `feature`" in text:
-            raise MalformedJob(
-                "the job has no `feature` field; every job names a feature of config.toml "
-                "[features]. Add it to the XADD."
-            ) from None
-        if "missing required field `request`" in text:
-            raise MalformedJob(
-                "the job has no `request` field; it must be a JSON object of Messages API "
-                'parameters, e.g. {"messages":[{"role":"user","content":"Hi"}]}.'
-            ) from None
-        raise MalformedJob(f"a job field is not valid: {text}. Fix the producer.") from None
-
-
-def parse_request(text: str) -> Request:
-    """The `request` field as a Request, or MalformedJob saying what is wrong with it."""
-    try:
-        return _decode_request(text)
-    except msgspec.ValidationError as exc:
-        detail = str(exc)
-        if detail.startswith("Expected `object`") and "at `$" not in detail:
-            detail = "it must be a JSON object, not " + detail.split("got ")[-1]
-        for name in ("temperature", "top_p", "top_k"):
-            if f"unknown field `{name}`" in detail:
-                detail = f"`{name}` is not accepted: the API version 2026-10-21 rejects it; drop it"
-        if "unknown field" in detail:
-            detail += f" (allowed: {', '.join(REQUEST_FIELDS)})"
-        raise MalformedJob(f"`request` is not valid: {detail}. Fix the producer.") from None
-    except msgspec.DecodeError as exc:
-        raise MalformedJob(
-            f"`request` is not valid JSON ({exc}); it must be a JSON object of Messages API "
-            "parameters. Fix the producer."
-        ) from None
 
 
 def failure_answer(exc: BaseException) -> Answer:
@@ -179,11 +138,14 @@ def exhausted(attempts: int, last_error: str) -> AttemptsExhausted:
 
 
 def describe(exc: Exception) -> str:
-    """An SDK error in one line: class, status, the API's message and request id."""
+    """An SDK error in one line: class, status, the API's message and request id. Control
+    characters are escaped: an API message may quote the request, and it goes into logs."""
     if isinstance(exc, anthropic.APIStatusError):
         request_id = exc.response.headers.get("request-id", "-")
-        return f"{type(exc).__name__} {exc.status_code}: {exc.message} (request-id {request_id})"
-    return f"{type(exc).__name__}: {exc}"
+        text = f"{type(exc).__name__} {exc.status_code}: {exc.message} (request-id {request_id})"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def now_ms() -> int:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
-from worker.contract import GROUP, Keys
+from worker.contract import GROUP, Keys, fingerprint, id_problem
 
 log = logging.getLogger("tokenq.queue")
 
@@ -47,8 +47,12 @@ class Delivery:
     stream: str
     entry_id: str
     fields: dict[str, str]
-    # Set by Queue.begin_attempt when the bare entry id belongs to another stream's entry.
+    # Set by worker.claims when the job cannot use its own id: the bare entry id belongs to
+    # another stream's entry, or the `id` to another job.
     qualified: bool = False
+    deliveries: int = 1  # times the group delivered the entry (XPENDING), 1 for a new read
+    attempt: int = 0  # the attempt worker.claims counted for this delivery (0: none yet)
+    claimed: bool = False  # worker.claims settled its job id
 
     @property
     def owner(self) -> str:
@@ -61,59 +65,59 @@ class Delivery:
 
         Each stream numbers its entries on its own, so two priority streams can hand out the
         same entry id in one millisecond. The first of such a pair keeps the bare entry id;
-        the other is `qualified` and uses `<priority>:<entry id>` (see begin_attempt).
+        the other is `qualified` and uses `<priority>:<entry id>` (see worker.claims). So does
+        a job whose `id` breaks the id rules or belongs to a different job: its error result
+        must not land where another job's result is awaited.
         """
         explicit = self.fields.get("id")
-        if explicit:
-            return explicit
-        return self.owner if self.qualified else self.entry_id
+        if self.qualified or (explicit is not None and id_problem(explicit) is not None):
+            return self.owner
+        return self.entry_id if explicit is None else explicit
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """What begin_attempt found: a result already there, attempts so far, the last error."""
-
-    has_result: bool
-    number: int
-    last_error: str
-
-
-# KEYS: state, result. ARGV: owner ("" when the producer gave an id), state TTL in seconds.
-# A default id (the bare entry id) belongs to the first entry that claims it; any other entry
-# with that id (same number, other stream) gets {-1} and runs under its qualified id instead.
-_BEGIN_ATTEMPT = """
-if ARGV[1] ~= '' then
-  redis.call('HSETNX', KEYS[1], 'owner', ARGV[1])
-  if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {-1, 0, ''} end
-end
-local exists = redis.call('EXISTS', KEYS[2])
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-local last = redis.call('HGET', KEYS[1], 'last_error') or ''
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return {exists, attempts, last}
+# KEYS: the reply stream. ARGV: the result JSON. Written only to a stream or a new key, so a
+# reply never fails the finishing MULTI (WRONGTYPE) nor turns another key into a stream.
+_REPLY = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'stream' and t ~= 'none' then return 0 end
+redis.call('XADD', KEYS[1], '*', 'result', ARGV[1])
+return 1
 """
-STATE_TTL_S = 7 * 86_400
 
 # KEYS: the deferred set, then the job streams in the order of ARGV[3..] (their priorities).
 # ARGV: now ms, most to move. A member is {"p": priority, "f": fields}; an unknown priority
-# goes to the middle stream.
+# goes to the middle stream. A member the script cannot move in one call (more fields than
+# Lua passes to one XADD, or not readable) is left to the caller: reply {moved, left members}.
 _MOVE_DUE = """
 local streams = {}
 for j = 3, #ARGV do streams[ARGV[j]] = KEYS[j - 1] end
 local fallback = KEYS[2 + math.floor((#KEYS - 1) / 2)]
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved, left = 0, {}
 for _, member in ipairs(due) do
-  local job = cjson.decode(member)
+  local ok, job = pcall(cjson.decode, member)
   local args = {}
-  for k, v in pairs(job.f) do
-    args[#args + 1] = k
-    args[#args + 1] = v
+  local fits = ok and type(job) == 'table' and type(job.f) == 'table'
+  if fits then
+    for k, v in pairs(job.f) do
+      if type(k) ~= 'string' or type(v) ~= 'string' or #args >= LUA_MAX_ARGS then
+        fits = false
+        break
+      end
+      args[#args + 1] = k
+      args[#args + 1] = v
+    end
   end
-  redis.call('XADD', streams[job.p] or fallback, '*', unpack(args))
-  redis.call('ZREM', KEYS[1], member)
+  if fits and #args > 0 then
+    redis.call('XADD', streams[job.p] or fallback, '*', unpack(args))
+    redis.call('ZREM', KEYS[1], member)
+    moved = moved + 1
+  else
+    left[#left + 1] = member
+  end
 end
-return #due
-"""
+return {moved, left}
+""".replace("LUA_MAX_ARGS", "2000")  # unpack() fails past ~8000 values; stay well below
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +165,6 @@ class Queue:
         self._buffer: list[Delivery] = []
         self._next_reclaim = 0.0
         self._cursors = dict.fromkeys(self.readable, "0-0")
-        self._begin = redis.register_script(_BEGIN_ATTEMPT)
         self._move = redis.register_script(_MOVE_DUE)
 
     async def ensure_groups(self) -> None:
@@ -265,8 +268,20 @@ class Queue:
             if found:
                 log.info("reclaimed %d jobs from %s idle over %d ms", len(found), stream,
                          self.visibility_ms)  # fmt: skip
+                await self._count_deliveries(found)
             self._buffer.extend(found)
         await self._forget_dead_consumers()
+
+    async def _count_deliveries(self, ds: list[Delivery]) -> None:
+        """Set each delivery's `deliveries` from the group's pending list: the count the job
+        boundary uses to dead-letter an entry that keeps failing (worker.Worker._handle)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d in ds:
+                pipe.xpending_range(d.stream, GROUP, min=d.entry_id, max=d.entry_id, count=1)
+            replies: list[Any] = await pipe.execute()
+        for d, rows in zip(ds, replies, strict=True):
+            if rows:
+                d.deliveries = int(rows[0]["times_delivered"])
 
     async def _forget_dead_consumers(self) -> None:
         """Remove consumers with nothing pending that have not read for a long while."""
@@ -288,28 +303,6 @@ class Queue:
         for stream, ids in by_stream.items():
             await self.redis.xclaim(stream, GROUP, self.consumer, 0, list[Any](ids), justid=True)
 
-    async def begin_attempt(self, d: Delivery) -> Attempt:
-        """Count an attempt at d's job, first settling d's job id (see Delivery.job_id)."""
-        while True:
-            owner = "" if d.fields.get("id") else d.owner
-            keys = [self.keys.state(d.job_id), self.keys.result(d.job_id)]
-            reply: Any = await self._begin(keys=keys, args=[owner, STATE_TTL_S])
-            exists, attempts, last_error = reply
-            if int(exists) >= 0:
-                return Attempt(bool(exists), int(attempts), str(last_error))
-            if d.qualified:  # cannot happen: a qualified id is unique to its entry
-                raise RuntimeError(f"job id {d.job_id!r} is owned by another entry")
-            log.warning(
-                "entry %s on %s has the same id as an entry of another priority stream; "
-                "its result is tokenq:result:%s",
-                d.entry_id, d.stream, d.owner,
-            )  # fmt: skip
-            d.qualified = True
-
-    async def record_error(self, job_id: str, message: str) -> None:
-        """Remember why the last attempt failed (for the dead letter if attempts run out)."""
-        await self.redis.hset(self.keys.state(job_id), "last_error", message)
-
     async def finish(self, d: Delivery, job_id: str, end: Finish) -> None:
         """Write result, usage event (and dead letter, reply) and acknowledge, in one MULTI."""
         async with self.redis.pipeline(transaction=True) as tx:
@@ -323,11 +316,20 @@ class Queue:
         tx.set(self.keys.result(job_id), end.result_json, ex=self.result_ttl_s)
         tx.xadd(self.keys.usage, _map(end.usage), maxlen=self.usage_maxlen, approximate=True)
         if end.reply_to:
-            tx.xadd(end.reply_to, {"result": end.result_json})
+            self.reply_into(tx, end.reply_to, end.result_json)
         # Wakes result() waiters; short-lived, the result key itself is the record.
         tx.rpush(self.keys.done(job_id), 1)
         tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
         self._ack(tx, d, job_id)
+
+    def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:
+        """Queue the XADD of a result onto a reply_to stream: skipped (atomically, in Lua)
+        when the key has become something other than a stream since the job was admitted."""
+        tx.eval(_REPLY, 1, reply_to, result_json)
+
+    async def reply_target(self, name: str) -> str:
+        """The type of a reply_to key: `none`, `stream`, or another that rules it out."""
+        return as_text(await self.redis.type(name))
 
     def requeue_into(self, tx: Any, d: Delivery, job_id: str, *, refund: bool) -> None:
         """Queue writes that put a job back at the end of its stream under the same job id
@@ -362,8 +364,13 @@ class Queue:
             ids = [r["message_id"] for r in rows]
             if not ids:
                 continue
+            counts = {as_text(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
             claimed: Any = await self.redis.xclaim(stream, GROUP, self.consumer, min_idle_ms, ids)
-            out += [Delivery(priority, stream, i, f) for i, f in claimed if f]
+            out += [
+                Delivery(priority, stream, i, f, deliveries=counts.get(i, 1))
+                for i, f in claimed
+                if f
+            ]
         return out
 
     async def own_pending(self, priority: str) -> list[str]:
@@ -389,54 +396,104 @@ class Queue:
             for (p, i), r in zip(wanted, replies, strict=True)
         ]
 
-    async def begin_attempts(self, ds: list[Delivery]) -> list[Attempt]:
-        """begin_attempt for many deliveries in one round trip (two when ids collide)."""
-        out: list[Attempt | None] = [None] * len(ds)
-        todo = list(range(len(ds)))
-        while todo:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for n in todo:
-                    d = ds[n]
-                    owner = "" if d.fields.get("id") else d.owner
-                    keys = [self.keys.state(d.job_id), self.keys.result(d.job_id)]
-                    await self._begin(keys=keys, args=[owner, STATE_TTL_S], client=pipe)
-                replies: list[Any] = await pipe.execute()
-            again = []
-            for n, (exists, attempts, last_error) in zip(todo, replies, strict=True):
-                if int(exists) >= 0:
-                    out[n] = Attempt(bool(exists), int(attempts), as_text(last_error))
-                elif not ds[n].qualified:
-                    ds[n].qualified = True  # see begin_attempt
-                    again.append(n)
-                else:
-                    raise RuntimeError(f"job id {ds[n].job_id!r} is owned by another entry")
-            todo = again
-        return [a for a in out if a is not None]
-
-    async def defer(self, d: Delivery, job_id: str, until_ms: int) -> None:
+    async def defer(
+        self, d: Delivery, job_id: str, until_ms: int, *, owns_claim: bool = True
+    ) -> None:
         """Put a job off until until_ms: it leaves its stream (acknowledged) for the deferred
-        set, from which move_due() puts it back, under the same job id, when it is due."""
-        fields = {**d.fields, "id": job_id}
-        member = json.dumps({"p": d.priority, "f": fields}, sort_keys=True)
+        set, from which move_due() puts it back, under the same job id, when it is due.
+
+        `owns_claim`: the job holds its id's claim (see worker.claims), which must outlive the
+        wait; False for a copy of a job whose first entry is still pending (it waits for it).
+        """
         async with self.redis.pipeline(transaction=True) as tx:
-            tx.zadd(self.keys.deferred, {member: until_ms})
-            self._ack(tx, d, job_id)
+            self.defer_into(tx, d, job_id, until_ms, owns_claim=owns_claim)
             await tx.execute()
 
+    def defer_into(
+        self, tx: Any, d: Delivery, job_id: str, until_ms: int, *, owns_claim: bool = True
+    ) -> None:
+        """Queue defer()'s writes on a transaction the caller executes (the batcher's)."""
+        fields = {**d.fields, "id": job_id}
+        # Not ASCII-escaped: a job's text is valid UTF-8 (worker.admission), and Lua's cjson
+        # passes its bytes through unchanged.
+        member = json.dumps({"p": d.priority, "f": fields}, sort_keys=True, ensure_ascii=False)
+        tx.zadd(self.keys.deferred, {member: until_ms})
+        if not owns_claim:
+            tx.xack(d.stream, GROUP, d.entry_id)
+            tx.xdel(d.stream, d.entry_id)
+            return
+        self._ack(tx, d, job_id)
+        # The claim must outlive the wait (a month for a monthly budget), or the entry put
+        # back with its id would be a stranger to it.
+        tx.pexpireat(self.keys.state(job_id), until_ms + 86_400_000, gt=True)
+
     async def move_due(self, now_ms: int, count: int = 500) -> int:
-        """Put deferred jobs that are due back on their streams; how many were moved."""
+        """Put deferred jobs that are due back on their streams; how many were moved.
+
+        One script moves them; a member it leaves (a job of thousands of fields, or one that
+        does not decode) is moved here on its own, so that one member never blocks the rest.
+        """
         keys = [self.keys.deferred, *self.streams.values()]
-        moved: Any = await self._move(keys=keys, args=[now_ms, count, *self.priorities])
-        return int(moved)
+        reply: Any = await self._move(keys=keys, args=[now_ms, count, *self.priorities])
+        moved, left = int(reply[0]), [as_text(m) for m in reply[1]]
+        for member in left:
+            moved += await self._move_one(member)
+        return moved
+
+    async def _move_one(self, member: str) -> int:
+        """Move one deferred member from Python: 1 when it went back on a stream, 0 when it
+        was not a job (it goes to the dead letters with its text, cut) or changed meanwhile."""
+        try:
+            job = json.loads(member)
+            priority, fields = job["p"], job["f"]
+            if not (isinstance(fields, dict) and fields and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in fields.items()
+            )):  # fmt: skip
+                raise ValueError("its fields are not a map of strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("a member of %s is not a deferred job (%s); it goes to %s",
+                      self.keys.deferred, exc, self.keys.dead)  # fmt: skip
+            dead = {
+                "error_type": "malformed_job", "member": member[:1024], "attempts": "0",
+                "error": f"a member of {self.keys.deferred} is not a deferred job ({exc}); "
+                "it was removed from the set, its text (cut to 1024 characters) is kept here.",
+            }  # fmt: skip
+            async with self.redis.pipeline(transaction=True) as tx:
+                tx.xadd(self.keys.dead, _map(dead))
+                tx.zrem(self.keys.deferred, member)
+                await tx.execute()
+            return 0
+        middle = self.streams[self.priorities[len(self.priorities) // 2]]
+        stream = self.streams.get(str(priority), middle)
+        for _ in range(20):
+            try:
+                async with self.redis.pipeline(transaction=True) as tx:
+                    await tx.watch(self.keys.deferred)  # another mover must not move it too
+                    if await tx.zscore(self.keys.deferred, member) is None:
+                        return 0
+                    tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
+                    tx.xadd(stream, _map(fields))
+                    tx.zrem(self.keys.deferred, member)
+                    await tx.execute()
+                    return 1
+            except WatchError:
+                continue  # the set changed (a deferral elsewhere): look again
+        return 0
 
     async def is_finished(self, d: Delivery) -> bool:
         """True when d's entry is gone from its stream: finish (or ack_duplicate) deleted it."""
         return not await self.redis.xrange(d.stream, d.entry_id, d.entry_id)
 
-    async def ack_duplicate(self, d: Delivery, job_id: str) -> None:
-        """Acknowledge a delivery whose job already has a result (a redelivery)."""
+    async def ack_duplicate(self, d: Delivery, job_id: str, reply_to: str | None = None) -> None:
+        """Acknowledge a delivery whose job already has a result (the same job sent again, or
+        a redelivery); its own reply_to, if any, gets a copy of that result. The id's claim
+        is not touched: it is the first entry's."""
+        result = await self.redis.get(self.keys.result(job_id)) if reply_to else None
         async with self.redis.pipeline(transaction=True) as tx:
-            self._ack(tx, d, job_id)
+            tx.xack(d.stream, GROUP, d.entry_id)
+            tx.xdel(d.stream, d.entry_id)
+            if reply_to and result is not None:
+                self.reply_into(tx, reply_to, result)
             await tx.execute()
 
     def _ack(self, tx: Any, d: Delivery, job_id: str) -> None:
@@ -471,7 +528,10 @@ def _map(fields: dict[str, str]) -> dict[Any, Any]:
     return fields
 
 
-DEAD_FIELDS = ("error_type", "error", "attempts", "priority", "entry_id", "job_id")
+DEAD_FIELDS = (
+    "error_type", "error", "attempts", "priority", "entry_id", "job_id", "truncated",
+    "dropped_fields",
+)  # fmt: skip
 """Fields a dead letter adds to the job's own; replay removes them again."""
 
 
@@ -501,6 +561,10 @@ async def replay(redis: aioredis.Redis, keys: Keys, dead_id: str, priorities: li
     job["id"] = job_id
     async with redis.pipeline(transaction=True) as tx:
         tx.delete(keys.result(job_id), keys.state(job_id), keys.done(job_id))
+        # The job's claim on its id, as the replayed entry will show it (worker.claims): an
+        # entry id as `id` is let in only with the fingerprint of the job that had it.
+        tx.hset(keys.state(job_id), mapping={"owner": "replay", "fp": fingerprint(job)})
+        tx.expire(keys.state(job_id), 7 * 86_400)
         tx.xadd(keys.jobs(priority), _map(job))
         tx.xdel(keys.dead, dead_id)
         await tx.execute()

@@ -38,12 +38,12 @@ from typing import Any
 import anthropic
 import msgspec
 
+from worker.api_request import parse_request
 from worker.caching import has_cache_control, mark_prompt_cache
 from worker.config import Config, FeatureConfig
 from worker.contract import Job
 from worker.errors import ConfigError, MalformedJob
 from worker.estimate import REQUEST_OVERHEAD, raw_estimate
-from worker.jobs import parse_request
 from worker.router import static_route
 from worker.usage import ApiUsage, CacheCreation, cost_usd, money
 

@@ -16,7 +16,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from worker.config import LongContextPrices, ModelConfig
-from worker.contract import Keys, UsageEvent, from_fields
+from worker.contract import Keys, UsageEvent, clean, from_fields
 
 
 class CacheCreation(msgspec.Struct, frozen=True):
@@ -82,6 +82,12 @@ def baseline_cost_usd(usage: ApiUsage, prices: ModelConfig) -> float:
     return cost_usd(naive, prices)
 
 
+def _printable(value: str) -> str:
+    """A field for a terminal: control characters and line breaks escaped (an entry another
+    program wrote may hold anything)."""
+    return value if value.isprintable() else repr(value)[1:-1]
+
+
 def money(usd: float) -> str:
     """A dollar amount for people: cents above a dollar, else four significant digits, so a
     $0.003 cap does not print as $0.00 (e.g. $12.50, $0.50, $0.003, $0.0001234)."""
@@ -97,9 +103,13 @@ def money(usd: float) -> str:
 
 def format_event(event: UsageEvent) -> str:
     """One line per event for people: time, outcome, who, where, tokens, cost, timing."""
-    clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
+    try:
+        clock = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
+    except (OverflowError, ValueError, OSError):  # a time no clock shows
+        clock = "--:--:--"
+    feature, tenant = _printable(event.feature), _printable(event.tenant) or "-"
     if event.kind == "alert":
-        return f"{clock} ALERT {event.feature} tenant={event.tenant or '-'}: {event.message}"
+        return f"{clock} ALERT {feature} tenant={tenant}: {_printable(event.message)}"
     cache = ""
     if event.cache_read_input_tokens or event.cache_creation_input_tokens:
         cache = (
@@ -110,11 +120,13 @@ def format_event(event: UsageEvent) -> str:
     if event.message:  # why it failed (or what happened), in the worker's words
         error += f" message={event.message!r}"
     return (
-        f"{clock} {event.status:<5} {event.feature} tenant={event.tenant or '-'}"
-        f" {event.priority} {event.tier or '-'}/{event.mode} in={event.input_tokens}"
+        f"{clock} {event.status:<5} {feature} tenant={tenant}"
+        f" {_printable(event.priority)} {_printable(event.tier) or '-'}/{event.mode}"
+        f" in={event.input_tokens}"
         f" out={event.output_tokens}{cache} ${event.cost_usd:.6f}"
         f" (naive ${event.baseline_cost_usd:.6f}) {event.latency_ms}ms"
-        f" queued={event.queue_ms}ms attempt={event.attempt}{error} job={event.job_id}"
+        f" queued={event.queue_ms}ms attempt={event.attempt}{_printable(error)}"
+        f" job={_printable(event.job_id)}"
         + (f" route={event.route_reason!r}" if event.route_reason else "")
     )
 
@@ -171,7 +183,8 @@ def event_of(fields: Any) -> UsageEvent | None:
 
 
 def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    """Clean UTF-8 text of a reply value, bytes or str (undecodable bytes as U+FFFD)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else clean(str(value))
 
 
 async def follow(
@@ -180,7 +193,7 @@ async def follow(
     """Yield usage events as they arrive (a blocking XREAD, no polling), forever.
 
     Starts at the newest entry, or at the oldest with from_start. Entries that do not decode
-    as usage events (written by something else) are skipped.
+    as usage events (written by something else) are skipped; text is made clean UTF-8.
     """
     last = "0-0"
     if not from_start:
@@ -191,7 +204,6 @@ async def follow(
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 last = entry_id
-                try:
-                    yield entry_id, from_fields(fields)
-                except msgspec.ValidationError:
-                    continue
+                event = event_of(fields)
+                if event is not None:
+                    yield entry_id, event

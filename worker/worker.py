@@ -1,7 +1,12 @@
 """The worker loop: read jobs, run each through the API, finish or dead-letter it, drain on stop.
 
 Wires the parts together; each part lives in its own module. One process runs one Worker with up
-to `concurrency` jobs in flight as asyncio tasks.
+to `concurrency` jobs in flight as asyncio tasks, and its long-lived duties (the reader, the
+renewer, the deferred mover, the control listener, the batcher) in one TaskGroup, each under
+`supervise`: an unexpected error is logged with its traceback and the duty starts again after a
+backoff, so nothing one entry holds can stop a worker. Each job runs inside the job boundary
+(`_handle`): it ends finished, dead-lettered or put off, or stays pending for redelivery; an
+entry that keeps failing is dead-lettered once it has been delivered queue.max_attempts times.
 """
 
 from __future__ import annotations
@@ -19,8 +24,17 @@ from typing import Any, TypeVar
 import anthropic
 import httpx2
 import msgspec
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker.admission import Admitted, admit, rejection
 from worker.breakers import Breakers, Open
 from worker.budgets import Budgets
 from worker.caching import (
@@ -31,26 +45,28 @@ from worker.caching import (
     mark_prompt_cache,
 )
 from worker.calls import CallPath
+from worker.claims import Attempt, Claims
 from worker.config import Config, FeatureConfig
 from worker.contract import (
-    ErrorInfo,
     Job,
     Keys,
-    Request,
     Result,
     UsageEvent,
+    clean,
     entry_ms,
+    shown,
     to_fields,
+    usd_amount,
 )
 from worker.control import listen, reloaded
 from worker.embedded import connect, redis_url
 from worker.errors import (
     ConfigError,
+    DuplicateId,
     InvalidRequest,
     JobRejected,
     MalformedJob,
     TooLarge,
-    UnknownFeature,
 )
 from worker.estimate import Calibration, raw_estimate
 from worker.jobs import (
@@ -66,8 +82,6 @@ from worker.jobs import (
     exhausted,
     more_room,
     now_ms,
-    parse_job,
-    parse_request,
     text_of,
 )
 from worker.limiter import make_limiter
@@ -85,6 +99,45 @@ from worker.usage import ApiUsage, baseline_cost_usd
 
 T = TypeVar("T")
 log = logging.getLogger("tokenq.worker")
+
+# Redis errors worth trying the same step again for: the server is away, loading, failing
+# over or full. Any other (WRONGTYPE, a script error) would fail again: it goes to the job
+# boundary, where it counts toward the entry's deliveries.
+TRANSIENT: tuple[type[Exception], ...] = (
+    RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, ClusterDownError,
+    OutOfMemoryError, OSError,
+)  # fmt: skip
+
+
+async def supervise(name: str, duty: Callable[[], Awaitable[None]], until: asyncio.Event) -> None:
+    """Run `duty` until `until` is set, again after any unexpected error: logged with its
+    traceback, then a pause that doubles from 0.1 s to 30 s (and starts over after a minute of
+    health), so that no bad entry and no bug ends the duty or spins it."""
+    pause = 0.1
+    while not until.is_set():
+        started = time.monotonic()
+        try:
+            await duty()
+        except Exception:  # a long-lived duty's boundary, like the job boundary in _handle
+            log.exception("%s failed; it starts again in %.1f s", name, pause)
+        else:
+            if until.is_set():
+                return
+            log.warning("%s ended by itself; it starts again in %.1f s", name, pause)
+        if time.monotonic() - started > 60:
+            pause = 0.1
+        if await _stopped_within(until, pause):
+            return
+        pause = min(pause * 2, 30.0)
+
+
+async def _stopped_within(until: asyncio.Event, seconds: float) -> bool:
+    """Wait `seconds` unless `until` is set first; whether it is set."""
+    try:
+        await asyncio.wait_for(until.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 _encode = msgspec.json.Encoder().encode
@@ -137,6 +190,7 @@ class Worker(CallPath):
             block_ms=cfg.worker.block_ms,
         )
         self.breakers = Breakers(queue.redis, queue.keys, cfg.breakers, cfg.anthropic.timeout_s)
+        self.claims = Claims(queue.redis, queue.keys, queue.streams)
 
     def stop(self) -> None:
         """Stop reading; in-flight jobs get worker.grace_s to finish. Safe to call twice."""
@@ -171,13 +225,34 @@ class Worker(CallPath):
         await self.queue.redis.aclose()
 
     async def run(self) -> None:
-        """Process jobs until stop() is called, then drain in-flight work."""
+        """Process jobs until stop() is called, then drain in-flight work.
+
+        The duties run in one TaskGroup, each supervised. The reader and the batcher stop on
+        stop(); the renewer, the deferred mover and the control listener keep serving the jobs
+        in flight until the drain is over.
+        """
         await self.queue.ensure_groups()
-        renewer = asyncio.create_task(self._renew_forever())
-        mover = asyncio.create_task(self._move_deferred_forever())
-        control = asyncio.create_task(listen(self.queue.redis, self.queue.keys, self.reload))
-        batching = asyncio.create_task(self._batcher())
-        stop_wait = asyncio.create_task(self._stopping.wait())
+        drained = asyncio.Event()
+        async with asyncio.TaskGroup() as duties:
+            duties.create_task(supervise("renewer", lambda: self._renew_forever(drained), drained))
+            duties.create_task(
+                supervise("deferred mover", lambda: self._move_deferred_forever(drained), drained)
+            )
+            control = duties.create_task(supervise("control listener", self._listen, drained))
+            batching = None
+            if self.cfg.batch.priorities:
+                batching = duties.create_task(supervise("batcher", self._batcher, self._stopping))
+            try:
+                await supervise("reader", self._read_forever, self._stopping)
+            finally:
+                await self._drain(batching)
+                drained.set()
+                control.cancel()  # it waits on the channel; nothing of it needs finishing
+        await self.queue.leave()
+
+    async def _read_forever(self) -> None:
+        """Read deliveries and start them as jobs, `concurrency` at most in flight."""
+        stop_wait = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
                 free = self.concurrency - len(self._in_flight)
@@ -189,12 +264,9 @@ class Worker(CallPath):
                     self.adopt(delivery)
         finally:
             stop_wait.cancel()
-            await self._drain(batching)
-            renewer.cancel()
-            mover.cancel()
-            control.cancel()
-            await asyncio.gather(control, return_exceptions=True)
-            await self.queue.leave()
+
+    async def _listen(self) -> None:
+        await listen(self.queue.redis, self.queue.keys, self.reload)
 
     @property
     def stopping(self) -> asyncio.Event:
@@ -209,9 +281,7 @@ class Worker(CallPath):
         task.add_done_callback(self._in_flight.pop)
 
     async def _batcher(self) -> None:
-        """This process's batcher candidate (worker.batcher), while batching is configured."""
-        if not self.cfg.batch.priorities:
-            return
+        """This process's batcher candidate (worker.batcher)."""
         # Imported here: the batcher imports this module (the jobs it hands back run here).
         from worker.batcher import Batcher
 
@@ -225,13 +295,14 @@ class Worker(CallPath):
             await self._pause(1.0)
             return []
 
-    async def _drain(self, batching: asyncio.Task[None]) -> None:
+    async def _drain(self, batching: asyncio.Task[None] | None) -> None:
         """Give in-flight jobs (and the batcher's step) grace_s; cancel the rest
         (unacknowledged, so they are reclaimed)."""
-        _, late = await asyncio.wait({batching}, timeout=self.cfg.worker.grace_s)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(batching, return_exceptions=True)
+        if batching is not None:
+            _, late = await asyncio.wait({batching}, timeout=self.cfg.worker.grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(batching, return_exceptions=True)
         if not self._in_flight:
             return
         _, late = await asyncio.wait(self._in_flight, timeout=self.cfg.worker.grace_s)
@@ -241,19 +312,19 @@ class Worker(CallPath):
             log.warning("cancelled %d jobs after grace_s; another worker reclaims them", len(late))
             await asyncio.wait(late)
 
-    async def _renew_forever(self) -> None:
+    async def _renew_forever(self, until: asyncio.Event) -> None:
         period = self.cfg.queue.visibility_timeout_s / 3
-        while True:
-            await asyncio.sleep(period)  # a timer, not polling: renewal is due every period
+        # A timer, not polling: renewal is due every period.
+        while not await _stopped_within(until, period):
             try:
                 await self.queue.renew(self._in_flight.values())
             except (RedisError, OSError) as exc:
                 log.warning("renewing in-flight jobs failed: %s", exc)
 
-    async def _move_deferred_forever(self) -> None:
+    async def _move_deferred_forever(self, until: asyncio.Event) -> None:
         """Every second, put deferred jobs that are due back on their streams."""
-        while True:
-            await asyncio.sleep(1.0)  # a timer: deferrals are due on whole-second boundaries
+        # A timer: deferrals are due on whole-second boundaries.
+        while not await _stopped_within(until, 1.0):
             try:
                 moved = await self.queue.move_due(now_ms())
             except (RedisError, OSError) as exc:
@@ -271,18 +342,29 @@ class Worker(CallPath):
         return False
 
     async def _handle(self, d: Delivery) -> None:
+        """Run one delivery to its end: finished, dead-lettered, put off, or left pending.
+        The job boundary: nothing raised here goes further."""
         started_ms = now_ms()
         try:
             end = await self._retrying_redis(d, "running", lambda: self._outcome(d, started_ms))
-        except Exception:  # the one catch-all: the job boundary
-            log.exception("job=%s failed; left pending for redelivery", d.job_id)
-            return
-        if end is None:
-            return
+            if end is not None:
+                await self._write(d, end)
+        except Exception as exc:  # the one catch-all: the job boundary
+            try:
+                await self._failed(d, exc, started_ms)
+            except (RedisError, OSError) as err:
+                log.error("job=%s: recording its failure failed too (%s); left pending",
+                          shown(d.job_id), err)  # fmt: skip
+
+    async def _write(self, d: Delivery, end: Finish | Defer) -> None:
+        """Put the job off, or write its end (result, usage event, acknowledgement)."""
         if isinstance(end, Defer):
-            until = end.until_ms
-            if await self._retrying_redis(d, "deferring it", lambda: self._put_off(d, until)):
-                log.info("job=%s deferred until %d: %s", d.job_id, until, end.why)
+            until, claim = end.until_ms, not end.waits
+            put_off = await self._retrying_redis(
+                d, "deferring it", lambda: self._put_off(d, until, claim)
+            )
+            if put_off:
+                log.info("job=%s deferred until %d: %s", shown(d.job_id), until, end.why)
             return
         tries = 0
 
@@ -304,19 +386,102 @@ class Worker(CallPath):
         event = end.usage
         log.info(
             "job=%s feature=%s tier=%s status=%s error_type=%s latency_ms=%s queue_ms=%s",
-            d.job_id, event["feature"], event["tier"], event["status"],
+            shown(d.job_id), shown(event["feature"], 80), event["tier"], event["status"],
             event["error_type"] or "-", event["latency_ms"], event["queue_ms"],
         )  # fmt: skip
 
-    async def _put_off(self, d: Delivery, until_ms: int) -> bool:
-        await self.queue.defer(d, d.job_id, until_ms)
+    async def _failed(self, d: Delivery, exc: Exception, started_ms: int) -> None:
+        """An unexpected error at the job boundary (a bug, or a Redis error that would come
+        back). It counts: once the entry was delivered, or the job attempted, max_attempts
+        times, it is dead-lettered naming this error; until then it stays pending and is
+        reclaimed after the visibility timeout."""
+        tries = max(d.deliveries, d.attempt)
+        error = clean(f"{type(exc).__name__}: {exc}")[:500]
+        log.error("job=%s failed unexpectedly (delivery %d, attempt %d)", shown(d.job_id),
+                  d.deliveries, d.attempt, exc_info=exc)  # fmt: skip
+        if await self.queue.is_finished(d):
+            return  # a failed reply after the finishing MULTI was applied
+        if tries < self.cfg.queue.max_attempts:
+            if d.claimed:
+                await self.claims.record_error(d.job_id, error)
+            log.warning("job=%s left pending; it is reclaimed after queue.visibility_timeout_s",
+                        shown(d.job_id))  # fmt: skip
+            return
+        exc = exhausted(tries, f"{error} (an unexpected error in tokenq)")
+        await self.queue.finish(d, d.job_id, await self._refused(d, exc, started_ms))
+        log.error("job=%s dead-lettered after %d unexpected failures", shown(d.job_id), tries)
+
+    async def _put_off(self, d: Delivery, until_ms: int, owns_claim: bool) -> bool:
+        await self.queue.defer(d, d.job_id, until_ms, owns_claim=owns_claim)
         return True
 
     async def _outcome(self, d: Delivery, started_ms: int) -> Finish | Defer | None:
+        """Admit the delivery, claim its job id, and run it (see process)."""
         try:
-            return await self.process(d, started_ms)
+            admitted = await self.admit(d)
         except JobRejected as exc:
-            return self._rejected(d, exc, started_ms)
+            return await self._refused(d, exc, started_ms)
+        begun = await self.claims.begin(d, now_ms())
+        if begun.outcome == "answered":
+            await self.queue.ack_duplicate(d, d.job_id, admitted.job.reply_to)
+            log.info("job=%s already has a result; acknowledged entry %s without a call",
+                     shown(d.job_id), d.owner)  # fmt: skip
+            return None
+        try:
+            if begun.outcome == "in_flight":
+                return self._wait_for_first(d, admitted.job, begun)
+            self._check_claim(d, begun)
+            return await self.process(d, admitted, begun, started_ms)
+        except JobRejected as exc:
+            return await self._refused(d, exc, started_ms)
+
+    async def admit(self, d: Delivery) -> Admitted:
+        """Check a delivery at the edge (worker.admission), and that its reply_to is a stream
+        or a new key. Raises a JobRejected naming what to fix."""
+        admitted = admit(d.fields, self.cfg)
+        reply_to = admitted.job.reply_to
+        if reply_to is not None:
+            kind = await self.queue.reply_target(reply_to)
+            if kind not in ("none", "stream"):
+                raise MalformedJob(
+                    f"`reply_to` {shown(reply_to, 60)} names an existing key of type {kind}; "
+                    "results go to a stream (or a key that does not exist yet). Fix the "
+                    "producer."
+                )
+        return admitted
+
+    def _check_claim(self, d: Delivery, begun: Attempt) -> None:
+        """Raise the JobRejected a claim's outcome calls for, if any."""
+        if begun.outcome == "other_job":
+            raise DuplicateId(
+                f"the id {shown(d.job_id, 80)} was used by another job (a different tenant, "
+                "feature or request) within queue.result_ttl_s; this job's error result is "
+                f"under {d.owner}, the first job's result is untouched. Give each new job a "
+                "new id."
+            )
+        if begun.outcome == "reserved":
+            raise MalformedJob(
+                f"`id` {shown(d.job_id, 80)} has the form of a stream entry id (<ms>-<seq>, or "
+                "<priority>:<ms>-<seq> for a priority of queue.priorities), which is the id of "
+                "a job without one; choose another id, or leave `id` out. Fix the producer."
+            )
+        if begun.number > self.cfg.queue.max_attempts:
+            raise exhausted(begun.number - 1, begun.last_error)
+
+    def _wait_for_first(self, d: Delivery, job: Job, begun: Attempt) -> Defer:
+        """The same job (id and fingerprint) is pending in another entry: this copy waits in
+        the deferred set, holding no worker slot, and looks again later (sooner while the
+        first is young). It gets the result, or the claim if the first entry disappears."""
+        check_deadline(job)
+        until = begun.look_again_ms(now_ms())
+        return Defer(until, "the same job is pending in another entry", waits=True)
+
+    async def _refused(self, d: Delivery, exc: JobRejected, started_ms: int) -> Finish:
+        """What a rejected job leaves (worker.admission.rejection), under its own job id when
+        that is free or its own, else under `<priority>:<entry id>`."""
+        if not d.claimed:
+            await self.claims.for_error(d, now_ms())
+        return rejection(d, exc, started_ms, self.cfg)
 
     async def _retrying_redis(
         self, d: Delivery, what: str, step: Callable[[], Awaitable[T]]
@@ -333,23 +498,26 @@ class Worker(CallPath):
         while True:
             try:
                 return await step()
-            except (RedisError, OSError) as exc:
+            except TRANSIENT as exc:
                 if time.monotonic() + pause > give_up:
                     log.error("job=%s: %s failed on Redis (%s); left pending for redelivery",
-                              d.job_id, what, exc)  # fmt: skip
+                              shown(d.job_id), what, exc)  # fmt: skip
                     return None
                 log.warning("job=%s: %s failed on Redis (%s); trying again in %.2f s",
-                            d.job_id, what, exc, pause)  # fmt: skip
+                            shown(d.job_id), what, exc, pause)  # fmt: skip
                 await asyncio.sleep(pause)  # not _pause: a drain still wants the result written
                 pause = min(pause * 2, 5.0)
 
-    async def process(self, d: Delivery, started_ms: int) -> Finish | Defer | None:
-        """Run one delivery. None: nothing to write (a duplicate, or stopping mid-backoff);
-        Defer: put the job off (an open breaker or a spent budget with policy "defer").
+    async def process(
+        self, d: Delivery, admitted: Admitted, begun: Attempt, started_ms: int
+    ) -> Finish | Defer | None:
+        """Run an admitted job whose id this delivery claimed (attempt `begun`). None: nothing
+        to write (stopping mid-backoff); Defer: put the job off (an open breaker or a spent
+        budget with policy "defer").
 
         Raises JobRejected when the job can never succeed.
         """
-        job, request, feature = self._admit(d)
+        job, request, feature = admitted.job, admitted.request, admitted.feature
         params: dict[str, Any] = msgspec.to_builtins(request)
         route = self._shape(job, feature, params)
         priorities = self.cfg.queue.priorities
@@ -357,9 +525,9 @@ class Worker(CallPath):
         spend = Spend()
         tier, why = await self._route(job, feature, params, rank, spend)
         plan = Plan(tier, [why, *route])
-        key = self._cache_key(job, feature, params, plan.tier)
+        key, plan.cache = self._cache_key(job, feature, params, plan.tier)
         if key is None:
-            return await self._attempts(d, job, feature, params, rank, spend, plan)
+            return await self._attempts(d, job, feature, params, rank, spend, plan, begun)
         keep_s = feature.response_cache_ttl_s or DEDUPE_KEEP_S
         hit = await self.cache.get(key) if feature.response_cache_ttl_s else None
         if hit is not None:
@@ -369,7 +537,7 @@ class Worker(CallPath):
             return self._cached(d, job, found, plan, "joined", started_ms)
         plan.cache = "miss"
         try:
-            end = await self._attempts(d, job, feature, params, rank, spend, plan)
+            end = await self._attempts(d, job, feature, params, rank, spend, plan, begun)
             if plan.answer is not None:
                 if found is None:
                     await self.cache.store(key, plan.answer, keep_s)
@@ -382,37 +550,44 @@ class Worker(CallPath):
 
     def _cache_key(
         self, job: Job, feature: FeatureConfig, params: dict[str, Any], tier: str
-    ) -> str | None:
-        """The response-cache key of this job, or None when neither the response cache nor
-        de-duplication applies to it."""
+    ) -> tuple[str | None, str]:
+        """The response-cache key of this job and its `response_cache` so far: (None, "off")
+        when neither the response cache nor de-duplication applies to it, (None, "no_tenant")
+        when they are scoped to the tenant and the job has none (anonymous callers must not
+        share answers)."""
         if job.cache == "off" or not (feature.response_cache_ttl_s or feature.dedupe):
-            return None
+            return None, "off"
+        if feature.response_cache_scope == "tenant" and not job.tenant:
+            return None, "no_tenant"
         model = self.cfg.tiers[tier]
-        return cache_key(self.queue.keys.prefix, job.feature, feature, job.tenant or "", model,
-                         params)  # fmt: skip
+        key = cache_key(self.queue.keys.prefix, job.feature, feature, job.tenant or "", model,
+                        params)  # fmt: skip
+        return key, "miss"
 
     async def _attempts(
         self, d: Delivery, job: Job, feature: FeatureConfig, params: dict[str, Any], rank: int,
-        spend: Spend, plan: Plan,
+        spend: Spend, plan: Plan, first: Attempt,
     ) -> Finish | Defer | None:  # fmt: skip
-        """The job's attempts, with backoff between them, until one ends it."""
+        """The job's attempts (`first` counted already), with backoff between them, until
+        one ends it."""
         max_attempts = self.cfg.queue.max_attempts
+        begun: Attempt | None = first
         while True:
             check_deadline(job)
-            begun = await self.queue.begin_attempt(d)
+            if begun is None:
+                begun = await self.claims.begin(d, now_ms())
+                if begun.outcome != "go":  # the claim is this entry's: nobody else can answer
+                    raise RuntimeError(f"job {d.job_id!r} lost its claim ({begun.outcome})")
             attempt, last_error = begun.number, begun.last_error
-            if begun.has_result:
-                await self.queue.ack_duplicate(d, d.job_id)
-                log.info("job=%s already has a result; acknowledged the redelivery", d.job_id)
-                return None
             if attempt > max_attempts:
                 raise exhausted(attempt - 1, last_error)
             try:
                 return await self._attempt(d, job, feature, params, rank, attempt, spend, plan)
             except RETRYABLE as exc:
+                begun = None
                 error = describe(exc)
-                await self.queue.record_error(d.job_id, error)
-                log.warning("job=%s attempt=%d failed: %s", d.job_id, attempt, error)
+                await self.claims.record_error(d.job_id, error)
+                log.warning("job=%s attempt=%d failed: %s", shown(d.job_id), attempt, error)
                 if attempt >= max_attempts:
                     raise exhausted(attempt, error) from None
                 if not await self._pause(self._backoff_s(attempt, exc)):
@@ -535,29 +710,6 @@ class Worker(CallPath):
         await self.queue.redis.set(key, named, ex=c.cache_ttl_s)
         return named, f"classifier: {named}"
 
-    def _admit(self, d: Delivery) -> tuple[Job, Request, FeatureConfig]:
-        """Validate a delivery once, at the edge. Raises a JobRejected naming what to fix."""
-        size = sum(len(k.encode()) + len(v.encode()) for k, v in d.fields.items())
-        if size > self.cfg.queue.max_entry_bytes:
-            raise TooLarge(
-                f"the job entry is {size} bytes, over queue.max_entry_bytes = "
-                f"{self.cfg.queue.max_entry_bytes}; shorten the request or raise the limit"
-            )
-        job = parse_job(d.fields)
-        feature = self.cfg.features.get(job.feature)
-        if feature is None:
-            raise UnknownFeature(
-                f"feature {job.feature!r} is not defined in config.toml [features]; "
-                f"defined: {', '.join(sorted(self.cfg.features))}. "
-                "Add it there or fix the producer."
-            )
-        if job.tier is not None and job.tier not in self.cfg.tiers:
-            raise MalformedJob(
-                f"tier {job.tier!r} is not defined in config.toml [tiers]; "
-                f"defined: {', '.join(self.cfg.tiers)}. Name one of them or leave `tier` out."
-            )
-        return job, parse_request(job.request), feature
-
     def _backoff_s(self, attempt: int, exc: Exception) -> float:
         q = self.cfg.queue
         delay = min(q.retry_max_s, q.retry_base_s * 2.0 ** (attempt - 1))
@@ -585,7 +737,7 @@ class Worker(CallPath):
             tier=plan.tier,
             stop_reason=message.stop_reason,
             usage=message.usage,
-            cost_usd=cost,
+            cost_usd=usd_amount(cost),
             mode="realtime",
         )
         event = UsageEvent(
@@ -632,32 +784,6 @@ class Worker(CallPath):
             route_reason="; ".join([*plan.route, why]), response_cache=how,
         )  # fmt: skip
         return Finish(_encode(result), to_fields(event), job.reply_to)
-
-    def _rejected(self, d: Delivery, exc: JobRejected, started_ms: int) -> Finish:
-        f = d.fields
-        error = ErrorInfo(exc.error_type, str(exc))
-        result = Result(id=d.job_id, status="error", error=error)
-        event = UsageEvent(
-            ts_ms=now_ms(),
-            job_id=d.job_id,
-            feature=f.get("feature", ""),
-            tenant=f.get("tenant", ""),
-            priority=d.priority,
-            status="error",
-            attempt=exc.attempts,
-            queue_ms=max(0, started_ms - entry_ms(d.entry_id)),
-            error_type=exc.error_type,
-        )
-        dead = {
-            **f,
-            "error_type": exc.error_type,
-            "error": str(exc),
-            "attempts": str(exc.attempts),
-            "priority": d.priority,
-            "entry_id": d.entry_id,
-            "job_id": d.job_id,
-        }
-        return Finish(_encode(result), to_fields(event), f.get("reply_to") or None, dead)
 
 
 def consumer_name() -> str:

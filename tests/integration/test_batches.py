@@ -218,14 +218,20 @@ async def test_a_request_the_api_refuses_is_dead_lettered_with_its_error(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.1})
-    cfg, _ = make_config(**FAST)
-    bad = json.dumps({"messages": [{"role": "user", "content": [{"text": "no type"}]}]})
-    await redis.xadd(keys.jobs("low"), {"feature": "summarize", "request": bad, "id": "bad"})
+    # A model the API does not know (tokenq's own checks pass every request it would refuse
+    # for its content): the item comes back errored, not_found_error.
+    ghost = 'models."claude-ghost-1".'
+    prices = {ghost + name: 1.0 for name in ("input_usd_per_mtok", "output_usd_per_mtok",
+              "cache_write_5m_usd_per_mtok", "cache_write_1h_usd_per_mtok",
+              "cache_read_usd_per_mtok")}  # fmt: skip
+    cfg, _ = make_config(**FAST, **prices, **{"tiers.ghost": "claude-ghost-1"})
+    fields = {"feature": "summarize", "request": HELLO, "id": "bad", "tier": "ghost"}
+    await redis.xadd(keys.jobs("low"), fields)  # type: ignore[arg-type]
     async with run_worker(cfg):
         await eventually(lambda: all_results(redis, keys, ["bad"]), what="the error result")
     result = await read_result(redis, keys, "bad")
     assert result.error is not None and result.error.type == "invalid_request"
-    assert "messages.0.content.0.type: Field required" in result.error.message
+    assert "model: claude-ghost-1" in result.error.message
 
 
 async def test_expired_items_go_back_to_the_queue_without_burning_an_attempt(

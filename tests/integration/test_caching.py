@@ -86,7 +86,8 @@ async def test_a_cached_answer_expires_after_its_ttl(
     cfg, _ = make_config(**{"features.summarize.response_cache_ttl_s": 1})
     producer = Producer(redis, keys.prefix)
     async with run_worker(cfg, concurrency=1):
-        first = await producer.result(await producer.submit("summarize", faq("Q?")), 10)
+        # A tenant: the feature's cache is scoped to tenants, and jobs without one skip it.
+        first = await producer.result(await producer.submit("summarize", faq("Q?"), tenant="a"), 10)
 
         async def answers() -> list[str]:
             found = [k async for k in redis.scan_iter(match=f"{keys.prefix}:rcache:*")]
@@ -101,7 +102,7 @@ async def test_a_cached_answer_expires_after_its_ttl(
             return not await answers()
 
         await eventually(expired, what="the cached answer's expiry", timeout_s=5)
-        again = await producer.result(await producer.submit("summarize", faq("Q?")), 10)
+        again = await producer.result(await producer.submit("summarize", faq("Q?"), tenant="a"), 10)
     assert (first.mode, again.mode) == ("realtime", "realtime")
     assert ledger_model(sim)["requests"] == 2
 

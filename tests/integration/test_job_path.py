@@ -64,11 +64,11 @@ async def test_producer_result_wakes_and_reply_to_gets_a_copy(
     producer = Producer(redis, keys.prefix)
     async with run_worker(cfg):
         job_id = await producer.submit(
-            "classify_ticket", json.loads(HELLO), id="job-1", reply_to=f"{keys.prefix}:replies"
+            "classify_ticket", json.loads(HELLO), id="job-1", reply_to=f"replies:{keys.prefix}"
         )
         result = await producer.result(job_id, timeout_s=10)
     assert result.id == "job-1" and result.status == "ok"
-    [(_, reply)] = await entries(redis, f"{keys.prefix}:replies")
+    [(_, reply)] = await entries(redis, f"replies:{keys.prefix}")
     assert msgspec.json.decode(reply["result"], type=Result) == result
 
 

@@ -118,7 +118,9 @@ async def test_reload_applies_new_limits_to_running_workers(
     await submit(redis, keys, 40)
     worker = spawn_worker(path)
     # 30 at once, then one every 2 s: the last 10 would need 20 s.
-    await eventually(lambda: stream_at_least(redis, keys.usage, 30), what="30 results")
+    # A process starting on a loaded machine: the first 30 are not about timing.
+    await eventually(lambda: stream_at_least(redis, keys.usage, 30), what="30 results",
+                     timeout_s=30)  # fmt: skip
     assert await stream_len(redis, keys.usage) < 40
     raise_rpm(path, 100_000)
     if how == "SIGHUP":

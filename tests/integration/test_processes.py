@@ -128,7 +128,7 @@ async def test_cli_submit_wait_prints_the_result(
         *tokenq, "submit", "summarize", '{"messages": "hi"}', stderr=asyncio.subprocess.PIPE
     )
     _, err = await wrong.communicate()
-    assert wrong.returncode == 2 and b"at `$.messages`" in err
+    assert wrong.returncode == 2 and b"`messages` must be an array of messages" in err
     assert await stream_len(redis, keys.jobs("normal")) == 0
 
 

@@ -1,0 +1,185 @@
+"""Job ids as idempotency keys: who may run a job id, and where a job's result goes.
+
+A job's id is the producer's `id`, else its stream entry id (see Delivery.job_id). The first
+entry to begin a job claims its id in `<prefix>:state:<id>`: `owner` (the entry,
+`<priority>:<entry id>`), `fp` (the job's fingerprint: tenant, feature and request, see
+contract.fingerprint) and `since`; the same hash counts `attempts` and keeps `last_error`.
+The claim outlives the job for as long as its result (queue.result_ttl_s). The rules, Stripe's:
+
+- a second entry with the same `id` and the same fingerprint is the same job: it gets the
+  result once there is one and never calls the API itself; while the first entry is still
+  pending (in flight, waiting or reclaimed) it waits in the deferred set, holding no worker
+  slot, and takes the claim over if the first entry disappears without a result;
+- with another fingerprint it is `duplicate_id`, dead-lettered under its own entry's id
+  `<priority>:<entry id>`, so the first job's result is never overwritten or shared;
+- a stream entry id (`<ms>-<seq>`, `<priority>:<ms>-<seq>`) is the id of a job without `id`,
+  so a producer may not send one. tokenq itself writes one when it puts such a job back on a
+  stream (deferred, requeued, replayed); that entry is let in because its fingerprint equals
+  the claim's.
+
+Every check and the claim happen in one Lua script, so two workers never both win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from worker.contract import Keys, fingerprint, id_problem, is_reserved_id
+from worker.queue import Delivery, as_text
+
+STATE_TTL_S = 7 * 86_400  # a claim of a job in progress, renewed at each attempt
+
+Outcome = Literal["go", "answered", "in_flight", "other_job", "reserved"]
+_OUTCOMES: dict[int, Outcome] = {
+    1: "go", 2: "answered", -2: "other_job", -3: "in_flight", -4: "reserved",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What Claims.begin found. `go`: attempt `number` is counted (`last_error`: why the one
+    before failed). `answered`: the id has a result (this is the same job again). `in_flight`:
+    the same job is pending in another entry, claimed since `since_ms`. `other_job`: the id
+    belongs to a job with another fingerprint. `reserved`: an `id` of a reserved form that
+    tokenq did not write."""
+
+    outcome: Outcome
+    number: int = 0
+    last_error: str = ""
+    since_ms: int = 0
+
+    @property
+    def has_result(self) -> bool:
+        return self.outcome == "answered"
+
+    def look_again_ms(self, now_ms: int) -> int:
+        """When a copy waiting for an `in_flight` job looks again: a quarter of the first's
+        age from now, between 1 and 30 seconds (soon for a young job, rarely for an old one)."""
+        return now_ms + min(30_000, max(1_000, (now_ms - self.since_ms) // 4))
+
+
+# KEYS: state, result, then the job streams in the order of ARGV[7..] (their priorities).
+# ARGV: me (this entry), fingerprint, id kind (Claims.kind), state TTL s, now ms, mode
+# ("run": claim and count an attempt; "error": only settle where an error result goes),
+# priorities...
+# Run replies {code, attempts, last_error, detail}: 1 go, 2 a result exists, -1 the bare
+# entry id is another entry's (use the qualified id), -2 another job's id, -3 the same job is
+# pending in a live entry (detail: since ms), -4 a reserved id tokenq did not write.
+# Error replies {1} (write under this id, now claimed) or {-1} (use the qualified id).
+_BEGIN = """
+local me, fp, kind, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[6]
+local function alive(owner)
+  local p, id = string.match(owner, '^([^:]+):([0-9]+-[0-9]+)$')
+  if not p then return false end
+  for j = 7, #ARGV do
+    if ARGV[j] == p then
+      local found = redis.pcall('XRANGE', KEYS[j - 4], id, id)
+      return type(found) == 'table' and #found > 0
+    end
+  end
+  return false
+end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+local stored = redis.call('HGET', KEYS[1], 'fp')
+local answered = redis.call('EXISTS', KEYS[2]) == 1
+local others = owner and owner ~= me
+if kind == 'default' then
+  if others then return {-1, 0, '', owner} end
+elseif mode == 'error' then
+  if stored ~= fp and (kind == 'readded' or stored) then return {-1} end
+  if others and (answered or alive(owner)) then return {-1} end
+else
+  if kind == 'readded' and stored ~= fp then return {-4, 0, '', ''} end
+  if stored and stored ~= fp then return {-2, 0, '', owner or ''} end
+  if others and answered then return {2, 0, '', owner} end
+  if others and alive(owner) then
+    return {-3, 0, '', redis.call('HGET', KEYS[1], 'since') or ARGV[5]}
+  end
+end
+redis.call('HSET', KEYS[1], 'owner', me)
+redis.call('HSETNX', KEYS[1], 'fp', fp)
+redis.call('HSETNX', KEYS[1], 'since', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if mode == 'error' then return {1} end
+if answered then return {2, 0, '', me} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {1, attempts, redis.call('HGET', KEYS[1], 'last_error') or '', ''}
+"""
+
+
+class Claims:
+    """The claims on job ids (see the module docstring) for one set of priority streams."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, streams: dict[str, str]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.streams = streams  # priority -> stream, for telling a live owner from a gone one
+        self._script = redis.register_script(_BEGIN)
+
+    def _call(self, d: Delivery, mode: str, now_ms: int, client: Any = None) -> Any:
+        keys = [self.keys.state(d.job_id), self.keys.result(d.job_id), *self.streams.values()]
+        args: list[Any] = [d.owner, fingerprint(d.fields), self.kind(d), STATE_TTL_S, now_ms,
+                           mode, *self.streams]  # fmt: skip
+        return self._script(keys=keys, args=args, client=client)
+
+    def kind(self, d: Delivery) -> str:
+        """How d's job id is treated: `default` (an entry's own; the first claim wins),
+        `explicit` (the producer's idempotency key) or `readded` (an `id` of a reserved form,
+        which only tokenq writes, on a job it puts back on a stream)."""
+        explicit = d.fields.get("id")
+        if d.qualified or explicit is None or id_problem(explicit) is not None:
+            return "default"
+        return "readded" if is_reserved_id(explicit, self.streams) else "explicit"
+
+    async def begin(self, d: Delivery, now_ms: int) -> Attempt:
+        """Claim d's job id and count an attempt, first settling its job id: a bare entry id
+        another entry claimed first makes d `qualified` (see Delivery.job_id)."""
+        [attempt] = await self.begin_many([d], now_ms)
+        return attempt
+
+    async def begin_many(self, ds: list[Delivery], now_ms: int) -> list[Attempt]:
+        """begin for many deliveries in one round trip (two when entry ids collide)."""
+        out: list[Attempt | None] = [None] * len(ds)
+        todo = list(range(len(ds)))
+        while todo:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for n in todo:
+                    await self._call(ds[n], "run", now_ms, client=pipe)
+                replies: list[Any] = await pipe.execute()
+            again = []
+            for n, reply in zip(todo, replies, strict=True):
+                code = int(reply[0])
+                if code == -1 and not ds[n].qualified:
+                    ds[n].qualified = True  # the bare entry id is another stream's entry's
+                    again.append(n)
+                    continue
+                if code == -1:  # cannot happen: a qualified id is unique to its entry
+                    raise RuntimeError(f"job id {ds[n].job_id!r} is owned by another entry")
+                outcome = _OUTCOMES[code]
+                out[n] = Attempt(
+                    outcome, int(reply[1]), as_text(reply[2]),
+                    int(as_text(reply[3])) if outcome == "in_flight" else 0,
+                )  # fmt: skip
+                ds[n].claimed = outcome in ("go", "answered")
+                ds[n].attempt = int(reply[1])
+            todo = again
+        return [a for a in out if a is not None]
+
+    async def for_error(self, d: Delivery, now_ms: int) -> None:
+        """Settle where d's error result goes: its own job id when that is free or already
+        d's, else (the id is another job's, or of a reserved form) its qualified id."""
+        while not d.claimed:
+            reply: Any = await self._call(d, "error", now_ms)
+            if int(reply[0]) == 1:
+                d.claimed = True
+            elif d.qualified:  # cannot happen: a qualified id is unique to its entry
+                raise RuntimeError(f"job id {d.job_id!r} is owned by another entry")
+            else:
+                d.qualified = True
+
+    async def record_error(self, job_id: str, message: str) -> None:
+        """Remember why the last attempt failed (for the dead letter if attempts run out)."""
+        await self.redis.hset(self.keys.state(job_id), "last_error", message)
