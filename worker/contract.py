@@ -26,6 +26,7 @@ ErrorType = Literal[
     "max_attempts",
     "budget_exceeded",
     "circuit_open",
+    "removed",  # an operator took the entry out (tokenq jobs remove)
 ]
 Kind = Literal["job", "alert"]
 
