@@ -632,20 +632,8 @@ async def scan(
     out: list[Entry] = []
     while limit is None or len(out) < limit:
         want = SCAN_PAGE if limit is None else min(SCAN_PAGE, limit - len(out))
-        last, rows = await _raw(
-            redis,
-            "EVAL",
-            _SCAN,
-            1,
-            key,
-            command,
-            start,
-            stop,
-            SCAN_PAGE,
-            want,
-            cut_bytes,
-            *filters,
-        )
+        page = [command, start, stop, SCAN_PAGE, want, cut_bytes, *filters]
+        last, rows = await _raw(redis, "EVAL", _SCAN, 1, key, *page)
         for entry_id, flat, cuts in rows:
             raw = dict(zip(flat[::2], flat[1::2], strict=True))
             cut = dict(zip(cuts[::2], (int(n) for n in cuts[1::2]), strict=True))
@@ -865,25 +853,31 @@ async def remove_job_entry(
     state = keys.state(job.job_id)
     attempts = int(await redis.hget(state, "attempts") or 0)
     had_result = bool(await redis.exists(keys.result(job.job_id)))
+    dead, result, event = _removal_records(job, attempts, had_result, now_ms, max_entry_bytes)
+    reply = _reply_stream(keys, job.entry.raw.get(b"reply_to"))
+    names = [job.stream, keys.dead, keys.result(job.job_id), keys.usage, keys.done(job.job_id)]
+    names += [state, *([reply] if reply else [])]
+    flat_dead = [part for pair in dead.items() for part in pair]
+    flat_usage = [part for pair in to_fields(event).items() for part in pair]
+    args: list[bytes | str | int] = [GROUP, job.entry.entry_id, result, result_ttl_s]
+    args += [usage_maxlen, len(flat_dead)]
+    done: Any = await redis.eval(_REMOVE, len(names), *names, *args, *flat_dead, *flat_usage)
+    if not done:
+        return None
+    dead_id, written, replied = done
+    return Removal(as_text(dead_id), bool(written), bool(replied))
+
+
+def _removal_records(
+    job: JobEntry, attempts: int, had_result: bool, now_ms: int, max_entry_bytes: int
+) -> tuple[dict[bytes, bytes], bytes, UsageEvent]:
+    """The dead letter, error result and usage event of a removed entry."""
     kept, note = _kept(job.entry, max_entry_bytes)
     error = _removed_sentence(job, had_result) + note
-    dead: dict[bytes, bytes] = {
-        **kept,
-        **{
-            k.encode(): v.encode()
-            for k, v in {
-                "error_type": "removed",
-                "error": error,
-                "attempts": str(attempts),
-                "priority": job.priority,
-                "entry_id": job.entry.entry_id,
-                "job_id": job.job_id,
-            }.items()
-        },
-    }
-    result = msgspec.json.encode(
-        Result(id=job.job_id, status="error", error=ErrorInfo("removed", error))
-    )
+    where = {"priority": job.priority, "entry_id": job.entry.entry_id, "job_id": job.job_id}
+    ours = {"error_type": "removed", "error": error, "attempts": str(attempts), **where}
+    dead = {**kept, **{k.encode(): v.encode() for k, v in ours.items()}}
+    result = Result(id=job.job_id, status="error", error=ErrorInfo("removed", error))
     event = UsageEvent(
         ts_ms=now_ms,
         job_id=job.job_id,
@@ -895,35 +889,7 @@ async def remove_job_entry(
         queue_ms=max(0, now_ms - entry_ms(job.entry.entry_id)),
         error_type="removed",
     )
-    reply = _reply_stream(keys, job.entry.raw.get(b"reply_to"))
-    script_keys = [
-        job.stream,
-        keys.dead,
-        keys.result(job.job_id),
-        keys.usage,
-        keys.done(job.job_id),
-        state,
-        *([reply] if reply else []),
-    ]
-    flat_dead = [part for pair in dead.items() for part in pair]
-    flat_usage = [part for pair in to_fields(event).items() for part in pair]
-    reply_: Any = await redis.eval(
-        _REMOVE,
-        len(script_keys),
-        *script_keys,
-        GROUP,
-        job.entry.entry_id,
-        result,
-        result_ttl_s,
-        usage_maxlen,
-        len(flat_dead),
-        *flat_dead,
-        *flat_usage,
-    )
-    if not reply_:
-        return None
-    dead_id, written, replied = reply_
-    return Removal(as_text(dead_id), bool(written), bool(replied))
+    return dead, msgspec.json.encode(result), event
 
 
 def _removed_sentence(job: JobEntry, had_result: bool) -> str:

@@ -347,3 +347,18 @@ async def test_prune_leaves_a_consumer_that_read_a_job_since_it_was_listed(
     stale = ConsumerRow(row.priority, row.stream, row.name, 0, 10**9)  # as listed long ago
     assert not await prune_consumer(redis, stale, 0)
     assert await pending_count(redis, stream) == 1  # its job was not discarded with it
+
+
+async def test_jobs_remove_keeps_a_bounded_copy_of_a_huge_entry(
+    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+) -> None:
+    _, path = make_config(**{"queue.max_entry_bytes": 65536})
+    wide = {f"x{n:05}": "1" for n in range(1500)}
+    huge = {"feature": "summarize", "request": "x" * 100_000, "id": "huge-1", **wide}
+    await add(redis, keys.jobs("normal"), huge)
+    code, _, err = await tokenq(path, "jobs", "remove", "huge-1")
+    assert code == 0, err
+    [(_, dead)] = await raw_entries(redis, keys.dead)
+    assert dead[b"request"] == b"x" * 1024 and dead[b"feature"] == b"summarize"
+    assert len(dead) == 1000 + 6  # the job's own fields first, then the dead letter's
+    assert b"keeps 1,000 of its fields, each value cut to 1,024 bytes" in dead[b"error"]
