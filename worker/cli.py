@@ -37,6 +37,7 @@ from worker.queue import (
     ConsumerRow,
     DeadFilter,
     Entry,
+    JobEntry,
     consumer_rows,
     dead_job_id,
     delete_dead,
@@ -868,33 +869,8 @@ async def _remove_one(
     redis: aioredis.Redis, cfg: Config, keys: Keys, ident: str, ns: argparse.Namespace
 ) -> bool:
     """Remove the one entry `ident` names; say what happened. False when nothing was."""
-    where = [ns.priority] if ns.priority else cfg.queue.priorities
-    found = await find_job_entries(redis, keys, where, ident, cut_bytes=cfg.queue.max_entry_bytes)
-    name = _printable(repr(ident))
-    if not found:
-        streams = ", ".join(keys.jobs(p) for p in where)
-        _say_error(
-            f"no entry {name} in {streams}: give an entry id (the worker's log and "
-            "XPENDING name them) or the `id` the producer gave the job"
-        )
-        return False
-    if len(found) > 1:
-        listed = "; ".join(f"{j.priority} {j.entry.entry_id} (job {j.job_id!r})" for j in found)
-        _say_error(
-            f"{name} names {len(found)} entries: {_printable(listed)}. Name one by its "
-            "entry id, with --priority when the id is on several streams"
-        )
-        return False
-    job = found[0]
-    visibility_ms = int(cfg.queue.visibility_timeout_s * 1000)
-    if job.held_by_live_worker(visibility_ms) and not ns.force:
-        h = job.holder
-        assert h is not None
-        _say_error(
-            f"{name} is held by consumer {_printable(h.consumer)}, which was active "
-            f"{_ago(h.consumer_idle_ms)} ago (delivered {h.deliveries} times, the last "
-            f"{_ago(h.idle_ms)} ago): a live worker may still finish it. Wait, or pass --force"
-        )
+    job = await _one_entry(redis, cfg, keys, ident, ns)
+    if job is None:
         return False
     removal = await remove_job_entry(
         redis,
@@ -905,25 +881,49 @@ async def _remove_one(
         usage_maxlen=cfg.queue.usage_maxlen,
         max_entry_bytes=cfg.queue.max_entry_bytes,
     )
+    where = f"{job.entry.entry_id} from {job.stream} (job {job.job_id!r})"
     if removal is None:
-        print(
-            f"{name}: entry {job.entry.entry_id} left {job.stream} meanwhile (its worker "
-            "finished it); nothing removed"
-        )
+        print(_printable(f"{where}: its worker finished it meanwhile; nothing removed"))
         return True
-    outcome = (
-        "error result written"
-        if removal.result_written
-        else ("its job id already had a result, kept as it was")
-    )
-    print(
-        _printable(
-            f"removed {job.entry.entry_id} from {job.stream} (job {job.job_id!r}): dead letter "
-            f"{removal.dead_id}, {outcome}"
-            + (", replied on its reply_to" if removal.replied else "")
-        )
-    )
+    outcome = "error result written" if removal.result_written else "kept the job's result"
+    replied = ", replied on its reply_to" if removal.replied else ""
+    print(_printable(f"removed {where}: dead letter {removal.dead_id}, {outcome}{replied}"))
     return True
+
+
+async def _one_entry(
+    redis: aioredis.Redis, cfg: Config, keys: Keys, ident: str, ns: argparse.Namespace
+) -> JobEntry | None:
+    """The one entry `ident` names, unless none does, several do, or a live worker holds it
+    (without --force); then say so and return None."""
+    where = [ns.priority] if ns.priority else cfg.queue.priorities
+    found = await find_job_entries(redis, keys, where, ident, cut_bytes=cfg.queue.max_entry_bytes)
+    name = _printable(repr(ident))
+    if not found:
+        streams = ", ".join(keys.jobs(p) for p in where)
+        _say_error(
+            f"no entry {name} in {streams}: give an entry id (the worker's log and "
+            "XPENDING name them) or the `id` the producer gave the job"
+        )
+        return None
+    if len(found) > 1:
+        listed = "; ".join(f"{j.priority} {j.entry.entry_id} (job {j.job_id!r})" for j in found)
+        _say_error(
+            f"{name} names {len(found)} entries: {_printable(listed)}. Name one by its "
+            "entry id, with --priority when the id is on several streams"
+        )
+        return None
+    job, h = found[0], found[0].holder
+    live = job.held_by_live_worker(int(cfg.queue.visibility_timeout_s * 1000))
+    if h is not None and live and not ns.force:
+        times = "once" if h.deliveries == 1 else f"{h.deliveries} times"
+        _say_error(
+            f"{name} is held by consumer {_printable(h.consumer)}, active "
+            f"{_ago(h.consumer_idle_ms)} ago (delivered {times}, the last "
+            f"{_ago(h.idle_ms)} ago): a live worker may still finish it. Wait, or --force"
+        )
+        return None
+    return job
 
 
 def _say_error(text: str) -> None:

@@ -296,7 +296,7 @@ async def test_jobs_remove_keeps_a_result_the_job_already_has(
     )
     code, out, err = await tokenq(path, "jobs", "remove", "done-1")
     assert code == 0, err
-    assert "its job id already had a result, kept as it was" in out
+    assert "kept the job's result" in out
     assert (await read_result(redis, keys, "done-1")).status == "ok"
     assert await usage_events(redis, keys) == []
     [(_, dead)] = await entries(redis, keys.dead)
