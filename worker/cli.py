@@ -278,9 +278,9 @@ def _add_dead(sub: Sub[argparse.ArgumentParser]) -> None:
         "dead",
         help="list, purge, trim or replay dead letters",
         description="Jobs that can never succeed as submitted, or that failed "
-        "queue.max_attempts times, wait in the dead-letter stream with the reason. `list`, "
-        "`purge` and `replay --all` take any entry of the stream, whoever wrote it: fields "
-        "may be missing, bytes that are not UTF-8 show as \\xNN.",
+        "queue.max_attempts times, wait in the dead-letter stream with the reason. `list` "
+        "and `purge` take any entry of the stream, whoever wrote it: fields may be missing, "
+        "bytes that are not UTF-8 show as \\xNN.",
     )
     dsub = p.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
     lp = dsub.add_parser(
