@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from worker.contract import GROUP, Keys, Result, UsageEvent, from_fields
@@ -87,6 +88,14 @@ async def entries(
     """XRANGE of a whole stream, oldest first."""
     reply: Any = await redis.xrange(key, count=count)
     return [(str(i), dict(f)) for i, f in reply]
+
+
+async def raw_entries(redis: aioredis.Redis, key: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    """XRANGE of a whole stream with names and values left as bytes (they may be any bytes)."""
+    reply: Any = await redis.execute_command(  # type: ignore[no-untyped-call]  # no hints
+        "XRANGE", key, "-", "+", **{NEVER_DECODE: []}
+    )
+    return [(i.decode(), dict(f)) for i, f in reply]
 
 
 async def add(redis: aioredis.Redis, key: str, fields: dict[str, str]) -> str:

@@ -30,6 +30,7 @@ ErrorType = Literal[
     "budget_exceeded",
     "circuit_open",
     "duplicate_id",
+    "removed",  # an operator took the entry out (tokenq jobs remove)
 ]
 Kind = Literal["job", "alert"]
 
