@@ -42,7 +42,6 @@ import datetime as dt
 import hashlib
 import logging
 import re
-import time
 import uuid
 import zoneinfo
 from collections.abc import Callable
@@ -54,6 +53,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from worker import clock
 from worker.admission import Admitted, rejection
 from worker.budgets import caps_for
 from worker.caching import mark_prompt_cache
@@ -63,14 +63,15 @@ from worker.contract import (
     Keys,
     Result,
     UsageEvent,
+    as_text,
     entry_ms,
     shown,
     to_fields,
     usd_amount,
 )
 from worker.errors import InvalidRequest, JobRejected
-from worker.jobs import ApiMessage, exhausted, now_ms, text_of
-from worker.queue import Delivery, Finish, Queue, as_text
+from worker.jobs import ApiMessage, exhausted, text_of
+from worker.queue import Delivery, Finish, Queue
 from worker.router import check_answer, static_route
 from worker.usage import ApiUsage, baseline_cost_usd, cost_usd
 from worker.worker import Worker
@@ -298,8 +299,8 @@ class Batcher:
                     break
                 room -= len(got)
                 await self._sort(got)
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + self.queue.visibility_ms / 4000
+        if clock.monotonic() >= self._next_sweep:
+            self._next_sweep = clock.monotonic() + self.queue.visibility_ms / 4000
             for priority in self.priorities:
                 await self._sort(await self.queue.stale(priority, self.queue.visibility_ms))
 
@@ -354,11 +355,11 @@ class Batcher:
         """Not when its deadline falls before its window's end, nor under a spend cap (the
         realtime path reserves and settles each call against the caps)."""
         job = w.admitted.job
-        end = window_end_ms(self.cfg.batch, max(entry_ms(d.entry_id), now_ms()))
+        end = window_end_ms(self.cfg.batch, max(entry_ms(d.entry_id), clock.now_ms()))
         if job.deadline_ms is not None and job.deadline_ms < end:
             return False
         feature = self.cfg.features[job.feature]
-        moment = dt.datetime.now(dt.UTC)
+        moment = clock.utc()
         return not caps_for(self.cfg, self.keys, job.feature, feature, job.tenant or "", moment)
 
     async def _hand_over(self, d: Delivery) -> None:
@@ -373,11 +374,11 @@ class Batcher:
 
     def _due(self) -> bool:
         b = self.cfg.batch
-        if not self.waiting or not window_open(b, now_ms()):
+        if not self.waiting or not window_open(b, clock.now_ms()):
             return False
         oldest = min(entry_ms(w.d.entry_id) for w in self.waiting)
         full = len(self.waiting) >= b.max_requests or self._bytes() >= b.max_bytes
-        return full or now_ms() - oldest >= b.flush_interval_s * 1000
+        return full or clock.now_ms() - oldest >= b.flush_interval_s * 1000
 
     def _bytes(self, waiting: list[Waiting] | None = None) -> int:
         """The create body's size for these jobs (all waiting ones by default)."""
@@ -397,7 +398,7 @@ class Batcher:
         window = self._window()
         taken = {id(w) for w in window}
         self.waiting = [w for w in self.waiting if id(w) not in taken]
-        attempts = await self.worker.claims.begin_many([w.d for w in window], now_ms())
+        attempts = await self.worker.claims.begin_many([w.d for w in window], clock.now_ms())
         members: dict[str, tuple[Member, Waiting]] = {}
         ends: list[tuple[Delivery, Finish]] = []
         waits: list[tuple[Delivery, int]] = []
@@ -407,7 +408,7 @@ class Batcher:
                 await self.queue.ack_duplicate(d, d.job_id, w.admitted.job.reply_to)
             elif begun.outcome == "in_flight":
                 # The same job pending in another entry: wait for it off the stream.
-                waits.append((d, begun.look_again_ms(now_ms())))
+                waits.append((d, begun.look_again_ms(clock.now_ms())))
             elif begun.outcome != "go" or begun.number > self.cfg.queue.max_attempts:
                 ends.append((d, await self._refused(d, begun)))
             elif (cid := custom_id(d.job_id)) in members:
@@ -415,7 +416,7 @@ class Batcher:
             else:
                 members[cid] = (Member(d.priority, d.entry_id, d.job_id, begun.number, w.tier,
                                        w.why), w)  # fmt: skip
-        local = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        local = f"{clock.utc():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         await self._record_planned(local, members, ends, waits)
         if members:
             requests = [{"custom_id": c, "params": w.params} for c, (_, w) in members.items()]
@@ -428,14 +429,14 @@ class Batcher:
             self.worker._check_claim(d, begun)
             raise exhausted(begun.number - 1, begun.last_error)
         except JobRejected as exc:
-            await self.worker.claims.for_error(d, now_ms())
+            await self.worker.claims.for_error(d, clock.now_ms())
             return self._rejected(d, exc)
 
     async def _record_planned(
         self, local: str, members: dict[str, tuple[Member, Waiting]], ends: list[Any],
         waits: list[tuple[Delivery, int]],
     ) -> None:  # fmt: skip
-        stamp = now_ms()
+        stamp = clock.now_ms()
 
         def write(tx: Any) -> None:
             for d, end in ends:
@@ -469,7 +470,7 @@ class Batcher:
     async def _submitted(self, local: str, api_id: str, *, verify: bool) -> None:
         def write(tx: Any) -> None:
             tx.hset(self.keys.batch(local), mapping={
-                "state": "submitted", "api_id": api_id, "submitted_ms": now_ms(),
+                "state": "submitted", "api_id": api_id, "submitted_ms": clock.now_ms(),
                 "verify": int(verify),
             })  # fmt: skip
             tx.hset(self.keys.batch_ids, api_id, local)
@@ -495,9 +496,9 @@ class Batcher:
 
     async def _follow(self) -> None:
         for local in await self._open():
-            if time.monotonic() < self._next_poll.get(local, 0.0):
+            if clock.monotonic() < self._next_poll.get(local, 0.0):
                 continue
-            self._next_poll[local] = time.monotonic() + self.cfg.batch.poll_s
+            self._next_poll[local] = clock.monotonic() + self.cfg.batch.poll_s
             info = await _hash(self.redis, self.keys.batch(local))
             if info.get("state") == "planned":
                 await self._recover(local, info)
@@ -512,7 +513,7 @@ class Batcher:
                 await self.client.messages.batches.cancel(batch.id)
 
     def _overdue(self, info: dict[str, str]) -> bool:
-        return now_ms() > int(info["submitted_ms"]) + self.cfg.batch.completion_s * 1000
+        return clock.now_ms() > int(info["submitted_ms"]) + self.cfg.batch.completion_s * 1000
 
     async def _recover(self, local: str, info: dict[str, str]) -> None:
         """A planned batch whose create call had no answer: adopt the API's batch if it
@@ -522,11 +523,13 @@ class Batcher:
             log.warning("batch %s: found it at the API as %s; not submitting again", local, found)
             await self._submitted(local, found, verify=True)
             return
-        if now_ms() < int(info["tried_ms"]) + (self.cfg.anthropic.timeout_s + 1) * 1000:
+        if clock.now_ms() < int(info["tried_ms"]) + (self.cfg.anthropic.timeout_s + 1) * 1000:
             return  # the last create call may still be on its way
         requests = await self._rebuild(local)
         if requests:
-            await self._commit(lambda tx: tx.hset(self.keys.batch(local), "tried_ms", now_ms()))
+            await self._commit(
+                lambda tx: tx.hset(self.keys.batch(local), "tried_ms", clock.now_ms())
+            )
             await self._create(local, requests)
 
     async def _find(self, planned_ms: int, count: int) -> str | None:
@@ -570,7 +573,7 @@ class Batcher:
     # -- delivering results --
 
     async def _deliver(self, local: str, info: dict[str, str], batch: Any) -> None:
-        started = time.monotonic()
+        started = clock.monotonic()
         if info.get("verify") == "1" and not await self._ours(local, batch.id):
             log.error("batch %s: %s does not hold its custom_ids; its jobs go back to their "
                       "streams", local, batch.id)  # fmt: skip
@@ -586,7 +589,7 @@ class Batcher:
         c = batch.request_counts
         log.info("batch %s (%s) ended: succeeded=%d errored=%d expired=%d canceled=%d "
                  "delivered_ms=%d", local, batch.id, c.succeeded, c.errored, c.expired,
-                 c.canceled, (time.monotonic() - started) * 1000)  # fmt: skip
+                 c.canceled, (clock.monotonic() - started) * 1000)  # fmt: skip
 
     async def _ours(self, local: str, api_id: str) -> bool:
         """Whether an adopted batch's results are exactly our members' custom_ids."""
@@ -607,11 +610,11 @@ class Batcher:
                 if d is not None:
                     self.queue.requeue_into(tx, d, m.j, refund=True)
             tx.hset(self.keys.batch(local), mapping={
-                "state": "done", "ended_ms": now_ms(), "succeeded": c.succeeded,
+                "state": "done", "ended_ms": clock.now_ms(), "succeeded": c.succeeded,
                 "errored": c.errored, "expired": c.expired, "canceled": c.canceled,
             })  # fmt: skip
             tx.expire(self.keys.batch(local), ttl)
-            tx.zremrangebyscore(self.keys.batches, "-inf", now_ms() - ttl * 1000)
+            tx.zremrangebyscore(self.keys.batches, "-inf", clock.now_ms() - ttl * 1000)
 
         await self._commit(write, local, [cid for cid, _ in left])
 
@@ -673,7 +676,7 @@ class Batcher:
         return again
 
     def _rejected(self, d: Delivery, exc: JobRejected) -> Finish:
-        return rejection(d, exc, now_ms(), self.cfg)
+        return rejection(d, exc, clock.now_ms(), self.cfg)
 
     def _succeeded(
         self, local: str, info: dict[str, str], body: dict[str, Any], m: Member, d: Delivery
@@ -695,7 +698,8 @@ class Batcher:
         )  # fmt: skip
         submitted = int(info["submitted_ms"])
         event = UsageEvent(
-            ts_ms=now_ms(), job_id=m.j, feature=f.get("feature", ""), tenant=f.get("tenant", ""),
+            ts_ms=clock.now_ms(), job_id=m.j, feature=f.get("feature", ""),
+            tenant=f.get("tenant", ""),
             priority=d.priority, tier=m.t, model=message.model, mode="batch", attempt=m.a,
             input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
             cache_creation_input_tokens=usage.cache_write,
@@ -703,7 +707,7 @@ class Batcher:
             baseline_cost_usd=baseline_cost_usd(
                 usage, cfg.models[cfg.tiers[cfg.router.baseline_tier]]
             ),
-            latency_ms=max(0, now_ms() - submitted),
+            latency_ms=max(0, clock.now_ms() - submitted),
             queue_ms=max(0, submitted - entry_ms(d.entry_id)), route_reason=route,
         )  # fmt: skip
         return Finish(_encode(result), to_fields(event), f.get("reply_to") or None)

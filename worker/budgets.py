@@ -32,7 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from worker.config import Config, FeatureConfig, LongContextPrices, ModelConfig
-from worker.contract import Keys
+from worker.contract import Keys, as_text
 
 NANO = 1_000_000_000
 DAY_TTL_S = 3 * 86_400
@@ -117,7 +117,7 @@ class Cap:
 
     @property
     def holds(self) -> str:
-        return f"{self.key}:holds"
+        return Keys.budget_holds(self.key)
 
 
 @dataclass(frozen=True)
@@ -188,15 +188,16 @@ def caps_for(
     tz = zoneinfo.ZoneInfo(cfg.budgets.timezone)
     local = now.astimezone(tz)
     day, month = local.strftime("%Y-%m-%d"), local.strftime("%Y-%m")
-    base = f"{keys.prefix}:budget"
+    mine, by_day, by_month = f"feature:{feature_name}", _next_day(local), _next_month(local)
     out: list[Cap] = []
     f = f"features.{feature_name}"
     if feature.daily_usd is not None:
-        out.append(Cap(f"{f}.daily_usd", f"{base}:feature:{feature_name}:{day}", day,
-                       feature.daily_usd, None, DAY_TTL_S, _next_day(local)))  # fmt: skip
+        key = keys.budget(mine, day)
+        out.append(Cap(f"{f}.daily_usd", key, day, feature.daily_usd, None, DAY_TTL_S, by_day))
     if feature.monthly_usd is not None:
-        out.append(Cap(f"{f}.monthly_usd", f"{base}:feature:{feature_name}:{month}", month,
-                       feature.monthly_usd, None, MONTH_TTL_S, _next_month(local)))  # fmt: skip
+        key = keys.budget(mine, month)
+        usd = feature.monthly_usd
+        out.append(Cap(f"{f}.monthly_usd", key, month, usd, None, MONTH_TTL_S, by_month))
     t_usd, t_req = feature.tenant_daily_usd, feature.tenant_daily_requests
     usd_name = f"{f}.tenant_daily_usd" if t_usd is not None else "budgets.tenant_daily_usd"
     req_name = (
@@ -209,8 +210,8 @@ def caps_for(
             " and ".join(n for n, v in ((usd_name, t_usd), (req_name, t_req)) if v is not None)
             + f" (tenant {tenant})"
         )
-        out.append(Cap(name, f"{base}:tenant:{feature_name}:{tenant}:{day}", day, t_usd, t_req,
-                       DAY_TTL_S, _next_day(local)))  # fmt: skip
+        key = keys.budget(f"tenant:{feature_name}:{tenant}", day)
+        out.append(Cap(name, key, day, t_usd, t_req, DAY_TTL_S, by_day))
     return out
 
 
@@ -249,7 +250,7 @@ class Budgets:
         if int(reply[0]) == 1:
             return Hold(hold_id, tuple(caps), want_usd)
         cap = caps[int(reply[1]) - 1]
-        dimension = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+        dimension = as_text(reply[2])
         return Refusal(cap, dimension, int(reply[3]) / NANO, int(reply[4]) / NANO, want_usd,
                        self.cfg.budgets.timezone)  # fmt: skip
 
@@ -277,10 +278,11 @@ async def budget_rows(
             rows.append(await _row(redis, cap, name, ""))
         tz = zoneinfo.ZoneInfo(cfg.budgets.timezone)
         day = now.astimezone(tz).strftime("%Y-%m-%d")
-        pattern = f"{keys.prefix}:budget:tenant:{name}:*:{day}"
+        pattern = keys.budgets_of_tenants(name, day)
         async for raw in redis.scan_iter(match=pattern, count=500):
-            key = raw.decode() if isinstance(raw, bytes) else str(raw)
-            tenant = key[len(f"{keys.prefix}:budget:tenant:{name}:") : -len(day) - 1]
+            key = as_text(raw)
+            head = keys.budget(f"tenant:{name}", "")  # <prefix>:budget:tenant:<f>:
+            tenant = key[len(head) : -len(day) - 1]
             for cap in caps_for(cfg, keys, name, feature, tenant, now):
                 if cap.key == key:
                     rows.append(await _row(redis, cap, name, tenant))

@@ -9,9 +9,7 @@ runs and finishes jobs reads on its own.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -19,6 +17,7 @@ import anthropic
 import msgspec
 from redis.exceptions import RedisError
 
+from worker import clock
 from worker.breakers import Breakers, Open, Ticket
 from worker.budgets import Budgets, Hold, Refusal, caps_for, worst_case_usd
 from worker.caching import has_cache_control
@@ -34,7 +33,6 @@ from worker.jobs import (
     check_deadline,
     decode_message,
     failure_answer,
-    now_ms,
 )
 from worker.limiter import Answer, Grant, Limiter, Unfit
 from worker.queue import Queue
@@ -79,7 +77,7 @@ class CallPath:
             if grant is not None:
                 await asyncio.shield(self._settle(grant, Answer(None, {}, 0)))
             raise
-        t0 = time.monotonic()
+        t0 = clock.monotonic()
         try:
             message, usage = await self._call(params, grant, raw)
         except BaseException as exc:
@@ -88,7 +86,7 @@ class CallPath:
             if hold is not None:
                 await asyncio.shield(self._settle_budget(job, hold, 0.0, called=False))
             raise
-        latency_ms = int((time.monotonic() - t0) * 1000)
+        latency_ms = int((clock.monotonic() - t0) * 1000)
         cost = cost_usd(usage, self.cfg.models[model])
         spend.add(usage, cost)
         if ticket is not None:
@@ -100,7 +98,7 @@ class CallPath:
     async def _reserve(self, job: Job, params: dict[str, Any], estimate: int) -> Hold | None:
         feature = self.cfg.features[job.feature]
         caps = caps_for(self.cfg, self.queue.keys, job.feature, feature, job.tenant or "",
-                        dt.datetime.now(dt.UTC))  # fmt: skip
+                        clock.utc())  # fmt: skip
         if not caps:
             return None
         model = params["model"]
@@ -108,7 +106,7 @@ class CallPath:
             self.cfg.models[model], estimate, int(params["max_tokens"]),
             caches=has_cache_control(params), margin=self.cfg.budgets.estimate_margin,
         )  # fmt: skip
-        got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, now_ms())
+        got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, clock.now_ms())
         if isinstance(got, Refusal):
             raise Refused(got)
         return got
@@ -124,7 +122,7 @@ class CallPath:
                         f"({self.cfg.budgets.timezone})")  # fmt: skip
                 log.warning("budget alert: %s", text)
                 event = UsageEvent(
-                    ts_ms=now_ms(), job_id="", feature=job.feature, tenant=job.tenant or "",
+                    ts_ms=clock.now_ms(), job_id="", feature=job.feature, tenant=job.tenant or "",
                     status="ok", kind="alert", message=text, error_type="budget_alert",
                     cost_usd=(cap.usd or 0.0) * share,
                 )  # fmt: skip
@@ -217,7 +215,7 @@ class CallPath:
         try:
             if job.deadline_ms is None:
                 return await self.limiter.acquire(model, job.feature, rank, want)
-            async with asyncio.timeout(max(0.0, (job.deadline_ms - now_ms()) / 1000)):
+            async with asyncio.timeout(max(0.0, (job.deadline_ms - clock.now_ms()) / 1000)):
                 return await self.limiter.acquire(model, job.feature, rank, want)
         except Unfit as exc:
             raise TooLarge(str(exc), attempts=attempt - 1) from None

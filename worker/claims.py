@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from worker.contract import Keys, fingerprint, id_problem, is_reserved_id
-from worker.queue import Delivery, as_text
+from worker.contract import Keys, as_text, fingerprint, id_problem, is_reserved_id
+from worker.queue import Delivery
 
 STATE_TTL_S = 7 * 86_400  # a claim of a job in progress, renewed at each attempt
 

@@ -21,6 +21,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from producers import Producer
+from worker import clock
 from worker.admission import reply_to_of
 from worker.api_request import parse_request
 from worker.batcher import batch_rows, cancel_batch
@@ -617,7 +618,7 @@ def cmd_budgets(ns: argparse.Namespace) -> int:
     async def run() -> int:
         keys = Keys(cfg.prefix)
         async with _redis(cfg) as redis:
-            rows = await budget_rows(redis, cfg, keys, dt.datetime.now(dt.UTC))
+            rows = await budget_rows(redis, cfg, keys, clock.utc())
             breakers = await Breakers(redis, keys, cfg.breakers, 0).status()
         if ns.json:
             for row in [*rows, *breakers]:
@@ -776,7 +777,7 @@ def _moment(text: str) -> int:
     ago = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(s|m|h|d|w)", text.strip())
     if ago:
         seconds = float(ago[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[ago[2]]
-        return int((time.time() - seconds) * 1000)
+        return int((clock.time_s() - seconds) * 1000)
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:
@@ -897,7 +898,7 @@ async def _remove_one(
         redis,
         keys,
         job,
-        now_ms=int(time.time() * 1000),
+        now_ms=clock.now_ms(),
         result_ttl_s=cfg.queue.result_ttl_s,
         usage_maxlen=cfg.queue.usage_maxlen,
         max_entry_bytes=cfg.queue.max_entry_bytes,

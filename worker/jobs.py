@@ -5,13 +5,13 @@ the outcomes a job can have short of a result (put off, refused by a budget).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 import msgspec
 
+from worker import clock
 from worker.budgets import Refusal
 from worker.caching import CachedAnswer
 from worker.config import FeatureConfig
@@ -121,10 +121,11 @@ def failure_answer(exc: BaseException) -> Answer:
 
 def check_deadline(job: Job) -> None:
     """Raise DeadlineExceeded once the job's deadline_ms has passed."""
-    if job.deadline_ms is not None and now_ms() > job.deadline_ms:
+    now = clock.now_ms()
+    if job.deadline_ms is not None and now > job.deadline_ms:
         raise DeadlineExceeded(
             f"deadline_ms {job.deadline_ms} passed before the job could run "
-            f"({now_ms() - job.deadline_ms} ms late); submit it again with a later deadline"
+            f"({now - job.deadline_ms} ms late); submit it again with a later deadline"
         )
 
 
@@ -146,7 +147,3 @@ def describe(exc: Exception) -> str:
     else:
         text = f"{type(exc).__name__}: {exc}"
     return text if text.isprintable() else repr(text)[1:-1]
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

@@ -27,8 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,7 @@ import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError, WatchError
 
+from worker import clock
 from worker.contract import (
     GROUP,
     ErrorInfo,
@@ -44,6 +44,7 @@ from worker.contract import (
     Keys,
     Result,
     UsageEvent,
+    as_text,
     entry_ms,
     fingerprint,
     id_problem,
@@ -158,7 +159,6 @@ class Queue:
         fair_every: int = 10,
         result_ttl_s: int = 86_400,
         usage_maxlen: int = 1_000_000,
-        clock: Callable[[], float] = time.monotonic,
         batched: Collection[str] = (),
     ) -> None:
         self.redis = redis
@@ -173,7 +173,6 @@ class Queue:
         self.fair_every = fair_every
         self.result_ttl_s = result_ttl_s
         self.usage_maxlen = usage_maxlen
-        self._clock = clock
         self._reads = 0
         self._fair_turn = 0
         self._buffer: list[Delivery] = []
@@ -196,8 +195,8 @@ class Queue:
         Blocks up to block_ms only when nothing at all is waiting.
         """
         out = self._take(count)
-        if len(out) < count and self._clock() >= self._next_reclaim:
-            self._next_reclaim = self._clock() + self.visibility_ms / 4000
+        if len(out) < count and clock.monotonic() >= self._next_reclaim:
+            self._next_reclaim = clock.monotonic() + self.visibility_ms / 4000
             await self._reclaim(count)
             out += self._take(count - len(out))
         if len(out) < count:
@@ -530,11 +529,6 @@ class Queue:
                 continue
             if any(c["name"] == self.consumer and c["pending"] == 0 for c in consumers):
                 await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
-
-
-def as_text(value: Any) -> str:
-    """A Redis reply value as str (clients may decode replies or not)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _map(fields: dict[str, str]) -> dict[Any, Any]:

@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +33,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker import clock
 from worker.admission import Admitted, admit, rejection
 from worker.breakers import Breakers, Open
 from worker.budgets import Budgets
@@ -52,6 +52,7 @@ from worker.contract import (
     Keys,
     Result,
     UsageEvent,
+    as_text,
     clean,
     entry_ms,
     shown,
@@ -81,7 +82,6 @@ from worker.jobs import (
     describe,
     exhausted,
     more_room,
-    now_ms,
     text_of,
 )
 from worker.limiter import make_limiter
@@ -115,7 +115,7 @@ async def supervise(name: str, duty: Callable[[], Awaitable[None]], until: async
     health), so that no bad entry and no bug ends the duty or spins it."""
     pause = 0.1
     while not until.is_set():
-        started = time.monotonic()
+        started = clock.monotonic()
         try:
             await duty()
         except Exception:  # a long-lived duty's boundary, like the job boundary in _handle
@@ -124,7 +124,7 @@ async def supervise(name: str, duty: Callable[[], Awaitable[None]], until: async
             if until.is_set():
                 return
             log.warning("%s ended by itself; it starts again in %.1f s", name, pause)
-        if time.monotonic() - started > 60:
+        if clock.monotonic() - started > 60:
             pause = 0.1
         if await _stopped_within(until, pause):
             return
@@ -326,7 +326,7 @@ class Worker(CallPath):
         # A timer: deferrals are due on whole-second boundaries.
         while not await _stopped_within(until, 1.0):
             try:
-                moved = await self.queue.move_due(now_ms())
+                moved = await self.queue.move_due(clock.now_ms())
             except (RedisError, OSError) as exc:
                 log.warning("moving deferred jobs failed: %s", exc)
                 continue
@@ -344,7 +344,7 @@ class Worker(CallPath):
     async def _handle(self, d: Delivery) -> None:
         """Run one delivery to its end: finished, dead-lettered, put off, or left pending.
         The job boundary: nothing raised here goes further."""
-        started_ms = now_ms()
+        started_ms = clock.now_ms()
         try:
             end = await self._retrying_redis(d, "running", lambda: self._outcome(d, started_ms))
             if end is not None:
@@ -421,7 +421,7 @@ class Worker(CallPath):
             admitted = await self.admit(d)
         except JobRejected as exc:
             return await self._refused(d, exc, started_ms)
-        begun = await self.claims.begin(d, now_ms())
+        begun = await self.claims.begin(d, clock.now_ms())
         if begun.outcome == "answered":
             await self.queue.ack_duplicate(d, d.job_id, admitted.job.reply_to)
             log.info("job=%s already has a result; acknowledged entry %s without a call",
@@ -473,14 +473,14 @@ class Worker(CallPath):
         the deferred set, holding no worker slot, and looks again later (sooner while the
         first is young). It gets the result, or the claim if the first entry disappears."""
         check_deadline(job)
-        until = begun.look_again_ms(now_ms())
+        until = begun.look_again_ms(clock.now_ms())
         return Defer(until, "the same job is pending in another entry", waits=True)
 
     async def _refused(self, d: Delivery, exc: JobRejected, started_ms: int) -> Finish:
         """What a rejected job leaves (worker.admission.rejection), under its own job id when
         that is free or its own, else under `<priority>:<entry id>`."""
         if not d.claimed:
-            await self.claims.for_error(d, now_ms())
+            await self.claims.for_error(d, clock.now_ms())
         return rejection(d, exc, started_ms, self.cfg)
 
     async def _retrying_redis(
@@ -493,13 +493,13 @@ class Worker(CallPath):
         one, reclaims it once Redis answers again. A result already computed is only written,
         never fetched from the API a second time, while this retries.
         """
-        give_up = time.monotonic() + self.cfg.queue.visibility_timeout_s / 2
+        give_up = clock.monotonic() + self.cfg.queue.visibility_timeout_s / 2
         pause = 0.05
         while True:
             try:
                 return await step()
             except TRANSIENT as exc:
-                if time.monotonic() + pause > give_up:
+                if clock.monotonic() + pause > give_up:
                     log.error("job=%s: %s failed on Redis (%s); left pending for redelivery",
                               shown(d.job_id), what, exc)  # fmt: skip
                     return None
@@ -560,8 +560,7 @@ class Worker(CallPath):
         if feature.response_cache_scope == "tenant" and not job.tenant:
             return None, "no_tenant"
         model = self.cfg.tiers[tier]
-        key = cache_key(self.queue.keys.prefix, job.feature, feature, job.tenant or "", model,
-                        params)  # fmt: skip
+        key = cache_key(self.queue.keys, job.feature, feature, job.tenant or "", model, params)
         return key, "miss"
 
     async def _attempts(
@@ -575,7 +574,7 @@ class Worker(CallPath):
         while True:
             check_deadline(job)
             if begun is None:
-                begun = await self.claims.begin(d, now_ms())
+                begun = await self.claims.begin(d, clock.now_ms())
                 if begun.outcome != "go":  # the claim is this entry's: nobody else can answer
                     raise RuntimeError(f"job {d.job_id!r} lost its claim ({begun.outcome})")
             attempt, last_error = begun.number, begun.last_error
@@ -691,10 +690,10 @@ class Worker(CallPath):
         default = self.cfg.router.default_tier, "router.default_tier"
         if not c.enabled:
             return default
-        key = f"{self.queue.keys.prefix}:route:{request_hash(params)}"
+        key = self.queue.keys.route(request_hash(params))
         cached: Any = await self.queue.redis.get(key)
         if cached:
-            tier = cached.decode() if isinstance(cached, bytes) else str(cached)
+            tier = as_text(cached)
             if tier in self.cfg.tiers:
                 return tier, f"classifier (cached): {tier}"
         try:
@@ -741,7 +740,7 @@ class Worker(CallPath):
             mode="realtime",
         )
         event = UsageEvent(
-            ts_ms=now_ms(),
+            ts_ms=clock.now_ms(),
             job_id=d.job_id,
             feature=job.feature,
             tenant=job.tenant or "",
@@ -756,7 +755,7 @@ class Worker(CallPath):
             cost_usd=cost,
             baseline_cost_usd=baseline_cost_usd(usage, self._baseline),
             latency_ms=latency_ms,
-            queue_ms=max(0, now_ms() - latency_ms - entry_ms(d.entry_id)),
+            queue_ms=max(0, clock.now_ms() - latency_ms - entry_ms(d.entry_id)),
             route_reason="; ".join(plan.route),
             response_cache=plan.cache,
         )
@@ -776,10 +775,10 @@ class Worker(CallPath):
         usage = msgspec.convert(answer.usage, ApiUsage)
         why = "response cache hit" if how == "hit" else "joined an identical call in flight"
         event = UsageEvent(
-            ts_ms=now_ms(), job_id=d.job_id, feature=job.feature, tenant=job.tenant or "",
+            ts_ms=clock.now_ms(), job_id=d.job_id, feature=job.feature, tenant=job.tenant or "",
             priority=d.priority, tier=answer.tier, model=answer.model, mode="cache",
             baseline_cost_usd=baseline_cost_usd(usage, self._baseline),
-            latency_ms=max(0, now_ms() - started_ms),
+            latency_ms=max(0, clock.now_ms() - started_ms),
             queue_ms=max(0, started_ms - entry_ms(d.entry_id)),
             route_reason="; ".join([*plan.route, why]), response_cache=how,
         )  # fmt: skip
