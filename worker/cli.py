@@ -32,26 +32,20 @@ from worker.cli_tools import add_tool_commands
 from worker.config import Config, config_path, load_config
 from worker.contract import BATCHER, Keys, entry_ms, to_fields
 from worker.control import publish_reload
+from worker.deadletters import DeadFilter, dead_job_id, delete_dead, find_dead, replay, trim_dead
 from worker.embedded import connect, ping, redis_url, server_args
+from worker.entries import Entry, shown
 from worker.errors import ConfigError, MalformedJob
 from worker.fleet import run_fleet
 from worker.limiter import ModelStatus, status
 from worker.local import up
-from worker.queue import (
+from worker.operators import (
     ConsumerRow,
-    DeadFilter,
-    Entry,
     JobEntry,
     consumer_rows,
-    dead_job_id,
-    delete_dead,
-    find_dead,
     find_job_entries,
     prune_consumer,
     remove_job_entry,
-    replay,
-    shown,
-    trim_dead,
 )
 from worker.usage import HitRates, follow, money, tail_line
 from worker.worker import make_client, serve

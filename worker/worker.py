@@ -60,6 +60,7 @@ from worker.contract import (
     usd_amount,
 )
 from worker.control import listen, reloaded
+from worker.deferred import DeferredSet
 from worker.embedded import connect, redis_url
 from worker.errors import (
     ConfigError,
@@ -191,6 +192,7 @@ class Worker(CallPath):
         )
         self.breakers = Breakers(queue.redis, queue.keys, cfg.breakers, cfg.anthropic.timeout_s)
         self.claims = Claims(queue.redis, queue.keys, queue.streams)
+        self.deferred = DeferredSet(queue.redis, queue.keys, queue.priorities)
 
     def stop(self) -> None:
         """Stop reading; in-flight jobs get worker.grace_s to finish. Safe to call twice."""
@@ -326,7 +328,7 @@ class Worker(CallPath):
         # A timer: deferrals are due on whole-second boundaries.
         while not await _stopped_within(until, 1.0):
             try:
-                moved = await self.queue.move_due(clock.now_ms())
+                moved = await self.deferred.move_due(clock.now_ms())
             except (RedisError, OSError) as exc:
                 log.warning("moving deferred jobs failed: %s", exc)
                 continue

@@ -32,6 +32,7 @@ from tests.helpers import (
 )
 from tests.integration.conftest import RunWorker
 from worker.contract import GROUP, Keys, Result
+from worker.deferred import DeferredSet
 from worker.queue import Delivery, Finish, Queue
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there"}]})
@@ -353,7 +354,7 @@ async def test_the_deferred_mover_moves_a_job_of_thousands_of_fields_and_the_oth
         await redis.xreadgroup(GROUP, "c1", {keys.jobs("normal"): ">"}, count=1)
         await queue.defer(d, f"d-{n}", 1000 + n)
     await redis.zadd(keys.deferred, {"not a job": 999, '{"p": "normal", "f": []}': 999})
-    assert await queue.move_due(2000) == 2
+    assert await DeferredSet(redis, keys, queue.priorities).move_due(2000) == 2
     back = {fields["id"]: fields for _, fields in await entries(redis, keys.jobs("normal"))}
     assert sorted(back) == ["d-0", "d-1"] and len(back["d-0"]) == 5003
     assert await redis.zcard(keys.deferred) == 0

@@ -15,7 +15,7 @@ from tests.conftest import ConfigFactory
 from tests.helpers import eventually, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker
 from worker.contract import Keys, Result, UsageEvent
-from worker.queue import dead_letters
+from worker.deadletters import dead_letters
 from worker.usage import money
 
 SMALL = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 100}
