@@ -72,7 +72,8 @@ class CallPath:
                                      max(attempt, 1))  # fmt: skip
         hold = None
         try:
-            hold = await self._reserve(job, params, estimate)
+            # The larger estimate: a factor learnt from other requests may be below 1.
+            hold = await self._reserve(job, params, max(estimate, raw))
         except BaseException:
             if grant is not None:
                 await asyncio.shield(self._settle(grant, Answer(None, {}, 0)))

@@ -344,3 +344,35 @@ async def test_an_answer_cut_at_max_tokens_escalates_with_more_room_up_to_the_ca
     assert event.route_reason.startswith(
         "features.summarize.tier; escalated to sonnet: stop_reason max_tokens (max_tokens 3 -> 6)"
     )
+
+
+def adversarial(n: int) -> dict[str, Any]:
+    """Requests whose text is spread over many tiny pieces: each piece is billed at least a
+    token, so summing characters first would under-estimate them up to four times."""
+    tiny = [{"type": "text", "text": "a"} for _ in range(2000 + n % 7)]
+    turns = [{"role": "user" if k % 2 == 0 else "assistant", "content": "x"} for k in range(401)]
+    system = [{"type": "text", "text": "s" * (1 + k % 3)} for k in range(600)]
+    shapes: list[dict[str, Any]] = [
+        {"messages": [{"role": "user", "content": tiny}]},
+        {"messages": turns},
+        {"system": system, "messages": [{"role": "user", "content": "hi"}]},
+    ]
+    return {**shapes[n % 3], "max_tokens": 100}  # room for every answer: none is escalated
+
+
+async def test_requests_of_adversarial_shapes_never_bill_more_than_the_cap(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    cap = 0.003
+    cfg, _ = make_config(**{"features.summarize.daily_usd": cap})
+    producer = Producer(redis, keys.prefix)
+    ids = await producer.submit_many(
+        [NewJob(feature="summarize", request=adversarial(n)) for n in range(300)]
+    )
+    async with run_worker(cfg, concurrency=150), run_worker(cfg, concurrency=150):
+        done = await results(producer, ids, timeout_s=60)
+    assert {r.status for r in done} == {"ok", "error"}
+    billed = ledger_cost(sim)
+    assert billed <= cap, f"the simulator billed {billed} against a cap of {cap}"
+    events = job_events(await usage_events(redis, keys))
+    assert abs(sum(e.cost_usd for e in events) - billed) < 1e-9
