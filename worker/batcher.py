@@ -457,15 +457,35 @@ class Batcher:
         await self._commit(write)
 
     async def _create(self, local: str, requests: list[dict[str, Any]]) -> None:
-        """One create call; on any failure the batch stays planned and _recover decides
-        (the call may have reached the API even when no answer came back)."""
+        """One create call; on any failure the batch stays planned and _recover decides:
+        the call may have reached the API even when no answer came back, but an error
+        answer (a 529, a 5xx, a 429) means no batch was created, so it is tried again
+        after a backoff instead of anthropic.timeout_s."""
         try:
             batch = await self.client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        except anthropic.APIStatusError as exc:
+            await self._create_refused(local, exc)
+            return
         except anthropic.APIError as exc:
             log.warning("batch %s: create failed (%s); it stays planned and is looked for, "
                         "then created again", local, exc)  # fmt: skip
             return
         await self._submitted(local, batch.id, verify=False)
+
+    async def _create_refused(self, local: str, exc: anthropic.APIStatusError) -> None:
+        """The API answered the create with an error: try again after 1 s doubling to 60 s
+        (or its retry-after), counting the refusals in the batch's hash."""
+        refused = int(await self.redis.hget(self.keys.batch(local), "refused") or 0) + 1
+        wait_s = float(min(60, 2 ** (refused - 1)))
+        after = str(exc.response.headers.get("retry-after", ""))
+        if after.replace(".", "", 1).isdigit():
+            wait_s = max(wait_s, min(float(after), 600.0))
+        retry_ms = clock.now_ms() + int(wait_s * 1000)
+        log.warning("batch %s: create refused (%s %s); created again in %.0f s", local,
+                    exc.status_code, type(exc).__name__, wait_s)  # fmt: skip
+        await self._commit(lambda tx: tx.hset(self.keys.batch(local), mapping={
+            "refused": refused, "retry_ms": retry_ms,
+        }))  # fmt: skip
 
     async def _submitted(self, local: str, api_id: str, *, verify: bool) -> None:
         def write(tx: Any) -> None:
@@ -518,18 +538,27 @@ class Batcher:
     async def _recover(self, local: str, info: dict[str, str]) -> None:
         """A planned batch whose create call had no answer: adopt the API's batch if it
         made one, else create it again once that call can no longer land."""
-        found = await self._find(int(info["planned_ms"]), int(info["count"]))
-        if found is not None:
-            log.warning("batch %s: found it at the API as %s; not submitting again", local, found)
-            await self._submitted(local, found, verify=True)
-            return
-        if clock.now_ms() < int(info["tried_ms"]) + (self.cfg.anthropic.timeout_s + 1) * 1000:
-            return  # the last create call may still be on its way
+        if "retry_ms" in info:  # the last create was refused: no batch to look for
+            if clock.now_ms() < int(info["retry_ms"]):
+                return
+        else:
+            found = await self._find(int(info["planned_ms"]), int(info["count"]))
+            if found is not None:
+                log.warning("batch %s: found it at the API as %s; not submitting again", local,
+                            found)  # fmt: skip
+                await self._submitted(local, found, verify=True)
+                return
+            if clock.now_ms() < int(info["tried_ms"]) + (self.cfg.anthropic.timeout_s + 1) * 1000:
+                return  # the last create call may still be on its way
         requests = await self._rebuild(local)
         if requests:
-            await self._commit(
-                lambda tx: tx.hset(self.keys.batch(local), "tried_ms", clock.now_ms())
-            )
+            tried = clock.now_ms()
+
+            def again(tx: Any) -> None:
+                tx.hset(self.keys.batch(local), "tried_ms", tried)
+                tx.hdel(self.keys.batch(local), "retry_ms")
+
+            await self._commit(again)
             await self._create(local, requests)
 
     async def _find(self, planned_ms: int, count: int) -> str | None:

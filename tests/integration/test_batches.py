@@ -321,3 +321,24 @@ async def test_a_job_id_the_api_refuses_as_custom_id_is_mapped(
     for job_id in want:
         assert (await read_result(redis, keys, job_id)).mode == "batch"
     assert custom_id("low:7-0").startswith("h-") and custom_id("7-0") == "7-0"
+
+
+async def test_a_529_on_batch_create_is_retried_soon_not_after_the_timeout(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    # A 529 answer means the batch was not created: there is nothing to look for, so the
+    # batcher need not wait out anthropic.timeout_s (60 s here) before creating it again.
+    sim_call(sim, "config", {"batch_seconds": 0.1, "fault_rate": {"batch-529": 1.0}})
+    cfg, _ = make_config(**FAST, **{"anthropic.timeout_s": 60.0})
+    ids = await submit(redis, keys, 3)
+    async with run_worker(cfg):
+
+        async def refused() -> bool:
+            return int(sim_call(sim, "ledger")["faults"].get("batch-529", 0)) >= 1
+
+        await eventually(refused, what="a create answered 529")
+        sim_call(sim, "config", {"fault_rate": {}})
+        await eventually(lambda: all_results(redis, keys, ids), what="3 results", timeout_s=15)
+    assert len(sim_batches(sim)) == 1
+    assert {e.mode for e in await usage_events(redis, keys)} == {"batch"}
