@@ -322,6 +322,13 @@ class Breakers:
             release = dict.fromkeys(ticket.probes, 2)
             await self.sync(changed, release, ticket.probe_id)
 
+    async def release(self, ticket: Ticket) -> None:
+        """A ticket whose call was never made (a budget refused it, the wait for capacity
+        failed): free its probe slots at once and count nothing."""
+        if ticket.probes:
+            probes = list(ticket.probes)
+            await self.sync(probes, dict.fromkeys(probes, 2), ticket.probe_id)
+
     async def status(self) -> list[dict[str, Any]]:
         """Every breaker the fleet has state for (for `tokenq budgets`)."""
         out: list[dict[str, Any]] = []

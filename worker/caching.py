@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,9 +172,14 @@ class ResponseCache:
         raw: Any = await self.redis.get(key)
         return None if raw is None else _decode(raw)
 
-    async def claim(self, key: str, keep_s: int, dedupe: bool) -> CachedAnswer | Lease | None:
+    async def claim(
+        self, key: str, keep_s: int, dedupe: bool, token: str
+    ) -> CachedAnswer | Lease | None:
         """An answer an identical job made while this one waited, or the lease to call.
-        None when de-duplication is off (call, then complete nothing but the cache)."""
+        None when de-duplication is off (call, then complete nothing but the cache).
+
+        `token` names this job's claim: a claim tried again after a Redis error (its SET may
+        have been applied with only the reply lost) finds the lease its own."""
         if not dedupe:
             return None
         while True:
@@ -188,7 +192,6 @@ class ResponseCache:
             future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
             self._local[key] = future
             try:
-                token = uuid.uuid4().hex
                 answer = await self._fleet(key, token)
             except BaseException:
                 self._resolve(key, future, None)
@@ -201,8 +204,11 @@ class ResponseCache:
     async def _fleet(self, key: str, token: str) -> CachedAnswer | None:
         """None once this process holds the fleet lease; an answer another process made."""
         while True:
-            if await self.redis.set(Keys.rcache_lease(key), token, nx=True, px=self.lease_ms):
+            lease = Keys.rcache_lease(key)
+            if await self.redis.set(lease, token, nx=True, px=self.lease_ms):
                 return None
+            if await self.redis.get(lease) == token:
+                return None  # ours: an earlier try took it
             newest: Any = await self.redis.xrevrange(Keys.rcache_done(key), count=1)
             last = str(newest[0][0]) if newest else "0-0"
             answer = await self.get(key)

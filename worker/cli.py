@@ -24,9 +24,9 @@ from producers import Producer
 from worker import clock
 from worker.admission import reply_to_of
 from worker.api_request import parse_request
-from worker.batcher import batch_rows, cancel_batch
+from worker.batches import batch_rows, cancel_batch
 from worker.breakers import Breakers
-from worker.budgets import budget_rows
+from worker.budgets import budget_rows, resume
 from worker.cli_tools import EPILOG_LINES as TOOLS_EPILOG
 from worker.cli_tools import add_tool_commands
 from worker.config import Config, config_path, load_config
@@ -264,10 +264,23 @@ def _add_budgets(sub: Sub[argparse.ArgumentParser]) -> None:
         description="Every spend cap of the config file in its current period (day or month "
         "in budgets.timezone): what was spent, what calls in flight have reserved (their "
         "worst case), the cap and what is left, for each feature and for each tenant seen "
-        "today; then the state of every circuit breaker the fleet has used.",
+        "today; then the state of every circuit breaker the fleet has used, and whether the "
+        "organization's spend limit (a 429 enforced_spend_limit_reached from the API) has "
+        "stopped every call of the fleet. `resume` lifts that stop once the limit is raised "
+        "(otherwise it lasts until the month turns, 00:00 UTC on the 1st).",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per cap and breaker")
     p.set_defaults(run=cmd_budgets)
+    bsub = p.add_subparsers(dest="budgets_command", metavar="ACTION")
+    rp = bsub.add_parser(
+        "resume",
+        help="lift the fleet's stop after the organization's spend limit",
+        description="Lift the stop the fleet put on every call when the API answered 429 "
+        "enforced_spend_limit_reached. Do it once the organization's limit is raised; the "
+        "jobs that wait come back within a minute. Without it the stop ends when the month "
+        "turns.",
+    )
+    rp.set_defaults(run=cmd_budgets_resume)
 
 
 def _add_batches(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -614,8 +627,10 @@ def cmd_budgets(ns: argparse.Namespace) -> int:
         async with _redis(cfg) as redis:
             rows = await budget_rows(redis, cfg, keys, clock.utc())
             breakers = await Breakers(redis, keys, cfg.breakers, 0).status()
+            stopped: Any = await redis.get(keys.spend_stop)
+        stop = [{"spend_stop_until_ms": int(stopped)}] if stopped is not None else []
         if ns.json:
-            for row in [*rows, *breakers]:
+            for row in [*rows, *breakers, *stop]:
                 print(json.dumps(row))
             return 0
         if not rows:
@@ -628,6 +643,30 @@ def cmd_budgets(ns: argparse.Namespace) -> int:
             since = f", opened {time.strftime('%H:%M:%S', time.localtime(opened / 1000))}"
             print(f"breaker {b['breaker']}: {b.get('state', 'closed')}"
                   f" (failures in a row {b.get('fails', 0)}{since if opened else ''})")  # fmt: skip
+        if stopped is not None:
+            print(f"spend limit reached: every call of the fleet is stopped until "
+                  f"{_utc(int(stopped))} (the API's 429 enforced_spend_limit_reached); "
+                  "`tokenq budgets resume` lifts it once the limit is raised")  # fmt: skip
+        return 0
+
+    return _run_async(run)
+
+
+def _utc(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def cmd_budgets_resume(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+
+    async def run() -> int:
+        async with _redis(cfg) as redis:
+            until = await resume(redis, Keys(cfg.prefix))
+        if until is None:
+            print("no spend stop: calls are not stopped")
+        else:
+            print(f"spend stop lifted (it would have lasted until {_utc(until)}); the waiting "
+                  "jobs come back within a minute")  # fmt: skip
         return 0
 
     return _run_async(run)

@@ -31,8 +31,9 @@ ErrorType = Literal[
     "circuit_open",
     "duplicate_id",
     "removed",  # an operator took the entry out (tokenq jobs remove)
+    "check_failed",  # the answer failed its feature's check after every escalation (no dead letter)
 ]
-Kind = Literal["job", "alert"]
+Kind = Literal["job", "alert", "orphan"]
 
 GROUP = "workers"
 """The consumer group every worker reads the job streams with."""
@@ -272,14 +273,19 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     queue_ms: int = 0
     route_reason: str = ""
     error_type: str = ""
-    # Added after DESIGN.md: "alert" entries (a budget reaching budgets.alert_at) share the
-    # stream; they carry `message`, and `cost_usd` is the spend so far. job_id is "".
+    # Added after DESIGN.md: "alert" entries (a budget reaching budgets.alert_at, the
+    # organization's spend limit) share the stream; they carry `message`, and `cost_usd` is
+    # the spend so far; job_id is "". "orphan" entries report a call whose answer never came.
     kind: Kind = "job"
     message: str = ""
     # The response cache's part: "hit" (answered from the cache), "joined" (answered by an
     # identical call in flight), "miss" (called the API), "off" (not used), "no_tenant" (the
     # feature's cache is scoped to the tenant and the job has none), "" (not a job).
     response_cache: str = ""
+    # Added with the job run: the part of queue_ms the job spent in the deferred set, and for
+    # an "orphan" event (a call whose answer never came) the most that call can have cost.
+    deferred_ms: int = 0
+    reserved_usd: float = 0.0
 
 
 class Feedback(msgspec.Struct, frozen=True, kw_only=True):

@@ -90,14 +90,28 @@ def _unknown(content: Any) -> bool:
 
 
 class Calibration:
-    """Per model: the ratio of reported to estimated input tokens, smoothed (EWMA).
+    """Per model: the ratio of reported to estimated input tokens, smoothed (EWMA), and the
+    output tokens of its answers (for a lost call's expected cost).
 
-    Starts at 1.0 and stays within [0.25, 4] so one odd answer cannot swing it far.
+    The factor starts at 1.0 and stays within [0.25, 4] so one odd answer cannot swing it far.
     """
 
     def __init__(self, weight: float = 0.1) -> None:
         self.weight = weight
         self.factors: dict[str, float] = {}
+        self.outputs: dict[str, float] = {}
+
+    def expected_output(self, model: str, max_tokens: int) -> int:
+        """The output tokens a call is expected to have: what the model's answers had lately,
+        at most max_tokens; max_tokens before any answer."""
+        seen = self.outputs.get(model)
+        return max_tokens if seen is None else min(max_tokens, math.ceil(seen))
+
+    def learn_output(self, model: str, output_tokens: int) -> None:
+        old = self.outputs.get(model)
+        self.outputs[model] = (
+            float(output_tokens) if old is None else old + self.weight * (output_tokens - old)
+        )
 
     def estimate(self, model: str, params: dict[str, Any]) -> tuple[int, int]:
         """(corrected estimate, raw estimate) for a call to `model`."""

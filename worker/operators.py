@@ -15,6 +15,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from worker import jobrun, outcomes
 from worker.contract import (
     GROUP,
     ErrorInfo,
@@ -27,8 +28,10 @@ from worker.contract import (
     fingerprint,
     id_problem,
     to_fields,
+    usd_amount,
 )
 from worker.entries import Entry, raw_command, scan, shown
+from worker.jobrun import JobRun
 
 ENTRY_ID = re.compile(r"[0-9]+-[0-9]+")
 
@@ -156,7 +159,7 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 7 + n))
 redis.call('RPUSH', KEYS[5], 1)
 redis.call('EXPIRE', KEYS[5], math.min(tonumber(ARGV[4]), 300))
-redis.call('HDEL', KEYS[6], 'attempts', 'last_error')
+redis.call('HDEL', KEYS[6], 'run')
 redis.call('EXPIRE', KEYS[6], ARGV[4])
 if KEYS[7] then
   local kind = redis.call('TYPE', KEYS[7])['ok']
@@ -193,9 +196,10 @@ async def remove_job_entry(
     `reply_to`: the job's reply stream when the job may write to it (admission.reply_to_of).
     """
     state = keys.state(job.job_id)
-    attempts = int(await redis.hget(state, "attempts") or 0)
+    stored: Any = await redis.hget(state, "run")
+    run = jobrun.decode(stored, entry_ms(job.entry.entry_id))
     had_result = bool(await redis.exists(keys.result(job.job_id)))
-    dead, result, event = _removal_records(job, attempts, had_result, now_ms, max_entry_bytes)
+    dead, result, event = _removal_records(job, run, had_result, now_ms, max_entry_bytes)
     reply = reply_to
     names = [job.stream, keys.dead, keys.result(job.job_id), keys.usage, keys.done(job.job_id)]
     names += [state, *([reply] if reply else [])]
@@ -211,24 +215,27 @@ async def remove_job_entry(
 
 
 def _removal_records(
-    job: JobEntry, attempts: int, had_result: bool, now_ms: int, max_entry_bytes: int
+    job: JobEntry, run: JobRun, had_result: bool, now_ms: int, max_entry_bytes: int
 ) -> tuple[dict[bytes, bytes], bytes, UsageEvent]:
-    """The dead letter, error result and usage event of a removed entry."""
+    """The dead letter, error result and usage event of a removed entry (with what the calls
+    of its run cost: a job can be removed after paid calls)."""
+    attempts = run.attempts
     kept, note = _kept(job.entry, max_entry_bytes)
     error = _removed_sentence(job, had_result) + note
     where = {"priority": job.priority, "entry_id": job.entry.entry_id, "job_id": job.job_id}
     ours = {"error_type": "removed", "error": error, "attempts": str(attempts), **where}
     dead = {**kept, **{k.encode(): v.encode() for k, v in ours.items()}}
-    result = Result(id=job.job_id, status="error", error=ErrorInfo("removed", error))
+    result = Result(id=job.job_id, status="error", error=ErrorInfo("removed", error),
+                    cost_usd=usd_amount(run.cost_usd()))  # fmt: skip
     event = UsageEvent(
+        **outcomes.totals(run),
         ts_ms=now_ms,
         job_id=job.job_id,
         feature=job.entry.get("feature") or "",
         tenant=job.entry.get("tenant") or "",
         priority=job.priority,
         status="error",
-        attempt=attempts,
-        queue_ms=max(0, now_ms - entry_ms(job.entry.entry_id)),
+        queue_ms=max(0, now_ms - run.first_ms),
         error_type="removed",
     )
     return dead, msgspec.json.encode(result), event

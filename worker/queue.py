@@ -59,7 +59,6 @@ class Delivery:
     # another stream's entry, or the `id` to another job.
     qualified: bool = False
     deliveries: int = 1  # times the group delivered the entry (XPENDING), 1 for a new read
-    attempt: int = 0  # the attempt worker.claims counted for this delivery (0: none yet)
     claimed: bool = False  # worker.claims settled its job id
 
     @property
@@ -290,7 +289,12 @@ class Queue:
         # Wakes result() waiters; short-lived, the result key itself is the record.
         tx.rpush(self.keys.done(job_id), 1)
         tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
-        self._ack(tx, d, job_id)
+        self._ack(tx, d)
+        # The claim stays as long as the result, so a same-numbered entry of another stream is
+        # never mistaken for a redelivery of this one; the job's run is no longer needed.
+        state = self.keys.state(job_id)
+        tx.hdel(state, "run")
+        tx.expire(state, self.result_ttl_s)
 
     def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:
         """Queue the XADD of a result onto a reply_to stream: skipped (atomically, in Lua)
@@ -301,15 +305,11 @@ class Queue:
         """The type of a reply_to key: `none`, `stream`, or another that rules it out."""
         return as_text(await self.redis.type(name))
 
-    def requeue_into(self, tx: Any, d: Delivery, job_id: str, *, refund: bool) -> None:
+    def requeue_into(self, tx: Any, d: Delivery, job_id: str) -> None:
         """Queue writes that put a job back at the end of its stream under the same job id
-        (a new entry; this one acknowledged and deleted). Its attempts are kept, less the
-        last one when `refund` (the attempt was not the job's fault: expired, canceled)."""
+        (a new entry; this one acknowledged and deleted). Its run stays in its state hash."""
         tx.xadd(d.stream, _map({**d.fields, "id": job_id}))
-        tx.xack(d.stream, GROUP, d.entry_id)
-        tx.xdel(d.stream, d.entry_id)
-        if refund:
-            tx.hincrby(self.keys.state(job_id), "attempts", -1)
+        self._ack(tx, d)
 
     async def take(self, priority: str, count: int) -> list[Delivery]:
         """Up to `count` new entries of one stream for this consumer, without blocking."""
@@ -388,11 +388,9 @@ class Queue:
         # passes its bytes through unchanged.
         member = json.dumps({"p": d.priority, "f": fields}, sort_keys=True, ensure_ascii=False)
         tx.zadd(self.keys.deferred, {member: until_ms})
+        self._ack(tx, d)
         if not owns_claim:
-            tx.xack(d.stream, GROUP, d.entry_id)
-            tx.xdel(d.stream, d.entry_id)
             return
-        self._ack(tx, d, job_id)
         # The claim must outlive the wait (a month for a monthly budget), or the entry put
         # back with its id would be a stranger to it.
         tx.pexpireat(self.keys.state(job_id), until_ms + 86_400_000, gt=True)
@@ -413,16 +411,11 @@ class Queue:
                 self.reply_into(tx, reply_to, result)
             await tx.execute()
 
-    def _ack(self, tx: Any, d: Delivery, job_id: str) -> None:
+    def _ack(self, tx: Any, d: Delivery) -> None:
         # The entry is deleted too: a finished job's fields live on in the result and the
         # usage event (and the dead letter), and the stream stays as small as the backlog.
         tx.xack(d.stream, GROUP, d.entry_id)
         tx.xdel(d.stream, d.entry_id)
-        # The owner field stays as long as the result, so a same-numbered entry of another
-        # stream is never mistaken for a redelivery of this one.
-        state = self.keys.state(job_id)
-        tx.hdel(state, "attempts", "last_error")
-        tx.expire(state, self.result_ttl_s)
 
     async def leave(self) -> None:
         """On clean shutdown: drop this consumer from the groups if it holds nothing."""

@@ -45,7 +45,7 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import clock
-from worker.batcher import batch_rows
+from worker.batches import batch_rows
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
 from worker.config import Config

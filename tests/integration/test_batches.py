@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 from tests.conftest import ConfigFactory
 from tests.helpers import eventually, pending_count, read_result, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker, SpawnWorker
-from worker.batcher import batch_rows, custom_id
+from worker.batcher import custom_id
+from worker.batches import batch_rows
 from worker.contract import Keys
 from worker.worker import build_worker
 
@@ -342,3 +343,37 @@ async def test_a_529_on_batch_create_is_retried_soon_not_after_the_timeout(
         await eventually(lambda: all_results(redis, keys, ids), what="3 results", timeout_s=15)
     assert len(sim_batches(sim)) == 1
     assert {e.mode for e in await usage_events(redis, keys)} == {"batch"}
+
+
+async def test_a_batcher_that_lost_its_lease_hands_no_job_to_real_time(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory
+) -> None:
+    # A batcher learns it lost the lease only when it next renews or writes; meanwhile the
+    # next batcher finds the same pending entries. Handing one over must be fenced too, or
+    # both batchers start it in real time: two calls, two usage events.
+    from worker.batcher import Batcher
+    from worker.contract import BATCHER, GROUP
+    from worker.lease import LeaseLost
+
+    cfg, _ = make_config(**FAST)
+    worker = build_worker(cfg, concurrency=8)
+    adopted: list[str] = []
+    try:
+        await worker.queue.ensure_groups()
+        await submit(redis, keys, 1, deadline_ms=str(int(time.time() * 1000) + 5000))
+        batcher = Batcher(worker.queue, worker.client, lambda: cfg,
+                          lambda d: adopted.append(d.entry_id), asyncio.Event())  # fmt: skip
+        assert await batcher.lease.acquire(60_000)
+        [d] = await batcher.queue.take("low", 10)
+        await redis.set(keys.batcher_lease, "another-process")  # the lease moved on
+        with pytest.raises(LeaseLost):
+            await batcher._hand_over(d)
+        rows: Any = await redis.xpending_range(keys.jobs("low"), GROUP, "-", "+", 10)
+        assert [r["consumer"] for r in rows] == [BATCHER] and adopted == []  # still its own
+        await redis.set(keys.batcher_lease, batcher.lease.token)  # held again: handed over
+        await batcher._hand_over(d)
+        rows = await redis.xpending_range(keys.jobs("low"), GROUP, "-", "+", 10)
+        assert [r["consumer"] for r in rows] == [worker.queue.consumer]
+        assert adopted == [d.entry_id]
+    finally:
+        await worker.aclose()

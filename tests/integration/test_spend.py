@@ -163,8 +163,12 @@ async def test_a_529_storm_opens_the_breaker_traffic_stops_then_recovers_through
         done = await results(producer, ids)
     assert all(r.status == "ok" for r in done)
     assert await redis.hget(f"{keys.prefix}:breaker:feature:summarize", "state") == "closed"
-    assert int(sim_call(sim, "ledger")["models"]["claude-haiku-5-5"]["requests"]) == 20
-    assert all(e.attempt == 1 for e in job_events(await usage_events(redis, keys)))
+    ledger = sim_call(sim, "ledger")
+    assert int(ledger["models"]["claude-haiku-5-5"]["requests"]) == 20
+    # Every call counts once over a job's life, deferrals or not: its failed calls and the
+    # one that was answered (attempts no longer start over when the breaker defers a job).
+    attempts = [e.attempt for e in job_events(await usage_events(redis, keys))]
+    assert sum(attempts) == 20 + int(ledger["faults"]["529"]), attempts
 
 
 async def open_breaker(redis: aioredis.Redis, keys: Keys, name: str) -> None:
@@ -239,8 +243,10 @@ async def test_an_answer_failing_the_check_escalates_and_every_call_is_paid_for(
     async with run_worker(cfg):
         escalated = await producer.result(await producer.submit("summarize", plain), 10)
         passed = await producer.result(await producer.submit("summarize", asks_json), 10)
-    assert escalated.status == "ok" and escalated.tier == "sonnet"
-    assert passed.tier == "haiku" and json.loads(passed.text)
+    # The sonnet answer is no JSON either: delivered, but as an error (check_failed).
+    assert escalated.status == "error" and escalated.tier == "sonnet" and escalated.text
+    assert escalated.error is not None and escalated.error.type == "check_failed"
+    assert passed.status == "ok" and passed.tier == "haiku" and json.loads(passed.text)
     events = {e.job_id: e for e in await usage_events(redis, keys)}
     first = events[escalated.id]
     assert first.route_reason == (
