@@ -382,3 +382,30 @@ async def test_requests_of_adversarial_shapes_never_bill_more_than_the_cap(
     assert billed <= cap, f"the simulator billed {billed} against a cap of {cap}"
     events = job_events(await usage_events(redis, keys))
     assert abs(sum(e.cost_usd for e in events) - billed) < 1e-9
+
+
+PIXEL = (  # a 1x1 PNG
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+async def test_a_request_the_estimate_cannot_bound_is_counted_by_the_api_under_a_cap(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    # An image is billed by its pixels, not by its JSON: the worker asks count_tokens before it
+    # reserves against a cap. A text request, or one under no cap, is not counted.
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": PIXEL},
+    }
+    question = {"type": "text", "text": "What is it?"}
+    with_image = {"messages": [{"role": "user", "content": [image, question]}]}
+    cfg, _ = make_config(**{"features.summarize.daily_usd": 1.0})
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg):
+        capped = await producer.submit("summarize", with_image)
+        plain = await producer.submit("summarize", SMALL)
+        free = await producer.submit("summarize_doc", with_image)  # no cap
+        done = await results(producer, [capped, plain, free])
+    assert [r.status for r in done] == ["ok", "ok", "ok"]
+    assert sim_call(sim, "ledger")["counted"] == 1
