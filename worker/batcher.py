@@ -50,7 +50,8 @@ from redis.exceptions import RedisError
 
 from worker import clock, jobrun, jobs, outcomes
 from worker.admission import Admitted
-from worker.batches import Batches, Member
+from worker.batch_results import Member
+from worker.batches import Batches
 from worker.budgets import SpendStop, caps_for
 from worker.caching import mark_prompt_cache
 from worker.claims import Claim, Claims, refusal
@@ -127,9 +128,13 @@ class Batcher:
     """Collects the jobs of the batch priorities into Message Batches and delivers them."""
 
     def __init__(
-        self, queue: Queue, client: anthropic.AsyncAnthropic, config: Callable[[], Config],
-        adopt: Callable[[Delivery], None], stopping: asyncio.Event,
-    ) -> None:  # fmt: skip
+        self,
+        queue: Queue,
+        client: anthropic.AsyncAnthropic,
+        config: Callable[[], Config],
+        adopt: Callable[[Delivery], None],
+        stopping: asyncio.Event,
+    ) -> None:
         q = queue
         self.redis, self.keys = q.redis, q.keys
         self.config = config  # the worker's config of the moment: reloads apply
@@ -138,15 +143,21 @@ class Batcher:
         self.consumer = q.consumer  # the worker's own, for hand-overs
         self.priorities = [p for p in q.priorities if p not in q.readable]
         self.queue = Queue(
-            q.redis, q.keys, q.priorities, BATCHER, visibility_ms=q.visibility_ms,
-            result_ttl_s=q.result_ttl_s, usage_maxlen=q.usage_maxlen,
-        )  # fmt: skip
+            q.redis,
+            q.keys,
+            q.priorities,
+            BATCHER,
+            visibility_ms=q.visibility_ms,
+            result_ttl_s=q.result_ttl_s,
+            usage_maxlen=q.usage_maxlen,
+        )
         self.lease = Lease(q.redis, q.keys.batcher_lease, f"{q.consumer}-{uuid.uuid4().hex[:8]}")
         self.claims = Claims(q.redis, q.keys, q.streams)
         self.stop = SpendStop(q.redis, q.keys)
         client = client.with_options(max_retries=0)  # a re-sent create could make two batches
-        self.batches = Batches(self.queue, self.lease, client, config, self._hand_over,
-                               self._request_of)  # fmt: skip
+        self.batches = Batches(
+            self.queue, self.lease, client, config, self._hand_over, self._request_of
+        )
         self.waiting: list[Waiting] = []
         self._next_sweep = 0.0
 
@@ -260,8 +271,9 @@ class Batcher:
         except (RedisError, OSError):
             raise  # the batcher steps down; the entry waits for the next one
         except Exception:
-            log.exception("job=%s could not be prepared for a batch; it runs in real time",
-                          shown(d.job_id))  # fmt: skip
+            log.exception(
+                "job=%s could not be prepared for a batch; it runs in real time", shown(d.job_id)
+            )
             return None
 
     async def _prepare(self, d: Delivery) -> Waiting | None:
@@ -302,8 +314,9 @@ class Batcher:
         if job.deadline_ms is not None and job.deadline_ms < end:
             return False
         feature = self.cfg.features[job.feature]
-        return not caps_for(self.cfg, self.keys, job.feature, feature, job.tenant or "",
-                            clock.utc())  # fmt: skip
+        return not caps_for(
+            self.cfg, self.keys, job.feature, feature, job.tenant or "", clock.utc()
+        )
 
     async def _hand_over(self, d: Delivery) -> None:
         """Run the job in real time in this process: its entry moves to the worker's consumer
@@ -366,8 +379,9 @@ class Batcher:
             return
         if claim.outcome == "in_flight":  # the same job pending in another entry: wait
             until = claim.look_again_ms(clock.now_ms())
-            plan.write.append(lambda tx: self.queue.defer_into(tx, d, d.job_id, until,
-                                                               owns_claim=False))  # fmt: skip
+            plan.write.append(
+                lambda tx: self.queue.defer_into(tx, d, d.job_id, until, owns_claim=False)
+            )
             return
         run = jobrun.decode(claim.run, first_ms=entry_ms(d.entry_id))
         run.returned(entry_ms(d.entry_id))
@@ -385,12 +399,19 @@ class Batcher:
             self.waiting.append(w)  # the same job id twice: the next window settles it
             return
         run.tier = w.tier
-        run.calls.append(Call(model=w.params["model"], tier=w.tier, mode="batch",
-                              started_ms=clock.now_ms()))  # fmt: skip
+        run.calls.append(
+            Call(model=w.params["model"], tier=w.tier, mode="batch", started_ms=clock.now_ms())
+        )
         state = self.keys.state(d.job_id)
         plan.write.append(lambda tx: jobrun.save_into(tx, state, run))
-        member = Member(priority=d.priority, entry_id=d.entry_id, job_id=d.job_id,
-                        attempt=run.attempts, tier=w.tier, route=w.why)  # fmt: skip
+        member = Member(
+            priority=d.priority,
+            entry_id=d.entry_id,
+            job_id=d.job_id,
+            attempt=run.attempts,
+            tier=w.tier,
+            route=w.why,
+        )
         plan.members[cid] = (member, w)
 
 

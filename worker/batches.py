@@ -1,4 +1,4 @@
-"""The batcher's Message Batches: record, create, recover, follow, deliver (worker.batcher).
+"""The batcher's Message Batches: record, create, recover, follow (worker.batcher).
 
 Crash safety. A batch and its members are recorded in Redis (state `planned`) before the
 create call, and every write is fenced by the batcher lease (worker.lease). A `planned` batch
@@ -8,13 +8,8 @@ under another id; found, it is adopted (its results are checked against the memb
 custom_ids before anything is delivered), otherwise it is created again, but only once
 anthropic.timeout_s has passed since the last create call began, so that call cannot still
 land. A create *answered* with an error made no batch: it is created again after a backoff.
-Results are delivered in chunks; each chunk's transaction also deletes the chunk's members, so
-a batcher that takes over mid-delivery delivers only what is left.
-
-Each member's job carries the batch as a call of its run (worker.jobrun, recorded when the
-batch was planned): an answer settles it at the batch price; an `errored` item is a failed
-attempt; an `expired` or `canceled` one is not counted (not the job's fault) and the job goes
-back on its stream.
+Delivering a batch's results, and what each does to its member's job, is
+worker.batch_results.
 """
 
 from __future__ import annotations
@@ -25,18 +20,13 @@ from typing import Any
 
 import anthropic
 import msgspec
-import redis.asyncio as aioredis
 
-from worker import clock, jobrun, outcomes
+from worker import clock
+from worker.batch_results import Member, Members, hash_of, member
 from worker.config import Config
-from worker.contract import Keys, as_text, entry_ms
-from worker.errors import InvalidRequest, JobRejected
-from worker.jobrun import Call, JobRun
-from worker.jobs import ApiMessage, exhausted, text_of
+from worker.contract import as_text
 from worker.lease import Lease
 from worker.queue import Delivery, Queue
-from worker.router import check_answer
-from worker.usage import ApiUsage, cost_usd
 
 log = logging.getLogger("tokenq.batcher")
 CHUNK = 200  # results written per transaction
@@ -48,44 +38,25 @@ Write = Callable[[Any], Any]
 Request = Callable[[Delivery], Awaitable[tuple[str, dict[str, Any]] | None]]
 
 
-MEMBER_KEYS = dict(priority="p", entry_id="e", job_id="j", attempt="a", tier="t", route="r")
-
-
-class Member(msgspec.Struct, frozen=True, kw_only=True, rename=MEMBER_KEYS):
-    """What `<prefix>:batch:<local>:members` holds per custom_id: the job it stands for."""
-
-    priority: str
-    entry_id: str
-    job_id: str
-    attempt: int  # the job's attempts with this batch
-    tier: str
-    route: str  # route_reason so far
-
-
-_member = msgspec.json.Decoder(Member).decode
-
-
-async def _hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
-    """HGETALL as str to str."""
-    raw: Any = await redis.hgetall(key)
-    return {as_text(k): as_text(v) for k, v in raw.items()}
-
-
 class Batches:
     """The active batcher's batches: see the module docstring. `request` rebuilds a member's
     create request from its entry ((tier, params), None when it can no longer be batched);
     `hand_over` runs a job in real time."""
 
     def __init__(
-        self, queue: Queue, lease: Lease, client: anthropic.AsyncAnthropic,
-        config: Callable[[], Config], hand_over: Callable[[Delivery], Awaitable[None]],
+        self,
+        queue: Queue,
+        lease: Lease,
+        client: anthropic.AsyncAnthropic,
+        config: Callable[[], Config],
+        hand_over: Callable[[Delivery], Awaitable[None]],
         request: Request,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.queue, self.lease, self.client = queue, lease, client
         self.redis, self.keys = queue.redis, queue.keys
         self.config = config
-        self.hand_over = hand_over
         self.request = request
+        self.members = Members(queue, lease, client, config, hand_over)
         self._next_poll: dict[str, float] = {}
 
     @property
@@ -95,17 +66,6 @@ class Batches:
     def forget(self) -> None:
         """Stepping down: the next leadership polls every batch afresh."""
         self._next_poll.clear()
-
-    async def _commit(self, write: Write, local: str | None = None,
-                      done: list[str] | None = None) -> None:  # fmt: skip
-        """write(tx), and the deletion of `done` from the batch's members, fenced."""
-
-        def both(tx: Any) -> None:
-            write(tx)
-            if local is not None and done:
-                tx.hdel(self.keys.batch_members(local), *done)
-
-        await self.lease.commit(both)
 
     # -- recording and creating --
 
@@ -122,13 +82,21 @@ class Batches:
             if not members:
                 return
             batch = self.keys.batch(local)
-            tx.hset(batch, mapping={"state": "planned", "count": len(members), "bytes": size,
-                                    "planned_ms": stamp, "tried_ms": stamp})  # fmt: skip
+            tx.hset(
+                batch,
+                mapping={
+                    "state": "planned",
+                    "count": len(members),
+                    "bytes": size,
+                    "planned_ms": stamp,
+                    "tried_ms": stamp,
+                },
+            )
             encoded = {c: _encode(m) for c, (m, _) in members.items()}
             tx.hset(self.keys.batch_members(local), mapping=encoded)
             tx.zadd(self.keys.batches, {local: stamp})
 
-        await self._commit(write)
+        await self.members.commit(write)
 
     async def create(self, local: str, requests: list[dict[str, Any]]) -> None:
         """One create call; on any failure the batch stays planned and _recover decides:
@@ -141,8 +109,12 @@ class Batches:
             await self._create_refused(local, exc)
             return
         except anthropic.APIError as exc:
-            log.warning("batch %s: create failed (%s); it stays planned and is looked for, "
-                        "then created again", local, exc)  # fmt: skip
+            log.warning(
+                "batch %s: create failed (%s); it stays planned and is looked for, "
+                "then created again",
+                local,
+                exc,
+            )
             return
         await self._submitted(local, batch.id, verify=False)
 
@@ -155,20 +127,29 @@ class Batches:
         if after.replace(".", "", 1).isdigit():
             wait_s = max(wait_s, min(float(after), 600.0))
         retry_ms = clock.now_ms() + int(wait_s * 1000)
-        log.warning("batch %s: create refused (%s %s); created again in %.0f s", local,
-                    exc.status_code, type(exc).__name__, wait_s)  # fmt: skip
+        log.warning(
+            "batch %s: create refused (%s %s); created again in %.0f s",
+            local,
+            exc.status_code,
+            type(exc).__name__,
+            wait_s,
+        )
         mapping = {"refused": refused, "retry_ms": retry_ms}
-        await self._commit(lambda tx: tx.hset(self.keys.batch(local), mapping=mapping))
+        await self.members.commit(lambda tx: tx.hset(self.keys.batch(local), mapping=mapping))
 
     async def _submitted(self, local: str, api_id: str, *, verify: bool) -> None:
-        mapping = {"state": "submitted", "api_id": api_id, "submitted_ms": clock.now_ms(),
-                   "verify": int(verify)}  # fmt: skip
+        mapping = {
+            "state": "submitted",
+            "api_id": api_id,
+            "submitted_ms": clock.now_ms(),
+            "verify": int(verify),
+        }
 
         def write(tx: Any) -> None:
             tx.hset(self.keys.batch(local), mapping=mapping)
             tx.hset(self.keys.batch_ids, api_id, local)
 
-        await self._commit(write)
+        await self.members.commit(write)
         log.info("batch %s submitted as %s", local, api_id)
 
     # -- following submitted batches --
@@ -189,7 +170,7 @@ class Batches:
         out: list[Member] = []
         for local in await self.open():
             raw: Any = await self.redis.hvals(self.keys.batch_members(local))
-            out += [_member(v) for v in raw]
+            out += [member(v) for v in raw]
         return out
 
     async def follow(self) -> None:
@@ -199,17 +180,18 @@ class Batches:
             if clock.monotonic() < self._next_poll.get(local, 0.0):
                 continue
             self._next_poll[local] = clock.monotonic() + self.cfg.batch.poll_s
-            info = await _hash(self.redis, self.keys.batch(local))
+            info = await hash_of(self.redis, self.keys.batch(local))
             if info.get("state") == "planned":
                 await self._recover(local, info)
                 continue
             batch = await self.client.messages.batches.retrieve(info["api_id"])
             if batch.processing_status == "ended":
-                await self._deliver(local, info, batch)
+                await self.members.deliver(local, info, batch)
                 self._next_poll.pop(local, None)
             elif self._overdue(info) and batch.processing_status == "in_progress":
-                log.warning("batch %s (%s) passed batch.completion_s; canceling it", local,
-                            batch.id)  # fmt: skip
+                log.warning(
+                    "batch %s (%s) passed batch.completion_s; canceling it", local, batch.id
+                )
                 await self.client.messages.batches.cancel(batch.id)
 
     def _overdue(self, info: dict[str, str]) -> bool:
@@ -224,8 +206,9 @@ class Batches:
         else:
             found = await self._find(int(info["planned_ms"]), int(info["count"]))
             if found is not None:
-                log.warning("batch %s: found it at the API as %s; not submitting again", local,
-                            found)  # fmt: skip
+                log.warning(
+                    "batch %s: found it at the API as %s; not submitting again", local, found
+                )
                 await self._submitted(local, found, verify=True)
                 return
             if clock.now_ms() < int(info["tried_ms"]) + (self.cfg.anthropic.timeout_s + 1) * 1000:
@@ -238,7 +221,7 @@ class Batches:
                 tx.hset(self.keys.batch(local), "tried_ms", tried)
                 tx.hdel(self.keys.batch(local), "retry_ms")
 
-            await self._commit(again)
+            await self.members.commit(again)
             await self.create(local, requests)
 
     async def _find(self, planned_ms: int, count: int) -> str | None:
@@ -258,9 +241,9 @@ class Batches:
     async def _rebuild(self, local: str) -> list[dict[str, Any]]:
         """The create requests of a planned batch again, from its members' entries; a member
         that can no longer go as it was goes back on its stream."""
-        members = await self._members(local)
+        members = await self.members.of(local)
         found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in members])
-        runs = await self._runs([m for _, m in members])
+        runs = await self.members.runs([m for _, m in members])
         requests, gone = [], []
         for (cid, m), d, run in zip(members, found, runs, strict=True):
             again = await self.request(d) if d is not None else None
@@ -272,203 +255,10 @@ class Batches:
         def write(tx: Any) -> None:
             for _, m, d, run in gone:
                 if d is not None:
-                    self._back_into(tx, d, m, run, "not submitted")
+                    self.members.back_into(tx, d, m, run, "not submitted")
             if not requests:
                 tx.hset(self.keys.batch(local), "state", "dropped")
 
         if gone:
-            await self._commit(write, local, [c for c, _, _, _ in gone])
+            await self.members.commit(write, local, [c for c, _, _, _ in gone])
         return requests
-
-    async def _members(self, local: str) -> list[tuple[str, Member]]:
-        raw = await _hash(self.redis, self.keys.batch_members(local))
-        return [(c, _member(v)) for c, v in raw.items()]
-
-    async def _runs(self, members: list[Member]) -> list[JobRun]:
-        """The members' runs, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for m in members:
-                pipe.hget(self.keys.state(m.job_id), "run")
-            raw: list[Any] = await pipe.execute()
-        return [jobrun.decode(r, entry_ms(m.entry_id)) for m, r in zip(members, raw, strict=True)]
-
-    def _back_into(self, tx: Any, d: Delivery, m: Member, run: JobRun, why: str) -> None:
-        """The job back at the end of its stream, its batch not counted as an attempt."""
-        call = _batch_call(run, m)
-        call.state, call.counted, call.error = "failed", False, why
-        jobrun.save_into(tx, self.keys.state(m.job_id), run)
-        self.queue.requeue_into(tx, d, m.job_id)
-
-    # -- delivering results --
-
-    async def _deliver(self, local: str, info: dict[str, str], batch: Any) -> None:
-        started = clock.monotonic()
-        if info.get("verify") == "1" and not await self._ours(local, batch.id):
-            log.error("batch %s: %s does not hold its custom_ids; its jobs go back to their "
-                      "streams", local, batch.id)  # fmt: skip
-        else:
-            chunk: list[Any] = []
-            async for line in await self.client.messages.batches.results(batch.id):
-                chunk.append(line)
-                if len(chunk) == CHUNK:
-                    await self._deliver_chunk(local, info, chunk)
-                    chunk = []
-            await self._deliver_chunk(local, info, chunk)
-        await self._close(local, batch)
-        c = batch.request_counts
-        log.info("batch %s (%s) ended: succeeded=%d errored=%d expired=%d canceled=%d "
-                 "delivered_ms=%d", local, batch.id, c.succeeded, c.errored, c.expired,
-                 c.canceled, (clock.monotonic() - started) * 1000)  # fmt: skip
-
-    async def _ours(self, local: str, api_id: str) -> bool:
-        """Whether an adopted batch's results are exactly our members' custom_ids."""
-        ids = {line.custom_id async for line in await self.client.messages.batches.results(api_id)}
-        mine: Any = await self.redis.hkeys(self.keys.batch_members(local))
-        return ids == {as_text(c) for c in mine}
-
-    async def _close(self, local: str, batch: Any) -> None:
-        """Jobs left without a result line go back to their streams; the batch is done."""
-        left = await self._members(local)
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in left])
-        runs = await self._runs([m for _, m in left])
-        c = batch.request_counts
-        ttl = self.cfg.queue.result_ttl_s
-        done = {"state": "done", "ended_ms": clock.now_ms(), "succeeded": c.succeeded,
-                "errored": c.errored, "expired": c.expired, "canceled": c.canceled}  # fmt: skip
-
-        def write(tx: Any) -> None:
-            for (_, m), d, run in zip(left, found, runs, strict=True):
-                if d is not None:
-                    self._back_into(tx, d, m, run, "no result in its batch")
-            tx.hset(self.keys.batch(local), mapping=done)
-            tx.expire(self.keys.batch(local), ttl)
-            tx.zremrangebyscore(self.keys.batches, "-inf", clock.now_ms() - ttl * 1000)
-
-        await self._commit(write, local, [cid for cid, _ in left])
-
-    async def _deliver_chunk(self, local: str, info: dict[str, str], lines: list[Any]) -> None:
-        if not lines:
-            return
-        cids = [line.custom_id for line in lines]
-        raw: list[Any] = await self.redis.hmget(self.keys.batch_members(local), cids)
-        mine = [(line, _member(r)) for line, r in zip(lines, raw, strict=True) if r is not None]
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in mine])
-        runs = await self._runs([m for _, m in mine])
-        writes: list[Write] = []
-        realtime: list[Delivery] = []
-        for (line, m), d, run in zip(mine, found, runs, strict=True):
-            if d is None:
-                continue  # already finished (a redelivered result of an earlier chunk)
-            d.qualified = m.job_id != d.job_id
-            call = _batch_call(run, m)
-            call.started_ms = int(info["submitted_ms"])
-            call.latency_ms = max(0, clock.now_ms() - call.started_ms)
-            writes.append(self._outcome(local, line.result, m, d, run, realtime))
-
-        def write(tx: Any) -> None:
-            for step in writes:
-                step(tx)
-
-        await self._commit(write, local, [line.custom_id for line, _ in mine])
-        for d in realtime:
-            await self.hand_over(d)
-
-    def _outcome(
-        self, local: str, result: Any, m: Member, d: Delivery, run: JobRun,
-        realtime: list[Delivery],
-    ) -> Write:  # fmt: skip
-        """The writes for one result line (a function of the transaction)."""
-        kind = result.type
-        if kind == "succeeded":
-            end = self._succeeded(local, result.message.to_dict(), m, d, run)
-            return lambda tx: outcomes.finish_into(tx, self.queue, d, m.job_id, end)
-        if kind != "errored":  # expired, canceled: not the job's fault
-            return lambda tx: self._back_into(tx, d, m, run, f"batch item {kind}")
-        error = result.error.error
-        text = f"batch item errored: {error.type}: {error.message}"
-        call = _batch_call(run, m)
-        call.state, call.error, run.last_error = "failed", text, text
-        if error.type in REQUEST_ERRORS or run.attempts >= self.cfg.queue.max_attempts:
-            exc: JobRejected = exhausted(run.attempts, text)
-            if error.type in REQUEST_ERRORS:
-                exc = InvalidRequest(
-                    f"the API rejected the request in batch {local}: {error.message}. Fix the "
-                    "producer's request, then replay the job (tokenq dead replay).",
-                    attempts=run.attempts,
-                )
-            dead = outcomes.rejected(d, exc, started_ms=clock.now_ms(), cfg=self.cfg, run=run)
-            return lambda tx: outcomes.finish_into(tx, self.queue, d, m.job_id, dead)
-        state = self.keys.state(m.job_id)
-        if self.cfg.batch.retry == "realtime":
-            realtime.append(d)
-            return lambda tx: jobrun.save_into(tx, state, run)
-
-        def again(tx: Any) -> None:
-            jobrun.save_into(tx, state, run)
-            self.queue.requeue_into(tx, d, m.job_id)
-
-        return again
-
-    def _succeeded(
-        self, local: str, body: dict[str, Any], m: Member, d: Delivery, run: JobRun
-    ) -> outcomes.Ending:
-        cfg = self.cfg
-        message = msgspec.convert(body, ApiMessage)
-        usage = msgspec.convert(message.usage, ApiUsage)
-        prices = cfg.models.get(message.model) or cfg.models[cfg.tiers[m.tier]]
-        call = _batch_call(run, m)
-        call.state, call.cost_usd = "answered", cost_usd(usage, prices, batch=True)
-        call.input_tokens, call.output_tokens = usage.input_tokens, usage.output_tokens
-        call.cache_write, call.cache_read = usage.cache_write, usage.cache_read
-        feature = cfg.features.get(d.fields.get("feature", ""))
-        problem = feature and check_answer(feature, text_of(message), message.stop_reason)
-        run.route = [m.route]
-        baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
-        return outcomes.batch_answered(d, run, message, call, local=local, baseline=baseline,
-                                       problem=problem or None)  # fmt: skip
-
-
-def _batch_call(run: JobRun, m: Member) -> Call:
-    """The batch a member is in, as a call of its run (recorded when it was planned; added
-    now for a run that has none, e.g. one that could not be read)."""
-    for call in reversed(run.calls):
-        if call.mode == "batch" and call.state == "sent":
-            return call
-    call = Call(model="", tier=m.tier, mode="batch", started_ms=clock.now_ms())
-    run.calls.append(call)
-    return call
-
-
-async def batch_rows(redis: aioredis.Redis, keys: Keys, limit: int = 50) -> list[dict[str, Any]]:
-    """What `tokenq batches` shows: the newest batches with their state and counts."""
-    locals_: Any = await redis.zrevrange(keys.batches, 0, limit - 1)
-    rows = []
-    for raw in locals_:
-        local = as_text(raw)
-        info = await _hash(redis, keys.batch(local))
-        if not info:
-            continue
-        waiting = int(await redis.hlen(keys.batch_members(local)))
-        rows.append({"batch": local, **info, "awaiting_results": waiting})
-    return rows
-
-
-async def cancel_batch(
-    redis: aioredis.Redis, keys: Keys, client: anthropic.AsyncAnthropic, ident: str
-) -> tuple[str, str]:
-    """Ask the API to cancel a batch, named by its local or API id; (local, API id).
-
-    Its unfinished jobs go back to their streams when it ends. Raises LookupError for a
-    batch tokenq does not know or has not submitted.
-    """
-    local = ident
-    if ident.startswith("msgbatch_"):
-        found: Any = await redis.hget(keys.batch_ids, ident)
-        if found is None:
-            raise LookupError(f"tokenq submitted no batch {ident!r}; see `tokenq batches`")
-        local = as_text(found)
-    api_id: Any = await redis.hget(keys.batch(local), "api_id")
-    if api_id is None:
-        raise LookupError(f"batch {ident!r} is unknown or not submitted yet; see `tokenq batches`")
-    batch = await client.messages.batches.cancel(as_text(api_id))
-    return local, f"{batch.id} {batch.processing_status}"

@@ -100,8 +100,13 @@ class MirrorStorage(pybreaker.CircuitBreakerStorage):
 
     @property
     def dirty(self) -> bool:
-        return bool(self.fail_delta or self.fail_reset or self.success_delta
-                    or self.success_reset or self.transition)  # fmt: skip
+        return bool(
+            self.fail_delta
+            or self.fail_reset
+            or self.success_delta
+            or self.success_reset
+            or self.transition
+        )
 
     def load(self, state: str, fails: int, successes: int, opened_ms: int) -> None:
         self._state, self._fails, self._successes = state, fails, successes
@@ -205,8 +210,9 @@ class Open:
 class Breakers:
     """The breakers of one worker process, their state kept with the fleet's in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, cfg: BreakersConfig,
-                 probe_ttl_s: float) -> None:  # fmt: skip
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, cfg: BreakersConfig, probe_ttl_s: float
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.cfg = cfg
@@ -226,10 +232,14 @@ class Breakers:
         b = self._breakers.get(name)
         if b is None:
             b = pybreaker.CircuitBreaker(
-                fail_max=self.cfg.fail_max, reset_timeout=self.cfg.reset_timeout_s,
-                success_threshold=self.cfg.success_threshold, state_storage=MirrorStorage(name),
-                listeners=[_Logger()], name=name, throw_new_error_on_trip=False,
-            )  # fmt: skip
+                fail_max=self.cfg.fail_max,
+                reset_timeout=self.cfg.reset_timeout_s,
+                success_threshold=self.cfg.success_threshold,
+                state_storage=MirrorStorage(name),
+                listeners=[_Logger()],
+                name=name,
+                throw_new_error_on_trip=False,
+            )
             self._breakers[name] = b
         return b
 
@@ -238,8 +248,9 @@ class Breakers:
         assert isinstance(storage, MirrorStorage)
         return storage
 
-    async def sync(self, names: list[str], probe: dict[str, int] | None = None,
-                   probe_id: str = "") -> dict[str, bool]:  # fmt: skip
+    async def sync(
+        self, names: list[str], probe: dict[str, int] | None = None, probe_id: str = ""
+    ) -> dict[str, bool]:
         """Send local changes of these breakers and load the fleet's state; take (1) or
         release (2) probe slots. Returns which probe slots were taken."""
         probe = probe or {}
@@ -251,8 +262,16 @@ class Breakers:
             keys += [self.keys.breaker(name), self.keys.breaker_probes(name)]
             start, end = s.transition or ("", "")
             opened = int(s.opened_at.timestamp() * 1000) if s.opened_at else 0
-            args += [s.fail_delta, int(s.fail_reset), s.success_delta, int(s.success_reset),
-                     start, end, opened, probe.get(name, 0)]  # fmt: skip
+            args += [
+                s.fail_delta,
+                int(s.fail_reset),
+                s.success_delta,
+                int(s.success_reset),
+                start,
+                end,
+                opened,
+                probe.get(name, 0),
+            ]
         reply: Any = await self._sync(keys=keys, args=args)
         taken: dict[str, bool] = {}
         for name, row in zip(names, reply, strict=True):

@@ -202,9 +202,13 @@ def _next_month(local: dt.datetime) -> dt.datetime:
 
 
 def caps_for(
-    cfg: Config, keys: Keys, feature_name: str, feature: FeatureConfig, tenant: str,
+    cfg: Config,
+    keys: Keys,
+    feature_name: str,
+    feature: FeatureConfig,
+    tenant: str,
     now: dt.datetime,
-) -> list[Cap]:  # fmt: skip
+) -> list[Cap]:
     """Every cap a call of this feature and tenant falls under right now."""
     tz = zoneinfo.ZoneInfo(cfg.budgets.timezone)
     local = now.astimezone(tz)
@@ -272,8 +276,14 @@ class Budgets:
             return Hold(hold_id, tuple(caps), want_usd)
         cap = caps[int(reply[1]) - 1]
         dimension = as_text(reply[2])
-        return Refusal(cap, dimension, int(reply[3]) / NANO, int(reply[4]) / NANO, want_usd,
-                       self.cfg.budgets.timezone)  # fmt: skip
+        return Refusal(
+            cap,
+            dimension,
+            int(reply[3]) / NANO,
+            int(reply[4]) / NANO,
+            want_usd,
+            self.cfg.budgets.timezone,
+        )
 
     async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
         """Release the hold and add the actual cost; the caps whose alert fraction was just
@@ -323,10 +333,17 @@ async def _row(redis: aioredis.Redis, cap: Cap, feature: str, tenant: str) -> di
     values: Any = await redis.hmget(cap.key, ["spent", "held", "requests"])
     spent, held, requests = (int(v) if v is not None else 0 for v in values)
     return {
-        "cap": cap.name, "feature": feature, "tenant": tenant, "period": cap.period,
-        "spent_usd": spent / NANO, "reserved_usd": held / NANO, "requests": requests,
-        "cap_usd": cap.usd, "cap_requests": cap.requests, "resets_at": cap.resets_at.isoformat(),
-    }  # fmt: skip
+        "cap": cap.name,
+        "feature": feature,
+        "tenant": tenant,
+        "period": cap.period,
+        "spent_usd": spent / NANO,
+        "reserved_usd": held / NANO,
+        "requests": requests,
+        "cap_usd": cap.usd,
+        "cap_requests": cap.requests,
+        "resets_at": cap.resets_at.isoformat(),
+    }
 
 
 # KEYS: the stop key, the usage stream. ARGV: until (unix ms), usage maxlen, then the alert

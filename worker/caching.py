@@ -104,9 +104,13 @@ def normalised(params: dict[str, Any]) -> bytes:
 
 
 def cache_key(
-    keys: Keys, feature_name: str, feature: FeatureConfig, tenant: str, model: str,
+    keys: Keys,
+    feature_name: str,
+    feature: FeatureConfig,
+    tenant: str,
+    model: str,
     params: dict[str, Any],
-) -> str:  # fmt: skip
+) -> str:
     """The response-cache key of a request in its scope."""
     digest = hashlib.sha256(model.encode() + b"\n" + normalised(params)).hexdigest()[:40]
     who = "shared" if feature.response_cache_scope == "shared" else "tenant:" + tenant

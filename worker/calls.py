@@ -101,6 +101,16 @@ class Stopped:
 
 
 @dataclass(frozen=True)
+class _Estimate:
+    """A call's input tokens: what the rate limits reserve (the learnt estimate, or the API's
+    count), what a budget reserves (an upper bound) and the raw estimate (to learn from)."""
+
+    limiter: int
+    budget: int
+    raw: int
+
+
+@dataclass(frozen=True)
 class _Ready:
     grant: Grant | None
     hold: Hold | None
@@ -185,20 +195,30 @@ class Caller:
         """Capacity, the reservation, and the call recorded as sent; given back on failure."""
         model, max_tokens = params["model"], int(params["max_tokens"])
         feature = self.cfg.features[c.job.feature]
-        caps = caps_for(self.cfg, self.queue.keys, c.job.feature, feature, c.job.tenant or "",
-                        clock.utc())  # fmt: skip
-        tokens, raw = await self._estimate(params, counts=bool(caps))
-        grant = await self._capacity(c, model, (1, tokens, max_tokens))
+        caps = caps_for(
+            self.cfg, self.queue.keys, c.job.feature, feature, c.job.tenant or "", clock.utc()
+        )
+        est = await self._estimate(params, counts=bool(caps))
+        grant = await self._capacity(c, model, (1, est.limiter, max_tokens))
         hold: Hold | None = None
         try:
-            worst = self._worst_case(params, tokens)
+            prices, caches = self.cfg.models[model], has_cache_control(params)
+            worst = worst_case_usd(prices, est.budget, max_tokens, caches=caches,
+                                   margin=self.cfg.budgets.estimate_margin)  # fmt: skip
             if caps:
                 got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, clock.now_ms())
                 if isinstance(got, Refusal):
                     await self._settle_capacity(grant, Answer(None, {}, 0))
                     return got
                 hold = got
-            call = self._record(c, params, tokens, worst, hold, counted)
+            output = self.calibration.expected_output(model, max_tokens)
+            call = Call(
+                model=model, tier=c.run.tier, started_ms=clock.now_ms(), counted=counted,
+                estimate_tokens=est.budget, reserved_usd=worst,
+                estimate_usd=expected_usd(prices, est.budget, output, caches=caches),
+                hold=hold.id if hold else "", hold_keys=[k.key for k in hold.caps] if hold else [],
+            )  # fmt: skip
+            c.run.calls.append(call)
             try:
                 await self._save(c)  # before the call: a worker taking over knows of it
             except BaseException:
@@ -207,45 +227,23 @@ class Caller:
         except BaseException:
             await asyncio.shield(self._give_back(grant, hold))
             raise
-        return _Ready(grant, hold, ticket, call, raw)
+        return _Ready(grant, hold, ticket, call, est.raw)
 
-    def _record(
-        self, c: CallFor, params: dict[str, Any], tokens: int, worst: float, hold: Hold | None,
-        counted: bool,
-    ) -> Call:  # fmt: skip
-        model = params["model"]
-        expected_out = self.calibration.expected_output(model, int(params["max_tokens"]))
-        call = Call(
-            model=model, tier=c.run.tier, started_ms=clock.now_ms(), counted=counted,
-            estimate_tokens=tokens, reserved_usd=worst,
-            estimate_usd=expected_usd(self.cfg.models[model], tokens, expected_out,
-                                      caches=has_cache_control(params)),
-            hold=hold.id if hold else "", hold_keys=[cap.key for cap in hold.caps] if hold else [],
-        )  # fmt: skip
-        c.run.calls.append(call)
-        return call
-
-    def _worst_case(self, params: dict[str, Any], tokens: int) -> float:
-        return worst_case_usd(
-            self.cfg.models[params["model"]], tokens, int(params["max_tokens"]),
-            caches=has_cache_control(params), margin=self.cfg.budgets.estimate_margin,
-        )  # fmt: skip
-
-    async def _estimate(self, params: dict[str, Any], *, counts: bool) -> tuple[int, int]:
-        """(input tokens to reserve, the raw estimate): the larger of the learnt and the raw
-        estimate, or, under a spend cap, the API's own count where the rule cannot be an upper
-        bound (estimate.needs_count)."""
+    async def _estimate(self, params: dict[str, Any], *, counts: bool) -> _Estimate:
+        """The input tokens of a call: the learnt estimate for the rate limits; for budgets
+        the larger of the learnt and the raw one, or, under a spend cap, the API's own count
+        where the rule cannot be an upper bound (estimate.needs_count)."""
         learnt, raw = self.calibration.estimate(params["model"], params)
-        tokens = max(learnt, raw)
+        est = _Estimate(limiter=learnt, budget=max(learnt, raw), raw=raw)
         if counts and needs_count(params, raw):
             asked = {k: params[k] for k in COUNT_FIELDS if k in params}
             try:
-                counted = await self.client.messages.count_tokens(**asked)
+                counted = (await self.client.messages.count_tokens(**asked)).input_tokens
             except anthropic.APIError as exc:
                 log.warning("count_tokens failed (%s); reserving the estimate", describe(exc))
             else:
-                tokens = max(tokens, counted.input_tokens)
-        return tokens, raw
+                est = _Estimate(limiter=counted, budget=max(est.budget, counted), raw=raw)
+        return est
 
     async def _capacity(self, c: CallFor, model: str, want: tuple[int, int, int]) -> Grant | None:
         """Wait for rate-limit capacity for one call, no longer than the job's deadline."""
@@ -345,8 +343,9 @@ class Caller:
             except (RedisError, OSError) as exc:
                 log.warning("releasing a budget reservation failed (it expires): %s", exc)
 
-    async def _settle_budget(self, c: CallFor, hold: Hold | None, call: Call, *,
-                             called: bool) -> None:  # fmt: skip
+    async def _settle_budget(
+        self, c: CallFor, hold: Hold | None, call: Call, *, called: bool
+    ) -> None:
         """Settle a reservation at the call's cost; write an alert for each cap that just
         reached budgets.alert_at. Idempotent, so tried again through a Redis outage; given up,
         the reservation expires (see worker.budgets)."""
@@ -354,8 +353,9 @@ class Caller:
             return
         cost = call.cost_usd if called else 0.0
         try:
-            alerts = await self.retrying(c, "settling a budget", lambda: self.budgets.settle(
-                hold, cost, called=called))  # fmt: skip
+            alerts = await self.retrying(
+                c, "settling a budget", lambda: self.budgets.settle(hold, cost, called=called)
+            )
             call.hold, call.hold_keys = "", []
             for cap in alerts:
                 await self._alert(c, cap)
@@ -363,12 +363,8 @@ class Caller:
             log.warning("settling a budget reservation failed: %s", exc)
 
     async def _alert(self, c: CallFor, cap: Cap) -> None:
-        share = self.cfg.budgets.alert_at
-        text = (f"{cap.name} reached {share:.0%} of {cap.usd} USD in {cap.period} "
-                f"({self.cfg.budgets.timezone})")  # fmt: skip
-        log.warning("budget alert: %s", text)
-        event = outcomes.alert(c.job.feature, c.job.tenant or "", text, error_type="budget_alert",
-                               cost_usd=(cap.usd or 0.0) * share)  # fmt: skip
+        event = outcomes.budget_alert(c.job, cap, self.cfg.budgets)
+        log.warning("budget alert: %s", event.message)
         async with self.queue.redis.pipeline(transaction=False) as pipe:
             outcomes.event_into(pipe, self.queue, event)
             await pipe.execute()
@@ -377,22 +373,18 @@ class Caller:
         """The organization's spend limit: stop every call of the fleet until the month turns
         (or `tokenq budgets resume`); the process that stops it writes the alert."""
         until = month_end_ms(clock.utc())
-        text = (
-            "the organization's spend limit was reached (429 enforced_spend_limit_reached: "
-            f"{error[:200]}); every call of the fleet is stopped and its jobs wait until "
-            f"{clock.utc().replace(microsecond=0).isoformat()} -> the month turns, or run "
-            "`tokenq budgets resume` once the limit is raised"
-        )
-        event = outcomes.alert(c.job.feature, "", text, error_type="spend_limit", cost_usd=0.0)
-        fields = to_fields(event)
+        fields = to_fields(outcomes.spend_limit_alert(c.job, error, until))
+        maxlen = self.queue.usage_maxlen
         try:
-            first = await self.retrying(c, "stopping the fleet", lambda: self.stop.stop(
-                until, fields, self.queue.usage_maxlen))  # fmt: skip
+            first = await self.retrying(
+                c, "stopping the fleet", lambda: self.stop.stop(until, fields, maxlen)
+            )
         except GaveUp:
             return until
         if first:
-            log.error("spend limit reached: every call stops until %d (tokenq budgets resume)",
-                      until)  # fmt: skip
+            log.error(
+                "spend limit reached: every call stops until %d (tokenq budgets resume)", until
+            )
         return until
 
     async def report_lost(self, c: CallFor, calls: list[Call]) -> None:
@@ -410,8 +402,9 @@ class Caller:
             tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
             for call in calls:
                 if call.hold:
-                    await self.budgets.settle_lost_into(tx, call.hold, call.hold_keys,
-                                                        call.reserved_usd)  # fmt: skip
+                    await self.budgets.settle_lost_into(
+                        tx, call.hold, call.hold_keys, call.reserved_usd
+                    )
                 call.state, call.hold, call.hold_keys = "lost", "", []
                 outcomes.event_into(tx, self.queue, outcomes.orphan(c.d, c.job, c.run, call))
             raw = jobrun.save_into(tx, state, c.run)
@@ -424,5 +417,8 @@ class Caller:
                     call.state, call.hold = was, hold
                 raise
         c.stored = raw.decode()
-        log.warning("job=%s: %d calls whose answers never came reported as orphans",
-                    shown(c.d.job_id), len(calls))  # fmt: skip
+        log.warning(
+            "job=%s: %d calls whose answers never came reported as orphans",
+            shown(c.d.job_id),
+            len(calls),
+        )

@@ -37,8 +37,12 @@ STATE_TTL_S = 7 * 86_400  # a claim of a job in progress, renewed at each delive
 
 Outcome = Literal["go", "answered", "in_flight", "other_job", "reserved"]
 _OUTCOMES: dict[int, Outcome] = {
-    1: "go", 2: "answered", -2: "other_job", -3: "in_flight", -4: "reserved",
-}  # fmt: skip
+    1: "go",
+    2: "answered",
+    -2: "other_job",
+    -3: "in_flight",
+    -4: "reserved",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +126,15 @@ class Claims:
 
     def _call(self, d: Delivery, mode: str, now_ms: int, client: Any = None) -> Any:
         keys = [self.keys.state(d.job_id), self.keys.result(d.job_id), *self.streams.values()]
-        args: list[Any] = [d.owner, fingerprint(d.fields), self.kind(d), STATE_TTL_S, now_ms,
-                           mode, *self.streams]  # fmt: skip
+        args: list[Any] = [
+            d.owner,
+            fingerprint(d.fields),
+            self.kind(d),
+            STATE_TTL_S,
+            now_ms,
+            mode,
+            *self.streams,
+        ]
         return self._script(keys=keys, args=args, client=client)
 
     def kind(self, d: Delivery) -> str:

@@ -88,18 +88,26 @@ class DeferredSet:
         try:
             job = json.loads(member)
             priority, fields = job["p"], job["f"]
-            if not (isinstance(fields, dict) and fields and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in fields.items()
-            )):  # fmt: skip
+            if not (
+                isinstance(fields, dict)
+                and fields
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items())
+            ):
                 raise ValueError("its fields are not a map of strings")
         except (ValueError, KeyError, TypeError) as exc:
-            log.error("a member of %s is not a deferred job (%s); it goes to %s",
-                      self.keys.deferred, exc, self.keys.dead)  # fmt: skip
+            log.error(
+                "a member of %s is not a deferred job (%s); it goes to %s",
+                self.keys.deferred,
+                exc,
+                self.keys.dead,
+            )
             dead = {
-                "error_type": "malformed_job", "member": member[:1024], "attempts": "0",
+                "error_type": "malformed_job",
+                "member": member[:1024],
+                "attempts": "0",
                 "error": f"a member of {self.keys.deferred} is not a deferred job ({exc}); "
                 "it was removed from the set, its text (cut to 1024 characters) is kept here.",
-            }  # fmt: skip
+            }
             async with self.redis.pipeline(transaction=True) as tx:
                 tx.xadd(self.keys.dead, _fields(dead))
                 tx.zrem(self.keys.deferred, member)

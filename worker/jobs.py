@@ -111,11 +111,20 @@ async def with_retries(
             return await step()
         except TRANSIENT as exc:
             if clock.monotonic() + pause > give_up:
-                log.error("job=%s: %s failed on Redis (%s); left pending for redelivery",
-                          shown(job_id), what, exc)  # fmt: skip
+                log.error(
+                    "job=%s: %s failed on Redis (%s); left pending for redelivery",
+                    shown(job_id),
+                    what,
+                    exc,
+                )
                 raise GaveUp(f"{what}: {exc}") from exc
-            log.warning("job=%s: %s failed on Redis (%s); trying again in %.2f s",
-                        shown(job_id), what, exc, pause)  # fmt: skip
+            log.warning(
+                "job=%s: %s failed on Redis (%s); trying again in %.2f s",
+                shown(job_id),
+                what,
+                exc,
+                pause,
+            )
             await asyncio.sleep(pause)  # not interrupted by stop(): a drain wants the write
             pause = min(pause * 2, 5.0)
 

@@ -74,8 +74,9 @@ class Lease:
         """Move an entry pending under the batcher to `consumer`, fenced; False when it is
         no longer the batcher's. Raises LeaseLost when this process does not hold the lease."""
         keys = [self.key, stream]
-        moved: Any = await self._hand_over(keys=keys, args=[self.token, GROUP, entry_id,
-                                                             BATCHER, consumer])  # fmt: skip
+        moved: Any = await self._hand_over(
+            keys=keys, args=[self.token, GROUP, entry_id, BATCHER, consumer]
+        )
         if int(moved) < 0:
             raise LeaseLost("another process holds the batcher lease")
         return bool(int(moved))

@@ -1,4 +1,5 @@
-"""Stuck entries and consumers for operators: `tokenq jobs remove`, `tokenq consumers`.
+"""Stuck entries, consumers and batches for operators: `tokenq jobs remove`, `tokenq consumers`,
+`tokenq batches`.
 
 With worker.queue these are the only places that acknowledge a job entry (XACK): queue.py for
 the workers and the batcher, this module for an operator who takes an entry out by hand, in
@@ -11,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import anthropic
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -330,3 +332,47 @@ async def prune_consumer(redis: aioredis.Redis, row: ConsumerRow, min_idle_ms: i
     was deleted."""
     reply: Any = await redis.eval(_PRUNE, 1, row.stream, GROUP, row.name, min_idle_ms)
     return int(reply[0]) == 1
+
+
+# -- Message Batches: `tokenq batches`, `tokenq batches cancel` --
+
+
+async def batch_rows(redis: aioredis.Redis, keys: Keys, limit: int = 50) -> list[dict[str, Any]]:
+    """What `tokenq batches` shows: the newest batches with their state and counts."""
+    locals_: Any = await redis.zrevrange(keys.batches, 0, limit - 1)
+    rows = []
+    for raw in locals_:
+        local = as_text(raw)
+        info = await _hash(redis, keys.batch(local))
+        if not info:
+            continue
+        waiting = int(await redis.hlen(keys.batch_members(local)))
+        rows.append({"batch": local, **info, "awaiting_results": waiting})
+    return rows
+
+
+async def cancel_batch(
+    redis: aioredis.Redis, keys: Keys, client: anthropic.AsyncAnthropic, ident: str
+) -> tuple[str, str]:
+    """Ask the API to cancel a batch, named by its local or API id; (local, API id).
+
+    Its unfinished jobs go back to their streams when it ends. Raises LookupError for a
+    batch tokenq does not know or has not submitted.
+    """
+    local = ident
+    if ident.startswith("msgbatch_"):
+        found: Any = await redis.hget(keys.batch_ids, ident)
+        if found is None:
+            raise LookupError(f"tokenq submitted no batch {ident!r}; see `tokenq batches`")
+        local = as_text(found)
+    api_id: Any = await redis.hget(keys.batch(local), "api_id")
+    if api_id is None:
+        raise LookupError(f"batch {ident!r} is unknown or not submitted yet; see `tokenq batches`")
+    batch = await client.messages.batches.cancel(as_text(api_id))
+    return local, f"{batch.id} {batch.processing_status}"
+
+
+async def _hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
+    """HGETALL as str to str."""
+    raw: Any = await redis.hgetall(key)
+    return {as_text(k): as_text(v) for k, v in raw.items()}

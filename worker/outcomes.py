@@ -20,6 +20,7 @@ max_tokens) join it there, so that they are written exactly when the job ends.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,9 @@ import msgspec
 
 from worker import clock
 from worker.admission import dead_copy, reply_to_of
+from worker.budgets import Cap
 from worker.caching import CachedAnswer
-from worker.config import Config, ModelConfig
+from worker.config import BudgetsConfig, Config, ModelConfig
 from worker.contract import (
     ErrorInfo,
     Job,
@@ -104,9 +106,15 @@ def totals(run: JobRun | None) -> dict[str, Any]:
 
 
 def answered(
-    d: Delivery, job: Job, run: JobRun, message: ApiMessage, call: Call, *,
-    baseline: ModelConfig, problem: str | None,
-) -> Ending:  # fmt: skip
+    d: Delivery,
+    job: Job,
+    run: JobRun,
+    message: ApiMessage,
+    call: Call,
+    *,
+    baseline: ModelConfig,
+    problem: str | None,
+) -> Ending:
     """A job answered by an API call (`call`, the last of its run). `problem`: why the answer
     still fails its feature's check: then the job ends `check_failed`, the answer in its
     result. The baseline prices the delivered answer's usage on the baseline tier."""
@@ -115,45 +123,80 @@ def answered(
     if problem is not None:
         error = ErrorInfo(CHECK_FAILED, clean(f"the answer fails its check: {problem}"))
     result = Result(
-        id=d.job_id, status="ok" if error is None else "error", text=text_of(message),
-        content=message.content, model=message.model, tier=call.tier,
-        stop_reason=message.stop_reason, usage=message.usage,
-        cost_usd=usd_amount(run.cost_usd()), mode=call.mode, error=error,
-    )  # fmt: skip
+        id=d.job_id,
+        status="ok" if error is None else "error",
+        text=text_of(message),
+        content=message.content,
+        model=message.model,
+        tier=call.tier,
+        stop_reason=message.stop_reason,
+        usage=message.usage,
+        cost_usd=usd_amount(run.cost_usd()),
+        mode=call.mode,
+        error=error,
+    )
     event = UsageEvent(
-        **totals(run), ts_ms=clock.now_ms(), job_id=d.job_id, feature=job.feature,
-        tenant=job.tenant or "", priority=d.priority, tier=call.tier, model=message.model,
-        mode=call.mode, status=result.status,
-        baseline_cost_usd=baseline_cost_usd(usage, baseline), latency_ms=call.latency_ms,
+        **totals(run),
+        ts_ms=clock.now_ms(),
+        job_id=d.job_id,
+        feature=job.feature,
+        tenant=job.tenant or "",
+        priority=d.priority,
+        tier=call.tier,
+        model=message.model,
+        mode=call.mode,
+        status=result.status,
+        baseline_cost_usd=baseline_cost_usd(usage, baseline),
+        latency_ms=call.latency_ms,
         queue_ms=max(0, call.started_ms - run.first_ms),
         error_type="" if error is None else CHECK_FAILED,
         message="" if error is None else error.message[:MESSAGE_CHARS],
-    )  # fmt: skip
+    )
     return Ending(result, event, job.reply_to)
 
 
 def from_cache(
-    d: Delivery, job: Job, run: JobRun, answer: CachedAnswer, *, how: str, started_ms: int,
+    d: Delivery,
+    job: Job,
+    run: JobRun,
+    answer: CachedAnswer,
+    *,
+    how: str,
+    started_ms: int,
     baseline: ModelConfig,
-) -> Ending:  # fmt: skip
+) -> Ending:
     """A job answered without a call: from the response cache ("hit") or by an identical
     call in flight ("joined"). Its own calls (a classifier's) are its cost; its baseline is
     what the answer would have cost naively."""
     result = Result(
-        id=d.job_id, status="ok", text=answer.text, content=answer.content,
-        model=answer.model, tier=answer.tier, stop_reason=answer.stop_reason,
-        usage=answer.usage, cost_usd=usd_amount(run.cost_usd()), mode="cache",
-    )  # fmt: skip
+        id=d.job_id,
+        status="ok",
+        text=answer.text,
+        content=answer.content,
+        model=answer.model,
+        tier=answer.tier,
+        stop_reason=answer.stop_reason,
+        usage=answer.usage,
+        cost_usd=usd_amount(run.cost_usd()),
+        mode="cache",
+    )
     usage = msgspec.convert(answer.usage, ApiUsage)
     why = "response cache hit" if how == "hit" else "joined an identical call in flight"
     summed = {**totals(run), "route_reason": "; ".join([*run.route, why]), "response_cache": how}
     event = UsageEvent(
-        **summed, ts_ms=clock.now_ms(), job_id=d.job_id, feature=job.feature,
-        tenant=job.tenant or "", priority=d.priority, tier=answer.tier, model=answer.model,
-        mode="cache", baseline_cost_usd=baseline_cost_usd(usage, baseline),
+        **summed,
+        ts_ms=clock.now_ms(),
+        job_id=d.job_id,
+        feature=job.feature,
+        tenant=job.tenant or "",
+        priority=d.priority,
+        tier=answer.tier,
+        model=answer.model,
+        mode="cache",
+        baseline_cost_usd=baseline_cost_usd(usage, baseline),
         latency_ms=max(0, clock.now_ms() - started_ms),
         queue_ms=max(0, started_ms - run.first_ms),
-    )  # fmt: skip
+    )
     return Ending(result, event, job.reply_to)
 
 
@@ -170,15 +213,23 @@ def rejected(
     attempts = max(exc.attempts, run.attempts if run is not None else 0)
     first_ms = run.first_ms if run is not None else int(d.entry_id.partition("-")[0])
     result = Result(
-        id=job_id, status="error", error=ErrorInfo(exc.error_type, sentence),
+        id=job_id,
+        status="error",
+        error=ErrorInfo(exc.error_type, sentence),
         cost_usd=usd_amount(run.cost_usd()) if run is not None else 0.0,
-    )  # fmt: skip
+    )
     event = UsageEvent(
-        **{**totals(run), "attempt": attempts}, ts_ms=clock.now_ms(), job_id=job_id,
-        feature=_label(f.get("feature")), tenant=_label(f.get("tenant")), priority=d.priority,
-        status="error", queue_ms=max(0, started_ms - first_ms), error_type=exc.error_type,
+        **{**totals(run), "attempt": attempts},
+        ts_ms=clock.now_ms(),
+        job_id=job_id,
+        feature=_label(f.get("feature")),
+        tenant=_label(f.get("tenant")),
+        priority=d.priority,
+        status="error",
+        queue_ms=max(0, started_ms - first_ms),
+        error_type=exc.error_type,
         message=sentence[:MESSAGE_CHARS],
-    )  # fmt: skip
+    )
     dead = {
         **dead_copy(f, too_large=isinstance(exc, TooLarge)),
         "error_type": exc.error_type,
@@ -192,15 +243,25 @@ def rejected(
 
 
 def batch_answered(
-    d: Delivery, run: JobRun, message: ApiMessage, call: Call, *, local: str,
-    baseline: ModelConfig, problem: str | None,
-) -> Ending:  # fmt: skip
+    d: Delivery,
+    run: JobRun,
+    message: ApiMessage,
+    call: Call,
+    *,
+    local: str,
+    baseline: ModelConfig,
+    problem: str | None,
+) -> Ending:
     """A batch item that succeeded (`call`: the batch, answered): as `answered`, with the
     batch in route_reason and `latency_ms` from submission to delivery. Batch answers are
     not escalated; one that fails its check ends `check_failed`."""
     f = d.fields
-    job = Job(feature=f.get("feature", ""), request="", tenant=f.get("tenant") or None,
-              reply_to=f.get("reply_to") or None)  # fmt: skip
+    job = Job(
+        feature=f.get("feature", ""),
+        request="",
+        tenant=f.get("tenant") or None,
+        reply_to=f.get("reply_to") or None,
+    )
     run.route.append(f"batch {local}")
     if problem is not None:
         run.route.append(f"check failed: {problem} (batch answers are not escalated)")
@@ -215,25 +276,62 @@ def orphan(d: Delivery, job: Job, run: JobRun, call: Call) -> UsageEvent:
     and the output its model's answers have had lately), `reserved_usd` the most it can have
     cost (what its budget reservation held); the token fields are the estimate's."""
     return UsageEvent(
-        ts_ms=clock.now_ms(), job_id=d.job_id, feature=job.feature, tenant=job.tenant or "",
-        priority=d.priority, tier=call.tier, model=call.model, status="error",
-        attempt=run.attempts, input_tokens=call.estimate_tokens, cost_usd=call.estimate_usd,
-        reserved_usd=call.reserved_usd, latency_ms=max(0, clock.now_ms() - call.started_ms),
-        queue_ms=max(0, call.started_ms - run.first_ms), deferred_ms=run.deferred_ms,
-        kind="orphan", error_type="lost_call",
+        ts_ms=clock.now_ms(),
+        job_id=d.job_id,
+        feature=job.feature,
+        tenant=job.tenant or "",
+        priority=d.priority,
+        tier=call.tier,
+        model=call.model,
+        status="error",
+        attempt=run.attempts,
+        input_tokens=call.estimate_tokens,
+        cost_usd=call.estimate_usd,
+        reserved_usd=call.reserved_usd,
+        latency_ms=max(0, clock.now_ms() - call.started_ms),
+        queue_ms=max(0, call.started_ms - run.first_ms),
+        deferred_ms=run.deferred_ms,
+        kind="orphan",
+        error_type="lost_call",
         message="the call's answer never came (its worker died, was stopped after "
         "worker.grace_s, or the call timed out); the API may have billed it: cost_usd is "
         "its estimate, reserved_usd the most it can have cost",
-    )  # fmt: skip
+    )
 
 
 def alert(feature: str, tenant: str, text: str, *, error_type: str, cost_usd: float) -> UsageEvent:
-    """An alert on the usage stream (kind `alert`): a budget at its alert fraction
-    (`budget_alert`), the organization's spend limit reached (`spend_limit`)."""
+    """An alert on the usage stream (kind `alert`)."""
     return UsageEvent(
-        ts_ms=clock.now_ms(), job_id="", feature=feature, tenant=tenant, status="ok",
-        kind="alert", message=text, error_type=error_type, cost_usd=cost_usd,
-    )  # fmt: skip
+        ts_ms=clock.now_ms(),
+        job_id="",
+        feature=feature,
+        tenant=tenant,
+        status="ok",
+        kind="alert",
+        message=text,
+        error_type=error_type,
+        cost_usd=cost_usd,
+    )
+
+
+def budget_alert(job: Job, cap: Cap, budgets: BudgetsConfig) -> UsageEvent:
+    """A cap whose spend just reached budgets.alert_at in its period (`budget_alert`);
+    `cost_usd` is the spend at the alert fraction."""
+    share = budgets.alert_at
+    text = f"{cap.name} reached {share:.0%} of {cap.usd} USD in {cap.period} ({budgets.timezone})"
+    usd = (cap.usd or 0.0) * share
+    return alert(job.feature, job.tenant or "", text, error_type="budget_alert", cost_usd=usd)
+
+
+def spend_limit_alert(job: Job, error: str, until_ms: int) -> UsageEvent:
+    """The organization's spend limit stopped every call of the fleet (`spend_limit`)."""
+    until = dt.datetime.fromtimestamp(until_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = (
+        f"the organization's spend limit was reached ({error[:200]}); every call of the "
+        f"fleet is stopped until {until}, when the month turns; run `tokenq budgets resume` "
+        "once the limit is raised"
+    )
+    return alert(job.feature, "", text, error_type="spend_limit", cost_usd=0.0)
 
 
 def _label(value: str | None) -> str:

@@ -223,9 +223,13 @@ class Queue:
         for priority, stream in self._read_streams.items():
             try:
                 cursor, entries, *_deleted = await self.redis.xautoclaim(
-                    stream, GROUP, self.consumer, self.visibility_ms,
-                    start_id=self._cursors[priority], count=count,
-                )  # fmt: skip
+                    stream,
+                    GROUP,
+                    self.consumer,
+                    self.visibility_ms,
+                    start_id=self._cursors[priority],
+                    count=count,
+                )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -235,8 +239,12 @@ class Queue:
             # Entries deleted from the stream come back as (id, None): nothing left to run.
             found = [Delivery(priority, stream, i, f) for i, f in entries if f]
             if found:
-                log.info("reclaimed %d jobs from %s idle over %d ms", len(found), stream,
-                         self.visibility_ms)  # fmt: skip
+                log.info(
+                    "reclaimed %d jobs from %s idle over %d ms",
+                    len(found),
+                    stream,
+                    self.visibility_ms,
+                )
                 await self._count_deliveries(found)
             self._buffer.extend(found)
         await self._forget_dead_consumers()
@@ -328,9 +336,14 @@ class Queue:
             if c["name"] == self.consumer or c["pending"] == 0:
                 continue
             rows: Any = await self.redis.xpending_range(
-                stream, GROUP, min="-", max="+", count=1000, consumername=c["name"],
+                stream,
+                GROUP,
+                min="-",
+                max="+",
+                count=1000,
+                consumername=c["name"],
                 idle=min_idle_ms,
-            )  # fmt: skip
+            )
             ids = [r["message_id"] for r in rows]
             if not ids:
                 continue

@@ -45,12 +45,12 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import clock
-from worker.batches import batch_rows
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
 from worker.config import Config
 from worker.contract import BATCHER, GROUP, Keys, as_text, entry_ms
 from worker.limiter import ModelStatus, status
+from worker.operators import batch_rows
 from worker.usage import event_of, money
 
 PAGE = 5000  # usage entries read per round trip

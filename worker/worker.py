@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import socket
+import uuid
 from collections.abc import Awaitable, Callable
 
 import anthropic
@@ -35,54 +36,30 @@ from worker.claims import Claims
 from worker.config import Config
 from worker.contract import Keys, clean, shown
 from worker.control import listen, reloaded
+from worker.decide import Work
 from worker.deferred import DeferredSet
 from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
 from worker.jobs import Defer, GaveUp, exhausted, with_retries
-from worker.process import Runner, Work
+from worker.process import Runner
 from worker.queue import Delivery, Queue
+from worker.supervise import stopped_within, supervise
 
 log = logging.getLogger("tokenq.worker")
-
-
-async def supervise(name: str, duty: Callable[[], Awaitable[None]], until: asyncio.Event) -> None:
-    """Run `duty` until `until` is set, again after any unexpected error: logged with its
-    traceback, then a pause that doubles from 0.1 s to 30 s (and starts over after a minute of
-    health), so that no bad entry and no bug ends the duty or spins it."""
-    pause = 0.1
-    while not until.is_set():
-        started = clock.monotonic()
-        try:
-            await duty()
-        except Exception:  # a long-lived duty's boundary, like the job boundary in _handle
-            log.exception("%s failed; it starts again in %.1f s", name, pause)
-        else:
-            if until.is_set():
-                return
-            log.warning("%s ended by itself; it starts again in %.1f s", name, pause)
-        if clock.monotonic() - started > 60:
-            pause = 0.1
-        if await _stopped_within(until, pause):
-            return
-        pause = min(pause * 2, 30.0)
-
-
-async def _stopped_within(until: asyncio.Event, seconds: float) -> bool:
-    """Wait `seconds` unless `until` is set first; whether it is set."""
-    try:
-        await asyncio.wait_for(until.wait(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True
 
 
 class Worker:
     """Processes jobs until stop() is called, then drains in-flight work."""
 
     def __init__(
-        self, cfg: Config, queue: Queue, client: anthropic.AsyncAnthropic, *, concurrency: int,
+        self,
+        cfg: Config,
+        queue: Queue,
+        client: anthropic.AsyncAnthropic,
+        *,
+        concurrency: int,
         config_file: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.cfg = cfg
         self.config_file = config_file  # what reload() re-reads
         self.queue = queue
@@ -179,7 +156,7 @@ class Worker:
             return await self.queue.read(free, self.cfg.worker.block_ms)
         except (RedisError, OSError) as exc:
             log.warning("reading jobs failed (%s); trying again in 1 s", exc)
-            await _stopped_within(self._stopping, 1.0)
+            await stopped_within(self._stopping, 1.0)
             return []
 
     def adopt(self, d: Delivery) -> None:
@@ -217,7 +194,7 @@ class Worker:
     async def _renew_forever(self, until: asyncio.Event) -> None:
         period = self.cfg.queue.visibility_timeout_s / 3
         # A timer, not polling: renewal is due every period.
-        while not await _stopped_within(until, period):
+        while not await stopped_within(until, period):
             try:
                 await self.queue.renew(self._in_flight.values())
             except (RedisError, OSError) as exc:
@@ -226,7 +203,7 @@ class Worker:
     async def _move_deferred_forever(self, until: asyncio.Event) -> None:
         """Every second, put deferred jobs that are due back on their streams."""
         # A timer: deferrals are due on whole-second boundaries.
-        while not await _stopped_within(until, 1.0):
+        while not await stopped_within(until, 1.0):
             try:
                 moved = await self.deferred.move_due(clock.now_ms())
             except (RedisError, OSError) as exc:
@@ -240,7 +217,7 @@ class Worker:
     async def _handle(self, d: Delivery) -> None:
         """Run one delivery to its end: finished, dead-lettered, put off, or left pending.
         The job boundary: nothing raised here goes further."""
-        w = Work(d, clock.now_ms())
+        w = Work(d, clock.now_ms(), token=uuid.uuid4().hex)
         try:
             step = await self.runner.run(w)
             if isinstance(step, Defer):
@@ -253,8 +230,11 @@ class Worker:
             try:
                 await self._failed(w, exc)
             except (RedisError, OSError, GaveUp) as err:
-                log.error("job=%s: recording its failure failed too (%s); left pending",
-                          shown(d.job_id), err)  # fmt: skip
+                log.error(
+                    "job=%s: recording its failure failed too (%s); left pending",
+                    shown(d.job_id),
+                    err,
+                )
 
     async def _written(self, w: Work, what: str, write: Callable[[], Awaitable[None]]) -> None:
         """write(), shielded and tried again through a Redis outage; a try whose reply was
@@ -270,20 +250,29 @@ class Worker:
 
         give_up_s = self.cfg.queue.visibility_timeout_s / 2
         # Shielded: a cancellation during the finishing write must not half-finish it.
-        await with_retries(lambda: asyncio.shield(once()), what=what, job_id=w.d.job_id,
-                           give_up_s=give_up_s)  # fmt: skip
+        await with_retries(
+            lambda: asyncio.shield(once()), what=what, job_id=w.d.job_id, give_up_s=give_up_s
+        )
 
     async def _finish(self, w: Work, ending: outcomes.Ending) -> None:
         """Write the job's end: result, usage event (dead letter, reply), acknowledgement."""
         d = w.d
-        await self._written(w, "writing its result",
-                            lambda: outcomes.finish(self.queue, d, d.job_id, ending))  # fmt: skip
+        await self._written(
+            w, "writing its result", lambda: outcomes.finish(self.queue, d, d.job_id, ending)
+        )
         e = ending.event
         log.info(
             "job=%s feature=%s tier=%s status=%s error_type=%s attempt=%d latency_ms=%d "
-            "queue_ms=%d", shown(d.job_id), shown(e.feature, 80), e.tier, e.status,
-            e.error_type or "-", e.attempt, e.latency_ms, e.queue_ms,
-        )  # fmt: skip
+            "queue_ms=%d",
+            shown(d.job_id),
+            shown(e.feature, 80),
+            e.tier,
+            e.status,
+            e.error_type or "-",
+            e.attempt,
+            e.latency_ms,
+            e.queue_ms,
+        )
 
     async def _put_off(self, w: Work, defer: Defer) -> None:
         """Move the job to the deferred set with its run (a copy waiting for its first entry
@@ -307,8 +296,9 @@ class Worker:
         and is reclaimed after the visibility timeout."""
         d, run = w.d, w.c.run if w.c is not None else None
         error = clean(f"{type(exc).__name__}: {exc}")[:500]
-        log.error("job=%s failed unexpectedly (delivery %d)", shown(d.job_id), d.deliveries,
-                  exc_info=exc)  # fmt: skip
+        log.error(
+            "job=%s failed unexpectedly (delivery %d)", shown(d.job_id), d.deliveries, exc_info=exc
+        )
         if await self.queue.is_finished(d):
             return  # a failed reply after the finishing MULTI was applied
         if run is not None:
@@ -317,10 +307,13 @@ class Worker:
         tries = max(d.deliveries, run.tries if run is not None else 0)
         if tries < self.cfg.queue.max_attempts:
             if run is not None:
-                await self.queue.redis.hset(self.queue.keys.state(d.job_id), "run",
-                                            jobrun.encode(run))  # fmt: skip
-            log.warning("job=%s left pending; it is reclaimed after queue.visibility_timeout_s",
-                        shown(d.job_id))  # fmt: skip
+                await self.queue.redis.hset(
+                    self.queue.keys.state(d.job_id), "run", jobrun.encode(run)
+                )
+            log.warning(
+                "job=%s left pending; it is reclaimed after queue.visibility_timeout_s",
+                shown(d.job_id),
+            )
             return
         failure = exhausted(tries, f"{error} (an unexpected error in tokenq)")
         ending = await self.runner.refused(w, failure)
@@ -390,8 +383,12 @@ async def serve(cfg: Config, *, concurrency: int, config_file: str | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.reload)
-    log.info("worker %s started: concurrency=%d api=%s", worker.queue.consumer, concurrency,
-             worker.client.base_url)  # fmt: skip
+    log.info(
+        "worker %s started: concurrency=%d api=%s",
+        worker.queue.consumer,
+        concurrency,
+        worker.client.base_url,
+    )
     try:
         await worker.run()
     finally:

@@ -19,8 +19,8 @@ from tests.conftest import ConfigFactory
 from tests.helpers import eventually, pending_count, read_result, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker, SpawnWorker
 from worker.batcher import custom_id
-from worker.batches import batch_rows
 from worker.contract import Keys
+from worker.operators import batch_rows
 from worker.worker import build_worker
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there, batch."}]})
