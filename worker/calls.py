@@ -58,6 +58,7 @@ from worker.jobs import (
     SPEND_LIMIT,
     ApiMessage,
     GaveUp,
+    TakenOver,
     check_deadline,
     decode_message,
     describe,
@@ -260,9 +261,11 @@ class Caller:
             raise
 
     async def _save(self, c: CallFor) -> None:
-        async with self.queue.redis.pipeline(transaction=False) as pipe:
-            raw = jobrun.save_into(pipe, self.queue.keys.state(c.d.job_id), c.run)
-            await pipe.execute()
+        """Write the run, fenced by the entry's holder: a job another worker took over makes
+        no more calls here (TakenOver)."""
+        raw = jobrun.encode(c.run)
+        if not await self.queue.save_run(c.d, raw):
+            raise TakenOver(f"job {c.d.job_id!r} was taken over by another worker")
         c.stored = raw.decode()
 
     # -- 2. send --

@@ -91,6 +91,11 @@ class Defer:
     waits: bool = False
 
 
+class TakenOver(Exception):
+    """Another worker took the job over (this one was presumed dead: its renewals stopped for
+    longer than the visibility timeout); this one writes nothing more for it (worker.fence)."""
+
+
 class GaveUp(Exception):
     """Redis stayed away past half the visibility timeout: the job is left pending, and
     whoever reclaims it finds its run as it was last written."""

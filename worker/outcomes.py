@@ -69,16 +69,21 @@ class Ending:
 
 def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending) -> None:
     """Queue a job's end on the finishing transaction the caller executes: result, usage
-    event, dead letter, reply and acknowledgement (Queue.finish_into). Commands that belong
-    to a job's end (rollups, learnt routing) are added here."""
+    event, dead letter, reply and acknowledgement, in one script fenced by the entry's holder
+    (Queue.finish_into, worker.fence). Commands that belong to a job's end (rollups of the
+    usage stream, learnt routing) are added here, after it: in the one case the fence stops
+    the end (another worker took the job over) they are written by both, so they must be
+    idempotent or tolerate it."""
     queue.finish_into(tx, d, job_id, ending.encoded())
 
 
-async def finish(queue: Queue, d: Delivery, job_id: str, ending: Ending) -> None:
-    """Write a job's end in one MULTI."""
+async def finish(queue: Queue, d: Delivery, job_id: str, ending: Ending) -> bool:
+    """Write a job's end in one transaction; False when the entry was no longer this
+    worker's (finished already, or taken over by another worker): then nothing was written."""
     async with queue.redis.pipeline(transaction=True) as tx:
         finish_into(tx, queue, d, job_id, ending)
-        await tx.execute()
+        replies: list[Any] = await tx.execute()
+    return bool(int(replies[0]))
 
 
 def event_into(tx: Any, queue: Queue, event: UsageEvent) -> None:

@@ -36,13 +36,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from worker import clock
+from worker import clock, fence
 from worker.contract import (
     GROUP,
     Keys,
     as_text,
     id_problem,
 )
+from worker.fence import Key
 
 log = logging.getLogger("tokenq.queue")
 
@@ -135,6 +136,7 @@ class Queue:
         self._buffer: list[Delivery] = []
         self._next_reclaim = 0.0
         self._cursors = dict.fromkeys(self.readable, "0-0")
+        self._fenced, self._renew = fence.scripts(redis)
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every job stream (and the stream) if missing."""
@@ -273,36 +275,47 @@ class Queue:
                     await self.redis.xgroup_delconsumer(stream, GROUP, c["name"])
 
     async def renew(self, deliveries: Iterable[Delivery]) -> None:
-        """Reset the idle time of deliveries still being worked on, so nobody reclaims them."""
+        """Reset the idle time of deliveries still being worked on, so nobody reclaims them;
+        one another consumer has taken over stays with it (worker.fence)."""
         by_stream: dict[str, list[str]] = {}
         for d in [*deliveries, *self._buffer]:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
         for stream, ids in by_stream.items():
-            await self.redis.xclaim(stream, GROUP, self.consumer, 0, list[Any](ids), justid=True)
+            await fence.renew(self._renew, stream, self.consumer, ids)
 
-    async def finish(self, d: Delivery, job_id: str, end: Finish) -> None:
-        """Write result, usage event (and dead letter, reply) and acknowledge, in one MULTI."""
-        async with self.redis.pipeline(transaction=True) as tx:
-            self.finish_into(tx, d, job_id, end)
-            await tx.execute()
+    async def finish(self, d: Delivery, job_id: str, end: Finish) -> bool:
+        """Write result, usage event (and dead letter, reply) and acknowledge, in one script;
+        False when the entry is no longer this consumer's (finished, or taken over)."""
+        return await self._ending(d, job_id, end).run(self._fenced)
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
         """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""
+        self._ending(d, job_id, end).into(tx, self._fenced)
+
+    def _ending(self, d: Delivery, job_id: str, end: Finish) -> fence.Writes:
+        w, ttl = fence.Writes(d.stream, d.entry_id, self.consumer), self.result_ttl_s
         if end.dead is not None:
-            tx.xadd(self.keys.dead, _map(end.dead))
-        tx.set(self.keys.result(job_id), end.result_json, ex=self.result_ttl_s)
-        tx.xadd(self.keys.usage, _map(end.usage), maxlen=self.usage_maxlen, approximate=True)
+            w.add("XADD", Key(self.keys.dead), "*", *_flat(end.dead))
+        w.add("SET", Key(self.keys.result(job_id)), end.result_json, "EX", ttl)
+        usage = Key(self.keys.usage)
+        w.add("XADD", usage, "MAXLEN", "~", self.usage_maxlen, "*", *_flat(end.usage))
         if end.reply_to:
-            self.reply_into(tx, end.reply_to, end.result_json)
+            w.add("REPLY", Key(end.reply_to), end.result_json)
         # Wakes result() waiters; short-lived, the result key itself is the record.
-        tx.rpush(self.keys.done(job_id), 1)
-        tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
-        self._ack(tx, d)
+        w.add("RPUSH", Key(self.keys.done(job_id)), 1)
+        w.add("EXPIRE", Key(self.keys.done(job_id)), min(ttl, 300))
+        self._ack(w, d)
         # The claim stays as long as the result, so a same-numbered entry of another stream is
         # never mistaken for a redelivery of this one; the job's run is no longer needed.
-        state = self.keys.state(job_id)
-        tx.hdel(state, "run")
-        tx.expire(state, self.result_ttl_s)
+        w.add("HDEL", Key(self.keys.state(job_id)), "run")
+        w.add("EXPIRE", Key(self.keys.state(job_id)), ttl)
+        return w
+
+    async def save_run(self, d: Delivery, run: bytes) -> bool:
+        """Write a job's run (worker.jobrun) while d is this consumer's; whether it was."""
+        w = fence.Writes(d.stream, d.entry_id, self.consumer)
+        w.add("HSET", Key(self.keys.state(d.job_id)), "run", run)
+        return await w.run(self._fenced)
 
     def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:
         """Queue the XADD of a result onto a reply_to stream: skipped (atomically, in Lua)
@@ -316,8 +329,10 @@ class Queue:
     def requeue_into(self, tx: Any, d: Delivery, job_id: str) -> None:
         """Queue writes that put a job back at the end of its stream under the same job id
         (a new entry; this one acknowledged and deleted). Its run stays in its state hash."""
-        tx.xadd(d.stream, _map({**d.fields, "id": job_id}))
-        self._ack(tx, d)
+        w = fence.Writes(d.stream, d.entry_id, self.consumer)
+        w.add("XADD", Key(d.stream), "*", *_flat({**d.fields, "id": job_id}))
+        self._ack(w, d)
+        w.into(tx, self._fenced)
 
     async def take(self, priority: str, count: int) -> list[Delivery]:
         """Up to `count` new entries of one stream for this consumer, without blocking."""
@@ -380,33 +395,48 @@ class Queue:
         ]
 
     async def defer(
-        self, d: Delivery, job_id: str, until_ms: int, *, owns_claim: bool = True
-    ) -> None:
+        self,
+        d: Delivery,
+        job_id: str,
+        until_ms: int,
+        *,
+        owns_claim: bool = True,
+        run: bytes | None = None,
+    ) -> bool:
         """Put a job off until until_ms: it leaves its stream (acknowledged) for the deferred
-        set, from which worker.deferred puts it back, under the same job id, when it is due.
+        set, from which worker.deferred puts it back, under the same job id, when it is due;
+        with its run, when given. False when the entry is no longer this consumer's.
 
         `owns_claim`: the job holds its id's claim (see worker.claims), which must outlive the
         wait; False for a copy of a job whose first entry is still pending (it waits for it).
         """
-        async with self.redis.pipeline(transaction=True) as tx:
-            self.defer_into(tx, d, job_id, until_ms, owns_claim=owns_claim)
-            await tx.execute()
+        w = self._deferral(d, job_id, until_ms, owns_claim, run)
+        return await w.run(self._fenced)
 
     def defer_into(
         self, tx: Any, d: Delivery, job_id: str, until_ms: int, *, owns_claim: bool = True
     ) -> None:
         """Queue defer()'s writes on a transaction the caller executes (the batcher's)."""
+        self._deferral(d, job_id, until_ms, owns_claim, None).into(tx, self._fenced)
+
+    def _deferral(
+        self, d: Delivery, job_id: str, until_ms: int, owns_claim: bool, run: bytes | None
+    ) -> fence.Writes:
         fields = {**d.fields, "id": job_id}
         # Not ASCII-escaped: a job's text is valid UTF-8 (worker.admission), and Lua's cjson
         # passes its bytes through unchanged.
         member = json.dumps({"p": d.priority, "f": fields}, sort_keys=True, ensure_ascii=False)
-        tx.zadd(self.keys.deferred, {member: until_ms})
-        self._ack(tx, d)
-        if not owns_claim:
-            return
-        # The claim must outlive the wait (a month for a monthly budget), or the entry put
-        # back with its id would be a stranger to it.
-        tx.pexpireat(self.keys.state(job_id), until_ms + 86_400_000, gt=True)
+        w = fence.Writes(d.stream, d.entry_id, self.consumer)
+        w.add("ZADD", Key(self.keys.deferred), until_ms, member)
+        self._ack(w, d)
+        if owns_claim:
+            state = Key(self.keys.state(job_id))
+            if run is not None:
+                w.add("HSET", state, "run", run)
+            # The claim must outlive the wait (a month for a monthly budget), or the entry put
+            # back with its id would be a stranger to it.
+            w.add("PEXPIREAT", state, until_ms + 86_400_000, "GT")
+        return w
 
     async def is_finished(self, d: Delivery) -> bool:
         """True when d's entry is gone from its stream: finish (or ack_duplicate) deleted it."""
@@ -424,11 +454,11 @@ class Queue:
                 self.reply_into(tx, reply_to, result)
             await tx.execute()
 
-    def _ack(self, tx: Any, d: Delivery) -> None:
+    def _ack(self, w: fence.Writes, d: Delivery) -> None:
         # The entry is deleted too: a finished job's fields live on in the result and the
         # usage event (and the dead letter), and the stream stays as small as the backlog.
-        tx.xack(d.stream, GROUP, d.entry_id)
-        tx.xdel(d.stream, d.entry_id)
+        w.add("XACK", Key(d.stream), GROUP, d.entry_id)
+        w.add("XDEL", Key(d.stream), d.entry_id)
 
     async def leave(self) -> None:
         """On clean shutdown: drop this consumer from the groups if it holds nothing."""
@@ -439,6 +469,11 @@ class Queue:
                 continue
             if any(c["name"] == self.consumer and c["pending"] == 0 for c in consumers):
                 await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    """A stream entry's fields as XADD's arguments: name, value, name, value, ..."""
+    return [part for pair in fields.items() for part in pair]
 
 
 def _map(fields: dict[str, str]) -> dict[Any, Any]:

@@ -40,7 +40,7 @@ from worker.decide import Work
 from worker.deferred import DeferredSet
 from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
-from worker.jobs import Defer, GaveUp, exhausted, with_retries
+from worker.jobs import Defer, GaveUp, TakenOver, exhausted, with_retries
 from worker.process import Runner
 from worker.queue import Delivery, Queue
 from worker.supervise import stopped_within, supervise
@@ -226,6 +226,8 @@ class Worker:
                 await self._finish(w, step)
         except GaveUp:
             pass  # logged where Redis failed; the job is reclaimed once Redis answers
+        except TakenOver:
+            log.warning("job=%s: taken over by another worker; left to it", shown(d.job_id))
         except Exception as exc:  # the one catch-all: the job boundary
             try:
                 await self._failed(w, exc)
@@ -236,58 +238,40 @@ class Worker:
                     err,
                 )
 
-    async def _written(self, w: Work, what: str, write: Callable[[], Awaitable[None]]) -> None:
-        """write(), shielded and tried again through a Redis outage; a try whose reply was
-        lost may have been applied: the entry is gone then, and nothing is written twice."""
-        tries = 0
-
-        async def once() -> None:
-            nonlocal tries
-            tries += 1
-            if tries > 1 and await self.queue.is_finished(w.d):
-                return
-            await write()
-
+    async def _written(self, w: Work, what: str, write: Callable[[], Awaitable[bool]]) -> bool:
+        """write(), shielded and tried again through a Redis outage; whether it applied. The
+        writes are fenced by the entry's holder (worker.fence), so a try whose reply was lost
+        and a job another worker took over both leave nothing to write again: False."""
         give_up_s = self.cfg.queue.visibility_timeout_s / 2
         # Shielded: a cancellation during the finishing write must not half-finish it.
-        await with_retries(
-            lambda: asyncio.shield(once()), what=what, job_id=w.d.job_id, give_up_s=give_up_s
+        return await with_retries(
+            lambda: asyncio.shield(write()), what=what, job_id=w.d.job_id, give_up_s=give_up_s
         )
 
     async def _finish(self, w: Work, ending: outcomes.Ending) -> None:
         """Write the job's end: result, usage event (dead letter, reply), acknowledgement."""
-        d = w.d
-        await self._written(
+        d, e = w.d, ending.event
+        if not await self._written(
             w, "writing its result", lambda: outcomes.finish(self.queue, d, d.job_id, ending)
-        )
-        e = ending.event
+        ):
+            log.warning("job=%s: ended already, or taken over by another worker; this worker "
+                        "wrote nothing for it", shown(d.job_id))  # fmt: skip
+            return
         log.info(
             "job=%s feature=%s tier=%s status=%s error_type=%s attempt=%d latency_ms=%d "
-            "queue_ms=%d",
-            shown(d.job_id),
-            shown(e.feature, 80),
-            e.tier,
-            e.status,
-            e.error_type or "-",
-            e.attempt,
-            e.latency_ms,
-            e.queue_ms,
-        )
+            "queue_ms=%d", shown(d.job_id), shown(e.feature, 80), e.tier, e.status,
+            e.error_type or "-", e.attempt, e.latency_ms, e.queue_ms,
+        )  # fmt: skip
 
     async def _put_off(self, w: Work, defer: Defer) -> None:
         """Move the job to the deferred set with its run (a copy waiting for its first entry
         has no run of its own)."""
         d, owns = w.d, not defer.waits
-
-        async def write() -> None:
-            async with self.queue.redis.pipeline(transaction=True) as tx:
-                self.queue.defer_into(tx, d, d.job_id, defer.until_ms, owns_claim=owns)
-                if owns and w.c is not None:
-                    jobrun.save_into(tx, self.queue.keys.state(d.job_id), w.c.run)
-                await tx.execute()
-
-        await self._written(w, "deferring it", write)
-        log.info("job=%s deferred until %d: %s", shown(d.job_id), defer.until_ms, defer.why)
+        run = jobrun.encode(w.c.run) if owns and w.c is not None else None
+        if await self._written(w, "deferring it", lambda: self.queue.defer(
+            d, d.job_id, defer.until_ms, owns_claim=owns, run=run
+        )):  # fmt: skip
+            log.info("job=%s deferred until %d: %s", shown(d.job_id), defer.until_ms, defer.why)
 
     async def _failed(self, w: Work, exc: Exception) -> None:
         """An unexpected error at the job boundary (a bug, or a Redis error that would come
@@ -300,16 +284,14 @@ class Worker:
             "job=%s failed unexpectedly (delivery %d)", shown(d.job_id), d.deliveries, exc_info=exc
         )
         if await self.queue.is_finished(d):
-            return  # a failed reply after the finishing MULTI was applied
+            return  # a failed reply after the finishing write was applied
         if run is not None:
             run.failures += 1
             run.last_error = error
         tries = max(d.deliveries, run.tries if run is not None else 0)
         if tries < self.cfg.queue.max_attempts:
-            if run is not None:
-                await self.queue.redis.hset(
-                    self.queue.keys.state(d.job_id), "run", jobrun.encode(run)
-                )
+            if run is not None and not await self.queue.save_run(d, jobrun.encode(run)):
+                return  # another worker took the job over
             log.warning(
                 "job=%s left pending; it is reclaimed after queue.visibility_timeout_s",
                 shown(d.job_id),
