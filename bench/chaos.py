@@ -20,7 +20,8 @@ drawn from the seed:
   - a Redis restart (two seconds down).
 Then it waits for every job's result and checks (exit 1 if one fails):
   - every job has exactly one result and one usage event of kind job;
-  - no job made more calls than queue.max_attempts;
+  - no job made more calls than queue.max_attempts, and every request the simulator saw is
+    counted in a job's attempts (none was made behind the run's back);
   - the usage events bracket the simulator's ledger: the jobs' cost_usd is at most what it
     billed, and that plus the orphans' reserved_usd at least;
   - no cap was exceeded (the cap's spend in Redis, and its feature's events);
@@ -172,11 +173,13 @@ def schedule(seed: int, sim: str, valkey: Valkey, fleet: Fleet, config: Path,
 
 async def play(plan: list[tuple[float, str, Callable[[], Awaitable[None]]]], t0: float,
                log: Chaos) -> None:  # fmt: skip
-    for at, what, action in plan:
+    async def at_time(at: float, what: str, action: Callable[[], Awaitable[None]]) -> None:
         await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         say(f"  {time.monotonic() - t0:5.1f} s  {what}")
         log.events.append(f"{time.monotonic() - t0:5.1f} s  {what}")
         await action()
+
+    await asyncio.gather(*(at_time(*step) for step in plan))
 
 
 async def feed(url: str, prefix: str, trace: list[dict[str, Any]], ids: list[str]) -> None:
@@ -249,6 +252,10 @@ async def check(url: str, cfg: Config, ids: list[str], ledger: dict[str, Any],
     calls = Check(f"no job made more calls than queue.max_attempts ({cfg.queue.max_attempts})")
     calls.failures += [f"{e.job_id}: attempt {e.attempt}" for e in jobs
                        if e.attempt > cfg.queue.max_attempts]  # fmt: skip
+    seen = _seen(ledger)
+    counted = Check("every request the simulator saw is a call counted in a job's attempts")
+    if sum(e.attempt for e in jobs) < seen:
+        counted.failures.append(f"{sum(e.attempt for e in jobs)} attempts, {seen} requests")
     paid = sum(e.cost_usd for e in jobs)
     worst = paid + sum(e.reserved_usd for e in orphans)
     billed = float(ledger["total_cost_usd"])
@@ -266,7 +273,18 @@ async def check(url: str, cfg: Config, ids: list[str], ledger: dict[str, Any],
         alive.failures.append("no process holds the batcher lease")
     figures = {"jobs": jobs, "orphans": orphans, "paid": paid, "worst": worst, "billed": billed,
                "spent": spent, "estimate": paid + sum(e.cost_usd for e in orphans)}  # fmt: skip
-    return [one, calls, bracket, capped, alive], figures
+    return [one, calls, counted, bracket, capped, alive], figures
+
+
+def _seen(ledger: dict[str, Any]) -> int:
+    """The Messages requests the simulator answered: billed (realtime and batch items) and
+    faults, but the spend limit's (not counted as attempts: nothing is billed)."""
+    billed = sum(m["requests"] for section in ("models", "batch")
+                 for m in ledger.get(section, {}).values())  # fmt: skip
+    faults = sum(
+        n for name, n in ledger["faults"].items() if name not in ("spend-cap", "batch-529")
+    )
+    return int(billed + faults)
 
 
 def report(checks: list[Check], f: dict[str, Any], ledger: dict[str, Any], chaos: Chaos,
@@ -282,7 +300,8 @@ def report(checks: list[Check], f: dict[str, Any], ledger: dict[str, Any], chaos
         print(f"  {line}")
     print(f"figures (seed {seed}, {seconds:.0f} s):")
     print(f"  jobs {len(jobs)}: " + ", ".join(f"{k} {v}" for k, v in outcomes.most_common()))
-    print(f"  calls counted as attempts {sum(e.attempt for e in jobs)} (most for one job "
+    print(f"  calls counted as attempts {sum(e.attempt for e in jobs)}, requests the simulator "
+          f"saw {_seen(ledger)} (most attempts for one job "
           f"{max((e.attempt for e in jobs), default=0)}); deferred jobs "
           f"{sum(1 for e in jobs if e.deferred_ms)}; kill -9 {fleet.kills}")  # fmt: skip
     print(f"  simulator: {billed_requests} realtime and {batch_requests} batch requests billed,"

@@ -22,13 +22,14 @@ import msgspec
 import redis.asyncio as aioredis
 
 from worker import clock, jobrun, outcomes
+from worker.batch_streams import BatchQueue
 from worker.config import Config
 from worker.contract import as_text, entry_ms
 from worker.errors import InvalidRequest, JobRejected
 from worker.jobrun import Call, JobRun
 from worker.jobs import ApiMessage, exhausted, text_of
 from worker.lease import Lease
-from worker.queue import Delivery, Queue
+from worker.queue import Delivery
 from worker.router import check_answer
 from worker.usage import ApiUsage, cost_usd
 
@@ -67,7 +68,7 @@ class Members:
     in real time (fenced, worker.lease)."""
 
     def __init__(
-        self, queue: Queue, lease: Lease, client: anthropic.AsyncAnthropic,
+        self, queue: BatchQueue, lease: Lease, client: anthropic.AsyncAnthropic,
         config: Callable[[], Config], hand_over: Callable[[Delivery], Awaitable[None]],
     ) -> None:  # fmt: skip
         self.queue, self.lease, self.client = queue, lease, client

@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 from worker import clock, jobrun, jobs, outcomes
 from worker.admission import Admitted
 from worker.batch_results import Member
+from worker.batch_streams import BatchQueue
 from worker.batches import Batches
 from worker.budgets import SpendStop, caps_for
 from worker.caching import mark_prompt_cache
@@ -142,7 +143,7 @@ class Batcher:
         self.stopping = stopping
         self.consumer = q.consumer  # the worker's own, for hand-overs
         self.priorities = [p for p in q.priorities if p not in q.readable]
-        self.queue = Queue(
+        self.queue = BatchQueue(
             q.redis,
             q.keys,
             q.priorities,

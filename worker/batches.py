@@ -23,10 +23,11 @@ import msgspec
 
 from worker import clock
 from worker.batch_results import Member, Members, hash_of, member
+from worker.batch_streams import BatchQueue
 from worker.config import Config
 from worker.contract import as_text
 from worker.lease import Lease
-from worker.queue import Delivery, Queue
+from worker.queue import Delivery
 
 log = logging.getLogger("tokenq.batcher")
 CHUNK = 200  # results written per transaction
@@ -45,7 +46,7 @@ class Batches:
 
     def __init__(
         self,
-        queue: Queue,
+        queue: BatchQueue,
         lease: Lease,
         client: anthropic.AsyncAnthropic,
         config: Callable[[], Config],

@@ -179,16 +179,15 @@ def worst_case_usd(
     return float(padded * per_input + max_tokens * rates.output_usd_per_mtok) / 1_000_000
 
 
-def expected_usd(
-    prices: ModelConfig, input_tokens: int, output_tokens: int, *, caches: bool
-) -> float:
-    """What one call is expected to cost: the input estimate (as cache writes when the
-    request marks a breakpoint) and the output expected, at the model's prices."""
+def expected_usd(prices: ModelConfig, input_tokens: int, output_tokens: int) -> float:
+    """What one call is expected to cost: the input estimate at the input price (a marked
+    prefix may be written to the prompt cache or read from it: dearer or far cheaper) and
+    the output expected, at the model's prices."""
     rates: ModelConfig | LongContextPrices = prices
     if prices.long_context is not None and input_tokens > prices.long_context.above_prompt_tokens:
         rates = prices.long_context
-    per_input = rates.cache_write_5m_usd_per_mtok if caches else rates.input_usd_per_mtok
-    return float(input_tokens * per_input + output_tokens * rates.output_usd_per_mtok) / 1e6
+    per_input, per_output = rates.input_usd_per_mtok, rates.output_usd_per_mtok
+    return float(input_tokens * per_input + output_tokens * per_output) / 1e6
 
 
 def _next_day(local: dt.datetime) -> dt.datetime:

@@ -216,7 +216,7 @@ class Caller:
             call = Call(
                 model=model, tier=c.run.tier, started_ms=clock.now_ms(), counted=counted,
                 estimate_tokens=est.budget, reserved_usd=worst,
-                estimate_usd=expected_usd(prices, est.budget, output, caches=caches),
+                estimate_usd=expected_usd(prices, est.budget, output),
                 hold=hold.id if hold else "", hold_keys=[k.key for k in hold.caps] if hold else [],
             )  # fmt: skip
             c.run.calls.append(call)

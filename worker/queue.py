@@ -20,9 +20,8 @@ reads new entries. Nothing is acknowledged before its result and usage event are
 `finish` and `ack_duplicate` run as one MULTI together with the XACK.
 
 Batch priorities (config batch.priorities) are left out of a worker's reads and reclaims: only
-the batcher reads them, as consumer `batcher` (see worker.batcher), with `take`, `stale`,
-`own_pending` and `fetch`, and finishes them with `finish_into` and `requeue_into` inside its
-own transactions.
+the batcher reads them, as consumer `batcher` (worker.batch_streams), and finishes them with
+`finish_into` inside its own transactions.
 """
 
 from __future__ import annotations
@@ -295,10 +294,10 @@ class Queue:
     def _ending(self, d: Delivery, job_id: str, end: Finish) -> fence.Writes:
         w, ttl = fence.Writes(d.stream, d.entry_id, self.consumer), self.result_ttl_s
         if end.dead is not None:
-            w.add("XADD", Key(self.keys.dead), "*", *_flat(end.dead))
+            w.add("XADD", Key(self.keys.dead), "*", *flat(end.dead))
         w.add("SET", Key(self.keys.result(job_id)), end.result_json, "EX", ttl)
         usage = Key(self.keys.usage)
-        w.add("XADD", usage, "MAXLEN", "~", self.usage_maxlen, "*", *_flat(end.usage))
+        w.add("XADD", usage, "MAXLEN", "~", self.usage_maxlen, "*", *flat(end.usage))
         if end.reply_to:
             w.add("REPLY", Key(end.reply_to), end.result_json)
         # Wakes result() waiters; short-lived, the result key itself is the record.
@@ -325,74 +324,6 @@ class Queue:
     async def reply_target(self, name: str) -> str:
         """The type of a reply_to key: `none`, `stream`, or another that rules it out."""
         return as_text(await self.redis.type(name))
-
-    def requeue_into(self, tx: Any, d: Delivery, job_id: str) -> None:
-        """Queue writes that put a job back at the end of its stream under the same job id
-        (a new entry; this one acknowledged and deleted). Its run stays in its state hash."""
-        w = fence.Writes(d.stream, d.entry_id, self.consumer)
-        w.add("XADD", Key(d.stream), "*", *_flat({**d.fields, "id": job_id}))
-        self._ack(w, d)
-        w.into(tx, self._fenced)
-
-    async def take(self, priority: str, count: int) -> list[Delivery]:
-        """Up to `count` new entries of one stream for this consumer, without blocking."""
-        return await self._xreadgroup({self.streams[priority]: ">"}, count, None)
-
-    async def stale(self, priority: str, min_idle_ms: int) -> list[Delivery]:
-        """Take over the entries other consumers of one stream left idle over min_idle_ms
-        (their process died): the batcher's sweep of the batch streams."""
-        stream = self.streams[priority]
-        try:
-            consumers: Any = await self.redis.xinfo_consumers(stream, GROUP)
-        except ResponseError:
-            return []
-        out: list[Delivery] = []
-        for c in consumers:
-            if c["name"] == self.consumer or c["pending"] == 0:
-                continue
-            rows: Any = await self.redis.xpending_range(
-                stream,
-                GROUP,
-                min="-",
-                max="+",
-                count=1000,
-                consumername=c["name"],
-                idle=min_idle_ms,
-            )
-            ids = [r["message_id"] for r in rows]
-            if not ids:
-                continue
-            counts = {as_text(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
-            claimed: Any = await self.redis.xclaim(stream, GROUP, self.consumer, min_idle_ms, ids)
-            out += [
-                Delivery(priority, stream, i, f, deliveries=counts.get(i, 1))
-                for i, f in claimed
-                if f
-            ]
-        return out
-
-    async def own_pending(self, priority: str) -> list[str]:
-        """Every entry id of one stream pending for this consumer, oldest first."""
-        stream, start, ids = self.streams[priority], "-", list[str]()
-        while True:
-            rows: Any = await self.redis.xpending_range(
-                stream, GROUP, min=start, max="+", count=1000, consumername=self.consumer
-            )
-            ids += [str(r["message_id"]) for r in rows]
-            if len(rows) < 1000:
-                return ids
-            start = f"({ids[-1]}"
-
-    async def fetch(self, wanted: list[tuple[str, str]]) -> list[Delivery | None]:
-        """The entries (priority, entry id) as deliveries; None for one no longer there."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for priority, entry_id in wanted:
-                pipe.xrange(self.streams[priority], entry_id, entry_id)
-            replies: list[Any] = await pipe.execute()
-        return [
-            Delivery(p, self.streams[p], i, dict(r[0][1])) if r else None
-            for (p, i), r in zip(wanted, replies, strict=True)
-        ]
 
     async def defer(
         self,
@@ -471,7 +402,7 @@ class Queue:
                 await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
 
 
-def _flat(fields: dict[str, str]) -> list[str]:
+def flat(fields: dict[str, str]) -> list[str]:
     """A stream entry's fields as XADD's arguments: name, value, name, value, ..."""
     return [part for pair in fields.items() for part in pair]
 
