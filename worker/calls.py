@@ -9,7 +9,11 @@ a call in three steps:
    the whole step; whatever it took is given back first. A refusal (an open breaker, a budget,
    the spend stop) is returned, not raised, for the job's policies to decide (worker.process),
    and a probe slot that made no call is freed at once.
-2. *send*: the call itself, never repeated by this module.
+2. *send*: the call itself, never repeated by this module. It is posted lean through the SDK's
+   own client (`post`: its auth, base URL, retries policy and errors): the request already
+   checked (worker.api_request) and encoded once with msgspec, prebuilt headers, no per-call
+   OpenTelemetry span unless a tracer provider is configured (`lean_client`); the answer is
+   decoded with msgspec.
 3. *settle*: capacity and the reservation settled to the usage the API reported, the breakers
    told. An answer is never lost to a Redis error here: settling is best effort (budgets'
    settlement is idempotent, and tried again).
@@ -32,7 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
+import httpx2
 import msgspec
+from opentelemetry import trace
 from redis.exceptions import RedisError, WatchError
 
 from worker import clock, jobrun, outcomes
@@ -71,6 +77,34 @@ from worker.usage import ApiUsage, cost_usd
 
 log = logging.getLogger("tokenq.worker")
 COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+MESSAGES_PATH = "/v1/messages"
+# The SDK's RequestOptions of every call, built once (the timeout is the client's own).
+_POST_OPTIONS: Any = {"headers": {"Content-Type": "application/json"}}
+_encode_body = msgspec.json.Encoder().encode
+
+
+def tracing_configured() -> bool:
+    """Whether OpenTelemetry has a tracer provider of its own (set by the application or named
+    by OTEL_PYTHON_TRACER_PROVIDER): only then do the SDK's per-call spans record anything."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def lean_client(client: anthropic.AsyncAnthropic) -> anthropic.AsyncAnthropic:
+    """The client calls are made with: `client` itself when tracing is configured, else a copy
+    (same HTTP client, key, base URL, retries and timeout) that makes no per-call span, which
+    otherwise costs about a third of the SDK's work per call on a no-op tracer."""
+    return client if tracing_configured() else client.copy(open_telemetry=False)
+
+
+async def post_message(api: anthropic.AsyncAnthropic, params: dict[str, Any]) -> httpx2.Response:
+    """POST a checked request to /v1/messages through the SDK's low-level method: its headers,
+    retries and errors (an error status raises its anthropic.APIStatusError), none of the
+    per-call building of `messages.create`. The response is read."""
+    response: httpx2.Response = await api.post(
+        MESSAGES_PATH, cast_to=httpx2.Response, content=_encode_body(params), options=_POST_OPTIONS
+    )
+    return response
 
 
 @dataclass
@@ -127,6 +161,7 @@ class Caller:
         self.cfg = cfg
         self.queue = queue
         self.client = client
+        self.api = lean_client(client)  # the calls' client (the HTTP client is shared)
         redis, keys = queue.redis, queue.keys
         self.limiter = make_limiter(redis, cfg)
         self.calibration = Calibration()
@@ -273,8 +308,8 @@ class Caller:
     async def _send(self, c: CallFor, params: dict[str, Any], r: _Ready) -> Answered | Stopped:
         started = clock.monotonic()
         try:
-            raw = await self.client.messages.with_raw_response.create(**params)
-            body = await raw.read()
+            raw = await post_message(self.api, params)
+            body = raw.content
         except BaseException as exc:
             # Shielded: a cancelled job still gives capacity back and reports its call.
             return await asyncio.shield(self._failed(c, r, exc))
