@@ -33,7 +33,7 @@ import anthropic
 import pybreaker
 import redis.asyncio as aioredis
 
-from worker import clock
+from worker import clock, trips
 from worker.config import BreakersConfig
 from worker.contract import Keys, as_text
 
@@ -218,7 +218,7 @@ class Breakers:
         self.cfg = cfg
         self.probe_ttl_ms = int(probe_ttl_s * 1000)
         self._breakers: dict[str, pybreaker.CircuitBreaker] = {}
-        self._sync = redis.register_script(SYNC)
+        self._sync = trips.register(redis, SYNC)
         self._counter = 0
 
     def reload(self, cfg: BreakersConfig) -> None:

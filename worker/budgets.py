@@ -38,7 +38,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker import clock
+from worker import clock, trips
 from worker.config import Config, FeatureConfig, LongContextPrices, ModelConfig
 from worker.contract import Keys, as_text
 
@@ -244,13 +244,24 @@ def _nano(usd: float) -> int:
 
 
 class Budgets:
-    """Reservations and settlements against the caps in Redis."""
+    """Reservations and settlements against the caps in Redis. With shared trips (a worker's,
+    worker.trips) the reservations and settlements of the jobs in flight share round trips;
+    each is still its own script, so each is decided on its own as before."""
 
-    def __init__(self, redis: aioredis.Redis, cfg: Config) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, cfg: Config, shared: trips.Trips | None = None
+    ) -> None:
         self.redis = redis
         self.cfg = cfg
-        self._reserve = redis.register_script(RESERVE)
-        self._settle = redis.register_script(SETTLE)
+        self.trips = shared
+        self._reserve = trips.register(redis, RESERVE)
+        self._settle = trips.register(redis, SETTLE)
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self.trips is None:
+            return await script(keys=keys, args=args)
+        queued: trips.Queued = lambda pipe: trips.evalsha_into(pipe, script, keys, args)  # noqa: E731
+        return trips.raise_first(await self.trips.run(queued))[0]
 
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -270,7 +281,7 @@ class Budgets:
             usd = -1 if c.usd is None else _nano(c.usd)
             req = -1 if c.requests is None else c.requests
             args += [usd, req, _nano(want_usd), c.ttl_s]
-        reply: Any = await self._reserve(keys=keys, args=args)
+        reply: Any = await self._run(self._reserve, keys, args)
         if int(reply[0]) == 1:
             return Hold(hold_id, tuple(caps), want_usd)
         cap = caps[int(reply[1]) - 1]
@@ -294,7 +305,7 @@ class Budgets:
             usd = -1 if c.usd is None else _nano(c.usd)
             threshold = -1 if c.usd is None else _nano(c.usd * self.cfg.budgets.alert_at)
             args += [usd, threshold]
-        reply: Any = await self._settle(keys=keys, args=args)
+        reply: Any = await self._run(self._settle, keys, args)
         return [hold.caps[int(j) - 1] for j in reply]
 
     async def settle_lost_into(
@@ -373,7 +384,7 @@ class SpendStop:
         self.look_every_s = look_every_s
         self._until: int | None = None
         self._looked = -1e9
-        self._stop = redis.register_script(STOP)
+        self._stop = trips.register(redis, STOP)
 
     async def until_ms(self) -> int | None:
         """When the stop ends (unix ms), or None when calls may go."""

@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from worker import trips
 from worker.config import FeatureConfig
 from worker.contract import Keys
 
@@ -169,8 +170,8 @@ class ResponseCache:
         self.lease_ms = lease_ms
         self.block_ms = block_ms
         self._local: dict[str, asyncio.Future[CachedAnswer | None]] = {}
-        self._complete = redis.register_script(_COMPLETE)
-        self._abandon = redis.register_script(_ABANDON)
+        self._complete = trips.register(redis, _COMPLETE)
+        self._abandon = trips.register(redis, _ABANDON)
 
     async def get(self, key: str) -> CachedAnswer | None:
         raw: Any = await self.redis.get(key)

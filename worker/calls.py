@@ -165,7 +165,7 @@ class Caller:
         redis, keys = queue.redis, queue.keys
         self.limiter = make_limiter(redis, cfg)
         self.calibration = Calibration()
-        self.budgets = Budgets(redis, cfg)
+        self.budgets = Budgets(redis, cfg, queue.trips)
         self.breakers = Breakers(redis, keys, cfg.breakers, cfg.anthropic.timeout_s)
         self.stop = SpendStop(redis, keys)
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
+from worker import trips
 from worker.contract import Keys, as_text, fingerprint, id_problem, is_reserved_id, shown
 from worker.errors import DuplicateId, JobRejected, MalformedJob
 from worker.queue import Delivery
@@ -118,13 +119,23 @@ return {1, redis.call('HGET', KEYS[1], 'run') or '', ''}
 class Claims:
     """The claims on job ids (see the module docstring) for one set of priority streams."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, streams: dict[str, str]) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        streams: dict[str, str],
+        shared: trips.Trips | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.streams = streams  # priority -> stream, for telling a live owner from a gone one
-        self._script = redis.register_script(_BEGIN)
+        self._script = trips.register(redis, _BEGIN)
+        self.trips = shared  # begin() rides the worker's shared trips when given
 
     def _call(self, d: Delivery, mode: str, now_ms: int, client: Any = None) -> Any:
+        return self._script(*self._keys_args(d, mode, now_ms), client=client)
+
+    def _keys_args(self, d: Delivery, mode: str, now_ms: int) -> tuple[list[Any], list[Any]]:
         keys = [self.keys.state(d.job_id), self.keys.result(d.job_id), *self.streams.values()]
         args: list[Any] = [
             d.owner,
@@ -135,7 +146,7 @@ class Claims:
             mode,
             *self.streams,
         ]
-        return self._script(keys=keys, args=args, client=client)
+        return keys, args
 
     def kind(self, d: Delivery) -> str:
         """How d's job id is treated: `default` (an entry's own; the first claim wins),
@@ -148,9 +159,17 @@ class Claims:
 
     async def begin(self, d: Delivery, now_ms: int) -> Claim:
         """Claim d's job id and read the job's run, first settling its job id: a bare entry
-        id another entry claimed first makes d `qualified` (see Delivery.job_id)."""
-        [claim] = await self.begin_many([d], now_ms)
-        return claim
+        id another entry claimed first makes d `qualified` (see Delivery.job_id). With shared
+        trips, the claims of the jobs that begin in the same loop turn take one round trip."""
+        if self.trips is None:
+            [claim] = await self.begin_many([d], now_ms)
+            return claim
+        while True:
+            reply = trips.raise_first(await self.trips.run(self._queued(d, now_ms)))[0]
+            if int(reply[0]) == -1 and not d.qualified:
+                d.qualified = True  # the bare entry id is another stream's entry's
+                continue
+            return self._claim(d, reply)
 
     async def begin_many(self, ds: list[Delivery], now_ms: int) -> list[Claim]:
         """begin for many deliveries in one round trip (two when entry ids collide)."""
@@ -163,19 +182,26 @@ class Claims:
                 replies: list[Any] = await pipe.execute()
             again = []
             for n, reply in zip(todo, replies, strict=True):
-                code = int(reply[0])
-                if code == -1 and not ds[n].qualified:
+                if int(reply[0]) == -1 and not ds[n].qualified:
                     ds[n].qualified = True  # the bare entry id is another stream's entry's
                     again.append(n)
                     continue
-                if code == -1:  # cannot happen: a qualified id is unique to its entry
-                    raise RuntimeError(f"job id {ds[n].job_id!r} is owned by another entry")
-                outcome = _OUTCOMES[code]
-                since = int(as_text(reply[2])) if outcome == "in_flight" else 0
-                out[n] = Claim(outcome, as_text(reply[1]), since)
-                ds[n].claimed = outcome in ("go", "answered")
+                out[n] = self._claim(ds[n], reply)
             todo = again
         return [a for a in out if a is not None]
+
+    def _queued(self, d: Delivery, now_ms: int) -> trips.Queued:
+        keys, args = self._keys_args(d, "run", now_ms)
+        return lambda pipe: trips.evalsha_into(pipe, self._script, keys, args)
+
+    def _claim(self, d: Delivery, reply: Any) -> Claim:
+        code = int(reply[0])
+        if code == -1:  # cannot happen: a qualified id is unique to its entry
+            raise RuntimeError(f"job id {d.job_id!r} is owned by another entry")
+        outcome = _OUTCOMES[code]
+        since = int(as_text(reply[2])) if outcome == "in_flight" else 0
+        d.claimed = outcome in ("go", "answered")
+        return Claim(outcome, as_text(reply[1]), since)
 
     async def for_error(self, d: Delivery, now_ms: int) -> None:
         """Settle where d's error result goes: its own job id when that is free or already

@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from worker import trips
 from worker.contract import Keys, as_text
 
 log = logging.getLogger("tokenq.queue")
@@ -67,7 +68,7 @@ class DeferredSet:
         self.keys = keys
         self.priorities = list(priorities)
         self.streams = {p: keys.jobs(p) for p in priorities}
-        self._move = redis.register_script(_MOVE_DUE)
+        self._move = trips.register(redis, _MOVE_DUE)
 
     async def move_due(self, now_ms: int, count: int = 500) -> int:
         """Put deferred jobs that are due back on their streams; how many were moved.

@@ -21,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from worker import trips
 from worker.contract import GROUP
 
 # KEYS[1]: the job stream, then every key the writes name. ARGV: group, entry id, consumer,
@@ -103,7 +104,7 @@ class Writes:
 
 def scripts(redis: aioredis.Redis) -> tuple[AsyncScript, AsyncScript]:
     """The fenced writes' script and the fenced renewal's, registered on a client."""
-    return redis.register_script(_FENCED), redis.register_script(_RENEW)
+    return trips.register(redis, _FENCED), trips.register(redis, _RENEW)
 
 
 async def renew(script: AsyncScript, stream: str, consumer: str, ids: list[str]) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from worker import trips
 from worker.contract import BATCHER, GROUP, as_text
 
 # KEYS: the lease. ARGV: token, ttl ms. Renew only while it is still ours.
@@ -54,9 +55,9 @@ class Lease:
 
     def __init__(self, redis: aioredis.Redis, key: str, token: str) -> None:
         self.redis, self.key, self.token = redis, key, token
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
-        self._hand_over = redis.register_script(_HAND_OVER)
+        self._renew = trips.register(redis, _RENEW)
+        self._release = trips.register(redis, _RELEASE)
+        self._hand_over = trips.register(redis, _HAND_OVER)
 
     async def acquire(self, ttl_ms: int) -> bool:
         """Take the lease if nobody holds it (or keep it if we do)."""

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from aiolimiter import AsyncLimiter
 
+from worker import trips
 from worker.config import Config, RateLimits
 from worker.contract import Keys
 
@@ -258,8 +259,8 @@ class FleetLimiter:
         self.cfg = cfg
         self.keys = Keys(cfg.prefix)
         self.clock_ms = clock_ms  # tests: a fixed "now" instead of the server's TIME
-        self._take = redis.register_script(TAKE)
-        self._settle = redis.register_script(SETTLE)
+        self._take = trips.register(redis, TAKE)
+        self._settle = trips.register(redis, SETTLE)
         self._lanes: dict[str, _Lane] = {}
         self._seq = itertools.count()
         # Per model: the share of reserved input tokens the API counted (EWMA), for pacing.

@@ -44,6 +44,7 @@ from worker.errors import JobRejected, TooLarge
 from worker.jobrun import Call, JobRun
 from worker.jobs import ApiMessage, text_of
 from worker.queue import Delivery, Finish, Queue
+from worker.trips import raise_first
 from worker.usage import ApiUsage, baseline_cost_usd
 
 MESSAGE_CHARS = 500  # of the reason, in an error's usage event
@@ -78,12 +79,12 @@ def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending)
 
 
 async def finish(queue: Queue, d: Delivery, job_id: str, ending: Ending) -> bool:
-    """Write a job's end in one transaction; False when the entry was no longer this
-    worker's (finished already, or taken over by another worker): then nothing was written."""
-    async with queue.redis.pipeline(transaction=True) as tx:
-        finish_into(tx, queue, d, job_id, ending)
-        replies: list[Any] = await tx.execute()
-    return bool(int(replies[0]))
+    """Write a job's end in one transaction, shared with the ends of the other jobs that end
+    in the same loop turn (worker.trips: one round trip for all); False when the entry was no
+    longer this worker's (finished already, or taken over by another worker): then nothing
+    was written."""
+    trip = await queue.trips.run(lambda tx: finish_into(tx, queue, d, job_id, ending), atomic=True)
+    return bool(int(raise_first(trip)[0]))
 
 
 def event_into(tx: Any, queue: Queue, event: UsageEvent) -> None:

@@ -43,6 +43,7 @@ from worker.contract import (
     id_problem,
 )
 from worker.fence import Key
+from worker.trips import Trips, raise_first
 
 log = logging.getLogger("tokenq.queue")
 
@@ -136,9 +137,12 @@ class Queue:
         self._next_reclaim = 0.0
         self._cursors = dict.fromkeys(self.readable, "0-0")
         self._fenced, self._renew = fence.scripts(redis)
+        self.trips = Trips(redis)  # the jobs' writes, shared round trips (worker.trips)
 
-    async def ensure_groups(self) -> None:
-        """Create the consumer group on every job stream (and the stream) if missing."""
+    async def ensure_groups(self, warm: int = 1) -> None:
+        """Create the consumer group on every job stream (and the stream) if missing; load
+        every script and open `warm` connections (worker.trips)."""
+        await self.trips.load(warm)
         for stream in self.streams.values():
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -283,9 +287,12 @@ class Queue:
             await fence.renew(self._renew, stream, self.consumer, ids)
 
     async def finish(self, d: Delivery, job_id: str, end: Finish) -> bool:
-        """Write result, usage event (and dead letter, reply) and acknowledge, in one script;
-        False when the entry is no longer this consumer's (finished, or taken over)."""
-        return await self._ending(d, job_id, end).run(self._fenced)
+        """Write result, usage event (and dead letter, reply) and acknowledge, in one script
+        on the next shared trip; False when the entry is no longer this consumer's (finished,
+        or taken over)."""
+        w = self._ending(d, job_id, end)
+        trip = await self.trips.run(lambda tx: w.into(tx, self._fenced), atomic=True)
+        return bool(int(raise_first(trip)[0]))
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
         """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""
@@ -314,7 +321,8 @@ class Queue:
         """Write a job's run (worker.jobrun) while d is this consumer's; whether it was."""
         w = fence.Writes(d.stream, d.entry_id, self.consumer)
         w.add("HSET", Key(self.keys.state(d.job_id)), "run", run)
-        return await w.run(self._fenced)
+        replies = raise_first(await self.trips.run(lambda pipe: w.into(pipe, self._fenced)))
+        return bool(int(replies[0]))
 
     def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:
         """Queue the XADD of a result onto a reply_to stream: skipped (atomically, in Lua)

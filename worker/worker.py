@@ -46,6 +46,8 @@ from worker.queue import Delivery, Queue
 from worker.supervise import stopped_within, supervise
 
 log = logging.getLogger("tokenq.worker")
+# Connections opened at start: the reader, the two shared trips (worker.trips), the limiter.
+WARM_CONNECTIONS = 4
 
 
 class Worker:
@@ -69,7 +71,7 @@ class Worker:
         self._stopping = asyncio.Event()
         redis, keys = queue.redis, queue.keys
         self.caller = Caller(cfg, queue, client)
-        self.claims = Claims(redis, keys, queue.streams)
+        self.claims = Claims(redis, keys, queue.streams, queue.trips)
         lease_ms = int((cfg.anthropic.timeout_s + 30) * 1000)
         cache = ResponseCache(redis, lease_ms=lease_ms, block_ms=cfg.worker.block_ms)
         self.runner = Runner(cfg, queue, self.claims, self.caller, cache, self._stopping)
@@ -117,7 +119,7 @@ class Worker:
         stop(); the renewer, the deferred mover and the control listener keep serving the jobs
         in flight until the drain is over.
         """
-        await self.queue.ensure_groups()
+        await self.queue.ensure_groups(warm=WARM_CONNECTIONS)
         drained = asyncio.Event()
         async with asyncio.TaskGroup() as duties:
             duties.create_task(supervise("renewer", lambda: self._renew_forever(drained), drained))
