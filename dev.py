@@ -4,7 +4,8 @@
     python3 dev.py up      run everything locally (embedded Valkey, simulator, workers, demo)
     python3 dev.py test    lint, type-check and run the whole test suite
     python3 dev.py bench [NAME]   run bench/NAME.py (throughput, the default; ratelimit; cost;
-                                  fuzz [--seed S] [--entries N]: hostile entries vs. a fleet)
+                                  fuzz [--seed S] [--entries N]: hostile entries vs. a fleet;
+                                  semantic [--seed S]: the semantic cache on paraphrases)
 
 Each command first makes ./.venv and installs tokenq with its dev tools into it (again only
 when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else; pip's output
@@ -101,7 +102,7 @@ def main() -> int:
     script = ROOT / "bench" / f"{name}.py"
     if not script.exists() or name == "common":
         print(
-            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost or fuzz",
+            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, fuzz or semantic",
             file=sys.stderr,
         )
         return 2

@@ -26,6 +26,8 @@ from worker.api_request import parse_request
 from worker.batcher import batch_rows, cancel_batch
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
+from worker.cli_cache import EPILOG_LINE as CACHE_EPILOG
+from worker.cli_cache import add_cache_command
 from worker.cli_tools import EPILOG_LINES as TOOLS_EPILOG
 from worker.cli_tools import add_tool_commands
 from worker.config import Config, config_path, load_config
@@ -68,6 +70,7 @@ commands, in the order you meet them:
   limits      rate limits per model: configured, in use across the fleet, headroom
   budgets     spend caps per feature and tenant: spent, reserved, cap; circuit breakers
   batches     Message Batches of the batch windows: state and counts; cancel one
+{CACHE_EPILOG.rstrip()}
   reload      make every running worker re-read its config file (limits, features, prices)
   config      check a config file
   simulator   a local Anthropic API with a billing ledger (the default without an API key)
@@ -148,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limits(sub)
     _add_budgets(sub)
     _add_batches(sub)
+    add_cache_command(sub)
     _add_config(sub)
     sub.add_parser("simulator", help="a local Anthropic API (see `tokenq simulator --help`)")
     p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")

@@ -15,6 +15,7 @@ import hashlib
 import re
 from collections.abc import Collection
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import msgspec
 
@@ -132,6 +133,33 @@ class Keys:
     def lengths(self, feature: str, day: int) -> str:
         """A hash: a feature's answer lengths in one day, counted in fixed buckets."""
         return f"{self.prefix}:outlen:{feature}:{day}"
+
+    # The semantic cache's keys (worker.semantic). A scope's keys share its base; feature
+    # and tenant are percent-encoded there, so no name (a `:` in a tenant, say) can make
+    # two scopes' keys meet.
+    def semantic_scope(self, feature: str, tenant: str | None) -> str:
+        """The base of a scope's keys: a feature's shared scope (tenant None) or a tenant's.
+        Under it: `:index` (sorted set of entry ids by time), `:ver` (hash: `epoch`, `n`
+        changes), `:log` (stream of changes), `:e:<entry id>` (string: an entry)."""
+        who = "shared" if tenant is None else "t=" + quote(tenant, safe="")
+        return f"{self.prefix}:semantic:{quote(feature, safe='')}:{who}"
+
+    @property
+    def semantic_scopes(self) -> str:
+        """A set of the scope bases that hold entries (or did): for `tokenq cache`."""
+        return f"{self.prefix}:semantic:scopes"
+
+    def semantic_source(self, job_id: str) -> str:
+        """A string: the scope base and entry id of the entry a job's answer became."""
+        return f"{self.prefix}:semantic:job:{job_id}"
+
+    def semantic_hit(self, job_id: str) -> str:
+        """A string: a job answered from the semantic cache: its entry, similarity, pair."""
+        return f"{self.prefix}:semantic:hit:{job_id}"
+
+    def semantic_trust(self, feature: str) -> str:
+        """A hash: the decayed count of `bad` verdicts on a feature's semantic hits."""
+        return f"{self.prefix}:semantic:trust:{quote(feature, safe='')}"
 
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
