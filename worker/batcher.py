@@ -196,7 +196,7 @@ class Batcher:
         self.priorities = [p for p in q.priorities if p not in q.readable]
         self.queue = Queue(
             q.redis, q.keys, q.priorities, BATCHER, visibility_ms=q.visibility_ms,
-            result_ttl_s=q.result_ttl_s, usage_maxlen=q.usage_maxlen,
+            result_ttl_s=q.result_ttl_s, usage_maxlen=q.usage_maxlen, rollups=q.rollups,
         )  # fmt: skip
         self.lease = Lease(q.redis, q.keys.batcher_lease, f"{q.consumer}-{uuid.uuid4().hex[:8]}")
         self.client = worker.client.with_options(max_retries=0)

@@ -189,6 +189,19 @@ class BatchConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     lease_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 15.0
 
 
+class ReportConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Rollups of job outcomes for `tokenq report`, the metrics and the dashboard (rollups.py)."""
+
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 90
+    tenants_per_hour: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
+
+
+class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """`tokenq metrics`: the Prometheus exporter (metrics.py)."""
+
+    tenant_labels: bool = False
+
+
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] = "tokenq"
     redis: RedisConfig = RedisConfig()
@@ -200,6 +213,8 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     budgets: BudgetsConfig = BudgetsConfig()
     breakers: BreakersConfig = BreakersConfig()
     batch: BatchConfig = BatchConfig()
+    report: ReportConfig = ReportConfig()
+    metrics: MetricsConfig = MetricsConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from worker.contract import GROUP, Keys
+from worker.rollups import Rollups
 
 log = logging.getLogger("tokenq.queue")
 
@@ -142,8 +143,10 @@ class Queue:
         usage_maxlen: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
         batched: Collection[str] = (),
+        rollups: Rollups | None = None,
     ) -> None:
         self.redis = redis
+        self.rollups = rollups
         self.keys = keys
         self.priorities = list(priorities)
         self.streams = {p: keys.jobs(p) for p in priorities}
@@ -327,6 +330,8 @@ class Queue:
         # Wakes result() waiters; short-lived, the result key itself is the record.
         tx.rpush(self.keys.done(job_id), 1)
         tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
+        if self.rollups is not None:  # the outcome's share of the hourly rollups and totals
+            self.rollups.add_into(tx, end.usage)
         self._ack(tx, d, job_id)
 
     def requeue_into(self, tx: Any, d: Delivery, job_id: str, *, refund: bool) -> None:

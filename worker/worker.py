@@ -72,6 +72,7 @@ from worker.jobs import (
 )
 from worker.limiter import make_limiter
 from worker.queue import Delivery, Finish, Queue
+from worker.rollups import Rollups, settings_of
 from worker.router import (
     CUT,
     check_answer,
@@ -162,6 +163,8 @@ class Worker(CallPath):
         self.limiter.reload(cfg)
         self.budgets.reload(cfg)
         self.breakers.reload(cfg.breakers)
+        if self.queue.rollups is not None:
+            self.queue.rollups.reload(settings_of(cfg))
         log.info("reloaded %s", self.config_file)
         return True
 
@@ -688,6 +691,7 @@ def build_worker(
         result_ttl_s=cfg.queue.result_ttl_s,
         usage_maxlen=cfg.queue.usage_maxlen,
         batched=cfg.batch.priorities,
+        rollups=Rollups(Keys(cfg.prefix), settings_of(cfg)),
     )
     client = client or make_client(cfg, concurrency)
     return Worker(cfg, queue, client, concurrency=concurrency)
