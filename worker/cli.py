@@ -20,7 +20,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from producers import Producer
-from worker import metrics
+from worker import dashboard, metrics
 from worker.batcher import batch_rows, cancel_batch
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batches(sub)
     _add_report(sub)
     _add_metrics(sub)
+    _add_dashboard(sub)
     _add_config(sub)
     sub.add_parser("simulator", help="a local Anthropic API (see `tokenq simulator --help`)")
     p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")
@@ -305,6 +306,21 @@ def _add_metrics(sub: Sub[argparse.ArgumentParser]) -> None:
         "--host", default="127.0.0.1", help="address (127.0.0.1; 0.0.0.0 for a remote Prometheus)"
     )
     p.set_defaults(run=cmd_metrics)
+
+
+def _add_dashboard(sub: Sub[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "dashboard",
+        help="a web page of spend, savings, caches, latency and queues, updating live",
+        description="Serve a web page (no outside resources: it works offline) of the last "
+        "hours: spend and saving over time by feature, cost per tenant, cache hit rates, "
+        "latency percentiles, queue depth, rate limits in use, breakers, spend caps and "
+        "batches. It updates itself every few seconds.",
+    )
+    p.add_argument("--port", type=int, default=8780, help="port (8780)")
+    p.add_argument("--host", default="127.0.0.1", help="address (127.0.0.1)")
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between updates (5)")
+    p.set_defaults(run=cmd_dashboard)
 
 
 def _add_dead(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -728,6 +744,19 @@ def cmd_metrics(ns: argparse.Namespace) -> int:
     async def run() -> int:
         async with _redis(cfg) as redis:
             await metrics.serve(cfg, redis, ns.host, ns.port)
+        return 0
+
+    return _run_async(run)
+
+
+def cmd_dashboard(ns: argparse.Namespace) -> int:
+    cfg = _config(ns)
+    if ns.refresh < 0.5:
+        raise ConfigError(f"--refresh {ns.refresh} is too often; use 0.5 seconds or more")
+
+    async def run() -> int:
+        async with _redis(cfg) as redis:
+            await dashboard.serve(cfg, redis, ns.host, ns.port, ns.refresh)
         return 0
 
     return _run_async(run)

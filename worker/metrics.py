@@ -127,6 +127,36 @@ def _buckets(v: Vector, names: tuple[str, ...]) -> list[tuple[str, float]]:
     return out
 
 
+async def queue_rows(redis: aioredis.Redis, cfg: Config, now_ms: int) -> list[dict[str, Any]]:
+    """Per priority stream: depth (waiting to be read), pending, oldest waiting age (s),
+    consumers active (read or renewed within the visibility timeout) and stale."""
+    keys, out = Keys(cfg.prefix), []
+    stale_ms = cfg.queue.visibility_timeout_s * 1000
+    for priority in cfg.queue.priorities:
+        stream = keys.jobs(priority)
+        group = await _group(redis, stream)
+        held = int(group.get("pending", 0)) if group else 0
+        after = f"({as_text(group['last-delivered-id'])}" if group else "-"
+        first: Any = await redis.xrange(stream, after, "+", count=1)
+        age = (now_ms - entry_ms(as_text(first[0][0]))) / 1000 if first else 0.0
+        idle = [int(c.get("idle", 0)) for c in await _consumers(redis, stream)] if group else []
+        out.append({
+            "priority": priority, "depth": max(0, int(await redis.xlen(stream)) - held),
+            "pending": held, "oldest_age_s": max(0.0, age),
+            "consumers_active": sum(1 for i in idle if i <= stale_ms),
+            "consumers_stale": sum(1 for i in idle if i > stale_ms),
+        })  # fmt: skip
+    return out
+
+
+async def _consumers(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
+    try:
+        rows: Any = await redis.xinfo_consumers(stream, GROUP)
+    except ResponseError:
+        return []
+    return list(rows)
+
+
 async def queue_families(redis: aioredis.Redis, cfg: Config, now_ms: int) -> list[Metric]:
     """Depth, oldest waiting age, pending and consumers of every priority stream."""
     keys = Keys(cfg.prefix)
@@ -143,28 +173,13 @@ async def queue_families(redis: aioredis.Redis, cfg: Config, now_ms: int) -> lis
         "tokenq_queue_consumers", "Consumers of the stream: active (read or renewed within "
         "queue.visibility_timeout_s) or stale.", labels=["priority", "state"],
     )  # fmt: skip
-    stale_ms = cfg.queue.visibility_timeout_s * 1000
-    for priority in cfg.queue.priorities:
-        stream = keys.jobs(priority)
-        group = await _group(redis, stream)
-        length = int(await redis.xlen(stream))
-        held = int(group.get("pending", 0)) if group else 0
-        depth.add_metric([priority], max(0, length - held))
-        pending.add_metric([priority], held)
-        after = f"({as_text(group['last-delivered-id'])}" if group else "-"
-        first: Any = await redis.xrange(stream, after, "+", count=1)
-        age = (now_ms - entry_ms(as_text(first[0][0]))) / 1000 if first else 0.0
-        oldest.add_metric([priority], max(0.0, age))
-        active = stale = 0
-        if group:
-            rows: Any = await redis.xinfo_consumers(stream, GROUP)
-            for c in rows:
-                if int(c.get("idle", 0)) <= stale_ms:
-                    active += 1
-                else:
-                    stale += 1
-        consumers.add_metric([priority, "active"], active)
-        consumers.add_metric([priority, "stale"], stale)
+    for row in await queue_rows(redis, cfg, now_ms):
+        p = row["priority"]
+        depth.add_metric([p], row["depth"])
+        pending.add_metric([p], row["pending"])
+        oldest.add_metric([p], row["oldest_age_s"])
+        consumers.add_metric([p, "active"], row["consumers_active"])
+        consumers.add_metric([p, "stale"], row["consumers_stale"])
     dead = GaugeMetricFamily("tokenq_dead_letters", "Entries in the dead-letter stream.")
     dead.add_metric([], int(await redis.xlen(keys.dead)))
     deferred = GaugeMetricFamily("tokenq_deferred_jobs", "Jobs put off by a defer policy.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import sys
 import urllib.request
@@ -142,3 +143,36 @@ async def test_tenant_labels_only_when_configured(
 
 async def _count(redis: aioredis.Redis, key: str, n: int) -> bool:
     return int(await redis.xlen(key)) >= n
+
+
+GRAFANA = Path(__file__).resolve().parents[2] / "ops" / "grafana" / "tokenq.json"
+
+
+async def test_the_grafana_board_queries_only_exported_metrics(
+    redis: aioredis.Redis, make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    cfg, _ = make_config()
+    text = (await scrape(redis, cfg)).decode()  # an empty fleet: every family, no samples
+    exported = {f.name for f in text_string_to_metric_families(text)}
+    board = json.loads(GRAFANA.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    assert len(exprs) > 20
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", name)
+            for e in exprs for name in re.findall(r"tokenq_[a-z_]+", e)}  # fmt: skip
+    assert used <= exported, used - exported
+    assert exported - used <= {"tokenq_queue_consumers", "tokenq_ratelimit_limit_per_minute",
+                               "tokenq_ratelimit_usable_per_minute", "tokenq_ratelimit_in_use",
+                               "tokenq_ratelimit_paused_seconds"}, exported - used  # fmt: skip
+    if shutil.which("promtool"):  # the queries parse as PromQL
+        concrete = [e.replace("$__rate_interval", "5m").replace("$__range", "1h")
+                    .replace("$feature", ".*") for e in exprs]  # fmt: skip
+        rules = {"groups": [{"name": "board", "rules": [
+            {"record": f"board:q{n}", "expr": e} for n, e in enumerate(concrete)]}]}  # fmt: skip
+        path = tmp_path / "rules.json"  # YAML is a superset of JSON
+        path.write_text(json.dumps(rules))
+        promtool = await asyncio.create_subprocess_exec(
+            "promtool", "check", "rules", str(path), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        said, _ = await promtool.communicate()
+        assert promtool.returncode == 0, said.decode()
