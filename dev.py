@@ -3,7 +3,8 @@
 
     python3 dev.py up      run everything locally (embedded Valkey, simulator, workers, demo)
     python3 dev.py test    lint, type-check and run the whole test suite
-    python3 dev.py bench [NAME]   run bench/NAME.py (throughput, the default; ratelimit; cost)
+    python3 dev.py bench [NAME]   run bench/NAME.py (throughput, the default; ratelimit; cost;
+                                  report)
 
 Each command first makes ./.venv and installs tokenq with its dev tools into it (again only
 when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else. Arguments
@@ -90,7 +91,10 @@ def main() -> int:
     name = extra.pop(0) if extra and not extra[0].startswith("-") else "throughput"
     script = ROOT / "bench" / f"{name}.py"
     if not script.exists() or name == "common":
-        print(f"dev.py: no benchmark {name!r}; try throughput, ratelimit or cost", file=sys.stderr)
+        print(
+            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost or report",
+            file=sys.stderr,
+        )
         return 2
     return run([str(PY), str(script), *extra])
 

@@ -685,7 +685,7 @@ class Batcher:
                     write(tx)
                     if local is not None and done:
                         tx.hdel(self.keys.batch_members(local), *done)
-                    await tx.execute()
+                    await self.queue.execute(tx)
                     return
             except WatchError:
                 continue  # the lease key changed: our own renewal, or a takeover; look again

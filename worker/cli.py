@@ -35,7 +35,7 @@ from worker.limiter import ModelStatus, status
 from worker.local import up
 from worker.queue import dead_job_id, dead_letters, replay
 from worker.report import DIMENSIONS, Query, query, report_csv, table
-from worker.rollups import tenant_slot
+from worker.rollups import Rollups, settings_of, tenant_slot
 from worker.usage import HitRates, follow, tail_line
 from worker.worker import make_client, serve
 
@@ -717,9 +717,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with _redis(cfg) as redis:
-            answer = await query(redis, Keys(cfg.prefix), q, now_ms=now,
-                                 keep_tenants=cfg.report.tenants_per_hour,
-                                 retention_days=cfg.report.retention_days)  # fmt: skip
+            rollups = Rollups(Keys(cfg.prefix), settings_of(cfg))
+            answer = await query(redis, rollups, q, now_ms=now)
         start = dt.datetime.fromtimestamp(q.start_hour * 3600, dt.UTC).isoformat()
         end = dt.datetime.fromtimestamp(q.end_hour * 3600, dt.UTC).isoformat()
         if ns.json:

@@ -83,9 +83,17 @@ class Keys:
         """A hash: one cell's metrics in one hour (see worker.rollups)."""
         return f"{self.prefix}:rollup:h:{hour}:{cell}"
 
+    def rollup_hour(self, hour: str) -> str:
+        """A hash: a finished hour's cells (`<dims>` -> metrics), compacted by readers."""
+        return f"{self.prefix}:rollup:hour:{hour}"
+
     def rollup_day(self, day: str) -> str:
-        """A hash: a whole day's (YYYYMMDD, UTC) cells, compacted from its hours by readers."""
-        return f"{self.prefix}:rollup:d:{day}"
+        """A hash: a finished day's (YYYYMMDD, UTC) cells per feature, model and priority."""
+        return f"{self.prefix}:rollup:day:{day}"
+
+    def rollup_day_tenants(self, day: str) -> str:
+        """A hash: a finished day's cells per feature, model, priority and tenant."""
+        return f"{self.prefix}:rollup:day:{day}:tenants"
 
     @property
     def rollup_totals(self) -> str:

@@ -5,7 +5,7 @@ offline); it asks GET /api/state every few seconds and redraws, so it updates wi
 reload. The state is read from Redis: the hourly rollups of the last hours (spend and saving
 by feature, cost per tenant, cache hit rates, latency percentiles), and the live state of the
 queues, rate limits, breakers, spend caps and batches. Hours that are over are read once and
-kept in memory; only the current hour is read at every refresh.
+kept in memory; only the live hours are read at every refresh.
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ from redis.exceptions import RedisError
 from worker.batcher import batch_rows
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
+from worker.cells import GRACE_MS, Cells, Vector, finished_hours, hour_cells
 from worker.config import Config
 from worker.contract import Keys
 from worker.limiter import status
 from worker.metrics import LIMIT_KINDS, queue_rows, run_app
-from worker.report import Dims, Vector, display, hour_cells, row
-from worker.rollups import METRICS
+from worker.report import display, row
+from worker.rollups import METRICS, Rollups, settings_of
 
 log = logging.getLogger("tokenq.dashboard")
 PAGE = Path(__file__).with_name("dashboard.html")
 TOP_TENANTS = 10
-SETTLED_MS = 120_000
-"""An hour this long over is final (no outcome is written to it any more): read it once."""
 
 
 def _sum(vectors: list[Vector]) -> Vector:
@@ -51,17 +50,19 @@ class State:
     def __init__(self, redis: aioredis.Redis, cfg: Config) -> None:
         self.redis, self.cfg = redis, cfg
         self.keys = Keys(cfg.prefix)
-        self._hours: dict[int, dict[Dims, Vector]] = {}
+        self.rollups = Rollups(self.keys, settings_of(cfg))
+        self._hours: dict[int, Cells] = {}
 
-    async def cells(self, hour: int, now_ms: int) -> dict[Dims, Vector]:
-        if hour in self._hours:
-            return self._hours[hour]
-        cells = await hour_cells(self.redis, self.keys, hour)
-        if (hour + 1) * 3_600_000 + SETTLED_MS <= now_ms:
-            self._hours[hour] = cells
-            for old in [h for h in self._hours if h < hour - 24 * 8]:
-                del self._hours[old]
-        return cells
+    async def cells(self, hours: range, now_ms: int) -> dict[int, Cells]:
+        """The hours' cells: finished ones read (and compacted) once, live ones each time."""
+        done = [h for h in hours if (h + 1) * 3_600_000 + GRACE_MS <= now_ms]
+        missing = [h for h in done if h not in self._hours]
+        if missing:
+            self._hours.update(await finished_hours(self.redis, self.rollups, missing))
+        for old in [h for h in self._hours if h < hours.start - 24]:
+            del self._hours[old]
+        return {h: self._hours[h] if h in self._hours else
+                await hour_cells(self.redis, self.keys, h) for h in hours}  # fmt: skip
 
     async def snapshot(self, hours: int) -> dict[str, Any]:
         """Everything the page draws, as JSON-ready values."""
@@ -71,8 +72,8 @@ class State:
         by_feature: dict[str, list[Vector]] = {}
         by_tenant: dict[str, list[Vector]] = {}
         everything: list[Vector] = []
-        for hour in range(current - hours + 1, current + 1):
-            cells = await self.cells(hour, now_ms)
+        window = await self.cells(range(current - hours + 1, current + 1), now_ms)
+        for hour, cells in window.items():
             features: dict[str, list[Vector]] = {}
             for (feature, _, _, tenant), v in cells.items():
                 features.setdefault(display(feature), []).append(v)

@@ -1,7 +1,8 @@
 """`tokenq metrics`: the fleet's state as Prometheus metrics, read from Redis at each scrape.
 
-Counters come from the rollups' running totals (worker.rollups), which every finished job
-adds to and which never expire, so they survive worker restarts and never go down. Gauges
+Counters come from the rollups (worker.rollups): the running totals, which never expire,
+plus the hours not compacted into them yet (see Counters), so they survive worker restarts
+and never go down. Gauges
 come from the live state: the job streams and their consumer group, the fleet's rate-limit
 buckets (worker.limiter), the spend caps (worker.budgets), the breakers (worker.breakers) and
 the batcher's batches (worker.batcher). Names follow Prometheus' conventions: `_total` on
@@ -31,17 +32,28 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from worker.batcher import batch_rows
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
+from worker.cells import GRACE_MS, Vector, add, finished_hours, hour_cells, new
 from worker.config import Config
 from worker.contract import GROUP, Keys, entry_ms
 from worker.limiter import status
 from worker.queue import as_text
-from worker.report import Vector, display
-from worker.rollups import BOUNDS_MS, INDEX, LATENCY, METRICS, NANO, SEP, WAIT
+from worker.report import display
+from worker.rollups import (
+    BOUNDS_MS,
+    INDEX,
+    LATENCY,
+    NANO,
+    SEP,
+    WAIT,
+    Rollups,
+    hour_label,
+    settings_of,
+)
 
 log = logging.getLogger("tokenq.metrics")
 KINDS = (("input", "ti"), ("output", "to"), ("cache_write", "tw"), ("cache_read", "tr"))
@@ -49,27 +61,74 @@ LIMIT_KINDS = ("requests", "input_tokens", "output_tokens")
 STATES = ("closed", "open", "half-open")
 
 
-async def totals(redis: aioredis.Redis, keys: Keys) -> list[tuple[list[str], Vector]]:
-    """The running totals: (feature, model, priority[, tenant]) and their metrics."""
+async def _totals(redis: aioredis.Redis, keys: Keys) -> dict[tuple[str, ...], Vector]:
+    """The running totals: (feature, model, priority[, tenant]) -> metrics."""
     index: dict[Any, Any] = await redis.hgetall(keys.rollup_totals)
-    cells = [(as_text(k)[1:], as_text(v).split(SEP)) for k, v in index.items()
+    cells = [(as_text(k)[1:], tuple(as_text(v).split(SEP))) for k, v in index.items()
              if as_text(k).startswith("K")]  # fmt: skip
     if not cells:
-        return []
+        return {}
     async with redis.pipeline(transaction=False) as pipe:
         for cid, _ in cells:
             pipe.hgetall(keys.rollup_total(cid))
         replies: list[Any] = await pipe.execute()
-    out = []
+    out: dict[tuple[str, ...], Vector] = {}
     for (_, dims), reply in zip(cells, replies, strict=True):
         if len(dims) in (3, 4) and reply:
-            vector = [0] * len(METRICS)
+            vector = out.setdefault(dims, new())
             for name, value in reply.items():
                 n = INDEX.get(as_text(name))
                 if n is not None and as_text(value).lstrip("-").isdigit():
-                    vector[n] = int(value)
-            out.append(([display(d) for d in dims], vector))
+                    vector[n] += int(value)
     return out
+
+
+class Counters:
+    """Where the counters come from: the running totals, plus the hours not compacted yet.
+
+    Compacting an hour moves its cells into the totals (worker.cells), so an outcome counts in
+    its hour until then and in the totals after, once either way. A read first compacts the
+    finished hours that are still live (all of the retention at the first read, the last two
+    days after that), then adds the live hours to the totals; it WATCHes their index keys, so
+    a compaction by another reader in between makes it read again instead of counting an hour
+    twice or not at all. Counters never go down (unless an hour expires before any reader
+    compacted it: nobody read the rollups for report.retention_days).
+    """
+
+    def __init__(self, rollups: Rollups) -> None:
+        self.rollups = rollups
+        self._swept = False
+
+    async def read(self, redis: aioredis.Redis, now_ms: int) -> list[tuple[list[str], Vector]]:
+        keys, settings = self.rollups.keys, self.rollups.settings
+        current = now_ms // 3_600_000
+        back = 48 if self._swept else settings.retention_days * 24
+        hours = range(current - back, current + 1)
+        async with redis.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.exists(keys.rollup_index(hour_label(hour)))
+            found: list[Any] = await pipe.execute()
+        live = [h for h, there in zip(hours, found, strict=True) if there]
+        done = [h for h in live if (h + 1) * 3_600_000 + GRACE_MS <= now_ms]
+        await finished_hours(redis, self.rollups, done)
+        self._swept = True
+        live = [h for h in live if h not in done]
+        for _ in range(20):
+            async with redis.pipeline(transaction=True) as tx:
+                if live:
+                    await tx.watch(*(keys.rollup_index(hour_label(h)) for h in live))
+                totals = await _totals(redis, keys)
+                for hour in live:
+                    for dims, v in (await hour_cells(redis, keys, hour)).items():
+                        total = dims if settings.tenant_totals else dims[:3]
+                        add(totals.setdefault(total, new()), v)
+                tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
+                try:
+                    await tx.execute()
+                except WatchError:
+                    continue  # an hour was compacted (or got a new cell) meanwhile
+            return [([display(d) for d in dims], v) for dims, v in totals.items()]
+        raise RuntimeError("the live hours kept changing while the counters were read")
 
 
 def counter_families(
@@ -281,10 +340,11 @@ class _Families(Collector):
         return self.families
 
 
-async def scrape(redis: aioredis.Redis, cfg: Config) -> bytes:
+async def scrape(redis: aioredis.Redis, cfg: Config, counters: Counters | None = None) -> bytes:
     """Every metric, in Prometheus' text format."""
     now = time.time()
-    cells = await totals(redis, Keys(cfg.prefix))
+    counters = counters or Counters(Rollups(Keys(cfg.prefix), settings_of(cfg)))
+    cells = await counters.read(redis, int(now * 1000))
     families = [
         *counter_families(cells, cfg.metrics.tenant_labels),
         *await queue_families(redis, cfg, int(now * 1000)),
@@ -298,10 +358,11 @@ async def scrape(redis: aioredis.Redis, cfg: Config) -> bytes:
 
 def app(cfg: Config, redis: aioredis.Redis) -> web.Application:
     """The exporter: GET /metrics scrapes Redis; a Redis error answers 503 with the reason."""
+    counters = Counters(Rollups(Keys(cfg.prefix), settings_of(cfg)))
 
     async def metrics(_: web.Request) -> web.Response:
         try:
-            body = await scrape(redis, cfg)
+            body = await scrape(redis, cfg, counters)
         except (RedisError, OSError) as exc:
             log.warning("scrape failed: %s", exc)
             return web.Response(status=503, text=f"tokenq metrics: Redis is not reachable: {exc}")

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from worker.contract import GROUP, Keys
-from worker.rollups import Rollups
+from worker.rollups import Rollups, execute
 
 log = logging.getLogger("tokenq.queue")
 
@@ -168,7 +168,10 @@ class Queue:
         self._move = redis.register_script(_MOVE_DUE)
 
     async def ensure_groups(self) -> None:
-        """Create the consumer group on every job stream (and the stream) if missing."""
+        """Create the consumer group on every job stream (and the stream) if missing, and
+        load the rollups' script."""
+        if self.rollups is not None:
+            await self.rollups.load(self.redis)
         for stream in self.streams.values():
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -317,7 +320,11 @@ class Queue:
         """Write result, usage event (and dead letter, reply) and acknowledge, in one MULTI."""
         async with self.redis.pipeline(transaction=True) as tx:
             self.finish_into(tx, d, job_id, end)
-            await tx.execute()
+            await self.execute(tx)
+
+    async def execute(self, tx: Any) -> list[Any]:
+        """Run a transaction holding finish_into's writes (see worker.rollups.execute)."""
+        return await execute(self.redis, tx, self.rollups)
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
         """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""

@@ -1,13 +1,8 @@
-"""Reading the rollups: cells of hours and days, grouped and filtered, as `tokenq report` rows.
+"""`tokenq report`: the rollups' cells (worker.cells) grouped, filtered and shown as rows.
 
-An hour's cells are read from its index and cell hashes (worker.rollups). A whole day that
-ended more than GRACE_MS ago is read from its compacted hash instead: the first reader that
-needs it adds the day's hours up and writes them as one hash, one field per cell (`<dims>` ->
-its metrics as text), plus one tenant-less cell per (feature, model, priority) for queries
-that do not ask about tenants. A day keeps rows for its `report.tenants_per_hour` biggest
-tenants by spend; the rest count under "(other)". Compacting a day twice writes the same hash,
-so readers need no lock. Anything in these keys that does not parse (another program's
-writes) is skipped.
+A period is read as whole finished days where it can (one hash each; the tenant-less one
+unless the question is about tenants), then finished hours, then the live hours. Questions
+about tenants by model or priority, and by hour, read hours only.
 """
 
 from __future__ import annotations
@@ -15,13 +10,24 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.contract import Keys
+from worker.cells import (
+    ALL,
+    Dims,
+    Vector,
+    add,
+    day_cells,
+    finished_hours,
+    hour_cells,
+    new,
+    periods,
+)
 from worker.rollups import (
     BOUNDS_MS,
     INDEX,
@@ -29,138 +35,12 @@ from worker.rollups import (
     METRICS,
     NANO,
     OTHER,
-    SEP,
     UNKNOWN,
     WAIT,
-    hour_label,
+    Rollups,
 )
 
-GRACE_MS = 3_600_000
-"""A day is compacted this long after it ended, when no outcome can still be written to it."""
-ALL = "\x1eall"
-"""The tenant slot of a day's tenant-less cells (every tenant together)."""
 DIMENSIONS = ("feature", "model", "tenant", "priority", "day", "hour")
-Vector = list[int]
-Dims = tuple[str, str, str, str]  # feature, model, priority, tenant
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _vector(fields: dict[Any, Any]) -> Vector:
-    out = [0] * len(METRICS)
-    for name, value in fields.items():
-        n = INDEX.get(_text(name))
-        if n is not None:
-            try:
-                out[n] = int(value)
-            except ValueError:
-                continue
-    return out
-
-
-def _add(into: Vector, more: Sequence[int]) -> None:
-    for n, value in enumerate(more):
-        if value:
-            into[n] += value
-
-
-def _dims(text: str) -> Dims | None:
-    parts = text.split(SEP)
-    return (parts[0], parts[1], parts[2], parts[3]) if len(parts) == 4 else None
-
-
-async def hour_cells(redis: aioredis.Redis, keys: Keys, hour: int) -> dict[Dims, Vector]:
-    """One hour's cells by their dimensions."""
-    label = hour_label(hour)
-    index: dict[Any, Any] = await redis.hgetall(keys.rollup_index(label))
-    cells = {_text(k)[1:]: _dims(_text(v)) for k, v in index.items() if _text(k).startswith("K")}
-    found = [(cid, dims) for cid, dims in cells.items() if dims is not None]
-    if not found:
-        return {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for cid, _ in found:
-            pipe.hgetall(keys.rollup_cell(label, cid))
-        replies: list[Any] = await pipe.execute()
-    out: dict[Dims, Vector] = {}
-    for (_, dims), reply in zip(found, replies, strict=True):
-        if dims is not None and reply:
-            _add(out.setdefault(dims, [0] * len(METRICS)), _vector(reply))
-    return out
-
-
-def day_label(day: int) -> str:
-    """A day (days since the epoch, UTC) as it appears in key names: YYYYMMDD."""
-    return time.strftime("%Y%m%d", time.gmtime(day * 86_400))
-
-
-def _encode(vector: Vector) -> str:
-    return ",".join(map(str, vector))
-
-
-def _decode(text: str) -> Vector | None:
-    try:
-        vector = [int(v) for v in text.split(",")]
-    except ValueError:
-        return None
-    return vector if len(vector) == len(METRICS) else None
-
-
-def fold_tenants(cells: dict[Dims, Vector], keep: int) -> dict[Dims, Vector]:
-    """Keep the `keep` biggest tenants by spend (then outcomes); the others become OTHER."""
-    spend: dict[str, tuple[int, int]] = {}
-    for (_, _, _, tenant), v in cells.items():
-        if tenant not in ("", OTHER):
-            old = spend.get(tenant, (0, 0))
-            spend[tenant] = (old[0] + v[INDEX["usd"]], old[1] + v[INDEX["n"]])
-    kept = set(sorted(spend, key=lambda t: spend[t], reverse=True)[:keep])
-    out: dict[Dims, Vector] = {}
-    for (f, m, p, tenant), v in cells.items():
-        slot = tenant if tenant in kept or tenant == "" else OTHER
-        _add(out.setdefault((f, m, p, slot), [0] * len(METRICS)), v)
-    return out
-
-
-async def compact_day(
-    redis: aioredis.Redis, keys: Keys, day: int, *, keep_tenants: int, retention_days: int
-) -> dict[Dims, Vector]:
-    """Add a day's hours up and write them as the day's hash; returns its cells."""
-    cells: dict[Dims, Vector] = {}
-    for hour in range(day * 24, day * 24 + 24):
-        for dims, v in (await hour_cells(redis, keys, hour)).items():
-            _add(cells.setdefault(dims, [0] * len(METRICS)), v)
-    cells = fold_tenants(cells, keep_tenants)
-    everyone: dict[Dims, Vector] = {}
-    for (f, m, p, _), v in cells.items():
-        _add(everyone.setdefault((f, m, p, ALL), [0] * len(METRICS)), v)
-    cells.update(everyone)
-    mapping = {SEP.join(dims): _encode(v) for dims, v in cells.items()}
-    mapping["~"] = "1"  # compacted, even when the day had no outcomes
-    key = keys.rollup_day(day_label(day))
-    async with redis.pipeline(transaction=True) as tx:
-        tx.delete(key)
-        tx.hset(key, mapping=mapping)  # type: ignore[arg-type]
-        tx.expireat(key, (day + 1) * 86_400 + retention_days * 86_400)
-        await tx.execute()
-    return cells
-
-
-async def day_cells(
-    redis: aioredis.Redis, keys: Keys, day: int, *, keep_tenants: int, retention_days: int
-) -> dict[Dims, Vector]:
-    """A whole, finished day's cells (with the ALL cells), compacting it if nobody has."""
-    stored: dict[Any, Any] = await redis.hgetall(keys.rollup_day(day_label(day)))
-    if not stored:
-        return await compact_day(
-            redis, keys, day, keep_tenants=keep_tenants, retention_days=retention_days
-        )
-    out: dict[Dims, Vector] = {}
-    for name, value in stored.items():
-        dims, vector = _dims(_text(name)), _decode(_text(value))
-        if dims is not None and vector is not None:
-            out[dims] = vector
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,62 +64,53 @@ class Answer:
     notes: list[str] = field(default_factory=list)
 
 
-def _periods(q: Query, now_ms: int) -> Iterable[tuple[str, int]]:
-    """("day", day) for whole compactable days in the range (unless grouping by hour), else
-    ("hour", hour)."""
-    hour = q.start_hour
-    while hour < q.end_hour:
-        day = hour // 24
-        whole = hour % 24 == 0 and hour + 24 <= q.end_hour
-        done = (day + 1) * 86_400_000 + GRACE_MS <= now_ms
-        if whole and done and "hour" not in q.by:
-            yield "day", day
-            hour += 24
-        else:
-            yield "hour", hour
-            hour += 1
+@lru_cache(maxsize=4096)
+def _when(start_hour: int) -> tuple[str, str]:
+    moment = time.gmtime(start_hour * 3600)
+    return time.strftime("%Y-%m-%d", moment), time.strftime("%Y-%m-%d %H:00", moment)
 
 
 def _group(dims: Dims, start_hour: int, by: tuple[str, ...]) -> tuple[str, ...]:
     f, m, p, t = dims
-    values = {
-        "feature": f, "model": m, "priority": p, "tenant": t,
-        "day": time.strftime("%Y-%m-%d", time.gmtime(start_hour * 3600)),
-        "hour": time.strftime("%Y-%m-%d %H:00", time.gmtime(start_hour * 3600)),
-    }  # fmt: skip
+    day, hour = _when(start_hour) if "day" in by or "hour" in by else ("", "")
+    values = {"feature": f, "model": m, "priority": p, "tenant": t, "day": day, "hour": hour}
     return tuple(values[name] for name in by)
 
 
-async def query(
-    redis: aioredis.Redis, keys: Keys, q: Query, *, now_ms: int, keep_tenants: int,
-    retention_days: int,
-) -> Answer:  # fmt: skip
+async def query(redis: aioredis.Redis, rollups: Rollups, q: Query, *, now_ms: int) -> Answer:
     """Rows of metrics (see row()) for each group of q.by, biggest cost first."""
     tenants = "tenant" in q.by or q.tenant is not None
     sums: dict[tuple[str, ...], Vector] = {}
-    everything = [0] * len(METRICS)
-    for kind, n in _periods(q, now_ms):
+    everything = new()
+    # A day's tenant cells have no model or priority: such questions read the hours.
+    days = "hour" not in q.by and not (tenants and {"model", "priority"} & set(q.by))
+    spans = list(periods(q.start_hour, q.end_hour, now_ms, days=days))
+    finished = await finished_hours(redis, rollups, (n for kind, n in spans if kind == "hour"))
+    for kind, n in spans:
         if kind == "day":
-            cells = await day_cells(redis, keys, n, keep_tenants=keep_tenants,
-                                    retention_days=retention_days)  # fmt: skip
-            start = n * 24
+            cells = await day_cells(redis, rollups, n, tenants=tenants)
         else:
-            cells, start = await hour_cells(redis, keys, n), n
+            cells = finished[n] if kind == "hour" else await hour_cells(redis, rollups.keys, n)
+        start = n * 24 if kind == "day" else n
         for dims, v in cells.items():
-            if kind == "day" and (dims[3] == ALL) == tenants:
-                continue  # a day has tenant rows and ALL rows: use one kind
             if q.feature is not None and display(dims[0]) != q.feature:
                 continue
             if q.tenant is not None and display(dims[3]) != q.tenant:
                 continue
-            _add(sums.setdefault(_group(dims, start, q.by), [0] * len(METRICS)), v)
-            _add(everything, v)
+            group = _group(dims, start, q.by)
+            if group in sums:
+                add(sums[group], v)
+            else:
+                sums[group] = list(v)
+    for v in sums.values():
+        add(everything, v)
     answer = Answer(total=row(everything))
     for group, v in sums.items():
         answer.rows.append({**{k: display(g) for k, g in zip(q.by, group, strict=True)},
                             **row(v)})  # fmt: skip
     answer.rows.sort(key=lambda r: tuple(r[k] for k in q.by) if {"day", "hour"} & set(q.by)
                      else (-r["cost_usd"], tuple(r[k] for k in q.by)))  # fmt: skip
+    retention_days = rollups.settings.retention_days
     oldest_ms = now_ms - retention_days * 86_400_000
     if q.start_hour * 3_600_000 < oldest_ms:
         since = time.strftime("%Y-%m-%d %H:00", time.gmtime(oldest_ms / 1000))

@@ -1,13 +1,17 @@
 """Rollups: each job outcome added to compact hourly aggregates and running totals in Redis.
 
-The finishing write (Queue.finish_into) also adds the job's usage event to
-- its hour (UTC): one small hash per cell, a cell being (feature, model, priority, tenant), kept
-  `report.retention_days` after the hour ends; the hour's index hash lists its cells and the
-  tenants that have rows. An hour keeps rows for its first `report.tenants_per_hour` tenants;
-  later ones count under OTHER, so an hour holds at most (tenants + 2) x features x models x
-  priorities cells whatever the producers send (unknown features count as UNKNOWN);
-- the running totals: one hash per (feature, model, priority) cell (and tenant, with
-  metrics.tenant_labels) that never expires, so counters read from it never go down.
+The finishing write (Queue.finish_into) also adds the job's usage event to its hour (UTC): one
+small hash per cell, a cell being (feature, model, priority, tenant), kept
+`report.retention_days` after the hour ends; the hour's index hash lists its cells and the
+tenants that have rows. An hour keeps rows for its first `report.tenants_per_hour` tenants;
+later ones count under OTHER, so an hour holds at most (tenants + 2) x features x models x
+priorities cells whatever the producers send (unknown features count as UNKNOWN).
+
+When the hour is over, the first reader compacts it (worker.cells) and, in the same
+transaction, adds its cells to the running totals: one hash per (feature, model, priority)
+(and tenant, with metrics.tenant_labels) that never expires, so the counters read from them
+(with the live hours on top) never go down. Keeping the totals off the finishing write halves
+what each outcome costs the server.
 
 A cell holds integer metrics (METRICS): outcomes by status and mode, tokens by kind, cost and
 baseline in nano-dollars (exact sums), response- and prompt-cache counts, and two histograms
@@ -25,13 +29,18 @@ from __future__ import annotations
 import base64
 import bisect
 import hashlib
+import struct
 import time
 import unicodedata
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from worker.config import Config
 from worker.contract import Keys
@@ -78,7 +87,13 @@ def _minified(source: str) -> str:
     return "\n".join(line for line in lines if line and not line.startswith("--"))
 
 
-SCRIPT = _minified(Path(__file__).with_name("rollup.lua").read_text(encoding="utf-8"))
+SCRIPT = _minified(
+    "local METRICS = {"
+    + ", ".join(f"'{m}'" for m in METRICS)
+    + "}\n"
+    + Path(__file__).with_name("rollup.lua").read_text(encoding="utf-8")
+)
+SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +229,7 @@ class Delta:
 
     settings: Settings
     # (hour, feature, model, priority, tenant) -> metrics; (feature, model, priority[, tenant])
-    # -> metrics for the totals.
+    # -> metrics for the running totals (only compaction adds those, see add_total).
     hours: dict[tuple[int, str, str, str, str], dict[str, int]] = field(default_factory=dict)
     totals: dict[tuple[str, ...], dict[str, int]] = field(default_factory=dict)
 
@@ -230,10 +245,20 @@ class Delta:
         priority = fields.get("priority", "")[:TENANT_MAX]
         tenant = tenant_slot(fields.get("tenant", ""))
         hour = hour_of(_int(fields.get("ts_ms")) or int(time.time() * 1000))
-        _add(self.hours.setdefault((hour, feature, model, priority, tenant), {}), metrics)
-        total = (feature, model, priority, tenant) if self.settings.tenant_totals else (
-            feature, model, priority)  # fmt: skip
-        _add(self.totals.setdefault(total, {}), metrics)
+        key = (hour, feature, model, priority, tenant)
+        if key in self.hours:
+            _add(self.hours[key], metrics)
+        else:
+            self.hours[key] = metrics
+
+    def add_total(self, dims: tuple[str, str, str, str], vector: Iterable[int]) -> None:
+        """Add a compacted cell (feature, model, priority, tenant; METRICS order) to the
+        running totals (the tenant only with metrics.tenant_labels)."""
+        total = dims if self.settings.tenant_totals else dims[:3]
+        into = self.totals.setdefault(total, {})
+        for name, value in zip(METRICS, vector, strict=True):
+            if value:
+                into[name] = into.get(name, 0) + value
 
     def merge(self, other: Delta) -> None:
         """Add another delta's outcomes to this one."""
@@ -243,7 +268,7 @@ class Delta:
             _add(self.totals.setdefault(tkey, {}), metrics)
 
     def __bool__(self) -> bool:
-        return bool(self.hours)
+        return bool(self.hours or self.totals)
 
     def command(self, keys: Keys) -> tuple[list[str], list[Any]]:
         """The script's KEYS and ARGV (see rollup.lua)."""
@@ -260,39 +285,51 @@ class Delta:
             oid, xid = cell_id(own), cell_id(other)
             args += ["h", key(keys.rollup_index(label)), key(keys.rollup_cell(label, oid)),
                      key(keys.rollup_cell(label, xid)), (hour + 1) * 3600 + keep_s, dims[3],
-                     oid, own, xid, other, len(metrics)]  # fmt: skip
-            args += _pairs(metrics)
+                     oid, own, xid, other, _packed(metrics)]  # fmt: skip
         for tdims, metrics in self.totals.items():
             dims_text = SEP.join(tdims)
             cid = cell_id(dims_text)
             args += ["t", key(keys.rollup_totals), key(keys.rollup_total(cid)), cid, dims_text,
-                     len(metrics)]  # fmt: skip
-            args += _pairs(metrics)
+                     _packed(metrics)]  # fmt: skip
         return list(names), args
 
 
-def _pairs(metrics: Mapping[str, int]) -> list[Any]:
-    out: list[Any] = ["n", metrics["n"]]
+def _packed(metrics: Mapping[str, int]) -> bytes:
+    """A cell's amounts as the script reads them: (metric number, amount) pairs packed as
+    little-endian (uint8, double), 'n' first. One argument instead of two per metric: the
+    client packs each argument in Python, and the script parses no number text."""
+    pairs: list[float] = [0, metrics.get("n", 0)]
     for name, value in metrics.items():
         if name != "n":
-            out += [name, value]
-    return out
+            pairs += (INDEX[name], value)
+    return _PACKERS[len(pairs) // 2].pack(*pairs)
+
+
+_PACKERS = [struct.Struct("<" + "Bd" * n) for n in range(len(METRICS) + 1)]
 
 
 class Rollups:
-    """Writes deltas of outcomes into the rollups, inside a caller's transaction.
+    """Adds outcomes to the rollups inside a caller's transaction.
 
-    The script goes with EVAL, not EVALSHA: inside a MULTI a NOSCRIPT error (a server that
-    restarted or flushed its script cache) would apply everything but the rollup, and the
-    server caches the compiled script by its digest either way.
+    The outcomes added to one transaction become one delta, written by one script call when
+    the transaction runs through execute(): a batcher chunk of 200 results costs one call.
+    The script goes by its digest (EVALSHA: sending its text with every finish cost the server
+    6 us more a call). A server that restarted or flushed its script cache answers NOSCRIPT
+    inside the MULTI, whose other commands still apply: execute() then loads the script and
+    writes the delta on its own, so no outcome is lost or added twice.
     """
 
     def __init__(self, keys: Keys, settings: Settings) -> None:
         self.keys = keys
         self.settings = settings
+        self._queued: weakref.WeakKeyDictionary[Any, Delta] = weakref.WeakKeyDictionary()
 
     def reload(self, settings: Settings) -> None:
         self.settings = settings
+
+    async def load(self, redis: aioredis.Redis) -> None:
+        """Load the script into the server (at start, so finishes need not recover)."""
+        await redis.script_load(SCRIPT)
 
     def delta(self, outcomes: Iterable[Mapping[str, str]] = ()) -> Delta:
         """A delta of these usage events (more can be added)."""
@@ -302,12 +339,35 @@ class Rollups:
         return out
 
     def add_into(self, tx: Any, usage: Mapping[str, str]) -> None:
-        """Queue the rollup writes of one usage event on a transaction (the finishing write)."""
-        self.write_into(tx, self.delta([usage]))
+        """Add one usage event to what the transaction will write (the finishing write's
+        hook). The transaction must run through execute()."""
+        self._queued.setdefault(tx, Delta(self.settings)).add(usage)
 
     def write_into(self, tx: Any, delta: Delta) -> None:
-        """Queue one script call that writes a delta (nothing when it is empty)."""
+        """Add a delta to what the transaction will write (see add_into)."""
+        self._queued.setdefault(tx, Delta(self.settings)).merge(delta)
+
+    def flush_into(self, tx: Any) -> Delta | None:
+        """Queue the script call of everything added to the transaction; that delta."""
+        delta = self._queued.pop(tx, None)
         if not delta:
-            return
+            return None
         names, args = delta.command(self.keys)
-        tx.eval(SCRIPT, len(names), *names, *args)
+        tx.evalsha(SHA, len(names), *names, *args)
+        return delta
+
+
+async def execute(redis: aioredis.Redis, tx: Any, rollups: Rollups | None) -> list[Any]:
+    """Run a transaction that may hold rollup writes; then raise its first error other than a
+    rollup's NOSCRIPT (as redis-py's execute() would)."""
+    delta = rollups.flush_into(tx) if rollups is not None else None
+    results: list[Any] = await tx.execute(raise_on_error=False)
+    missed = any(isinstance(r, NoScriptError) for r in results)
+    if delta is not None and rollups is not None and missed:
+        await rollups.load(redis)  # the rest of the transaction has applied
+        names, args = delta.command(rollups.keys)
+        await redis.evalsha(SHA, len(names), *names, *args)
+    for r in results:
+        if isinstance(r, Exception) and not isinstance(r, NoScriptError):
+            raise r
+    return results

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from prometheus_client.samples import Sample
 from tests.conftest import ConfigFactory
 from tests.helpers import add, entries, eventually, sim_call
 from tests.integration.conftest import RunWorker
-from worker.contract import Keys
-from worker.metrics import scrape
-from worker.rollups import NANO, nano_usd
+from worker.contract import Keys, UsageEvent, to_fields
+from worker.metrics import Counters, scrape
+from worker.report import Query, query
+from worker.rollups import NANO, Rollups, execute, hour_label, nano_usd, settings_of
 
 FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 
@@ -176,3 +178,39 @@ async def test_the_grafana_board_queries_only_exported_metrics(
         )  # fmt: skip
         said, _ = await promtool.communicate()
         assert promtool.returncode == 0, said.decode()
+
+
+async def test_counters_count_each_outcome_once_whoever_compacts_its_hour(
+    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+) -> None:
+    cfg, _ = make_config()
+    rollups = Rollups(keys, settings_of(cfg))
+    now = int(time.time() * 1000)
+    hour = now // 3_600_000
+    events = []
+    for back in (30, 5, 0):  # two finished hours and the current one
+        events += [to_fields(UsageEvent(
+            ts_ms=(hour - back) * 3_600_000 + 1000 + n, job_id=f"j{back}-{n}",
+            feature="summarize", tenant="acme", priority="normal", model="claude-haiku-5-5",
+            cost_usd=0.001 * (n + 1), latency_ms=900,
+        )) for n in range(4)]  # fmt: skip
+    async with redis.pipeline(transaction=True) as tx:
+        rollups.write_into(tx, rollups.delta(events))
+        await execute(redis, tx, rollups)
+    cost = sum(nano_usd(e["cost_usd"]) for e in events)
+
+    async def counted(counters: Counters) -> tuple[float, float]:
+        found = samples((await scrape(redis, cfg, counters)).decode())
+        return total(found, "tokenq_jobs_total"), total(found, "tokenq_cost_usd_total")
+
+    exporter = Counters(rollups)
+    assert await counted(exporter) == (12, cost / NANO)  # compacts the two finished hours
+    assert not await redis.exists(keys.rollup_index(hour_label(hour - 30)))
+    assert await counted(exporter) == (12, cost / NANO)
+    q = Query(hour - 40, hour + 1, ("feature",))
+    await query(redis, rollups, q, now_ms=now)  # another reader
+    assert await counted(Counters(rollups)) == (12, cost / NANO)  # a restarted exporter
+    async with redis.pipeline(transaction=True) as tx:  # one more, in the current hour
+        rollups.add_into(tx, {**events[-1], "job_id": "late"})
+        await execute(redis, tx, rollups)
+    assert await counted(exporter) == (13, (cost + nano_usd(events[-1]["cost_usd"])) / NANO)

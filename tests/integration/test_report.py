@@ -14,10 +14,11 @@ import redis.asyncio as aioredis
 from tests.conftest import ConfigFactory
 from tests.helpers import add, entries, eventually, run, sim_call
 from tests.integration.conftest import RunWorker
+from worker.cells import hour_cells
 from worker.config import Config
 from worker.contract import Keys
-from worker.report import Query, display, hour_cells, percentile, query
-from worker.rollups import BOUNDS_MS, NANO, bucket, nano_usd
+from worker.report import Query, display, percentile, query
+from worker.rollups import BOUNDS_MS, NANO, Rollups, bucket, nano_usd, settings_of
 
 FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 SYSTEM = "You are a careful assistant for a ticketing product. " * 60  # over 512 tokens
@@ -106,7 +107,7 @@ async def test_report_figures_are_the_usage_streams_sums(
 
     async def report(**kw: Any) -> dict[str, dict[str, Any]]:
         q = Query(hours.start_hour, hours.end_hour, **kw)
-        answer = await query(redis, keys, q, now_ms=now, keep_tenants=100, retention_days=90)
+        answer = await query(redis, Rollups(keys, settings_of(cfg)), q, now_ms=now)
         return {"/".join(str(r[k]) for k in q.by): figures(r) for r in answer.rows}
 
     def compare(got: dict[str, dict[str, Any]], among: list[dict[str, str]],
@@ -162,7 +163,7 @@ async def test_percentiles_from_the_rollups_are_within_a_bucket_of_the_exact_one
     events = [f for _, f in await entries(redis, keys.usage)]
     now = int(time.time() * 1000)
     q = Query(now // 3_600_000 - 1, now // 3_600_000 + 1)
-    answer = await query(redis, keys, q, now_ms=now, keep_tenants=100, retention_days=90)
+    answer = await query(redis, Rollups(keys, settings_of(cfg)), q, now_ms=now)
     latencies = sorted(int(e["latency_ms"]) for e in events)
     waits = sorted(int(e["queue_ms"]) for e in events)
     for got, exact in [
@@ -202,3 +203,19 @@ async def test_foreign_entries_in_the_rollup_keys_are_skipped(
     cells = await hour_cells(redis, keys, hour)
     assert list(cells) == [("a", "b", "c", "d")]
     assert cells[("a", "b", "c", "d")][0] == 2
+
+
+async def test_a_period_older_than_the_retention_says_so(
+    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+) -> None:
+    cfg, path = make_config(**{"report.retention_days": 2})
+    now = int(time.time() * 1000)
+    rollups = Rollups(keys, settings_of(cfg))
+    hour = now // 3_600_000
+    recent = await query(redis, rollups, Query(hour - 24, hour + 1), now_ms=now)
+    assert recent.notes == []
+    old = await query(redis, rollups, Query(hour - 24 * 3, hour + 1), now_ms=now)
+    assert "report.retention_days = 2" in old.notes[0]
+    code, out, err = await run(sys.executable, "-m", "worker", "--config", str(path), "report",
+                               "--since", "3d", "--csv")  # fmt: skip
+    assert code == 0 and out.startswith("jobs,ok,errors,tokens") and "retention" in err

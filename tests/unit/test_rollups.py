@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from worker.contract import Keys, UsageEvent, to_fields
 from worker.report import percentile, row
 from worker.rollups import (
@@ -86,9 +88,14 @@ def test_a_delta_is_one_script_call_with_a_block_per_cell() -> None:
     for tenant in ("a", "b", "a"):
         d.add(event(tenant=tenant))
     names, args = d.command(Keys("tq"))
-    assert args[0] == 3 and args.count("h") == 2 and args.count("t") == 1
-    assert names[0].startswith("tq:rollup:h:") and "tq:rollup:total" in names
+    assert args[0] == 3 and args.count("h") == 2 and args.count("t") == 0
+    assert names[0].startswith("tq:rollup:h:") and "tq:rollup:total" not in names
     assert any(OTHER in str(a) for a in args)  # each hour block names its "other" cell
+    totals = Delta(SETTINGS)  # what compacting an hour adds to the running totals
+    totals.add_total(("summarize", "m", "normal", "acme"), [1] + [0] * (len(METRICS) - 1))
+    names, args = totals.command(Keys("tq"))
+    assert args.count("t") == 1 and "tq:rollup:total" in names
+    assert struct.unpack("<Bd", args[-1]) == (INDEX["n"], 1.0)  # (metric, amount) pairs
 
 
 def test_rows_and_percentiles_from_a_vector() -> None:
