@@ -4,8 +4,8 @@ The workers write an hour's outcomes into one small hash per cell (worker.rollup
 hour is over by GRACE_MS, when no outcome can still arrive, the first reader that needs it
 compacts it: its cells become fields of one hash (`<dims>` -> the cell's non-zero metrics
 as a JSON list of index, value pairs) and the cell hashes go. Likewise a whole finished day
-becomes two hashes: one cell per feature, model and priority (for the questions that do not
-ask about tenants), and one per feature and tenant (model and priority ALL), keeping the
+becomes three hashes (DayView): one cell per feature, model and priority (for the questions
+that do not ask about tenants), one per tenant and one per feature and tenant, keeping the
 day's `report.tenants_per_hour` biggest tenants by spend and counting the others as OTHER.
 Compacting an hour also adds its cells to the running totals (worker.rollups), in the same
 transaction that deletes them, so each outcome reaches the totals once.
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -81,10 +81,12 @@ def _merge_encoded(into: Cells, dims: Dims, text: str | bytes) -> None:
         into[dims] = vector
 
 
-def _from_hash(fields: dict[Any, Any], into: Cells) -> None:
+def _from_hash(
+    fields: dict[Any, Any], into: Cells, keep: Callable[[Dims], bool] | None = None
+) -> None:
     for name, value in fields.items():
         dims = _dims(_text(name))
-        if dims is not None:
+        if dims is not None and (keep is None or keep(dims)):
             _merge_encoded(into, dims, value)
 
 
@@ -205,48 +207,55 @@ def fold_tenants(cells: Cells, keep: int) -> Cells:
     return out
 
 
-async def compact_day(redis: aioredis.Redis, rollups: Rollups, day: int) -> tuple[Cells, Cells]:
-    """Add a finished day's hours up into its two hashes; (tenant-less cells, tenant cells)."""
+DayView = Literal["all", "tenant", "feature-tenant"]
+"""A finished day's hashes: cells per feature, model and priority (tenant ALL); per tenant
+(feature, model and priority ALL); per feature and tenant (model and priority ALL)."""
+
+
+async def compact_day(redis: aioredis.Redis, rollups: Rollups, day: int) -> dict[str, Cells]:
+    """Add a finished day's hours up into its hashes; their cells by DayView."""
     keys, settings = rollups.keys, rollups.settings
     cells: Cells = {}
     hours = await finished_hours(redis, rollups, range(day * 24, day * 24 + 24))
     for hour_cells_ in hours.values():
         for dims, v in hour_cells_.items():
             add(cells.setdefault(dims, new()), v)
-    tenants: Cells = {}
-    for (f, _, _, t), v in fold_tenants(cells, settings.tenants_per_hour).items():
-        add(tenants.setdefault((f, ALL, ALL, t), new()), v)
-    everyone: Cells = {}
+    views: dict[str, Cells] = {"all": {}, "tenant": {}, "feature-tenant": {}}
     for (f, m, p, _), v in cells.items():
-        add(everyone.setdefault((f, m, p, ALL), new()), v)
+        add(views["all"].setdefault((f, m, p, ALL), new()), v)
+    for (f, _, _, t), v in fold_tenants(cells, settings.tenants_per_hour).items():
+        add(views["tenant"].setdefault((ALL, ALL, ALL, t), new()), v)
+        add(views["feature-tenant"].setdefault((f, ALL, ALL, t), new()), v)
     label, expire_at = day_label(day), (day + 1 + settings.retention_days) * 86_400
     async with redis.pipeline(transaction=True) as tx:
-        parts = ((keys.rollup_day(label), everyone), (keys.rollup_day_tenants(label), tenants))
-        for key, part in parts:
+        for view, part in views.items():
+            key = keys.rollup_day(label, view)
             tx.delete(key)
             mapping: dict[Any, Any] = {SEP.join(d): encode(v) for d, v in part.items()}
             tx.hset(key, mapping={"~": "1", **mapping})  # "~": compacted, even when empty
             tx.expireat(key, expire_at)
         await tx.execute()
-    return everyone, tenants
+    return views
 
 
-async def day_cells(redis: aioredis.Redis, rollups: Rollups, day: int, *, tenants: bool) -> Cells:
-    """A finished day's cells: one per tenant (`tenants`) or per feature, model and priority
-    (tenant ALL). Compacts the day if nobody has, or if outcomes arrived in it since."""
+async def day_cells(
+    redis: aioredis.Redis, rollups: Rollups, day: int, view: DayView,
+    keep: Callable[[Dims], bool] | None = None,
+) -> Cells:  # fmt: skip
+    """A finished day's cells of one view (the cells `keep` accepts, when given). Compacts
+    the day if nobody has, or if outcomes arrived in it since."""
     keys, label = rollups.keys, day_label(day)
-    key = keys.rollup_day_tenants(label) if tenants else keys.rollup_day(label)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(key)
+        pipe.hgetall(keys.rollup_day(label, view))
         for hour in range(day * 24, day * 24 + 24):
             pipe.exists(keys.rollup_index(hour_label(hour)))
         stored, *late = await pipe.execute()
     if not stored or any(late):
-        everyone, per_tenant = await compact_day(redis, rollups, day)
-        return per_tenant if tenants else everyone
-    cells: Cells = {}
-    _from_hash(stored, cells)
-    return cells
+        cells = (await compact_day(redis, rollups, day))[view]
+        return {d: v for d, v in cells.items() if keep is None or keep(d)}
+    out: Cells = {}
+    _from_hash(stored, out, keep)
+    return out
 
 
 def periods(

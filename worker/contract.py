@@ -87,13 +87,10 @@ class Keys:
         """A hash: a finished hour's cells (`<dims>` -> metrics), compacted by readers."""
         return f"{self.prefix}:rollup:hour:{hour}"
 
-    def rollup_day(self, day: str) -> str:
-        """A hash: a finished day's (YYYYMMDD, UTC) cells per feature, model and priority."""
-        return f"{self.prefix}:rollup:day:{day}"
-
-    def rollup_day_tenants(self, day: str) -> str:
-        """A hash: a finished day's cells per feature, model, priority and tenant."""
-        return f"{self.prefix}:rollup:day:{day}:tenants"
+    def rollup_day(self, day: str, view: str = "all") -> str:
+        """A hash: a finished day's (YYYYMMDD, UTC) cells per feature, model and priority
+        (view `all`), per tenant (`tenant`) or per feature and tenant (`feature-tenant`)."""
+        return f"{self.prefix}:rollup:day:{day}:{view}"
 
     @property
     def rollup_totals(self) -> str:

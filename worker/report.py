@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from worker.cells import (
     ALL,
+    DayView,
     Dims,
     Vector,
     add,
@@ -77,31 +78,44 @@ def _group(dims: Dims, start_hour: int, by: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(values[name] for name in by)
 
 
-async def query(redis: aioredis.Redis, rollups: Rollups, q: Query, *, now_ms: int) -> Answer:
-    """Rows of metrics (see row()) for each group of q.by, biggest cost first."""
+async def _sums(
+    redis: aioredis.Redis, rollups: Rollups, q: Query, now_ms: int
+) -> dict[tuple[str, ...], Vector]:
+    """The metrics of each group of q.by over q's period, filtered."""
     tenants = "tenant" in q.by or q.tenant is not None
-    sums: dict[tuple[str, ...], Vector] = {}
-    everything = new()
     # A day's tenant cells have no model or priority: such questions read the hours.
     days = "hour" not in q.by and not (tenants and {"model", "priority"} & set(q.by))
+    by_feature = "feature" in q.by or q.feature is not None
+    view: DayView = ("feature-tenant" if by_feature else "tenant") if tenants else "all"
+
+    def keep(dims: Dims) -> bool:  # the filters, before a stored cell is decoded
+        return (q.feature is None or display(dims[0]) == q.feature) and (
+            q.tenant is None or display(dims[3]) == q.tenant)  # fmt: skip
+
+    sums: dict[tuple[str, ...], Vector] = {}
     spans = list(periods(q.start_hour, q.end_hour, now_ms, days=days))
     finished = await finished_hours(redis, rollups, (n for kind, n in spans if kind == "hour"))
     for kind, n in spans:
         if kind == "day":
-            cells = await day_cells(redis, rollups, n, tenants=tenants)
+            cells = await day_cells(redis, rollups, n, view, keep)
         else:
             cells = finished[n] if kind == "hour" else await hour_cells(redis, rollups.keys, n)
         start = n * 24 if kind == "day" else n
         for dims, v in cells.items():
-            if q.feature is not None and display(dims[0]) != q.feature:
-                continue
-            if q.tenant is not None and display(dims[3]) != q.tenant:
-                continue
-            group = _group(dims, start, q.by)
-            if group in sums:
-                add(sums[group], v)
-            else:
-                sums[group] = list(v)
+            if kind == "day" or keep(dims):
+                group = _group(dims, start, q.by)
+                if group in sums:
+                    add(sums[group], v)
+                else:
+                    sums[group] = list(v)
+    return sums
+
+
+async def query(redis: aioredis.Redis, rollups: Rollups, q: Query, *, now_ms: int) -> Answer:
+    """Rows of metrics (see row()) for each group of q.by: in time order when grouped by day
+    or hour, else biggest cost first."""
+    sums = await _sums(redis, rollups, q, now_ms)
+    everything = new()
     for v in sums.values():
         add(everything, v)
     answer = Answer(total=row(everything))

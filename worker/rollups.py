@@ -154,9 +154,10 @@ def _int(text: str | None) -> int:
 
 @lru_cache(maxsize=4096)
 def tenant_slot(tenant: str) -> str:
-    """A tenant as stored: control characters replaced, long names shortened with a digest
-    (producers may send anything; what is stored stays small and printable)."""
-    clean = "".join("?" if unicodedata.category(c) == "Cc" else c for c in tenant)
+    """A tenant as stored: control characters and lone surrogates (bytes that were not UTF-8)
+    replaced, long names shortened with a digest (producers may send anything; what is stored
+    stays small, printable and valid UTF-8)."""
+    clean = "".join("?" if unicodedata.category(c) in ("Cc", "Cs") else c for c in tenant)
     if len(clean) <= TENANT_MAX:
         return clean
     digest = hashlib.sha256(tenant.encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -65,6 +65,7 @@ def test_buckets_cover_every_duration() -> None:
 def test_tenants_are_stored_small_and_printable() -> None:
     assert tenant_slot("acme") == "acme"
     assert tenant_slot("a\nb\x1fc") == "a?b?c"
+    assert tenant_slot(b"ac\xffme".decode("utf-8", "surrogateescape")) == "ac?me"
     long = tenant_slot("x" * 10_000)
     assert len(long) == 64 and long != tenant_slot("x" * 9_999)
 
