@@ -4,16 +4,16 @@
 
 1. Writes `--outcomes` synthetic job outcomes spread over `--days` days (features, models and
    priorities as config.toml has them, 500 tenants with a long tail, errors, cache hits and
-   batches) through the rollups' own code (worker.rollups: a Delta per 100 outcomes, as
-   finishes that share a round trip would write them) into a Valkey of its own.
+   batches) through the rollups' own code (worker.rollups: the records of a Delta per 100
+   outcomes, then folded) into a Valkey of its own.
 2. Prints the rollups' memory (MEMORY USAGE of every rollup key), then the latency of
    `tokenq report` queries over the whole period: once cold (the first reader compacts every
    finished day) and then warm (median of 5).
 3. Runs the real finishing write (worker.queue.Queue.finish: result, usage event, reply, XACK,
    XDEL, state) on real pending entries, `--finishes` per round, alternating without and
    with rollups for `--rounds` rounds, and prints the medians per finish: client CPU, Valkey
-   CPU (INFO cpu of the server process), Redis commands (INFO commandstats, the script's
-   inner calls counted) and wall time; the overhead ratio of rollups last.
+   CPU (INFO cpu of the server process), Redis commands (INFO commandstats) and wall time;
+   then what folding the records costs Valkey per outcome; the overhead ratio last.
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ async def fill(redis: aioredis.Redis, rollups: Rollups, outcomes: Outcomes, coun
                     for n in range(start, min(count, start + 100))
                 )
                 rollups.write_into(pipe, delta)
-                rollups.flush_into(pipe)  # one script call per delta of 100
+                rollups.flush_into(pipe)  # the records of 100 outcomes
             await pipe.execute()
+        await rollups.fold(redis)
         if first and first % 100_000 == 0:
             say(f"{first:,} outcomes written")
     return time.perf_counter() - started
@@ -225,7 +226,7 @@ async def run(a: argparse.Namespace, folder: Path) -> None:
         compacted = await memory(redis, keys)
         say("timing the finishing write")
         costs = await finishing_costs(redis, cfg, a)
-        merged = await merged_costs(redis, cfg)
+        folding = await fold_costs(redis, cfg)
         await redis.aclose()
     hours = a.days * 24
     print(f"\nrollups of {a.outcomes:,} outcomes over {a.days} days ({a.outcomes / hours:,.0f} an "
@@ -254,9 +255,10 @@ async def run(a: argparse.Namespace, folder: Path) -> None:
         ratios[name] = (c.client_us + c.valkey_us) / (base.client_us + base.valkey_us) - 1
         print(f"  {name}: Valkey +{c.valkey_us - base.valkey_us:.1f} us, "
               f"+{c.commands - base.commands:.1f} commands a finish")  # fmt: skip
-    print("\nthe rollup script alone, Valkey CPU per outcome (no MULTI; cells exist):")
-    for per_call, us in merged.items():
-        print(f"  {per_call:>3} outcome(s) per script call: {us:5.1f} us")
+    print("\nfolding the records into the hours' cells (workers every second, readers before "
+          "reading), Valkey CPU per outcome, batches of up to 2,000 records:")  # fmt: skip
+    for name, us in folding.items():
+        print(f"  {name:<24} {us:5.1f} us")
     steady, tail = ratios.values()
     print(
         f"\nrollup overhead on the finishing write (client + Valkey CPU): {steady:+.1%} with "
@@ -289,22 +291,24 @@ async def finishing_costs(
     return {name: median_cost(c) for name, c in found.items()}
 
 
-async def merged_costs(redis: aioredis.Redis, cfg: Config) -> dict[int, float]:
-    """Valkey CPU per outcome of the rollup script with 1, 16 and 64 outcomes per call."""
-    rollups = Rollups(Keys("merged"), settings_of(cfg))
-    outcomes = Outcomes(cfg, 3, 20)
-    now = int(time.time() * 1000)
-    events = [outcomes.one(now) for _ in range(3200)]
+async def fold_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, float]:
+    """Valkey CPU per outcome of folding the records of 20,000 finished jobs (one record
+    each, as one-job finishes write them) in the current hour, for two tenant spreads."""
     out = {}
-    for per_call in (1, 1, 16, 64):  # the first round creates the cells
-        started = await server_cpu(redis)
-        for first in range(0, len(events), 400):
+    for name, tenants in (("20 tenants", 20), ("500 tenants, long tail", 500)):
+        rollups = Rollups(Keys(f"fold{tenants}"), settings_of(cfg))
+        outcomes = Outcomes(cfg, 3, tenants)
+        now = int(time.time() * 1000)
+        for round_ in range(2):  # the first round makes the hour's cells
             async with redis.pipeline(transaction=False) as pipe:
-                for start in range(first, first + 400, per_call):
-                    rollups.write_into(pipe, rollups.delta(events[start : start + per_call]))
+                for _ in range(20_000):
+                    rollups.add_into(pipe, outcomes.one(now))
                     rollups.flush_into(pipe)
                 await pipe.execute()
-        out[per_call] = (await server_cpu(redis) - started) / len(events) * 1e6
+            started = await server_cpu(redis)
+            await rollups.fold(redis)
+            if round_:
+                out[name] = (await server_cpu(redis) - started) / 20_000 * 1e6
     return out
 
 

@@ -74,6 +74,12 @@ class Keys:
         base = f"{self.prefix}:limits:{model}"
         return base if feature is None else f"{base}:{feature}"
 
+    @property
+    def rollup_queue(self) -> str:
+        """A list: outcome records the finishing write appends, until a fold adds them to
+        their hour's cells (see worker.rollups)."""
+        return f"{self.prefix}:rollup:queue"
+
     def rollup_index(self, hour: str) -> str:
         """A hash: an hour's (YYYYMMDDHH, UTC) rollup cells (`K<id>` -> dimensions) and the
         tenants with rows of their own (`T<tenant>`, and their count `#T`)."""

@@ -66,6 +66,7 @@ class State:
 
     async def snapshot(self, hours: int) -> dict[str, Any]:
         """Everything the page draws, as JSON-ready values."""
+        await self.rollups.fold(self.redis)
         now_ms = int(time.time() * 1000)
         current = now_ms // 3_600_000
         series: list[dict[str, Any]] = []

@@ -101,6 +101,7 @@ class Counters:
 
     async def read(self, redis: aioredis.Redis, now_ms: int) -> list[tuple[list[str], Vector]]:
         keys, settings = self.rollups.keys, self.rollups.settings
+        await self.rollups.fold(redis)
         current = now_ms // 3_600_000
         back = 48 if self._swept else settings.retention_days * 24
         hours = range(current - back, current + 1)

@@ -114,6 +114,7 @@ async def _sums(
 async def query(redis: aioredis.Redis, rollups: Rollups, q: Query, *, now_ms: int) -> Answer:
     """Rows of metrics (see row()) for each group of q.by: in time order when grouped by day
     or hour, else biggest cost first."""
+    await rollups.fold(redis)  # the outcomes of the last second, if no worker folded them yet
     sums = await _sums(redis, rollups, q, now_ms)
     everything = new()
     for v in sums.values():

@@ -1,27 +1,32 @@
 """Rollups: each job outcome added to compact hourly aggregates and running totals in Redis.
 
-The finishing write (Queue.finish_into) also adds the job's usage event to its hour (UTC): one
-small hash per cell, a cell being (feature, model, priority, tenant), kept
-`report.retention_days` after the hour ends; the hour's index hash lists its cells and the
-tenants that have rows. An hour keeps rows for its first `report.tenants_per_hour` tenants;
-later ones count under OTHER, so an hour holds at most (tenants + 2) x features x models x
-priorities cells whatever the producers send (unknown features count as UNKNOWN).
+The finishing write (Queue.finish_into) appends the job's usage event, in a compact binary
+record, to a list (`RPUSH`: one plain command in its MULTI, so it is counted once, with the
+outcome). A fold (fold.lua: pop and apply in one script, so each record is counted once)
+adds the records up into their hour (UTC): one small hash per cell, a cell being (feature,
+model, priority, tenant), kept `report.retention_days` after the hour ends; the hour's index
+hash lists its cells and the tenants that have rows. Every worker folds every second, and
+every reader folds before it reads, so the rollups are never more than a second behind.
+Folding a batch adds up the records of each cell first: a cell costs the server one HMGET
+and one HSET per batch, not per outcome.
+
+An hour keeps rows for its first `report.tenants_per_hour` tenants; later ones count under
+OTHER, so an hour holds at most (tenants + 2) x features x models x priorities cells
+whatever the producers send (unknown features count as UNKNOWN).
 
 When the hour is over, the first reader compacts it (worker.cells) and, in the same
-transaction, adds its cells to the running totals: one hash per (feature, model, priority)
-(and tenant, with metrics.tenant_labels) that never expires, so the counters read from them
-(with the live hours on top) never go down. Keeping the totals off the finishing write halves
-what each outcome costs the server.
+transaction, adds its cells to the running totals (rollup.lua): one hash per (feature,
+model, priority) (and tenant, with metrics.tenant_labels) that never expires, so the counters
+read from them (with the live hours on top) never go down.
 
 A cell holds integer metrics (METRICS): outcomes by status and mode, tokens by kind, cost and
 baseline in nano-dollars (exact sums), response- and prompt-cache counts, and two histograms
 with the fixed buckets BOUNDS_MS (API latency of realtime calls, queue wait of every job), so
 percentiles of any set of cells merge by adding buckets.
 
-Deltas merge: a Delta adds any number of outcomes and goes to Redis as one script call
-(rollup.lua), one block per cell touched, so outcomes that finish together cost one call.
-Usage events that are not jobs (budget alerts) add nothing. This module reads the usage
-event's stream fields only, so it imports nothing from the project but the contract.
+Deltas merge: a Delta adds any number of outcomes, so outcomes that finish together make one
+record per cell. Usage events that are not jobs (budget alerts) add nothing. This module reads
+the usage event's stream fields only.
 """
 
 from __future__ import annotations
@@ -81,19 +86,19 @@ def max_cells_per_hour(settings: Settings, models: int, priorities: int) -> int:
     return (settings.tenants_per_hour + 2) * (len(settings.features) + 1) * models * priorities
 
 
-def _minified(source: str) -> str:
-    """The script without comments and indentation: EVAL sends it with every delta."""
+def _script(name: str) -> str:
+    """A script of this folder, with METRICS defined, without comments and indentation."""
+    source = Path(__file__).with_name(name).read_text(encoding="utf-8")
     lines = (line.split(" -- ")[0].strip() for line in source.splitlines())
-    return "\n".join(line for line in lines if line and not line.startswith("--"))
+    body = "\n".join(line for line in lines if line and not line.startswith("--"))
+    return "local METRICS = {" + ", ".join(f"'{m}'" for m in METRICS) + "}\n" + body
 
 
-SCRIPT = _minified(
-    "local METRICS = {"
-    + ", ".join(f"'{m}'" for m in METRICS)
-    + "}\n"
-    + Path(__file__).with_name("rollup.lua").read_text(encoding="utf-8")
-)
+SCRIPT = _script("rollup.lua")
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+FOLD = _script("fold.lua")
+FOLD_BATCH = 2000
+"""Most records one fold script call takes (it blocks the server while it runs: ~10 ms)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,28 +276,32 @@ class Delta:
     def __bool__(self) -> bool:
         return bool(self.hours or self.totals)
 
+    def records(self) -> list[bytes]:
+        """The outcomes as fold.lua reads them: one record per cell."""
+        out = []
+        for (hour, *dims), metrics in self.hours.items():
+            head = SEP.join(dims).encode("utf-8", "surrogateescape")
+            out.append(_HEAD.pack(hour, hour_label(hour).encode(), len(head)) + head
+                       + _packed(metrics))  # fmt: skip
+        return out
+
     def command(self, keys: Keys) -> tuple[list[str], list[Any]]:
-        """The script's KEYS and ARGV (see rollup.lua)."""
+        """The running totals' part as rollup.lua's KEYS and ARGV."""
         names: dict[str, int] = {}
 
         def key(name: str) -> int:
             return names.setdefault(name, len(names) + 1)
 
-        args: list[Any] = [self.settings.tenants_per_hour]
-        keep_s = self.settings.retention_days * 86_400
-        for (hour, *dims), metrics in self.hours.items():
-            label = hour_label(hour)
-            own, other = SEP.join(dims), SEP.join([*dims[:3], OTHER])
-            oid, xid = cell_id(own), cell_id(other)
-            args += ["h", key(keys.rollup_index(label)), key(keys.rollup_cell(label, oid)),
-                     key(keys.rollup_cell(label, xid)), (hour + 1) * 3600 + keep_s, dims[3],
-                     oid, own, xid, other, _packed(metrics)]  # fmt: skip
+        args: list[Any] = []
         for tdims, metrics in self.totals.items():
             dims_text = SEP.join(tdims)
             cid = cell_id(dims_text)
             args += ["t", key(keys.rollup_totals), key(keys.rollup_total(cid)), cid, dims_text,
                      _packed(metrics)]  # fmt: skip
         return list(names), args
+
+
+_HEAD = struct.Struct("<I10sH")
 
 
 def _packed(metrics: Mapping[str, int]) -> bytes:
@@ -310,14 +319,14 @@ _PACKERS = [struct.Struct("<" + "Bd" * n) for n in range(len(METRICS) + 1)]
 
 
 class Rollups:
-    """Adds outcomes to the rollups inside a caller's transaction.
+    """Adds outcomes to the rollups inside a caller's transaction, and folds them.
 
-    The outcomes added to one transaction become one delta, written by one script call when
-    the transaction runs through execute(): a batcher chunk of 200 results costs one call.
-    The script goes by its digest (EVALSHA: sending its text with every finish cost the server
-    6 us more a call). A server that restarted or flushed its script cache answers NOSCRIPT
-    inside the MULTI, whose other commands still apply: execute() then loads the script and
-    writes the delta on its own, so no outcome is lost or added twice.
+    The outcomes added to one transaction become one delta, written when the transaction runs
+    through execute(): one RPUSH of a record per cell (a batcher chunk of 200 results makes
+    one command). The running totals' script (compaction's) goes by its digest; a server that
+    restarted or flushed its script cache answers NOSCRIPT inside the MULTI, whose other
+    commands still apply: execute() then loads the script and writes those totals on their
+    own, so nothing is lost or added twice.
     """
 
     def __init__(self, keys: Keys, settings: Settings) -> None:
@@ -329,8 +338,9 @@ class Rollups:
         self.settings = settings
 
     async def load(self, redis: aioredis.Redis) -> None:
-        """Load the script into the server (at start, so finishes need not recover)."""
+        """Load the scripts into the server (at start, so nothing needs to recover)."""
         await redis.script_load(SCRIPT)
+        await redis.script_load(FOLD)
 
     def delta(self, outcomes: Iterable[Mapping[str, str]] = ()) -> Delta:
         """A delta of these usage events (more can be added)."""
@@ -349,18 +359,33 @@ class Rollups:
         self._queued.setdefault(tx, Delta(self.settings)).merge(delta)
 
     def flush_into(self, tx: Any) -> Delta | None:
-        """Queue the script call of everything added to the transaction; that delta."""
+        """Queue the writes of everything added to the transaction; that delta."""
         delta = self._queued.pop(tx, None)
         if not delta:
             return None
-        names, args = delta.command(self.keys)
-        tx.evalsha(SHA, len(names), *names, *args)
+        if delta.hours:
+            tx.rpush(self.keys.rollup_queue, *delta.records())
+        if delta.totals:
+            names, args = delta.command(self.keys)
+            tx.evalsha(SHA, len(names), *names, *args)
         return delta
+
+    async def fold(self, redis: aioredis.Redis) -> int:
+        """Add the queued outcome records to their hours' cells; how many records."""
+        script = redis.register_script(FOLD)  # loads itself again after a NOSCRIPT
+        keep_s = self.settings.retention_days * 86_400
+        done = 0
+        while True:
+            args: list[Any] = [self.keys.prefix, self.settings.tenants_per_hour, keep_s, FOLD_BATCH]
+            took = int(await script(keys=[self.keys.rollup_queue], args=args))
+            done += took
+            if took < FOLD_BATCH:
+                return done
 
 
 async def execute(redis: aioredis.Redis, tx: Any, rollups: Rollups | None) -> list[Any]:
     """Run a transaction that may hold rollup writes; then raise its first error other than a
-    rollup's NOSCRIPT (as redis-py's execute() would)."""
+    running-totals script's NOSCRIPT, which is recovered (as redis-py's execute() would)."""
     delta = rollups.flush_into(tx) if rollups is not None else None
     results: list[Any] = await tx.execute(raise_on_error=False)
     missed = any(isinstance(r, NoScriptError) for r in results)

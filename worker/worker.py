@@ -178,6 +178,7 @@ class Worker(CallPath):
         await self.queue.ensure_groups()
         renewer = asyncio.create_task(self._renew_forever())
         mover = asyncio.create_task(self._move_deferred_forever())
+        folder = asyncio.create_task(self._fold_forever())
         control = asyncio.create_task(listen(self.queue.redis, self.queue.keys, self.reload))
         batching = asyncio.create_task(self._batcher())
         stop_wait = asyncio.create_task(self._stopping.wait())
@@ -195,6 +196,7 @@ class Worker(CallPath):
             await self._drain(batching)
             renewer.cancel()
             mover.cancel()
+            folder.cancel()
             control.cancel()
             await asyncio.gather(control, return_exceptions=True)
             await self.queue.leave()
@@ -264,6 +266,16 @@ class Worker(CallPath):
                 continue
             if moved:
                 log.info("%d deferred jobs are due and back on their streams", moved)
+
+    async def _fold_forever(self) -> None:
+        """Every second, add the finished jobs' rollup records to their hours (rollups.py)."""
+        rollups = self.queue.rollups
+        while rollups is not None:
+            await asyncio.sleep(1.0)
+            try:
+                await rollups.fold(self.queue.redis)
+            except (RedisError, OSError) as exc:
+                log.warning("folding the rollups failed: %s", exc)
 
     async def _pause(self, seconds: float) -> bool:
         """Wait, unless stop() comes first. True when the full time passed."""

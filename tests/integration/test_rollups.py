@@ -3,6 +3,7 @@ an hour keeps its tenant bound, and 100k outcomes stay within the documented mem
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -70,6 +71,8 @@ async def test_a_merged_delta_writes_what_its_outcomes_write_one_by_one(
         async with redis.pipeline(transaction=True) as tx:
             many.write_into(tx, many.delta(events[start : start + 50]))
             await execute(redis, tx, many)
+    await one.fold(redis)
+    await many.fold(redis)
     single, merged = await dump(redis, f"{prefix}a"), await dump(redis, f"{prefix}b")
     assert single == merged and len(single) > 20
     index = single[f":rollup:h:{hour_label(HOUR)}"]
@@ -89,6 +92,7 @@ async def test_100k_outcomes_stay_within_the_documented_memory(
         async with redis.pipeline(transaction=True) as tx:
             rollups.write_into(tx, delta)
             await execute(redis, tx, rollups)
+        await rollups.fold(redis)
     bound = max_cells_per_hour(settings, len(MODELS), len(PRIORITIES))
     used = 0
     for hour in range(HOUR, HOUR + 2):
@@ -106,29 +110,32 @@ async def test_100k_outcomes_stay_within_the_documented_memory(
     assert used <= 2 * bound * CELL_BYTES
 
 
-async def test_a_server_without_the_script_still_gets_each_rollup_once(
+async def test_each_finished_job_is_folded_once_even_by_a_server_that_lost_its_scripts(
     redis: aioredis.Redis, prefix: str
 ) -> None:
-    """A restarted server has no scripts: the finishing MULTI applies all but the rollup, and
-    the rollup is then written on its own, once."""
+    """The finishing MULTI appends a record; folds (several at once, one after a script
+    flush, as after a restart) add each record to its cell once."""
     keys = Keys(prefix)
     rollups = Rollups(keys, Settings(features=frozenset(FEATURES)))
     queue = Queue(redis, keys, list(PRIORITIES), "c1", visibility_ms=60_000, rollups=rollups)
     await queue.ensure_groups()
-    for _ in range(3):
+    for _ in range(40):
         await redis.xadd(keys.jobs("normal"), {"feature": "summarize", "request": "{}"})
-    got: Any = await redis.xreadgroup(GROUP, "c1", {keys.jobs("normal"): ">"}, count=3)
+    got: Any = await redis.xreadgroup(GROUP, "c1", {keys.jobs("normal"): ">"}, count=40)
     event = outcome(random.Random(1), 0, tenants=1)
     for n, (entry_id, fields) in enumerate(got[0][1]):
-        if n == 1:
-            await redis.script_flush()
         d = Delivery("normal", keys.jobs("normal"), entry_id, dict(fields))
         await queue.finish(d, f"job-{n}", Finish(b"{}", event))
+        if n == 20:
+            await redis.script_flush()
+            await asyncio.gather(*(rollups.fold(redis) for _ in range(4)))
+    assert await redis.llen(keys.rollup_queue) == 40 - 21
+    await asyncio.gather(*(rollups.fold(redis) for _ in range(4)))
     index: Any = await redis.hgetall(keys.rollup_index(hour_label(HOUR)))
     [cell] = [k[1:] for k in index if k.startswith("K")]
-    assert await redis.hget(keys.rollup_cell(hour_label(HOUR), cell), "n") == "3"
-    assert await redis.exists(*(keys.result(f"job-{n}") for n in range(3))) == 3
-    assert int(await redis.xlen(keys.jobs("normal"))) == 0
+    assert await redis.hget(keys.rollup_cell(hour_label(HOUR), cell), "n") == "40"
+    assert await redis.exists(*(keys.result(f"job-{n}") for n in range(40))) == 40
+    assert not await redis.exists(keys.rollup_queue)
 
 
 async def test_compacted_hours_and_days_answer_as_the_outcomes_add_up(

@@ -10,7 +10,6 @@ from worker.rollups import (
     BOUNDS_MS,
     INDEX,
     METRICS,
-    OTHER,
     UNKNOWN,
     Delta,
     Settings,
@@ -84,14 +83,19 @@ def test_deltas_merge_and_unknown_features_are_bounded() -> None:
     assert feature == UNKNOWN
 
 
-def test_a_delta_is_one_script_call_with_a_block_per_cell() -> None:
+def test_a_delta_is_one_record_per_cell() -> None:
     d = Delta(SETTINGS)
     for tenant in ("a", "b", "a"):
-        d.add(event(tenant=tenant))
-    names, args = d.command(Keys("tq"))
-    assert args[0] == 3 and args.count("h") == 2 and args.count("t") == 0
-    assert names[0].startswith("tq:rollup:h:") and "tq:rollup:total" not in names
-    assert any(OTHER in str(a) for a in args)  # each hour block names its "other" cell
+        d.add(event(tenant=tenant, input_tokens=10))
+    first, second = d.records()  # what the finishing write appends (fold.lua reads them)
+    hour, label, size = struct.unpack("<I10sH", first[:16])
+    assert hour == 1_764_500_000_000 // 3_600_000 and label == b"2025113010"
+    assert first[16 : 16 + size].decode().split("\x1f") == ["summarize", "m", "normal", "a"]
+    pairs = struct.unpack("<" + "Bd" * ((len(first) - 16 - size) // 9), first[16 + size :])
+    assert dict(zip(pairs[::2], pairs[1::2], strict=True))[INDEX["n"]] == 2  # two outcomes
+    assert dict(zip(pairs[::2], pairs[1::2], strict=True))[INDEX["ti"]] == 20
+    assert second[16:].startswith(b"summarize\x1fm\x1fnormal\x1fb")
+    assert d.command(Keys("tq")) == ([], [])  # outcomes never touch the totals directly
     totals = Delta(SETTINGS)  # what compacting an hour adds to the running totals
     totals.add_total(("summarize", "m", "normal", "acme"), [1] + [0] * (len(METRICS) - 1))
     names, args = totals.command(Keys("tq"))
