@@ -1,6 +1,6 @@
 """Reading the rollups' cells: of the live hours, of finished hours, of whole days.
 
-The workers write an hour's outcomes into one small hash per cell (worker.rollups). Once the
+The folds (worker.rollups) add an hour's outcomes into one small hash per cell. Once the
 hour is over by GRACE_MS, when no outcome can still arrive, the first reader that needs it
 compacts it: its cells become fields of one hash (`<dims>` -> the cell's non-zero metrics
 as a JSON list of index, value pairs) and the cell hashes go. Likewise a whole finished day
