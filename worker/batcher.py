@@ -207,7 +207,7 @@ class Batcher:
         self.priorities = [p for p in q.priorities if p not in q.readable]
         self.queue = Queue(
             q.redis, q.keys, q.priorities, BATCHER, visibility_ms=q.visibility_ms,
-            result_ttl_s=q.result_ttl_s, usage_maxlen=q.usage_maxlen,
+            result_ttl_s=q.result_ttl_s, usage_maxlen=q.usage_maxlen, rollups=q.rollups,
         )  # fmt: skip
         self.lease = Lease(q.redis, q.keys.batcher_lease, f"{q.consumer}-{uuid.uuid4().hex[:8]}")
         self.client = worker.client.with_options(max_retries=0)
@@ -731,7 +731,7 @@ class Batcher:
                     write(tx)
                     if local is not None and done:
                         tx.hdel(self.keys.batch_members(local), *done)
-                    await tx.execute()
+                    await self.queue.execute(tx)
                     return
             except WatchError:
                 continue  # the lease key changed: our own renewal, or a takeover; look again

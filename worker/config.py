@@ -272,6 +272,19 @@ class AlertsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     dead_letter_window_s: Positive = 60.0
 
 
+class ReportConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Rollups of job outcomes for `tokenq report`, the metrics and the dashboard (rollups.py)."""
+
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 90
+    tenants_per_hour: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
+
+
+class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """`tokenq metrics`: the Prometheus exporter (metrics.py)."""
+
+    tenant_labels: bool = False
+
+
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] = "tokenq"
     redis: RedisConfig = RedisConfig()
@@ -285,6 +298,8 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     batch: BatchConfig = BatchConfig()
     alerts: AlertsConfig = AlertsConfig()
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    report: ReportConfig = ReportConfig()
+    metrics: MetricsConfig = MetricsConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}

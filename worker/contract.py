@@ -90,6 +90,39 @@ class Keys:
         base = f"{self.prefix}:limits:{model}"
         return base if feature is None else f"{base}:{feature}"
 
+    @property
+    def rollup_queue(self) -> str:
+        """A list: outcome records the finishing write appends, until a fold adds them to
+        their hour's cells (see worker.rollups)."""
+        return f"{self.prefix}:rollup:queue"
+
+    def rollup_index(self, hour: str) -> str:
+        """A hash: an hour's (YYYYMMDDHH, UTC) rollup cells (`K<id>` -> dimensions) and the
+        tenants with rows of their own (`T<tenant>`, and their count `#T`)."""
+        return f"{self.prefix}:rollup:h:{hour}"
+
+    def rollup_cell(self, hour: str, cell: str) -> str:
+        """A hash: one cell's metrics in one hour (see worker.rollups)."""
+        return f"{self.prefix}:rollup:h:{hour}:{cell}"
+
+    def rollup_hour(self, hour: str) -> str:
+        """A hash: a finished hour's cells (`<dims>` -> metrics), compacted by readers."""
+        return f"{self.prefix}:rollup:hour:{hour}"
+
+    def rollup_day(self, day: str, view: str = "all") -> str:
+        """A hash: a finished day's (YYYYMMDD, UTC) cells per feature, model and priority
+        (view `all`), per tenant (`tenant`) or per feature and tenant (`feature-tenant`)."""
+        return f"{self.prefix}:rollup:day:{day}:{view}"
+
+    @property
+    def rollup_totals(self) -> str:
+        """A hash: the running totals' cells (`K<id>` -> dimensions); never expires."""
+        return f"{self.prefix}:rollup:total"
+
+    def rollup_total(self, cell: str) -> str:
+        """A hash: one cell's running totals since the first job (never expires)."""
+        return f"{self.prefix}:rollup:total:{cell}"
+
     def jobs(self, priority: str) -> str:
         """The stream producers XADD jobs of this priority onto."""
         return f"{self.prefix}:jobs:{priority}"

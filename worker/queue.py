@@ -49,6 +49,7 @@ from worker.contract import (
     id_problem,
     to_fields,
 )
+from worker.rollups import Rollups, execute
 
 log = logging.getLogger("tokenq.queue")
 
@@ -160,8 +161,10 @@ class Queue:
         usage_maxlen: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
         batched: Collection[str] = (),
+        rollups: Rollups | None = None,
     ) -> None:
         self.redis = redis
+        self.rollups = rollups
         self.keys = keys
         self.priorities = list(priorities)
         self.streams = {p: keys.jobs(p) for p in priorities}
@@ -182,7 +185,10 @@ class Queue:
         self._move = redis.register_script(_MOVE_DUE)
 
     async def ensure_groups(self) -> None:
-        """Create the consumer group on every job stream (and the stream) if missing."""
+        """Create the consumer group on every job stream (and the stream) if missing, and
+        load the rollups' script."""
+        if self.rollups is not None:
+            await self.rollups.load(self.redis)
         for stream in self.streams.values():
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -321,7 +327,11 @@ class Queue:
         """Write result, usage event (and dead letter, reply) and acknowledge, in one MULTI."""
         async with self.redis.pipeline(transaction=True) as tx:
             self.finish_into(tx, d, job_id, end)
-            await tx.execute()
+            await self.execute(tx)
+
+    async def execute(self, tx: Any) -> list[Any]:
+        """Run a transaction holding finish_into's writes (see worker.rollups.execute)."""
+        return await execute(self.redis, tx, self.rollups)
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
         """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""
@@ -334,6 +344,8 @@ class Queue:
         # Wakes result() waiters; short-lived, the result key itself is the record.
         tx.rpush(self.keys.done(job_id), 1)
         tx.expire(self.keys.done(job_id), min(self.result_ttl_s, 300))
+        if self.rollups is not None:  # the outcome's share of the hourly rollups and totals
+            self.rollups.add_into(tx, end.usage)
         self._ack(tx, d, job_id)
 
     def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:

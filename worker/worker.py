@@ -86,6 +86,7 @@ from worker.jobs import (
 )
 from worker.limiter import make_limiter
 from worker.queue import Delivery, Finish, Queue
+from worker.rollups import Rollups, settings_of
 from worker.router import (
     CUT,
     check_answer,
@@ -216,6 +217,8 @@ class Worker(CallPath):
         self.limiter.reload(cfg)
         self.budgets.reload(cfg)
         self.breakers.reload(cfg.breakers)
+        if self.queue.rollups is not None:
+            self.queue.rollups.reload(settings_of(cfg))
         log.info("reloaded %s", self.config_file)
         return True
 
@@ -237,6 +240,9 @@ class Worker(CallPath):
             duties.create_task(supervise("renewer", lambda: self._renew_forever(drained), drained))
             duties.create_task(
                 supervise("deferred mover", lambda: self._move_deferred_forever(drained), drained)
+            )
+            duties.create_task(
+                supervise("rollup folder", lambda: self._fold_forever(drained), drained)
             )
             control = duties.create_task(supervise("control listener", self._listen, drained))
             batching = None
@@ -332,6 +338,15 @@ class Worker(CallPath):
                 continue
             if moved:
                 log.info("%d deferred jobs are due and back on their streams", moved)
+
+    async def _fold_forever(self, until: asyncio.Event) -> None:
+        """Every second, add the finished jobs' rollup records to their hours (rollups.py)."""
+        rollups = self.queue.rollups
+        while rollups is not None and not await _stopped_within(until, 1.0):
+            try:
+                await rollups.fold(self.queue.redis)
+            except (RedisError, OSError) as exc:
+                log.warning("folding the rollups failed: %s", exc)
 
     async def _pause(self, seconds: float) -> bool:
         """Wait, unless stop() comes first. True when the full time passed."""
@@ -814,6 +829,7 @@ def build_worker(
         result_ttl_s=cfg.queue.result_ttl_s,
         usage_maxlen=cfg.queue.usage_maxlen,
         batched=cfg.batch.priorities,
+        rollups=Rollups(Keys(cfg.prefix), settings_of(cfg)),
     )
     client = client or make_client(cfg, concurrency)
     return Worker(cfg, queue, client, concurrency=concurrency)
