@@ -68,7 +68,7 @@ from meter import ValkeyDelta, between, peak_rss_kib, process_cpu_s, valkey_stat
 
 from producers import NewJob, Producer
 from worker.config import Config, load_config
-from worker.embedded import connect
+from worker.embedded import binary, connect
 
 CONTENDERS = ROOT / "bench" / "contenders"
 BENCH_DIR = ROOT / ".bench"
@@ -397,6 +397,33 @@ def headline(by_case: dict[str, list[Run]]) -> str:
     )
 
 
+def versions(todo: list[Case]) -> str:
+    """What ran: tokenq's commit, Python, valkey-server and each peer's packages."""
+
+    def run(command: list[str]) -> str:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        return done.stdout.strip() or "?"
+
+    parts = [
+        f"tokenq {run(['git', 'rev-parse', '--short', 'HEAD'])}",
+        f"Python {sys.version.split()[0]}",
+        run([binary(), "--version"]).split(" build")[0],
+    ]
+    show = (
+        "import importlib.metadata as m, sys; print(*(f'{n} {m.version(n)}' for n in sys.argv[1:]))"
+    )
+    packages = {
+        "arq": ["arq", "redis"],
+        "faststream": ["faststream", "redis"],
+        "redis-py": ["redis"],
+    }
+    for name in dict.fromkeys(case.venv for case in todo if case.venv):
+        assert name is not None
+        found = run([str(peer_python(name)), "-c", show, *packages[name]])
+        parts.append(f"{name} venv: {found}")
+    return "; ".join(parts)
+
+
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min; {os.cpu_count()} cores)"
@@ -435,9 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     todo = cases(a)
     print(f"load average at start: {load()}", flush=True)
-    for case in todo:
-        if case.venv:
-            peer_python(case.venv)
+    print(versions(todo), flush=True)
     t0 = time.monotonic()
     by_case: dict[str, list[Run]] = {case.key: [] for case in todo}
     with (
