@@ -2,7 +2,7 @@
 """Throughput of tokenq's worker against the Python queues a user could pick instead, on the
 same machine in the same invocation: interleaved rounds, medians, the ratio printed last.
 
-    .venv/bin/python bench/throughput.py [--rounds 3] [--jobs 3000] [--concurrency 64]
+    .venv/bin/python bench/throughput.py [--rounds 3] [--jobs 2000] [--concurrency 64]
         [--in-flight 2000] [--latency-ms 500] [--seed 1] [--quick] [--only CASE,...]
     (or: python3 dev.py bench)
 
@@ -25,7 +25,7 @@ the same job count and concurrency:
   redis-py-batch  the same finishing a whole read's jobs in one MULTI (a reference line, not
                   counted as a peer)
   tokenq-0.5s     tokenq, one worker process at concurrency --in-flight, the simulator at
-                  --latency-ms, 3 x --in-flight jobs
+                  --latency-ms, 2 x --in-flight jobs
   faststream-0.5s FastStream, a handler sleeping --latency-ms asynchronously, max_workers =
                   --in-flight, as many jobs
 
@@ -49,6 +49,7 @@ import json
 import os
 import queue
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,9 +120,9 @@ def cases(a: argparse.Namespace) -> list[Case]:
         Case("redis-py-batch", "redis-py streams, MULTI per read (ref.)", "streams_run.py",
              "redis-py", n, c, ("--finish", "batch")),
         Case("tokenq-0.5s", f"tokenq, {fly:,} in flight, {lat} ms", "tokenq_run.py", None,
-             fly * 3, fly, ("--transport", "simulator"), latency_ms=lat),
+             fly * 2, fly, ("--transport", "simulator"), latency_ms=lat),
         Case("faststream-0.5s", f"FastStream, {fly:,} in flight, {lat} ms", "faststream_run.py",
-             "faststream", fly * 3, fly, sleep),
+             "faststream", fly * 2, fly, sleep),
     ]  # fmt: skip
     assert tuple(case.key for case in every) == CASES
     return [case for case in every if not a.only or case.key in a.only]
@@ -434,7 +435,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every case (3)")
-    parser.add_argument("--jobs", type=int, default=3000, help="jobs per run (3000)")
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per run (2000)")
     parser.add_argument("--concurrency", type=int, default=64, help="jobs in flight (64)")
     parser.add_argument(
         "--in-flight", type=int, default=2000, help="latency runs: concurrency (2000)"
@@ -460,6 +461,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server and contender started is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     todo = cases(a)
     print(f"load average at start: {load()}", flush=True)
     print(versions(todo), flush=True)
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"r{rnd} {case.key:<16}{run.describe()}", flush=True)
     print()
     print(f"{a.rounds} round(s), {a.jobs} jobs per run at concurrency {a.concurrency}; "
-          f"latency runs: {a.in_flight} in flight at {a.latency_ms} ms, {a.in_flight * 3} "
+          f"latency runs: {a.in_flight} in flight at {a.latency_ms} ms, {a.in_flight * 2} "
           f"jobs; seed {a.seed}; {time.monotonic() - t0:.0f} s in all")  # fmt: skip
     for line in summary(by_case):
         print(line)
