@@ -57,7 +57,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,24 +309,24 @@ def run_case(case: Case, rnd: int, folder: Path, sim: tuple[str, int], timeout_s
     if case.latency_ms is not None:
         sim_call(sim_url, "config", {"latency_ms": case.latency_ms})
         sim_call(sim_url, "reset", {})
-    with valkey(folder / "valkey") as (url, _):
+    with ExitStack() as stack:
+        url, _ = stack.enter_context(valkey(folder / "valkey"))
         s = setup(case, folder, url, sim_url, timeout_s)
-        with contender(s.command, folder / "contender.log") as proc:
-            if proc.expect(120) != "ready":
-                raise RuntimeError(f"{case.script} did not say ready")
-            load_backlog(case, s, url)
-            info = redis.Redis.from_url(url, decode_responses=True)
-            info.ping()  # its connection is not part of what is measured
-            pid = proc.proc.pid
-            before, cpu0 = valkey_stats(info), process_cpu_s(pid)
-            sim0 = process_cpu_s(sim_pid) if case.latency_ms is not None else 0.0
-            proc.send("go")
-            report: dict[str, Any] = json.loads(proc.expect(timeout_s + 30))
-            after, cpu1, rss = valkey_stats(info), process_cpu_s(pid), peak_rss_kib(pid)
-            sim1 = process_cpu_s(sim_pid) if case.latency_ms is not None else None
-            proc.send("stop")
-            final: dict[str, Any] = json.loads(proc.expect(60))
-            info.close()
+        proc = stack.enter_context(contender(s.command, folder / "contender.log"))
+        if proc.expect(120) != "ready":
+            raise RuntimeError(f"{case.script} did not say ready")
+        load_backlog(case, s, url)
+        info = stack.enter_context(closing(redis.Redis.from_url(url, decode_responses=True)))
+        info.ping()  # its connection is made before the first snapshot, so not measured
+        pid, watch_sim = proc.proc.pid, case.latency_ms is not None
+        before, cpu0 = valkey_stats(info), process_cpu_s(pid)
+        sim0 = process_cpu_s(sim_pid) if watch_sim else 0.0
+        proc.send("go")
+        report: dict[str, Any] = json.loads(proc.expect(timeout_s + 30))
+        after, cpu1, rss = valkey_stats(info), process_cpu_s(pid), peak_rss_kib(pid)
+        sim1 = process_cpu_s(sim_pid) if watch_sim else None
+        proc.send("stop")
+        final: dict[str, Any] = json.loads(proc.expect(60))
     return Run(
         case=case, round=rnd, seconds=float(report["seconds"]), worker_cpu_s=cpu1 - cpu0,
         valkey=between(before, after, report["probes"]), peak_rss_kib=rss,
@@ -487,6 +487,10 @@ def main(argv: list[str] | None = None) -> None:
     for line in summary(by_case):
         print(line)
     print(f"load average at end: {load()}")
+    for runs in by_case.values():
+        for run in runs:
+            if run.failed:
+                print(f"WARNING: round {run.round} of {run.case.key}: {run.failed} jobs NOT ok")
     print(headline(by_case))
 
 
