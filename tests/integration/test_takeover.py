@@ -9,6 +9,7 @@ import json
 import time
 from typing import Any
 
+import anthropic
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -17,7 +18,11 @@ from producers import Producer
 from tests.conftest import ConfigFactory
 from tests.helpers import add, entries, eventually, pending_count, sim_call, sim_is, usage_events
 from tests.integration.conftest import RunWorker
+from worker import jobrun
+from worker.admission import admit
+from worker.calls import Caller, CallFor
 from worker.contract import GROUP, Keys, Result, UsageEvent, to_fields
+from worker.jobrun import Call, JobRun
 from worker.queue import Delivery, Finish, Queue
 
 SMALL = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 200}
@@ -109,3 +114,33 @@ async def test_a_live_worker_whose_job_was_taken_over_writes_nothing_and_its_cal
     assert billed - 1e-9 <= spent <= job.cost_usd + orphan.reserved_usd + 1e-9  # a's once
     assert await redis.xlen(keys.dead) == 0
     assert await pending_count(redis, keys.jobs("normal")) == 0
+
+
+async def test_only_the_worker_holding_the_job_reports_a_lost_call(
+    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory,
+    client: anthropic.AsyncAnthropic,
+) -> None:  # fmt: skip
+    # Worker a's call was cancelled or timed out after worker b took the job over: a must not
+    # report it (nor write the run); b, which holds the job, reports it once.
+    cfg, _ = make_config()
+    qa, qb, d = await taken_over(redis, keys)
+    lost = Call(model="claude-haiku-5-5", tier="fast", started_ms=1, estimate_usd=0.001,
+                reserved_usd=0.002)  # fmt: skip
+    run = JobRun(first_ms=1, tier="fast", calls=[lost])
+    raw = jobrun.encode(run)
+    await redis.hset(keys.state(d.job_id), "run", raw)
+    job = admit(d.fields, cfg).job
+
+    def call_for() -> CallFor:
+        mine = jobrun.decode(raw, first_ms=1)
+        return CallFor(d, job, mine, 0, stored=raw.decode())
+
+    a = call_for()
+    await Caller(cfg, qa, client).report_lost(a, a.run.in_flight())
+    assert await entries(redis, keys.usage) == []
+    assert await redis.hget(keys.state(d.job_id), "run") == raw.decode()
+    b = call_for()
+    await Caller(cfg, qb, client).report_lost(b, b.run.in_flight())
+    [(_, event)] = await entries(redis, keys.usage)
+    assert event["kind"] == "orphan" and event["job_id"] == d.job_id
+    assert [c.state for c in b.run.calls] == ["lost"]
