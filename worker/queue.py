@@ -43,6 +43,7 @@ from worker.contract import (
     id_problem,
 )
 from worker.fence import Key
+from worker.rollups import Rollups
 from worker.trips import Trips, raise_first
 
 log = logging.getLogger("tokenq.queue")
@@ -95,12 +96,14 @@ return 1
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """Everything written when a job ends: result, usage event, optional dead letter."""
+    """Everything written when a job ends: result, usage event, optional dead letter, and
+    the outcome's rollup records (worker.rollups; made by worker.outcomes)."""
 
     result_json: bytes
     usage: dict[str, str]
     reply_to: str | None = None
     dead: dict[str, str] | None = None
+    records: tuple[bytes, ...] = ()
 
 
 class Queue:
@@ -118,8 +121,10 @@ class Queue:
         result_ttl_s: int = 86_400,
         usage_maxlen: int = 1_000_000,
         batched: Collection[str] = (),
+        rollups: Rollups | None = None,
     ) -> None:
         self.redis = redis
+        self.rollups = rollups
         self.keys = keys
         self.priorities = list(priorities)
         self.streams = {p: keys.jobs(p) for p in priorities}
@@ -141,8 +146,10 @@ class Queue:
 
     async def ensure_groups(self, warm: int = 1) -> None:
         """Create the consumer group on every job stream (and the stream) if missing; load
-        every script and open `warm` connections (worker.trips)."""
+        every script (the rollups' too) and open `warm` connections (worker.trips)."""
         await self.trips.load(warm)
+        if self.rollups is not None:
+            await self.rollups.load(self.redis)
         for stream in self.streams.values():
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -287,9 +294,9 @@ class Queue:
             await fence.renew(self._renew, stream, self.consumer, ids)
 
     async def finish(self, d: Delivery, job_id: str, end: Finish) -> bool:
-        """Write result, usage event (and dead letter, reply) and acknowledge, in one script
-        on the next shared trip; False when the entry is no longer this consumer's (finished,
-        or taken over)."""
+        """Write result, usage event (and dead letter, reply, rollup records) and acknowledge,
+        in one script on the next shared trip; False when the entry is no longer this
+        consumer's (finished, or taken over)."""
         w = self._ending(d, job_id, end)
         trip = await self.trips.run(lambda tx: w.into(tx, self._fenced), atomic=True)
         return bool(int(raise_first(trip)[0]))
@@ -310,6 +317,8 @@ class Queue:
         # Wakes result() waiters; short-lived, the result key itself is the record.
         w.add("RPUSH", Key(self.keys.done(job_id)), 1)
         w.add("EXPIRE", Key(self.keys.done(job_id)), min(ttl, 300))
+        if end.records:  # the outcome's share of the hourly rollups (worker.rollups)
+            w.add("RPUSH", Key(self.keys.rollup_queue), *end.records)
         self._ack(w, d)
         # The claim stays as long as the result, so a same-numbered entry of another stream is
         # never mistaken for a redelivery of this one; the job's run is no longer needed.

@@ -43,6 +43,7 @@ from worker.errors import ConfigError
 from worker.jobs import Defer, GaveUp, TakenOver, exhausted, with_retries
 from worker.process import Runner
 from worker.queue import Delivery, Queue
+from worker.rollups import Rollups, settings_of
 from worker.supervise import stopped_within, supervise
 
 log = logging.getLogger("tokenq.worker")
@@ -68,6 +69,7 @@ class Worker:
         self.client = client
         self.concurrency = concurrency
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._running: set[str] = set()  # the entries of the jobs in flight (Delivery.owner)
         self._stopping = asyncio.Event()
         redis, keys = queue.redis, queue.keys
         self.caller = Caller(cfg, queue, client)
@@ -104,6 +106,8 @@ class Worker:
         self.cfg = cfg
         self.caller.reload(cfg)
         self.runner.reload(cfg)
+        if self.queue.rollups is not None:
+            self.queue.rollups.reload(settings_of(cfg))
         log.info("reloaded %s", self.config_file)
         return True
 
@@ -119,12 +123,16 @@ class Worker:
         stop(); the renewer, the deferred mover and the control listener keep serving the jobs
         in flight until the drain is over.
         """
-        await self.queue.ensure_groups(warm=WARM_CONNECTIONS)
+        if not await self._redis_ready():
+            return
         drained = asyncio.Event()
         async with asyncio.TaskGroup() as duties:
             duties.create_task(supervise("renewer", lambda: self._renew_forever(drained), drained))
             duties.create_task(
                 supervise("deferred mover", lambda: self._move_deferred_forever(drained), drained)
+            )
+            duties.create_task(
+                supervise("rollup folder", lambda: self._fold_forever(drained), drained)
             )
             control = duties.create_task(supervise("control listener", self._listen, drained))
             batching = None
@@ -137,6 +145,21 @@ class Worker:
                 drained.set()
                 control.cancel()  # it waits on the channel; nothing of it needs finishing
         await self.queue.leave()
+
+    async def _redis_ready(self) -> bool:
+        """Create the consumer groups (and load the scripts), waiting for Redis while it is
+        away: a worker started during a restart or a failover must not exit, since nothing
+        may start it again. False when the worker is stopped first."""
+        delay = 0.5
+        while True:
+            try:
+                await self.queue.ensure_groups(warm=WARM_CONNECTIONS)
+                return True
+            except (RedisError, OSError) as exc:
+                log.warning("Redis does not answer (%s); trying again in %.1f s", exc, delay)
+            if await stopped_within(self._stopping, delay):
+                return False
+            delay = min(delay * 2, 5.0)
 
     async def _read_forever(self) -> None:
         """Read deliveries and start them as jobs, `concurrency` at most in flight."""
@@ -163,10 +186,24 @@ class Worker:
 
     def adopt(self, d: Delivery) -> None:
         """Run a delivery as a job in flight: one read here, or one the batcher hands over
-        (due before its batch window ends, or an errored batch item retried in real time)."""
+        (due before its batch window ends, or an errored batch item retried in real time).
+
+        An entry this process is running already is not started again: after an outage
+        longer than the visibility timeout the reclaim hands a worker back its own jobs in
+        flight, and the writes' fence (worker.fence) cannot tell two tasks of one consumer
+        apart. Such a reclaim only renewed the entry."""
+        if d.owner in self._running:
+            log.info("job=%s is running here already; reclaimed entry %s left to it",
+                     shown(d.job_id), d.owner)  # fmt: skip
+            return
         task = asyncio.create_task(self._handle(d))
         self._in_flight[task] = d
-        task.add_done_callback(self._in_flight.pop)
+        self._running.add(d.owner)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        d = self._in_flight.pop(task)
+        self._running.discard(d.owner)
 
     async def _listen(self) -> None:
         await listen(self.queue.redis, self.queue.keys, self.reload)
@@ -213,6 +250,16 @@ class Worker:
                 continue
             if moved:
                 log.info("%d deferred jobs are due and back on their streams", moved)
+
+    async def _fold_forever(self, until: asyncio.Event) -> None:
+        """Every second, add the finished jobs' rollup records to their hours (rollups.py)."""
+        rollups = self.queue.rollups
+        # A timer: the rollups are promised no more than a second behind.
+        while rollups is not None and not await stopped_within(until, 1.0):
+            try:
+                await rollups.fold(self.queue.redis)
+            except (RedisError, OSError) as exc:
+                log.warning("folding the rollups failed: %s", exc)
 
     # -- one job --
 
@@ -351,6 +398,7 @@ def build_worker(
         result_ttl_s=cfg.queue.result_ttl_s,
         usage_maxlen=cfg.queue.usage_maxlen,
         batched=cfg.batch.priorities,
+        rollups=Rollups(Keys(cfg.prefix), settings_of(cfg)),
     )
     client = client or make_client(cfg, concurrency)
     return Worker(cfg, queue, client, concurrency=concurrency)
