@@ -112,7 +112,8 @@ class Worker:
         return True
 
     async def aclose(self) -> None:
-        """Close the API client and the Redis connection."""
+        """Give back the rate-limit leases; close the API client and the Redis connection."""
+        await self.caller.limiter.close()
         await self.client.close()
         await self.queue.redis.aclose()
 

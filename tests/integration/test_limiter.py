@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 
 from tests.conftest import ConfigFactory
 from tests.helpers import eventually
-from worker.limiter import Answer, FleetLimiter, Grant, Unfit
+from worker.contract import Keys
+from worker.limiter import LEASE_SHARE, Answer, FleetLimiter, Grant, Unfit
 
 HAIKU = "claude-haiku-5-5"
 LIMITS = 'models."claude-haiku-5-5".limits'
@@ -182,3 +183,54 @@ async def test_a_feature_at_its_limit_share_never_holds_back_other_features(
     # A lower priority of another feature on the same model still gets the model's capacity:
     # the share's refusal is summarize's own business, not a priority hold on the model.
     assert isinstance(await take(lim, (1, 10, 10), rank=2, feature="support_faq"), Grant)
+
+
+async def level(redis: aioredis.Redis, cfg: Any) -> tuple[float, float, float]:
+    """The model bucket's stored levels (requests, input, output)."""
+    got: Any = await redis.hmget(Keys(cfg.prefix).limits(HAIKU), "r", "i", "o")
+    return float(got[0]), float(got[1]), float(got[2])
+
+
+async def test_a_busy_process_leases_capacity_and_gives_back_what_it_did_not_use(
+    redis: aioredis.Redis, make_config: ConfigFactory
+) -> None:
+    cfg, _ = make_config(**limits(rpm=60_000, itpm=6_000_000, otpm=6_000_000))
+    lim = FleetLimiter(redis, cfg, clock_ms=T0)
+    await redis.config_resetstat()
+    for _ in range(300):
+        grant = await lim.acquire(HAIKU, "summarize", 1, (1, 100, 1000))
+        assert grant is not None and grant.leased
+        await lim.settle(grant, Answer((1, 80, 10), {}))  # used less than it reserved
+    stats: Any = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] < 100  # not two round trips per call
+    held = await level(redis, cfg)
+    assert held[0] < 60_000 - 300  # a lease is out: taken from the buckets, not yet used
+    assert held[0] >= 60_000 * (1 - LEASE_SHARE) - 300  # never more than LEASE_SHARE
+    await lim.close()
+    assert await level(redis, cfg) == (60_000 - 300, 6_000_000 - 300 * 80, 6_000_000 - 300 * 10)
+
+
+async def test_leases_of_two_processes_never_pass_the_limit(
+    redis: aioredis.Redis, make_config: ConfigFactory
+) -> None:
+    cfg, _ = make_config(**limits(rpm=400, itpm=1_000_000, otpm=1_000_000))
+    procs = [FleetLimiter(redis, cfg, clock_ms=T0), FleetLimiter(redis, cfg, clock_ms=T0)]
+    granted = [0, 0]
+
+    async def busy(n: int) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(0.3):
+                    grant = await procs[n].acquire(HAIKU, "summarize", 1, (1, 10, 10))
+            except TimeoutError:
+                return  # the buckets are empty (the clock stands still: no refill)
+            assert grant is not None
+            granted[n] += 1
+            await asyncio.sleep(0)
+
+    await asyncio.gather(busy(0), busy(1))
+    assert sum(granted) <= 400 and min(granted) > 0
+    for lim in procs:
+        await lim.close()
+    left = (await level(redis, cfg))[0]
+    assert sum(granted) + left == pytest.approx(400)  # what was leased and not used is back
