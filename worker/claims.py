@@ -89,8 +89,8 @@ local function alive(owner)
   end
   return false
 end
-local owner = redis.call('HGET', KEYS[1], 'owner')
-local stored = redis.call('HGET', KEYS[1], 'fp')
+local h = redis.call('HMGET', KEYS[1], 'owner', 'fp', 'since', 'run')
+local owner, stored = h[1], h[2]
 local answered = redis.call('EXISTS', KEYS[2]) == 1
 local others = owner and owner ~= me
 if kind == 'default' then
@@ -103,16 +103,17 @@ else
   if stored and stored ~= fp then return {-2, '', owner or ''} end
   if others and answered then return {2, '', owner} end
   if others and alive(owner) then
-    return {-3, '', redis.call('HGET', KEYS[1], 'since') or ARGV[5]}
+    return {-3, '', h[3] or ARGV[5]}
   end
 end
-redis.call('HSET', KEYS[1], 'owner', me)
-redis.call('HSETNX', KEYS[1], 'fp', fp)
-redis.call('HSETNX', KEYS[1], 'since', ARGV[5])
+local set = {'owner', me}
+if not stored then set[3], set[4] = 'fp', fp end
+if not h[3] then set[#set + 1], set[#set + 2] = 'since', ARGV[5] end
+redis.call('HSET', KEYS[1], unpack(set))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if mode == 'error' then return {1} end
 if answered then return {2, '', me} end
-return {1, redis.call('HGET', KEYS[1], 'run') or '', ''}
+return {1, h[4] or '', ''}
 """
 
 
