@@ -12,7 +12,8 @@ the same job count and concurrency:
 
   tokenq-sim      tokenq's Worker (built as `tokenq worker` builds it), `summarize` jobs with
                   cache = "off", through the SDK and HTTP to the simulator at 0 ms; the
-                  fleet rate limiter, breakers and budgets all run (limits far above the load)
+                  fleet rate limiter, breakers and budgets all run (limits far above the load;
+                  a daily budget cap on the jobs' features, so each call reserves and settles)
   tokenq-inproc   the same with the SDK answered in-process (httpx2.MockTransport): tokenq's
                   own cost per job
   tokenq-cache    identical `support_faq` jobs with the response cache on, the answer cached
@@ -84,6 +85,8 @@ CASES = ("tokenq-sim", "tokenq-inproc", "tokenq-cache", "arq", "faststream", "re
          "redis-py-batch", "tokenq-0.5s", "faststream-0.5s")  # fmt: skip
 PEERS = ("arq", "faststream", "redis-py")  # the no-op peers the ratio compares with
 REQUEST = {"messages": [{"role": "user", "content": "Summarise: queues keep bills small."}]}
+
+BENCH_FEATURES = ("summarize", "support_faq")  # the features of the tokenq cases
 
 
 @dataclass(frozen=True)
@@ -247,13 +250,16 @@ async def preload(url: str, prefix: str, jobs: int, feature: str, cache_off: boo
 
 
 def tokenq_config(folder: Path, url: str, sim_url: str, prefix: str) -> tuple[Config, Path]:
-    """The repo's config for one run, every model's rate limits far above what the bench sends:
-    the limiter still runs (its cost is part of each job) but never makes a job wait."""
+    """The repo's config for one run, every model's rate limits and the bench features' daily
+    budget caps far above what the bench sends: the limiter and the budgets still run (their
+    cost is part of each job) but never make a job wait or refuse it."""
     rpm, itpm, otpm = (int(n) for n in UNLIMITED.split("/"))
     huge: dict[str, object] = {}
     for model in load_config(ROOT / "config.toml").models:
         section = f'models."{model}".limits'
         huge |= {f"{section}.rpm": rpm, f"{section}.itpm": itpm, f"{section}.otpm": otpm}
+    for feature in BENCH_FEATURES:
+        huge[f"features.{feature}.daily_usd"] = 1e9
     return base_config(folder, Servers(url, sim_url, 0, 0), prefix, huge)
 
 
