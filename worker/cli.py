@@ -27,6 +27,7 @@ from worker.api_request import parse_request
 from worker.batcher import batch_rows, cancel_batch
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
+from worker.cells import tenant_slot
 from worker.cli_cache import EPILOG_LINE as CACHE_EPILOG
 from worker.cli_cache import add_cache_command
 from worker.cli_tools import EPILOG_LINES as TOOLS_EPILOG
@@ -56,7 +57,7 @@ from worker.queue import (
     trim_dead,
 )
 from worker.report import DIMENSIONS, Query, query, report_csv, table
-from worker.rollups import Rollups, settings_of, tenant_slot
+from worker.rollups import Rollups, settings_of
 from worker.usage import HitRates, follow, money, tail_line
 from worker.worker import make_client, serve
 
