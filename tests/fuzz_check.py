@@ -517,7 +517,7 @@ KEY_TYPES = {
     "limits": b"hash",
     "route": b"string",
     "batch": b"hash",
-    "rollup": b"hash",  # hours, their cells, days and totals (worker.rollups)
+    "rollup": b"hash",  # hours, their cells, days (worker.rollups, worker.compaction)
 }
 SUFFIXED = {
     "budget": (b":holds", b"zset", b"hash"),
@@ -529,6 +529,10 @@ WHOLE = {
     b"batches": b"zset",
     b"batches:api": b"hash",
     b"rollup:queue": b"list",
+    b"rollup:live": b"zset",
+    b"rollup:pending": b"zset",
+    b"rollup:totals": b"string",
+    b"rollup:compacting": b"string",
 }
 
 
