@@ -67,10 +67,12 @@ def _when(start_hour: int) -> tuple[str, str]:
     return time.strftime("%Y-%m-%d", moment), time.strftime("%Y-%m-%d %H:00", moment)
 
 
-def _grouping(q: Query) -> Callable[[int], Callable[[str], tuple[str, ...] | None]]:
-    """For a part starting at some hour, the function from a cell's dims to its group
-    (q.by's values, displayed), None for cells the filters leave out. Worked out once per
-    distinct dims (a 90-day report has a few thousand)."""
+Grouping = Callable[[str], tuple[str, ...] | None]
+
+
+def _values(q: Query) -> Grouping:
+    """The function from a cell's dims to q.by's values (displayed; day and hour left
+    empty), None for cells the filters leave out. Worked out once per distinct dims."""
     memo: dict[str, tuple[str, ...] | None] = {}
 
     def values(dims: str) -> tuple[str, ...] | None:
@@ -88,13 +90,25 @@ def _grouping(q: Query) -> Callable[[int], Callable[[str], tuple[str, ...] | Non
         memo[dims] = out
         return out
 
+    return values
+
+
+def _grouping(q: Query) -> Callable[[int], Grouping]:
+    """For a part starting at some hour, the function from a cell's dims to its group
+    (q.by's values, displayed), None for cells the filters leave out: one function for the
+    parts of one group in time (cells.sum_by calls it once per distinct dims)."""
+    values = _values(q)
     timed = [n for n, name in enumerate(q.by) if name in ("day", "hour")]
     if not timed:
         return lambda _: values
+    keys: dict[tuple[str, str], Grouping] = {}
 
-    def at(start_hour: int) -> Callable[[str], tuple[str, ...] | None]:
+    def at(start_hour: int) -> Grouping:
         day, hour = _when(start_hour)
-        when = {"day": day, "hour": hour}
+        when = {"day": day, "hour": hour if "hour" in q.by else ""}
+        label = (when["day"] if "day" in q.by else "", when["hour"])
+        if label in keys:
+            return keys[label]
 
         def key(dims: str) -> tuple[str, ...] | None:
             group = values(dims)
@@ -105,6 +119,7 @@ def _grouping(q: Query) -> Callable[[int], Callable[[str], tuple[str, ...] | Non
                 out[n] = when[q.by[n]]
             return tuple(out)
 
+        keys[label] = key
         return key
 
     return at
