@@ -5,6 +5,7 @@
     python3 dev.py test    lint, type-check and run the whole test suite
     python3 dev.py bench [NAME]   run bench/NAME.py (throughput, the default; ratelimit; cost;
                                   fuzz [--seed S] [--entries N]: hostile entries vs. a fleet;
+                                  chaos [--seed S]: faults, kills, a Redis restart vs. a fleet;
                                   semantic [--seed S]: the semantic cache on paraphrases;
                                   report: rollups, report latency, the finishing write)
 
@@ -103,8 +104,8 @@ def main() -> int:
     script = ROOT / "bench" / f"{name}.py"
     if not script.exists() or name == "common":
         print(
-            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, fuzz, semantic "
-            "or report",
+            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, fuzz, chaos, "
+            "semantic or report",
             file=sys.stderr,
         )
         return 2

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import statistics
 import subprocess
@@ -231,12 +232,15 @@ async def finishes(
         ends.append(Finish(msgspec.json.encode(result), usage))
     await redis.config_resetstat()
     cpu0, client0, wall0 = await server_cpu(redis), time.thread_time(), time.perf_counter()
+    rollups = queue.rollups
     for d, end in zip(deliveries, ends, strict=True):
+        if rollups is not None:  # as worker.outcomes does: the records join the fenced end
+            end = dataclasses.replace(end, records=tuple(rollups.delta([end.usage]).records()))
         await queue.finish(d, f"{tag}-{d.entry_id}", end)
     wall, client = time.perf_counter() - wall0, time.thread_time() - client0
     valkey_s = await server_cpu(redis) - cpu0
     stats: Any = await redis.info("commandstats")
-    skip = ("cmdstat_info", "cmdstat_config|resetstat", "cmdstat_exec")
+    skip = ("cmdstat_info", "cmdstat_config|resetstat", "cmdstat_exec", "cmdstat_evalsha")
     calls = sum(int(v["calls"]) for k, v in stats.items() if k not in skip)
     return Cost(client / n * 1e6, valkey_s / n * 1e6, calls / n, wall / n * 1e6)
 

@@ -140,7 +140,7 @@ async def one_pass(
     out, seen, f = Pass(name), set(), run.cfg.features[FAQ]
     for n, job in enumerate(jobs):
         out.jobs += 1
-        key = cache_key(run.keys.prefix, FAQ, f, job.tenant, run.model, job.params)
+        key = cache_key(run.keys, FAQ, f, job.tenant, run.model, job.params)
         if await run.exact.get(key) is not None:
             out.exact_hits += 1
             continue

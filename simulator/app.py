@@ -212,6 +212,7 @@ class Simulator:
             self.ledger.rejected += 1
             return error_response(exc)
         count = shapes.TokenCount(tokens.input_tokens(body))
+        self.ledger.counted += 1
         return _json(shapes.encode(count), {"request-id": shapes.new_id("req_")})
 
     async def _read(self, request: web.Request, *, count_tokens: bool) -> Body:

@@ -45,8 +45,9 @@ class EmbeddingTotals(msgspec.Struct, kw_only=True):
 class LedgerReport(msgspec.Struct, kw_only=True):
     """GET /_sim/ledger. `faults` is keyed by status ("429"), `rate_limited` by the limit that
     refused a request ("requests", "input_tokens", "output_tokens"), `rejected` counts 4xx
-    answers to invalid requests, `in_flight` the requests received and not yet answered, and
-    `peak_in_flight` the most there were at once since the last reset."""
+    answers to invalid requests, `in_flight` the requests received and not yet answered,
+    `peak_in_flight` the most there were at once since the last reset, and `counted` the
+    count_tokens requests answered (free, never billed)."""
 
     models: dict[str, ModelTotals]
     faults: dict[str, int]
@@ -57,6 +58,7 @@ class LedgerReport(msgspec.Struct, kw_only=True):
     peak_in_flight: int = 0
     # Message Batches items, per model, billed at the batch price (half); not in `models`.
     batch: dict[str, ModelTotals] = {}
+    counted: int = 0
     # POST /v1/embeddings, per embedding model (simulator/embeddings.py); not in `models`.
     embeddings: dict[str, EmbeddingTotals] = {}
 
@@ -83,6 +85,7 @@ class Ledger:
         self.faults: dict[str, int] = {}
         self.rate_limited: dict[str, int] = dict.fromkeys(LIMITS, 0)
         self.rejected = 0
+        self.counted = 0
         self.clock = clock
 
     def bill(
@@ -127,6 +130,7 @@ class Ledger:
             in_flight=in_flight,
             peak_in_flight=peak_in_flight,
             batch={name: msgspec.structs.replace(t) for name, t in self.batch.items()},
+            counted=self.counted,
             embeddings={name: msgspec.structs.replace(t) for name, t in self.embeddings.items()},
         )
 

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import sim_call
+from worker import clock
 from worker.config import Config, load_config, with_settings
 from worker.contract import Keys
 from worker.embedded import connect, free_port, server_args, wait_until_ready
@@ -136,3 +137,12 @@ def make_config(tmp_path: Path, valkey_url: str, simulator_url: str, prefix: str
         return load_config(path), path
 
     return make
+
+
+@pytest.fixture
+def moved_clock() -> Iterator[clock.MovableClock]:
+    """The worker's clock (worker.clock) standing still until the test advances it."""
+    movable = clock.MovableClock()
+    before = clock.use(movable)
+    yield movable
+    clock.use(before)

@@ -382,9 +382,21 @@ async def _error_results(
     return inv
 
 
+ANSWERED = "answered"  # a status for _reply_problem: ok, or check_failed with the answer
+
+
+def answered(result: object) -> bool:
+    """Whether a result is a good job's: ok, or an answer that failed its feature's check
+    (check_failed: the job was answered, with an error status; JSON-checked features)."""
+    if not isinstance(result, dict):
+        return False
+    error = (result.get("error") or {}).get("type")
+    return result.get("status") == "ok" or (error == "check_failed" and bool(result.get("text")))
+
+
 async def _reply_problem(raw: aioredis.Redis, case: Case, status: str, kind: str | None) -> str:
     """Why the case's reply stream does not hold exactly one reply of this status (and error
-    type); "" when it does."""
+    type; ANSWERED: an answer); "" when it does."""
     assert case.reply_to is not None
     replies = await _entries(raw, case.reply_to)
     if len(replies) != 1:
@@ -394,6 +406,8 @@ async def _reply_problem(raw: aioredis.Redis, case: Case, status: str, kind: str
     except ValueError:
         return f"the reply on {case.reply_to} is not a result: {replies[0][1]!r:.160}"
     error = (result.get("error") or {}).get("type")
+    if status == ANSWERED:
+        return "" if answered(result) else f"the reply is {result.get('status')} ({error})"
     if result.get("status") != status or (kind is not None and error != kind):
         return f"the reply is {result.get('status')} ({error}), expected {status} ({kind})"
     return ""
@@ -402,7 +416,7 @@ async def _reply_problem(raw: aioredis.Redis, case: Case, status: str, kind: str
 async def _ok_results(
     raw: aioredis.Redis, keys: Keys, good: list[Sent], bad: list[Sent], dead: list[Any], run: Run
 ) -> Invariant:
-    inv = Invariant("every good job has exactly one ok result")
+    inv = Invariant("every good job has exactly one answered result (ok, or check_failed)")
     theirs = {(s.case.priority, s.entry_id) for s in bad}  # a reused id's duplicate_id letter
     dead_jobs = {
         _text(f.get(b"job_id")): f
@@ -421,15 +435,15 @@ async def _ok_results(
             )
         elif not found:
             inv.failures.append(f"{s}: no result")
-        elif not isinstance(found[0], dict) or found[0].get("status") != "ok":
-            inv.failures.append(f"{s}: result is not ok: {str(found[0])[:160]}")
+        elif not answered(found[0]):
+            inv.failures.append(f"{s}: result is not an answer: {str(found[0])[:160]}")
         elif (
             job_id in run.originals
             and await _get(raw, keys.result(job_id)) != run.originals[job_id]
         ):
             inv.failures.append(f"{s}: its result changed after the corpus reused its id")
         for x in sents:
-            problem = await _reply_problem(raw, x.case, "ok", None) if x.case.reply_to else ""
+            problem = await _reply_problem(raw, x.case, ANSWERED, None) if x.case.reply_to else ""
             if problem:
                 inv.failures.append(f"{x}: {problem}")
     return inv
@@ -453,7 +467,8 @@ def _usage_events(good: list[Sent], bad: list[Sent], usage: list[tuple[str, Raw]
     reused = Counter((s.case.job_id, s.case.expect) for s in bad if s.case.job_id)
     events: dict[str, list[Raw]] = {}
     for _, f in usage:
-        events.setdefault(_text(f.get(b"job_id")), []).append(f)
+        if _text(f.get(b"kind")) in ("job", ""):  # not an alert, nor a lost call's orphan
+            events.setdefault(_text(f.get(b"job_id")), []).append(f)
     for job_id, sents in _by_job(good).items():
         s = sents[0]
         if job_id.startswith("\0"):
@@ -465,10 +480,9 @@ def _usage_events(good: list[Sent], bad: list[Sent], usage: list[tuple[str, Raw]
             ]
         else:
             mine = events.get(job_id, [])
-        oks = sum(_text(f.get(b"status")) == "ok" for f in mine)
-        errors = Counter(
-            (job_id, _text(f.get(b"error_type"))) for f in mine if _text(f.get(b"status")) != "ok"
-        )
+        answers = [f for f in mine if _text(f.get(b"error_type")) in ("", "check_failed")]
+        oks = len(answers)
+        errors = Counter((job_id, _text(f.get(b"error_type"))) for f in mine if f not in answers)
         # A bad entry reusing the id (duplicate_id) has an error event of its own.
         if oks != 1 or errors - reused:
             kinds = [f"{_text(f.get(b'status'))} {_text(f.get(b'error_type'))}" for f in mine]
@@ -517,6 +531,7 @@ KEY_TYPES = {
     "limits": b"hash",
     "route": b"string",
     "batch": b"hash",
+    "spend": b"string",
     "rollup": b"hash",  # hours, their cells, days (worker.rollups, worker.compaction)
 }
 SUFFIXED = {

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from worker import clock
 from worker.api_request import EXAMPLE, parse_request
 from worker.config import Config, FeatureConfig
 from worker.contract import (
@@ -46,7 +47,6 @@ from worker.contract import (
     to_fields,
 )
 from worker.errors import JobRejected, MalformedJob, TooLarge, UnknownFeature
-from worker.jobs import now_ms
 from worker.queue import Delivery, Finish
 
 JOB_FIELDS = ("feature", "request", "id", "tenant", "tier", "reply_to", "deadline_ms", "cache")
@@ -289,7 +289,7 @@ def rejection(d: Delivery, exc: JobRejected, started_ms: int, cfg: Config) -> Fi
     job_id = clean(d.job_id)
     result = Result(id=job_id, status="error", error=ErrorInfo(exc.error_type, sentence))
     event = UsageEvent(
-        ts_ms=now_ms(), job_id=job_id, feature=_label(f.get("feature")),
+        ts_ms=clock.now_ms(), job_id=job_id, feature=_label(f.get("feature")),
         tenant=_label(f.get("tenant")), priority=d.priority, status="error",
         attempt=exc.attempts, queue_ms=max(0, started_ms - entry_ms(d.entry_id)),
         error_type=exc.error_type, message=sentence[:MESSAGE_CHARS],

@@ -39,11 +39,11 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from worker import clock
 from worker.breakers import Breakers
 from worker.config import Config
-from worker.contract import Keys, UsageEvent, entry_ms
+from worker.contract import Keys, UsageEvent, as_text, entry_ms
 from worker.embedded import connect, redis_url
-from worker.queue import as_text
 from worker.usage import event_of
 
 log = logging.getLogger("tokenq.alerts")
@@ -122,7 +122,7 @@ class Alerter:
 
     def __init__(
         self, redis: aioredis.Redis, cfg: Config, *, post: Post = post_json,
-        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000), tick_ms: int = TICK_MS,
+        clock_ms: Callable[[], int] = clock.now_ms, tick_ms: int = TICK_MS,
     ) -> None:  # fmt: skip
         self.redis = redis
         self.cfg = cfg

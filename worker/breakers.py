@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +33,9 @@ import anthropic
 import pybreaker
 import redis.asyncio as aioredis
 
+from worker import clock
 from worker.config import BreakersConfig
-from worker.contract import Keys
-from worker.queue import as_text
+from worker.contract import Keys, as_text
 
 log = logging.getLogger("tokenq.breakers")
 
@@ -101,13 +100,18 @@ class MirrorStorage(pybreaker.CircuitBreakerStorage):
 
     @property
     def dirty(self) -> bool:
-        return bool(self.fail_delta or self.fail_reset or self.success_delta
-                    or self.success_reset or self.transition)  # fmt: skip
+        return bool(
+            self.fail_delta
+            or self.fail_reset
+            or self.success_delta
+            or self.success_reset
+            or self.transition
+        )
 
     def load(self, state: str, fails: int, successes: int, opened_ms: int) -> None:
         self._state, self._fails, self._successes = state, fails, successes
         self._opened_at = dt.datetime.fromtimestamp(opened_ms / 1000, dt.UTC) if opened_ms else None
-        self.synced_at = time.monotonic()
+        self.synced_at = clock.monotonic()
         self.clear()
 
     @property
@@ -206,8 +210,9 @@ class Open:
 class Breakers:
     """The breakers of one worker process, their state kept with the fleet's in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, cfg: BreakersConfig,
-                 probe_ttl_s: float) -> None:  # fmt: skip
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, cfg: BreakersConfig, probe_ttl_s: float
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.cfg = cfg
@@ -227,40 +232,50 @@ class Breakers:
         b = self._breakers.get(name)
         if b is None:
             b = pybreaker.CircuitBreaker(
-                fail_max=self.cfg.fail_max, reset_timeout=self.cfg.reset_timeout_s,
-                success_threshold=self.cfg.success_threshold, state_storage=MirrorStorage(name),
-                listeners=[_Logger()], name=name, throw_new_error_on_trip=False,
-            )  # fmt: skip
+                fail_max=self.cfg.fail_max,
+                reset_timeout=self.cfg.reset_timeout_s,
+                success_threshold=self.cfg.success_threshold,
+                state_storage=MirrorStorage(name),
+                listeners=[_Logger()],
+                name=name,
+                throw_new_error_on_trip=False,
+            )
             self._breakers[name] = b
         return b
-
-    def key(self, name: str) -> str:
-        return f"{self.keys.prefix}:breaker:{name}"
 
     def _storage(self, name: str) -> MirrorStorage:
         storage = self.breaker(name)._state_storage
         assert isinstance(storage, MirrorStorage)
         return storage
 
-    async def sync(self, names: list[str], probe: dict[str, int] | None = None,
-                   probe_id: str = "") -> dict[str, bool]:  # fmt: skip
+    async def sync(
+        self, names: list[str], probe: dict[str, int] | None = None, probe_id: str = ""
+    ) -> dict[str, bool]:
         """Send local changes of these breakers and load the fleet's state; take (1) or
         release (2) probe slots. Returns which probe slots were taken."""
         probe = probe or {}
-        now = int(time.time() * 1000)
+        now = clock.now_ms()
         keys: list[str] = []
         args: list[Any] = [now, probe_id, now + self.probe_ttl_ms, self.cfg.half_open_probes]
         for name in names:
             s = self._storage(name)
-            keys += [self.key(name), self.key(name) + ":probes"]
+            keys += [self.keys.breaker(name), self.keys.breaker_probes(name)]
             start, end = s.transition or ("", "")
             opened = int(s.opened_at.timestamp() * 1000) if s.opened_at else 0
-            args += [s.fail_delta, int(s.fail_reset), s.success_delta, int(s.success_reset),
-                     start, end, opened, probe.get(name, 0)]  # fmt: skip
+            args += [
+                s.fail_delta,
+                int(s.fail_reset),
+                s.success_delta,
+                int(s.success_reset),
+                start,
+                end,
+                opened,
+                probe.get(name, 0),
+            ]
         reply: Any = await self._sync(keys=keys, args=args)
         taken: dict[str, bool] = {}
         for name, row in zip(names, reply, strict=True):
-            state = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+            state = as_text(row[0])
             storage = self._storage(name)
             storage.load(state, int(row[1]), int(row[2]), int(row[3]))
             # pybreaker notices a state changed elsewhere and, doing so, resets the counters
@@ -277,7 +292,7 @@ class Breakers:
         stale = [n for n in names if self._needs_sync(n)]
         if stale:
             await self.sync(stale)
-        now_ms = int(time.time() * 1000)
+        now_ms = clock.now_ms()
         want_probe: list[str] = []
         for name in names:
             b = self.breaker(name)
@@ -309,7 +324,7 @@ class Breakers:
         s = self._storage(name)
         if s.state != pybreaker.STATE_CLOSED or s.dirty:
             return True
-        return (time.monotonic() - s.synced_at) * 1000 >= self.cfg.sync_ms
+        return (clock.monotonic() - s.synced_at) * 1000 >= self.cfg.sync_ms
 
     async def record(self, ticket: Ticket, exc: BaseException | None) -> None:
         """Tell the breakers how the admitted call went (see is_failure)."""
@@ -326,15 +341,21 @@ class Breakers:
             release = dict.fromkeys(ticket.probes, 2)
             await self.sync(changed, release, ticket.probe_id)
 
+    async def release(self, ticket: Ticket) -> None:
+        """A ticket whose call was never made (a budget refused it, the wait for capacity
+        failed): free its probe slots at once and count nothing."""
+        if ticket.probes:
+            probes = list(ticket.probes)
+            await self.sync(probes, dict.fromkeys(probes, 2), ticket.probe_id)
+
     async def status(self) -> list[dict[str, Any]]:
         """Every breaker the fleet has state for (for `tokenq budgets`)."""
         out: list[dict[str, Any]] = []
-        pattern = f"{self.keys.prefix}:breaker:*"
-        async for raw in self.redis.scan_iter(match=pattern, count=500):
-            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+        async for raw in self.redis.scan_iter(match=self.keys.breakers, count=500):
+            key = as_text(raw)
             if key.endswith(":probes"):
                 continue
             values: Any = await self.redis.hgetall(key)
             row = {as_text(k): as_text(v) for k, v in values.items()}
-            out.append({"breaker": key.removeprefix(f"{self.keys.prefix}:breaker:"), **row})
+            out.append({"breaker": key.removeprefix(self.keys.breaker("")), **row})
         return sorted(out, key=lambda r: str(r["breaker"]))

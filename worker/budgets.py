@@ -11,15 +11,22 @@ the model's input price (its 1-hour cache-write price when the request marks any
 caching, its long-context prices when the prompt is over the threshold) plus `max_tokens` at
 its output price. The script refuses when spent + held + this reservation would pass a cap, so
 fifty workers that each see "under budget" cannot all spend. After the call the reservation is
-released and the actual cost (from the usage the API returned) added to `spent`. A worker that
-dies mid-call leaves its reservation behind; it expires after the call could have ended
-(anthropic.timeout_s plus a minute).
+released and the actual cost (from the usage the API returned) added to `spent`. A call whose
+answer never came (cancelled after worker.grace_s, timed out, or its worker died: the worker
+that takes the job over settles it) is settled at its reservation, since the API may have
+billed it. Settling is idempotent: the cost is added only while the reservation is still held,
+so a settlement sent twice after a lost reply counts once. A reservation nobody settles
+expires after the call could have ended (anthropic.timeout_s plus a minute).
 
 Each cap has a Redis hash per period, `<prefix>:budget:<scope>:<period>` (scope `feature:<f>`
 or `tenant:<f>:<t>`, period the day `YYYY-MM-DD` or month `YYYY-MM` in budgets.timezone) with
 `spent` and `held` in nano-dollars (integers: no float drift) and `requests`, and a sorted set
 `...:holds` of live reservations by expiry. When `spent` first reaches budgets.alert_at of a
 cap, the script says so once per period and the worker writes an alert to the usage stream.
+
+The organization's own spend limit (a 429 `enforced_spend_limit_reached` from the API) is
+`SpendStop`: one key, `<prefix>:spend:stop`, that stops every call of the fleet until the
+month turns or an operator clears it (`tokenq budgets resume`).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from worker import clock
 from worker.config import Config, FeatureConfig, LongContextPrices, ModelConfig
-from worker.contract import Keys
+from worker.contract import Keys, as_text
 
 NANO = 1_000_000_000
 DAY_TTL_S = 3 * 86_400
@@ -80,7 +88,8 @@ return {1}
 
 # KEYS as RESERVE. ARGV: hold id, actual cost (nano), 1 when no call was made (the request
 # is not counted), then per cap: usd cap (-1 none), alert threshold (nano, -1 none).
-# Returns the 1-based indexes of caps whose alert threshold was crossed just now.
+# Returns the 1-based indexes of caps whose alert threshold was crossed just now. A cap whose
+# reservation is gone (settled already, or expired) is left as it is: settling is idempotent.
 SETTLE = """
 local id, actual, uncounted = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local alerts = {}
@@ -91,12 +100,12 @@ for j = 1, #KEYS / 2 do
     redis.call('HINCRBY', h, 'held', -tonumber(amount))
     redis.call('HDEL', h, 'h:' .. id)
     redis.call('ZREM', holds, id)
-  end
-  if uncounted and amount then redis.call('HINCRBY', h, 'requests', -1) end
-  local spent = redis.call('HINCRBY', h, 'spent', actual)
-  local threshold = tonumber(ARGV[3 + (j - 1) * 2 + 2])
-  if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
-    alerts[#alerts + 1] = j
+    if uncounted then redis.call('HINCRBY', h, 'requests', -1) end
+    local spent = redis.call('HINCRBY', h, 'spent', actual)
+    local threshold = tonumber(ARGV[3 + (j - 1) * 2 + 2])
+    if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
+      alerts[#alerts + 1] = j
+    end
   end
 end
 return alerts
@@ -117,7 +126,7 @@ class Cap:
 
     @property
     def holds(self) -> str:
-        return f"{self.key}:holds"
+        return Keys.budget_holds(self.key)
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,17 @@ def worst_case_usd(
     return float(padded * per_input + max_tokens * rates.output_usd_per_mtok) / 1_000_000
 
 
+def expected_usd(prices: ModelConfig, input_tokens: int, output_tokens: int) -> float:
+    """What one call is expected to cost: the input estimate at the input price (a marked
+    prefix may be written to the prompt cache or read from it: dearer or far cheaper) and
+    the output expected, at the model's prices."""
+    rates: ModelConfig | LongContextPrices = prices
+    if prices.long_context is not None and input_tokens > prices.long_context.above_prompt_tokens:
+        rates = prices.long_context
+    per_input, per_output = rates.input_usd_per_mtok, rates.output_usd_per_mtok
+    return float(input_tokens * per_input + output_tokens * per_output) / 1e6
+
+
 def _next_day(local: dt.datetime) -> dt.datetime:
     day = (local + dt.timedelta(days=1)).date()
     return dt.datetime.combine(day, dt.time(), tzinfo=local.tzinfo)
@@ -181,22 +201,27 @@ def _next_month(local: dt.datetime) -> dt.datetime:
 
 
 def caps_for(
-    cfg: Config, keys: Keys, feature_name: str, feature: FeatureConfig, tenant: str,
+    cfg: Config,
+    keys: Keys,
+    feature_name: str,
+    feature: FeatureConfig,
+    tenant: str,
     now: dt.datetime,
-) -> list[Cap]:  # fmt: skip
+) -> list[Cap]:
     """Every cap a call of this feature and tenant falls under right now."""
     tz = zoneinfo.ZoneInfo(cfg.budgets.timezone)
     local = now.astimezone(tz)
     day, month = local.strftime("%Y-%m-%d"), local.strftime("%Y-%m")
-    base = f"{keys.prefix}:budget"
+    mine, by_day, by_month = f"feature:{feature_name}", _next_day(local), _next_month(local)
     out: list[Cap] = []
     f = f"features.{feature_name}"
     if feature.daily_usd is not None:
-        out.append(Cap(f"{f}.daily_usd", f"{base}:feature:{feature_name}:{day}", day,
-                       feature.daily_usd, None, DAY_TTL_S, _next_day(local)))  # fmt: skip
+        key = keys.budget(mine, day)
+        out.append(Cap(f"{f}.daily_usd", key, day, feature.daily_usd, None, DAY_TTL_S, by_day))
     if feature.monthly_usd is not None:
-        out.append(Cap(f"{f}.monthly_usd", f"{base}:feature:{feature_name}:{month}", month,
-                       feature.monthly_usd, None, MONTH_TTL_S, _next_month(local)))  # fmt: skip
+        key = keys.budget(mine, month)
+        usd = feature.monthly_usd
+        out.append(Cap(f"{f}.monthly_usd", key, month, usd, None, MONTH_TTL_S, by_month))
     t_usd, t_req = feature.tenant_daily_usd, feature.tenant_daily_requests
     usd_name = f"{f}.tenant_daily_usd" if t_usd is not None else "budgets.tenant_daily_usd"
     req_name = (
@@ -209,8 +234,8 @@ def caps_for(
             " and ".join(n for n, v in ((usd_name, t_usd), (req_name, t_req)) if v is not None)
             + f" (tenant {tenant})"
         )
-        out.append(Cap(name, f"{base}:tenant:{feature_name}:{tenant}:{day}", day, t_usd, t_req,
-                       DAY_TTL_S, _next_day(local)))  # fmt: skip
+        key = keys.budget(f"tenant:{feature_name}:{tenant}", day)
+        out.append(Cap(name, key, day, t_usd, t_req, DAY_TTL_S, by_day))
     return out
 
 
@@ -249,9 +274,15 @@ class Budgets:
         if int(reply[0]) == 1:
             return Hold(hold_id, tuple(caps), want_usd)
         cap = caps[int(reply[1]) - 1]
-        dimension = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
-        return Refusal(cap, dimension, int(reply[3]) / NANO, int(reply[4]) / NANO, want_usd,
-                       self.cfg.budgets.timezone)  # fmt: skip
+        dimension = as_text(reply[2])
+        return Refusal(
+            cap,
+            dimension,
+            int(reply[3]) / NANO,
+            int(reply[4]) / NANO,
+            want_usd,
+            self.cfg.budgets.timezone,
+        )
 
     async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
         """Release the hold and add the actual cost; the caps whose alert fraction was just
@@ -266,6 +297,15 @@ class Budgets:
         reply: Any = await self._settle(keys=keys, args=args)
         return [hold.caps[int(j) - 1] for j in reply]
 
+    async def settle_lost_into(
+        self, pipe: Any, hold_id: str, cap_keys: list[str], usd: float
+    ) -> None:
+        """Queue, on the caller's transaction, the settlement of a call whose answer never
+        came, at `usd` (its reservation): the API may have billed it. No alerts."""
+        keys = [name for key in cap_keys for name in (key, Keys.budget_holds(key))]
+        args: list[Any] = [hold_id, _nano(usd), "0", *([-1, -1] * len(cap_keys))]
+        await self._settle(keys=keys, args=args, client=pipe)
+
 
 async def budget_rows(
     redis: aioredis.Redis, cfg: Config, keys: Keys, now: dt.datetime
@@ -277,10 +317,11 @@ async def budget_rows(
             rows.append(await _row(redis, cap, name, ""))
         tz = zoneinfo.ZoneInfo(cfg.budgets.timezone)
         day = now.astimezone(tz).strftime("%Y-%m-%d")
-        pattern = f"{keys.prefix}:budget:tenant:{name}:*:{day}"
+        pattern = keys.budgets_of_tenants(name, day)
         async for raw in redis.scan_iter(match=pattern, count=500):
-            key = raw.decode() if isinstance(raw, bytes) else str(raw)
-            tenant = key[len(f"{keys.prefix}:budget:tenant:{name}:") : -len(day) - 1]
+            key = as_text(raw)
+            head = keys.budget(f"tenant:{name}", "")  # <prefix>:budget:tenant:<f>:
+            tenant = key[len(head) : -len(day) - 1]
             for cap in caps_for(cfg, keys, name, feature, tenant, now):
                 if cap.key == key:
                     rows.append(await _row(redis, cap, name, tenant))
@@ -291,7 +332,71 @@ async def _row(redis: aioredis.Redis, cap: Cap, feature: str, tenant: str) -> di
     values: Any = await redis.hmget(cap.key, ["spent", "held", "requests"])
     spent, held, requests = (int(v) if v is not None else 0 for v in values)
     return {
-        "cap": cap.name, "feature": feature, "tenant": tenant, "period": cap.period,
-        "spent_usd": spent / NANO, "reserved_usd": held / NANO, "requests": requests,
-        "cap_usd": cap.usd, "cap_requests": cap.requests, "resets_at": cap.resets_at.isoformat(),
-    }  # fmt: skip
+        "cap": cap.name,
+        "feature": feature,
+        "tenant": tenant,
+        "period": cap.period,
+        "spent_usd": spent / NANO,
+        "reserved_usd": held / NANO,
+        "requests": requests,
+        "cap_usd": cap.usd,
+        "cap_requests": cap.requests,
+        "resets_at": cap.resets_at.isoformat(),
+    }
+
+
+# KEYS: the stop key, the usage stream. ARGV: until (unix ms), usage maxlen, then the alert
+# event's fields. The first process to stop the fleet writes the alert: 1; already stopped: 0.
+STOP = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', ARGV[1]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+  return 1
+end
+return 0
+"""
+
+
+def month_end_ms(now: dt.datetime) -> int:
+    """00:00 UTC on the 1st of the next month, when the API lifts its spend limit."""
+    return int(_next_month(now.astimezone(dt.UTC)).timestamp() * 1000)
+
+
+class SpendStop:
+    """The organization's spend limit, fleet-wide: while `<prefix>:spend:stop` exists (its
+    value: until when, unix ms) no process makes a call. Each process looks at most every
+    `look_every_s`, so a stop reaches the fleet within that (a call or two more may meet the
+    API's own refusal, which is not billed)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, look_every_s: float = 1.0) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.look_every_s = look_every_s
+        self._until: int | None = None
+        self._looked = -1e9
+        self._stop = redis.register_script(STOP)
+
+    async def until_ms(self) -> int | None:
+        """When the stop ends (unix ms), or None when calls may go."""
+        if clock.monotonic() - self._looked >= self.look_every_s:
+            raw: Any = await self.redis.get(self.keys.spend_stop)
+            self._until = int(raw) if raw is not None and as_text(raw).isdigit() else None
+            self._looked = clock.monotonic()
+        if self._until is not None and self._until <= clock.now_ms():
+            self._until = None
+        return self._until
+
+    async def stop(self, until_ms: int, alert: dict[str, str], usage_maxlen: int) -> bool:
+        """Stop the fleet until until_ms; the alert event goes onto the usage stream when this
+        process is the one that stopped it (True)."""
+        flat = [part for pair in alert.items() for part in pair]
+        keys = [self.keys.spend_stop, self.keys.usage]
+        done: Any = await self._stop(keys=keys, args=[until_ms, usage_maxlen, *flat])
+        self._until, self._looked = until_ms, clock.monotonic()
+        return bool(done)
+
+
+async def resume(redis: aioredis.Redis, keys: Keys) -> int | None:
+    """Lift the fleet's spend stop (`tokenq budgets resume`); when it would have ended, or
+    None when there was none."""
+    raw: Any = await redis.getdel(keys.spend_stop)
+    return None if raw is None else int(as_text(raw))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from worker.config import FeatureConfig
+from worker.contract import Keys
 
 DEDUPE_KEEP_S = 10  # an answer shared only by de-duplication is kept this long
 CACHED = {"type": "ephemeral"}
@@ -103,12 +103,18 @@ def normalised(params: dict[str, Any]) -> bytes:
     return json.dumps(_normal(body), sort_keys=True, separators=(",", ":")).encode()
 
 
-def cache_key(prefix: str, feature_name: str, feature: FeatureConfig, tenant: str, model: str,
-              params: dict[str, Any]) -> str:  # fmt: skip
+def cache_key(
+    keys: Keys,
+    feature_name: str,
+    feature: FeatureConfig,
+    tenant: str,
+    model: str,
+    params: dict[str, Any],
+) -> str:
     """The response-cache key of a request in its scope."""
     digest = hashlib.sha256(model.encode() + b"\n" + normalised(params)).hexdigest()[:40]
     who = "shared" if feature.response_cache_scope == "shared" else "tenant:" + tenant
-    return f"{prefix}:rcache:{feature_name}:{who}:{digest}"
+    return keys.rcache(feature_name, who, digest)
 
 
 class CachedAnswer(msgspec.Struct, frozen=True):
@@ -170,9 +176,14 @@ class ResponseCache:
         raw: Any = await self.redis.get(key)
         return None if raw is None else _decode(raw)
 
-    async def claim(self, key: str, keep_s: int, dedupe: bool) -> CachedAnswer | Lease | None:
+    async def claim(
+        self, key: str, keep_s: int, dedupe: bool, token: str
+    ) -> CachedAnswer | Lease | None:
         """An answer an identical job made while this one waited, or the lease to call.
-        None when de-duplication is off (call, then complete nothing but the cache)."""
+        None when de-duplication is off (call, then complete nothing but the cache).
+
+        `token` names this job's claim: a claim tried again after a Redis error (its SET may
+        have been applied with only the reply lost) finds the lease its own."""
         if not dedupe:
             return None
         while True:
@@ -185,7 +196,6 @@ class ResponseCache:
             future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
             self._local[key] = future
             try:
-                token = uuid.uuid4().hex
                 answer = await self._fleet(key, token)
             except BaseException:
                 self._resolve(key, future, None)
@@ -198,14 +208,17 @@ class ResponseCache:
     async def _fleet(self, key: str, token: str) -> CachedAnswer | None:
         """None once this process holds the fleet lease; an answer another process made."""
         while True:
-            if await self.redis.set(f"{key}:lease", token, nx=True, px=self.lease_ms):
+            lease = Keys.rcache_lease(key)
+            if await self.redis.set(lease, token, nx=True, px=self.lease_ms):
                 return None
-            newest: Any = await self.redis.xrevrange(f"{key}:done", count=1)
+            if await self.redis.get(lease) == token:
+                return None  # ours: an earlier try took it
+            newest: Any = await self.redis.xrevrange(Keys.rcache_done(key), count=1)
             last = str(newest[0][0]) if newest else "0-0"
             answer = await self.get(key)
             if answer is not None:
                 return answer
-            await self.redis.xread({f"{key}:done": last}, count=1, block=self.block_ms)
+            await self.redis.xread({Keys.rcache_done(key): last}, count=1, block=self.block_ms)
             answer = await self.get(key)
             if answer is not None:
                 return answer
@@ -216,7 +229,7 @@ class ResponseCache:
 
     async def complete(self, lease: Lease, answer: CachedAnswer) -> None:
         """Store the leader's answer, free the lease and wake every waiting job."""
-        keys = [lease.key, f"{lease.key}:lease", f"{lease.key}:done"]
+        keys = [lease.key, Keys.rcache_lease(lease.key), Keys.rcache_done(lease.key)]
         await self._complete(keys=keys, args=[_encode(answer), lease.keep_s, lease.token])
         lease.done = True
         self._resolve(lease.key, lease.local, answer)
@@ -227,7 +240,8 @@ class ResponseCache:
             return
         lease.done = True
         self._resolve(lease.key, lease.local, None)
-        await self._abandon(keys=[f"{lease.key}:lease", f"{lease.key}:done"], args=[lease.token])
+        names = [Keys.rcache_lease(lease.key), Keys.rcache_done(lease.key)]
+        await self._abandon(keys=names, args=[lease.token])
 
     def _resolve(
         self, key: str, future: asyncio.Future[CachedAnswer | None], answer: CachedAnswer | None

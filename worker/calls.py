@@ -1,234 +1,436 @@
-"""One API call of a job, inside the fleet's limits: its rate-limit capacity, its budget
-reservation (worst case) and the circuit breakers, the call, then everything settled to the
-usage the API reported; and the feature's policies when a budget refuses or a breaker is open.
+"""One API call of a job, inside the fleet's limits, recorded in the job's run before it goes.
 
-`CallPath` is a part of `Worker` (worker.worker), kept apart so that the loop that reads,
-runs and finishes jobs reads on its own.
+`Caller` (one per worker process, held by the Worker and the batcher's hand-overs alike) makes
+a call in three steps:
+
+1. *ready*: the fleet's spend stop, the circuit breakers (a probe slot when half-open), rate-
+   limit capacity, the budget reservation of the call's worst case, and the call recorded in
+   the job's run as `sent` (worker.jobrun). Nothing is paid yet, so a Redis error here repeats
+   the whole step; whatever it took is given back first. A refusal (an open breaker, a budget,
+   the spend stop) is returned, not raised, for the job's policies to decide (worker.process),
+   and a probe slot that made no call is freed at once.
+2. *send*: the call itself, never repeated by this module.
+3. *settle*: capacity and the reservation settled to the usage the API reported, the breakers
+   told. An answer is never lost to a Redis error here: settling is best effort (budgets'
+   settlement is idempotent, and tried again).
+
+A call whose answer never comes (cancelled after worker.grace_s, timed out) is `lost`: its
+budget reservation is settled at the reservation (the API may have billed it) and an `orphan`
+usage event says what it may have cost, in one transaction with the run. A worker that takes
+over a job whose owner died mid-call does the same (`report_lost`). The organization's spend
+limit (a 429 `enforced_spend_limit_reached`) stops every call of the fleet (budgets.SpendStop)
+and is not counted as an attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 import msgspec
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
+from worker import clock, jobrun, outcomes
 from worker.breakers import Breakers, Open, Ticket
-from worker.budgets import Budgets, Hold, Refusal, caps_for, worst_case_usd
+from worker.budgets import (
+    Budgets,
+    Cap,
+    Hold,
+    Refusal,
+    SpendStop,
+    caps_for,
+    expected_usd,
+    month_end_ms,
+    worst_case_usd,
+)
 from worker.caching import has_cache_control
-from worker.config import Config, FeatureConfig
-from worker.contract import Job, UsageEvent, to_fields
-from worker.errors import BudgetExceeded, CircuitOpen, DeadlineExceeded, TooLarge
-from worker.estimate import Calibration
+from worker.config import Config
+from worker.contract import GROUP, Job, as_text, shown, to_fields
+from worker.errors import TooLarge
+from worker.estimate import Calibration, needs_count
+from worker.jobrun import Call, JobRun
 from worker.jobs import (
+    SPEND_LIMIT,
     ApiMessage,
-    Defer,
-    Refused,
-    Spend,
+    GaveUp,
+    TakenOver,
     check_deadline,
     decode_message,
+    describe,
     failure_answer,
-    now_ms,
+    with_retries,
 )
-from worker.limiter import Answer, Grant, Limiter, Unfit
-from worker.queue import Queue
-from worker.router import cheaper
+from worker.limiter import Answer, Grant, Unfit, make_limiter
+from worker.queue import Delivery, Queue
 from worker.usage import ApiUsage, cost_usd
 
 log = logging.getLogger("tokenq.worker")
+COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 
 
-def _fields(fields: dict[str, str]) -> dict[Any, Any]:
-    """redis-py's stubs want invariant dicts of unions; a dict of str is one at runtime."""
-    return fields
+@dataclass
+class CallFor:
+    """The job a call is made for: its delivery, fields, run, rank, and the run's bytes as
+    last written (what a transaction that reports lost calls expects to find)."""
+
+    d: Delivery
+    job: Job
+    run: JobRun
+    rank: int
+    stored: str = ""
 
 
-class CallPath:
-    """The calls of a Worker: see the module docstring."""
+@dataclass(frozen=True)
+class Answered:
+    """The API answered: the answer, its usage, and the call as the run records it."""
 
-    cfg: Config
-    client: anthropic.AsyncAnthropic
-    queue: Queue
-    limiter: Limiter
-    calibration: Calibration
-    budgets: Budgets
-    breakers: Breakers
+    message: ApiMessage
+    usage: ApiUsage
+    call: Call
 
-    async def _paid_call(
-        self, job: Job, params: dict[str, Any], rank: int, attempt: int, spend: Spend,
-        ticket: Ticket | None,
-    ) -> tuple[ApiMessage, ApiUsage, int]:  # fmt: skip
-        """One API call within the rate limits and the budgets: capacity, then a budget
-        reservation of its worst case, the call, then both settled and the breakers told.
-        The answer, its usage and the call's latency (ms). Raises Refused when a budget cap
-        refuses the reservation."""
-        model = params["model"]
-        estimate, raw = self.calibration.estimate(model, params)
-        grant = await self._capacity(job, model, rank, (1, estimate, int(params["max_tokens"])),
-                                     max(attempt, 1))  # fmt: skip
-        hold = None
+
+@dataclass(frozen=True)
+class Stopped:
+    """The organization's spend limit stops every call until until_ms (or a resume)."""
+
+    until_ms: int
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    """A call's input tokens: what the rate limits reserve (the learnt estimate, or the API's
+    count), what a budget reserves (an upper bound) and the raw estimate (to learn from)."""
+
+    limiter: int
+    budget: int
+    raw: int
+
+
+@dataclass(frozen=True)
+class _Ready:
+    grant: Grant | None
+    hold: Hold | None
+    ticket: Ticket | None
+    call: Call
+    raw_estimate: int
+
+
+class Caller:
+    """The calls of one worker process: see the module docstring."""
+
+    def __init__(self, cfg: Config, queue: Queue, client: anthropic.AsyncAnthropic) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.client = client
+        redis, keys = queue.redis, queue.keys
+        self.limiter = make_limiter(redis, cfg)
+        self.calibration = Calibration()
+        self.budgets = Budgets(redis, cfg)
+        self.breakers = Breakers(redis, keys, cfg.breakers, cfg.anthropic.timeout_s)
+        self.stop = SpendStop(redis, keys)
+
+    def reload(self, cfg: Config) -> None:
+        """Use a newly loaded config from the next call on."""
+        self.cfg = cfg
+        self.limiter.reload(cfg)
+        self.budgets.reload(cfg)
+        self.breakers.reload(cfg.breakers)
+
+    @property
+    def give_up_s(self) -> float:
+        """How long a Redis step is tried again before the job is left pending."""
+        return self.cfg.queue.visibility_timeout_s / 2
+
+    async def retrying(self, c: CallFor, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        return await with_retries(step, what=what, job_id=c.d.job_id, give_up_s=self.give_up_s)
+
+    async def call(
+        self, c: CallFor, params: dict[str, Any], *, counted: bool = True, guarded: bool = True
+    ) -> Answered | Open | Refusal | Stopped:
+        """One call of c's job (see the module docstring). `counted`: an attempt of the job's
+        answer (the router's classifier call is not); `guarded`: through the breakers.
+
+        Raises the SDK's error when the call failed (recorded in the run), TooLarge when it
+        could never fit the rate limits, DeadlineExceeded when the job's deadline passed while
+        it waited for capacity, GaveUp when Redis stayed away before the call."""
+        ready: _Ready | Open | Refusal | Stopped = await self.retrying(
+            c, "preparing a call", lambda: self._ready(c, params, counted, guarded)
+        )
+        if not isinstance(ready, _Ready):
+            return ready
+        return await self._send(c, params, ready)
+
+    # -- 1. ready --
+
+    async def _ready(
+        self, c: CallFor, params: dict[str, Any], counted: bool, guarded: bool
+    ) -> _Ready | Open | Refusal | Stopped:
+        until = await self.stop.until_ms()
+        if until is not None:
+            return Stopped(until)
+        ticket = None
+        if guarded:
+            names = [f"feature:{c.job.feature}", f"model:{params['model']}"]
+            admitted = await self.breakers.admit(names)
+            if isinstance(admitted, Open):
+                return admitted
+            ticket = admitted
         try:
-            hold = await self._reserve(job, params, estimate)
+            got = await self._hold(c, params, counted, ticket)
         except BaseException:
-            if grant is not None:
-                await asyncio.shield(self._settle(grant, Answer(None, {}, 0)))
-            raise
-        t0 = time.monotonic()
-        try:
-            message, usage = await self._call(params, grant, raw)
-        except BaseException as exc:
             if ticket is not None:
-                await asyncio.shield(self._record(ticket, exc))
-            if hold is not None:
-                await asyncio.shield(self._settle_budget(job, hold, 0.0, called=False))
+                await asyncio.shield(self._release(ticket))
             raise
-        latency_ms = int((time.monotonic() - t0) * 1000)
-        cost = cost_usd(usage, self.cfg.models[model])
-        spend.add(usage, cost)
-        if ticket is not None:
-            await self._record(ticket, None)
-        if hold is not None:
-            await self._settle_budget(job, hold, cost, called=True)
-        return message, usage, latency_ms
-
-    async def _reserve(self, job: Job, params: dict[str, Any], estimate: int) -> Hold | None:
-        feature = self.cfg.features[job.feature]
-        caps = caps_for(self.cfg, self.queue.keys, job.feature, feature, job.tenant or "",
-                        dt.datetime.now(dt.UTC))  # fmt: skip
-        if not caps:
-            return None
-        model = params["model"]
-        worst = worst_case_usd(
-            self.cfg.models[model], estimate, int(params["max_tokens"]),
-            caches=has_cache_control(params), margin=self.cfg.budgets.estimate_margin,
-        )  # fmt: skip
-        got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, now_ms())
-        if isinstance(got, Refusal):
-            raise Refused(got)
+        if isinstance(got, Refusal) and ticket is not None:
+            await self._release(ticket)
         return got
 
-    async def _settle_budget(self, job: Job, hold: Hold, cost: float, *, called: bool) -> None:
-        """Settle a budget reservation; write an alert for each cap that just reached
-        budgets.alert_at. A Redis error leaves the hold to expire (see worker.budgets)."""
+    async def _hold(
+        self, c: CallFor, params: dict[str, Any], counted: bool, ticket: Ticket | None
+    ) -> _Ready | Refusal:
+        """Capacity, the reservation, and the call recorded as sent; given back on failure."""
+        model, max_tokens = params["model"], int(params["max_tokens"])
+        feature = self.cfg.features[c.job.feature]
+        caps = caps_for(
+            self.cfg, self.queue.keys, c.job.feature, feature, c.job.tenant or "", clock.utc()
+        )
+        est = await self._estimate(params, counts=bool(caps))
+        grant = await self._capacity(c, model, (1, est.limiter, max_tokens))
+        hold: Hold | None = None
         try:
-            alerts = await self.budgets.settle(hold, cost, called=called)
-            for cap in alerts:
-                share = self.cfg.budgets.alert_at
-                text = (f"{cap.name} reached {share:.0%} of {cap.usd} USD in {cap.period} "
-                        f"({self.cfg.budgets.timezone})")  # fmt: skip
-                log.warning("budget alert: %s", text)
-                event = UsageEvent(
-                    ts_ms=now_ms(), job_id="", feature=job.feature, tenant=job.tenant or "",
-                    status="ok", kind="alert", message=text, error_type="budget_alert",
-                    cost_usd=(cap.usd or 0.0) * share,
-                )  # fmt: skip
-                usage, maxlen = self.queue.keys.usage, self.cfg.queue.usage_maxlen
-                await self.queue.redis.xadd(
-                    usage, _fields(to_fields(event)), maxlen=maxlen, approximate=True
-                )
-        except (RedisError, OSError) as exc:
-            log.warning("settling a budget reservation failed: %s", exc)
+            prices, caches = self.cfg.models[model], has_cache_control(params)
+            worst = worst_case_usd(prices, est.budget, max_tokens, caches=caches,
+                                   margin=self.cfg.budgets.estimate_margin)  # fmt: skip
+            if caps:
+                got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, clock.now_ms())
+                if isinstance(got, Refusal):
+                    await self._settle_capacity(grant, Answer(None, {}, 0))
+                    return got
+                hold = got
+            output = self.calibration.expected_output(model, max_tokens)
+            call = Call(
+                model=model, tier=c.run.tier, started_ms=clock.now_ms(), counted=counted,
+                estimate_tokens=est.budget, reserved_usd=worst,
+                estimate_usd=expected_usd(prices, est.budget, output),
+                hold=hold.id if hold else "", hold_keys=[k.key for k in hold.caps] if hold else [],
+            )  # fmt: skip
+            c.run.calls.append(call)
+            try:
+                await self._save(c)  # before the call: a worker taking over knows of it
+            except BaseException:
+                c.run.calls.remove(call)
+                raise
+        except BaseException:
+            await asyncio.shield(self._give_back(grant, hold))
+            raise
+        return _Ready(grant, hold, ticket, call, est.raw)
 
-    async def _record(self, ticket: Ticket, exc: BaseException | None) -> None:
+    async def _estimate(self, params: dict[str, Any], *, counts: bool) -> _Estimate:
+        """The input tokens of a call: the learnt estimate for the rate limits; for budgets
+        the larger of the learnt and the raw one, or, under a spend cap, the API's own count
+        where the rule cannot be an upper bound (estimate.needs_count)."""
+        learnt, raw = self.calibration.estimate(params["model"], params)
+        est = _Estimate(limiter=learnt, budget=max(learnt, raw), raw=raw)
+        if counts and needs_count(params, raw):
+            asked = {k: params[k] for k in COUNT_FIELDS if k in params}
+            try:
+                counted = (await self.client.messages.count_tokens(**asked)).input_tokens
+            except anthropic.APIError as exc:
+                log.warning("count_tokens failed (%s); reserving the estimate", describe(exc))
+            else:
+                est = _Estimate(limiter=counted, budget=max(est.budget, counted), raw=raw)
+        return est
+
+    async def _capacity(self, c: CallFor, model: str, want: tuple[int, int, int]) -> Grant | None:
+        """Wait for rate-limit capacity for one call, no longer than the job's deadline."""
+        deadline = c.job.deadline_ms
+        try:
+            if deadline is None:
+                return await self.limiter.acquire(model, c.job.feature, c.rank, want)
+            async with asyncio.timeout(max(0.0, (deadline - clock.now_ms()) / 1000)):
+                return await self.limiter.acquire(model, c.job.feature, c.rank, want)
+        except Unfit as exc:
+            raise TooLarge(str(exc), attempts=c.run.attempts) from None
+        except TimeoutError:
+            check_deadline(c.job)
+            raise
+
+    async def _save(self, c: CallFor) -> None:
+        """Write the run, fenced by the entry's holder: a job another worker took over makes
+        no more calls here (TakenOver)."""
+        raw = jobrun.encode(c.run)
+        if not await self.queue.save_run(c.d, raw):
+            raise TakenOver(f"job {c.d.job_id!r} was taken over by another worker")
+        c.stored = raw.decode()
+
+    # -- 2. send --
+
+    async def _send(self, c: CallFor, params: dict[str, Any], r: _Ready) -> Answered | Stopped:
+        started = clock.monotonic()
+        try:
+            raw = await self.client.messages.with_raw_response.create(**params)
+            body = await raw.read()
+        except BaseException as exc:
+            # Shielded: a cancelled job still gives capacity back and reports its call.
+            return await asyncio.shield(self._failed(c, r, exc))
+        call = r.call
+        call.latency_ms = int((clock.monotonic() - started) * 1000)
+        message = decode_message(body)
+        usage = msgspec.convert(message.usage, ApiUsage)
+        model = params["model"]
+        self.calibration.learn(model, r.raw_estimate, usage.prompt_tokens)
+        self.calibration.learn_output(model, usage.output_tokens)
+        call.state = "answered"
+        call.cost_usd = cost_usd(usage, self.cfg.models[model])
+        call.input_tokens, call.output_tokens = usage.input_tokens, usage.output_tokens
+        call.cache_write, call.cache_read = usage.cache_write, usage.cache_read
+        used = (1, usage.input_tokens + usage.cache_write, usage.output_tokens)
+        await self._settle_capacity(r.grant, Answer(used, raw.headers))
+        await self._record_breakers(r.ticket, None)
+        await self._settle_budget(c, r.hold, call, called=True)
+        return Answered(message, usage, call)
+
+    # -- 3. settle --
+
+    async def _failed(self, c: CallFor, r: _Ready, exc: BaseException) -> Stopped:
+        """Settle a call that got no answer; raise its error again, or return Stopped for the
+        spend limit."""
+        call = r.call
+        await self._settle_capacity(r.grant, failure_answer(exc))
+        await self._record_breakers(r.ticket, exc)
+        if isinstance(exc, asyncio.CancelledError | anthropic.APITimeoutError):
+            await self.retrying(c, "reporting a lost call", lambda: self.report_lost(c, [call]))
+            raise exc
+        call.state, call.error = "failed", describe(exc) if isinstance(exc, Exception) else ""
+        await self._settle_budget(c, r.hold, call, called=False)
+        if isinstance(exc, SPEND_LIMIT):
+            call.counted = False  # not billed, and not the job's fault
+            return Stopped(await self._stop_fleet(c, call.error))
+        raise exc
+
+    async def _settle_capacity(self, grant: Grant | None, answer: Answer) -> None:
+        """A Redis error here only costs capacity until the buckets refill; it must not fail
+        a call that was made (a retry would call the API again)."""
+        if grant is None:
+            return
+        try:
+            await self.limiter.settle(grant, answer)
+        except (RedisError, OSError) as exc:
+            log.warning("settling %s's rate-limit reservation failed: %s", grant.model, exc)
+
+    async def _record_breakers(self, ticket: Ticket | None, exc: BaseException | None) -> None:
+        if ticket is None:
+            return
         try:
             await self.breakers.record(ticket, exc)
         except (RedisError, OSError) as err:
             log.warning("updating the circuit breakers failed: %s", err)
 
-    def _on_open(
-        self, job: Job, feature: FeatureConfig, tier: str, open_: Open, route: list[str],
-        attempt: int,
-    ) -> str | Defer:  # fmt: skip
-        """An open breaker: the feature's breaker_policy decides (a tier to try, or Defer)."""
-        policy = feature.breaker_policy
-        down = cheaper(self.cfg, tier)
-        if policy == "downgrade" and open_.name.startswith("model:") and down is not None:
-            route.append(f"downgraded to {down}: breaker {open_.name} open")
-            return down
-        if policy == "fail":
-            raise CircuitOpen(
-                f"the circuit breaker {open_.name} is open after repeated API failures, and "
-                f'features.{job.feature}.breaker_policy = "fail". It lets calls through '
-                f"again after breakers.reset_timeout_s = {self.cfg.breakers.reset_timeout_s}; "
-                "replay the job then (tokenq dead replay).",
-                attempts=attempt - 1,
-            )
-        return self._defer(job, open_.retry_at_ms, f"breaker {open_.name} open")
+    async def _release(self, ticket: Ticket) -> None:
+        try:
+            await self.breakers.release(ticket)
+        except (RedisError, OSError) as err:
+            log.warning("freeing a probe slot failed (it expires by itself): %s", err)
 
-    def _on_budget(
-        self, job: Job, feature: FeatureConfig, tier: str, refusal: Refusal, route: list[str],
-        attempt: int,
-    ) -> str | Defer:  # fmt: skip
-        """A refused budget reservation: the feature's budget_policy decides."""
-        policy = feature.budget_policy
-        down = cheaper(self.cfg, tier)
-        if policy == "downgrade" and refusal.dimension == "usd" and down is not None:
-            route.append(f"downgraded to {down}: {refusal.cap.name}")
-            return down
-        if policy == "defer":
-            until = int(refusal.cap.resets_at.timestamp() * 1000)
-            return self._defer(job, until, f"{refusal.cap.name} reached")
-        raise BudgetExceeded(
-            f'{refusal.sentence()}. features.{job.feature}.budget_policy = "{policy}"'
-            + (" and there is no cheaper tier" if policy == "downgrade" else "")
-            + ". Raise the cap or wait for it to reset, then replay (tokenq dead replay).",
-            attempts=attempt - 1,
+    async def _give_back(self, grant: Grant | None, hold: Hold | None) -> None:
+        """What a call that was never sent took: capacity and its reservation."""
+        await self._settle_capacity(grant, Answer(None, {}, 0))
+        if hold is not None:
+            try:
+                await self.budgets.settle(hold, 0.0, called=False)
+            except (RedisError, OSError) as exc:
+                log.warning("releasing a budget reservation failed (it expires): %s", exc)
+
+    async def _settle_budget(
+        self, c: CallFor, hold: Hold | None, call: Call, *, called: bool
+    ) -> None:
+        """Settle a reservation at the call's cost; write an alert for each cap that just
+        reached budgets.alert_at. Idempotent, so tried again through a Redis outage; given up,
+        the reservation expires (see worker.budgets)."""
+        if hold is None:
+            return
+        cost = call.cost_usd if called else 0.0
+        try:
+            alerts = await self.retrying(
+                c, "settling a budget", lambda: self.budgets.settle(hold, cost, called=called)
+            )
+            call.hold, call.hold_keys = "", []
+            for cap in alerts:
+                await self._alert(c, cap)
+        except (GaveUp, RedisError, OSError) as exc:
+            log.warning("settling a budget reservation failed: %s", exc)
+
+    async def _alert(self, c: CallFor, cap: Cap) -> None:
+        event = outcomes.budget_alert(c.job, cap, self.cfg.budgets)
+        log.warning("budget alert: %s", event.message)
+        async with self.queue.redis.pipeline(transaction=False) as pipe:
+            outcomes.event_into(pipe, self.queue, event)
+            await pipe.execute()
+
+    async def _stop_fleet(self, c: CallFor, error: str) -> int:
+        """The organization's spend limit: stop every call of the fleet until the month turns
+        (or `tokenq budgets resume`); the process that stops it writes the alert."""
+        until = month_end_ms(clock.utc())
+        fields = to_fields(outcomes.spend_limit_alert(c.job, error, until))
+        maxlen = self.queue.usage_maxlen
+        try:
+            first = await self.retrying(
+                c, "stopping the fleet", lambda: self.stop.stop(until, fields, maxlen)
+            )
+        except GaveUp:
+            return until
+        if first:
+            log.error(
+                "spend limit reached: every call stops until %d (tokenq budgets resume)", until
+            )
+        return until
+
+    async def report_lost(self, c: CallFor, calls: list[Call]) -> None:
+        """Calls whose answers never came: in one transaction, their budget reservations
+        settled at the reservation, the run with them `lost`, and an orphan usage event each.
+        Skipped when the job's entry is not this worker's (another worker took it over: it
+        reports them), or the stored run is not the one this worker last read or wrote
+        (another worker reported them). A takeover after the check changes the state hash
+        (its claim) before the taker reads the run, so the transaction fails or the taker
+        finds them reported: either way once. Raises a Redis error for the caller to try
+        again."""
+        state = self.queue.keys.state(c.d.job_id)
+        before = [(call.state, call.hold) for call in calls]
+        async with self.queue.redis.pipeline(transaction=True) as tx:
+            await tx.watch(state)
+            stored: Any = await tx.hget(state, "run")
+            if as_text(stored or "") != c.stored or not await self._holds(tx, c.d):
+                return
+            tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
+            for call in calls:
+                if call.hold:
+                    await self.budgets.settle_lost_into(
+                        tx, call.hold, call.hold_keys, call.reserved_usd
+                    )
+                call.state, call.hold, call.hold_keys = "lost", "", []
+                outcomes.event_into(tx, self.queue, outcomes.orphan(c.d, c.job, c.run, call))
+            raw = jobrun.save_into(tx, state, c.run)
+            try:
+                await tx.execute()
+            except WatchError:
+                return
+            except BaseException:
+                for call, (was, hold) in zip(calls, before, strict=True):
+                    call.state, call.hold = was, hold
+                raise
+        c.stored = raw.decode()
+        log.warning(
+            "job=%s: %d calls whose answers never came reported as orphans",
+            shown(c.d.job_id),
+            len(calls),
         )
 
-    def _defer(self, job: Job, until_ms: int, why: str) -> Defer:
-        if job.deadline_ms is not None and until_ms > job.deadline_ms:
-            raise DeadlineExceeded(
-                f"{why}: the job would wait until {until_ms}, past its deadline_ms "
-                f"{job.deadline_ms}; submit it again with a later deadline",
-                attempts=0,
-            )
-        return Defer(until_ms, why)
-
-    async def _call(
-        self, params: dict[str, Any], grant: Grant | None, raw_estimate: int
-    ) -> tuple[ApiMessage, ApiUsage]:
-        """One API call, its answer and usage; its rate-limit reservation is settled whatever
-        happens."""
-        try:
-            raw = await self.client.messages.with_raw_response.create(**params)
-            body = await raw.read()
-        except BaseException as exc:
-            if grant is not None:  # shielded: a cancelled job still gives capacity back
-                await asyncio.shield(self._settle(grant, failure_answer(exc)))
-            raise
-        message = decode_message(body)
-        usage = msgspec.convert(message.usage, ApiUsage)
-        self.calibration.learn(params["model"], raw_estimate, usage.prompt_tokens)
-        if grant is not None:
-            used = (1, usage.input_tokens + usage.cache_write, usage.output_tokens)
-            await self._settle(grant, Answer(used, raw.headers))
-        return message, usage
-
-    async def _capacity(
-        self, job: Job, model: str, rank: int, want: tuple[int, int, int], attempt: int
-    ) -> Grant | None:
-        """Wait for rate-limit capacity for one call, no longer than the job's deadline."""
-        try:
-            if job.deadline_ms is None:
-                return await self.limiter.acquire(model, job.feature, rank, want)
-            async with asyncio.timeout(max(0.0, (job.deadline_ms - now_ms()) / 1000)):
-                return await self.limiter.acquire(model, job.feature, rank, want)
-        except Unfit as exc:
-            raise TooLarge(str(exc), attempts=attempt - 1) from None
-        except TimeoutError:
-            check_deadline(job)
-            raise
-
-    async def _settle(self, grant: Grant, answer: Answer) -> None:
-        """Settle a reservation. A Redis error here only costs capacity until the buckets
-        refill; it must not fail a call that was made (a retry would call the API again)."""
-        try:
-            await self.limiter.settle(grant, answer)
-        except (RedisError, OSError) as exc:
-            log.warning("settling %s's rate-limit reservation failed: %s", grant.model, exc)
+    async def _holds(self, client: Any, d: Delivery) -> bool:
+        """Whether d's entry is pending under this worker's consumer."""
+        rows: Any = await client.xpending_range(d.stream, GROUP, d.entry_id, d.entry_id, 1)
+        return bool(rows) and as_text(rows[0]["consumer"]) == self.queue.consumer

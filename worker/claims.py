@@ -3,7 +3,8 @@
 A job's id is the producer's `id`, else its stream entry id (see Delivery.job_id). The first
 entry to begin a job claims its id in `<prefix>:state:<id>`: `owner` (the entry,
 `<priority>:<entry id>`), `fp` (the job's fingerprint: tenant, feature and request, see
-contract.fingerprint) and `since`; the same hash counts `attempts` and keeps `last_error`.
+contract.fingerprint) and `since`; the same hash keeps the job's run (worker.jobrun), which
+the claim hands back.
 The claim outlives the job for as long as its result (queue.result_ttl_s). The rules, Stripe's:
 
 - a second entry with the same `id` and the same fingerprint is the same job: it gets the
@@ -17,7 +18,8 @@ The claim outlives the job for as long as its result (queue.result_ttl_s). The r
   stream (deferred, requeued, replayed); that entry is let in because its fingerprint equals
   the claim's.
 
-Every check and the claim happen in one Lua script, so two workers never both win.
+Every check and the claim happen in one Lua script, so two workers never both win; the same
+script returns the job's run, so beginning a job costs one round trip.
 """
 
 from __future__ import annotations
@@ -27,28 +29,32 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from worker.contract import Keys, fingerprint, id_problem, is_reserved_id
-from worker.queue import Delivery, as_text
+from worker.contract import Keys, as_text, fingerprint, id_problem, is_reserved_id, shown
+from worker.errors import DuplicateId, JobRejected, MalformedJob
+from worker.queue import Delivery
 
-STATE_TTL_S = 7 * 86_400  # a claim of a job in progress, renewed at each attempt
+STATE_TTL_S = 7 * 86_400  # a claim of a job in progress, renewed at each delivery
 
 Outcome = Literal["go", "answered", "in_flight", "other_job", "reserved"]
 _OUTCOMES: dict[int, Outcome] = {
-    1: "go", 2: "answered", -2: "other_job", -3: "in_flight", -4: "reserved",
-}  # fmt: skip
+    1: "go",
+    2: "answered",
+    -2: "other_job",
+    -3: "in_flight",
+    -4: "reserved",
+}
 
 
 @dataclass(frozen=True, slots=True)
-class Attempt:
-    """What Claims.begin found. `go`: attempt `number` is counted (`last_error`: why the one
-    before failed). `answered`: the id has a result (this is the same job again). `in_flight`:
-    the same job is pending in another entry, claimed since `since_ms`. `other_job`: the id
-    belongs to a job with another fingerprint. `reserved`: an `id` of a reserved form that
-    tokenq did not write."""
+class Claim:
+    """What Claims.begin found. `go`: this entry holds the id; `run` is the job's stored run
+    (worker.jobrun; "" for a new job). `answered`: the id has a result (this is the same job
+    again). `in_flight`: the same job is pending in another entry, claimed since `since_ms`.
+    `other_job`: the id belongs to a job with another fingerprint. `reserved`: an `id` of a
+    reserved form that tokenq did not write."""
 
     outcome: Outcome
-    number: int = 0
-    last_error: str = ""
+    run: str = ""
     since_ms: int = 0
 
     @property
@@ -63,11 +69,11 @@ class Attempt:
 
 # KEYS: state, result, then the job streams in the order of ARGV[7..] (their priorities).
 # ARGV: me (this entry), fingerprint, id kind (Claims.kind), state TTL s, now ms, mode
-# ("run": claim and count an attempt; "error": only settle where an error result goes),
+# ("run": claim and read the run; "error": only settle where an error result goes),
 # priorities...
-# Run replies {code, attempts, last_error, detail}: 1 go, 2 a result exists, -1 the bare
-# entry id is another entry's (use the qualified id), -2 another job's id, -3 the same job is
-# pending in a live entry (detail: since ms), -4 a reserved id tokenq did not write.
+# Run replies {code, run, detail}: 1 go (run: the stored run, or ''), 2 a result exists, -1
+# the bare entry id is another entry's (use the qualified id), -2 another job's id, -3 the
+# same job is pending in a live entry (detail: since ms), -4 a reserved id tokenq did not write.
 # Error replies {1} (write under this id, now claimed) or {-1} (use the qualified id).
 _BEGIN = """
 local me, fp, kind, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[6]
@@ -87,16 +93,16 @@ local stored = redis.call('HGET', KEYS[1], 'fp')
 local answered = redis.call('EXISTS', KEYS[2]) == 1
 local others = owner and owner ~= me
 if kind == 'default' then
-  if others then return {-1, 0, '', owner} end
+  if others then return {-1, '', owner} end
 elseif mode == 'error' then
   if stored ~= fp and (kind == 'readded' or stored) then return {-1} end
   if others and (answered or alive(owner)) then return {-1} end
 else
-  if kind == 'readded' and stored ~= fp then return {-4, 0, '', ''} end
-  if stored and stored ~= fp then return {-2, 0, '', owner or ''} end
-  if others and answered then return {2, 0, '', owner} end
+  if kind == 'readded' and stored ~= fp then return {-4, '', ''} end
+  if stored and stored ~= fp then return {-2, '', owner or ''} end
+  if others and answered then return {2, '', owner} end
   if others and alive(owner) then
-    return {-3, 0, '', redis.call('HGET', KEYS[1], 'since') or ARGV[5]}
+    return {-3, '', redis.call('HGET', KEYS[1], 'since') or ARGV[5]}
   end
 end
 redis.call('HSET', KEYS[1], 'owner', me)
@@ -104,9 +110,8 @@ redis.call('HSETNX', KEYS[1], 'fp', fp)
 redis.call('HSETNX', KEYS[1], 'since', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if mode == 'error' then return {1} end
-if answered then return {2, 0, '', me} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return {1, attempts, redis.call('HGET', KEYS[1], 'last_error') or '', ''}
+if answered then return {2, '', me} end
+return {1, redis.call('HGET', KEYS[1], 'run') or '', ''}
 """
 
 
@@ -121,8 +126,15 @@ class Claims:
 
     def _call(self, d: Delivery, mode: str, now_ms: int, client: Any = None) -> Any:
         keys = [self.keys.state(d.job_id), self.keys.result(d.job_id), *self.streams.values()]
-        args: list[Any] = [d.owner, fingerprint(d.fields), self.kind(d), STATE_TTL_S, now_ms,
-                           mode, *self.streams]  # fmt: skip
+        args: list[Any] = [
+            d.owner,
+            fingerprint(d.fields),
+            self.kind(d),
+            STATE_TTL_S,
+            now_ms,
+            mode,
+            *self.streams,
+        ]
         return self._script(keys=keys, args=args, client=client)
 
     def kind(self, d: Delivery) -> str:
@@ -134,15 +146,15 @@ class Claims:
             return "default"
         return "readded" if is_reserved_id(explicit, self.streams) else "explicit"
 
-    async def begin(self, d: Delivery, now_ms: int) -> Attempt:
-        """Claim d's job id and count an attempt, first settling its job id: a bare entry id
-        another entry claimed first makes d `qualified` (see Delivery.job_id)."""
-        [attempt] = await self.begin_many([d], now_ms)
-        return attempt
+    async def begin(self, d: Delivery, now_ms: int) -> Claim:
+        """Claim d's job id and read the job's run, first settling its job id: a bare entry
+        id another entry claimed first makes d `qualified` (see Delivery.job_id)."""
+        [claim] = await self.begin_many([d], now_ms)
+        return claim
 
-    async def begin_many(self, ds: list[Delivery], now_ms: int) -> list[Attempt]:
+    async def begin_many(self, ds: list[Delivery], now_ms: int) -> list[Claim]:
         """begin for many deliveries in one round trip (two when entry ids collide)."""
-        out: list[Attempt | None] = [None] * len(ds)
+        out: list[Claim | None] = [None] * len(ds)
         todo = list(range(len(ds)))
         while todo:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -159,12 +171,9 @@ class Claims:
                 if code == -1:  # cannot happen: a qualified id is unique to its entry
                     raise RuntimeError(f"job id {ds[n].job_id!r} is owned by another entry")
                 outcome = _OUTCOMES[code]
-                out[n] = Attempt(
-                    outcome, int(reply[1]), as_text(reply[2]),
-                    int(as_text(reply[3])) if outcome == "in_flight" else 0,
-                )  # fmt: skip
+                since = int(as_text(reply[2])) if outcome == "in_flight" else 0
+                out[n] = Claim(outcome, as_text(reply[1]), since)
                 ds[n].claimed = outcome in ("go", "answered")
-                ds[n].attempt = int(reply[1])
             todo = again
         return [a for a in out if a is not None]
 
@@ -180,6 +189,21 @@ class Claims:
             else:
                 d.qualified = True
 
-    async def record_error(self, job_id: str, message: str) -> None:
-        """Remember why the last attempt failed (for the dead letter if attempts run out)."""
-        await self.redis.hset(self.keys.state(job_id), "last_error", message)
+
+def refusal(d: Delivery, claim: Claim) -> JobRejected | None:
+    """The JobRejected a claim's outcome calls for, if any: the id is another job's
+    (`duplicate_id`), or of a reserved form tokenq did not write (`malformed_job`)."""
+    if claim.outcome == "other_job":
+        return DuplicateId(
+            f"the id {shown(d.job_id, 80)} was used by another job (a different tenant, "
+            "feature or request) within queue.result_ttl_s; this job's error result is "
+            f"under {d.owner}, the first job's result is untouched. Give each new job a "
+            "new id."
+        )
+    if claim.outcome == "reserved":
+        return MalformedJob(
+            f"`id` {shown(d.job_id, 80)} has the form of a stream entry id (<ms>-<seq>, or "
+            "<priority>:<ms>-<seq> for a priority of queue.priorities), which is the id of "
+            "a job without one; choose another id, or leave `id` out. Fix the producer."
+        )
+    return None

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from worker import alerts, quote, reconcile, top
+from worker import alerts, clock, quote, reconcile, top
 from worker.admin_api import ProviderError
 from worker.config import Config, load_config
 from worker.embedded import connect, redis_url
@@ -280,7 +280,7 @@ def _period(ns: argparse.Namespace, today: dt.date) -> tuple[dt.date, dt.date]:
 
 def cmd_reconcile(ns: argparse.Namespace) -> int:
     cfg = _config(ns)
-    today = dt.datetime.now(dt.UTC).date()
+    today = clock.utc().date()
     first, last = _period(ns, today)
     url = ns.admin_url or reconcile.admin_url(cfg, os.environ)
     key = os.environ.get("ANTHROPIC_ADMIN_API_KEY", "none")

@@ -32,8 +32,9 @@ ErrorType = Literal[
     "circuit_open",
     "duplicate_id",
     "removed",  # an operator took the entry out (tokenq jobs remove)
+    "check_failed",  # the answer failed its feature's check after every escalation (no dead letter)
 ]
-Kind = Literal["job", "alert"]
+Kind = Literal["job", "alert", "orphan"]
 
 GROUP = "workers"
 """The consumer group every worker reads the job streams with."""
@@ -149,8 +150,59 @@ class Keys:
         return f"{self.prefix}:done:{job_id}"
 
     def state(self, job_id: str) -> str:
-        """A hash of a job in progress: `attempts` started and the `last_error`."""
+        """A hash: the claim on a job id (`owner`, `fp`, `since`) and the job's run (`run`)."""
         return f"{self.prefix}:state:{job_id}"
+
+    def route(self, request_hash: str) -> str:
+        """A string: the router classifier's tier for a request, by the request's hash."""
+        return f"{self.prefix}:route:{request_hash}"
+
+    def rcache(self, feature: str, scope: str, digest: str) -> str:
+        """A string: a cached answer of a feature in a scope (`tenant:<t>` or `shared`)."""
+        return f"{self.prefix}:rcache:{feature}:{scope}:{digest}"
+
+    @staticmethod
+    def rcache_lease(cached: str) -> str:
+        """A string: the de-duplication lease of a response-cache key."""
+        return f"{cached}:lease"
+
+    @staticmethod
+    def rcache_done(cached: str) -> str:
+        """A stream: wakes the jobs waiting for a response-cache key's answer."""
+        return f"{cached}:done"
+
+    def budget(self, scope: str, period: str) -> str:
+        """A hash: one spend cap's `spent`, `held` and `requests` in one period; scope
+        `feature:<f>` or `tenant:<f>:<tenant>`."""
+        return f"{self.prefix}:budget:{scope}:{period}"
+
+    def budgets_of_tenants(self, feature: str, period: str) -> str:
+        """A SCAN pattern: the tenant caps of a feature in one period."""
+        return f"{self.prefix}:budget:tenant:{feature}:*:{period}"
+
+    @staticmethod
+    def budget_holds(budget: str) -> str:
+        """A sorted set: a cap's live reservations by expiry."""
+        return f"{budget}:holds"
+
+    def breaker(self, name: str) -> str:
+        """A hash: a circuit breaker's fleet state; name `feature:<f>` or `model:<id>`."""
+        return f"{self.prefix}:breaker:{name}"
+
+    def breaker_probes(self, name: str) -> str:
+        """A sorted set: a half-open breaker's probe slots by expiry."""
+        return f"{self.breaker(name)}:probes"
+
+    @property
+    def breakers(self) -> str:
+        """A SCAN pattern: every breaker key (and their probe sets)."""
+        return f"{self.prefix}:breaker:*"
+
+    @property
+    def spend_stop(self) -> str:
+        """A string: set while the organization's spend limit stops every call of the fleet
+        (a 429 `enforced_spend_limit_reached`); it expires when the month turns."""
+        return f"{self.prefix}:spend:stop"
 
     # The adaptive router's keys (worker.adaptive, worker.maxtokens).
     @property
@@ -295,14 +347,19 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     queue_ms: int = 0
     route_reason: str = ""
     error_type: str = ""
-    # Added after DESIGN.md: "alert" entries (a budget reaching budgets.alert_at) share the
-    # stream; they carry `message`, and `cost_usd` is the spend so far. job_id is "".
+    # Added after DESIGN.md: "alert" entries (a budget reaching budgets.alert_at, the
+    # organization's spend limit) share the stream; they carry `message`, and `cost_usd` is
+    # the spend so far; job_id is "". "orphan" entries report a call whose answer never came.
     kind: Kind = "job"
     message: str = ""
     # The response cache's part: "hit" (answered from the cache), "joined" (answered by an
     # identical call in flight), "miss" (called the API), "off" (not used), "no_tenant" (the
     # feature's cache is scoped to the tenant and the job has none), "" (not a job).
     response_cache: str = ""
+    # Added with the job run: the part of queue_ms the job spent in the deferred set, and for
+    # an "orphan" event (a call whose answer never came) the most that call can have cost.
+    deferred_ms: int = 0
+    reserved_usd: float = 0.0
 
 
 class Feedback(msgspec.Struct, frozen=True, kw_only=True):
@@ -415,3 +472,8 @@ def shown(text: str, limit: int = 200) -> str:
 def entry_ms(entry_id: str) -> int:
     """The unix time in ms at which Redis assigned a stream entry id (`<ms>-<seq>`)."""
     return int(entry_id.partition("-")[0])
+
+
+def as_text(value: Any) -> str:
+    """A Redis reply value as str (clients may decode replies or not)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

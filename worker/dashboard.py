@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from worker.batcher import batch_rows
+from worker import clock
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
 from worker.cells import INDEX, METRICS, NANO, Block, split, sum_by
@@ -30,6 +30,7 @@ from worker.config import Config
 from worker.contract import Keys
 from worker.limiter import status
 from worker.metrics import LIMIT_KINDS, queue_rows, run_app
+from worker.operators import batch_rows
 from worker.periods import GRACE_MS, read_hours
 from worker.report import display, row
 from worker.rollups import Rollups, settings_of
@@ -84,7 +85,7 @@ class State:
     async def snapshot(self, hours: int) -> dict[str, Any]:
         """Everything the page draws, as JSON-ready values."""
         await self.rollups.fold_records(self.redis)
-        now_ms = int(time.time() * 1000)
+        now_ms = clock.now_ms()
         current = now_ms // 3_600_000
         window = await self.cells(range(current - hours + 1, current + 1), now_ms)
 

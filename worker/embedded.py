@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from worker import clock
 from worker.config import Config
 from worker.errors import ConfigError
 
@@ -64,8 +65,8 @@ def ping(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
 
 def wait_until_ready(port: int, timeout_s: float = 10.0) -> bool:
     """Wait for a starting server to answer PING; False at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    deadline = clock.monotonic() + timeout_s
+    while clock.monotonic() < deadline:
         if ping(port):
             return True
         time.sleep(0.02)  # a child process starting: no event to wait on

@@ -13,8 +13,9 @@ whole fleet for its `retry-after`.
 
 Within a process, the calls waiting for one model queue by priority, then arrival; only the
 first of them asks Redis, so a backlog waiting for capacity costs one Redis call per retry,
-not one per job. Across processes, a priority that was refused capacity within
-`limits.priority_hold_ms` keeps every lower priority waiting. Each process also spreads its
+not one per job. Across processes, a priority that the model's buckets refused within
+`limits.priority_hold_ms` keeps every lower priority waiting (a feature refused by its own
+`limit_share` holds nobody back). Each process also spreads its
 own requests and input tokens with aiolimiter over `limits.smooth_s` (see config.toml),
 charging input tokens at the share the API has lately counted of what was reserved (cache
 reads are not counted), since aiolimiter cannot give anything back.
@@ -86,7 +87,7 @@ for r = 0, rank - 1 do
   local d = tonumber(redis.call('HGET', KEYS[1], 'd' .. r) or '')
   if d and now - d < hold then return {0, tostring(hold / 4), 'priority'} end
 end
-local wait, why, all = 0, '', {}
+local wait, why, all, model_short = 0, '', {}, false
 for j = 1, #KEYS do
   local base = 4 + (j - 1) * 6
   local levels, caps = load(j, base)
@@ -96,6 +97,7 @@ for j = 1, #KEYS do
     if levels[n] < want then
       local w = (want - levels[n]) * 60000 / caps[n]
       if w > wait then wait, why = w, tostring(n) end
+      if j == 1 then model_short = true end
     end
   end
   all[j] = levels
@@ -108,7 +110,9 @@ for j = 1, #KEYS do
   store(j, all[j])
 end
 if wait > 0 then
-  redis.call('HSET', KEYS[1], 'd' .. rank, tostring(now))
+  -- Only the model's own buckets hold lower priorities back: a feature short of its
+  -- limit_share waits alone, other features keep the model's capacity.
+  if model_short then redis.call('HSET', KEYS[1], 'd' .. rank, tostring(now)) end
   return {0, tostring(math.ceil(wait)), why}
 end
 return {1, '0', ''}

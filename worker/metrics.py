@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,15 +33,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.exceptions import RedisError, ResponseError
 
-from worker.batcher import batch_rows
+from worker import clock
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
 from worker.cells import BOUNDS_MS, INDEX, LATENCY, NANO, WAIT, split, sum_by
 from worker.config import Config
-from worker.contract import GROUP, Keys, entry_ms
+from worker.contract import GROUP, Keys, as_text, entry_ms
 from worker.limiter import status
+from worker.operators import batch_rows
 from worker.periods import totals_and_live
-from worker.queue import as_text
 from worker.report import display
 from worker.rollups import Rollups, settings_of
 
@@ -291,7 +290,7 @@ class _Families(Collector):
 
 async def scrape(redis: aioredis.Redis, cfg: Config, counters: Counters | None = None) -> bytes:
     """Every metric, in Prometheus' text format."""
-    now = time.time()
+    now = clock.time_s()
     counters = counters or Counters(Rollups(Keys(cfg.prefix), settings_of(cfg)))
     cells = await counters.read(redis)
     families = [

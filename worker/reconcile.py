@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from worker import clock
 from worker.admin_api import AdminApi, Key, Side
 from worker.config import Config
 from worker.contract import Keys, entry_ms, usd
@@ -213,7 +214,7 @@ async def reconcile(
     timeout = aiohttp.ClientTimeout(total=cfg.anthropic.timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         theirs = await AdminApi(session, url, key).totals(first, last, workspace)
-    now = today or dt.datetime.now(dt.UTC).date()
+    now = today or clock.utc().date()
     return compare(ours, theirs, limits, now.isoformat())
 
 

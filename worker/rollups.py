@@ -25,7 +25,6 @@ event's stream fields only.
 from __future__ import annotations
 
 import struct
-import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from worker import clock
 from worker.cells import (
     METRICS,
     SEP,
@@ -74,7 +74,7 @@ def settings_of(cfg: Config) -> Settings:
 
 
 def _now_ms() -> int:
-    return int(time.time() * 1000)
+    return clock.now_ms()
 
 
 _HEAD = struct.Struct("<I10sH")

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -49,6 +48,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from worker import clock
 from worker.caching import CachedAnswer, normalised
 from worker.config import Config, SemanticCacheConfig
 from worker.contract import Keys
@@ -248,7 +248,7 @@ def _parts(scope: str) -> tuple[str, str, str]:
 
 
 def _now_ms() -> int:
-    return int(time.time() * 1000)
+    return clock.now_ms()
 
 
 class SemanticCache:

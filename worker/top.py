@@ -44,13 +44,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from worker.batcher import batch_rows
+from worker import clock
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
 from worker.config import Config
-from worker.contract import BATCHER, GROUP, Keys, entry_ms
+from worker.contract import BATCHER, GROUP, Keys, as_text, entry_ms
 from worker.limiter import ModelStatus, status
-from worker.queue import as_text
+from worker.operators import batch_rows
 from worker.usage import event_of, money
 
 PAGE = 5000  # usage entries read per round trip
@@ -310,14 +310,10 @@ def _age(ms: int) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 async def once(redis: aioredis.Redis, cfg: Config, console: Console, where: str,
                window_s: float) -> None:  # fmt: skip
     """Print one frame."""
-    at = now_ms()
+    at = clock.now_ms()
     frame = await snapshot(redis, cfg, RateMeter(int(window_s * 1000)), Scanned(), at)
     console.print(render(frame, cfg, where))
 
@@ -340,7 +336,7 @@ async def live(redis: aioredis.Redis, cfg: Config, console: Console, where: str,
         Live(Text("tokenq top: reading..."), console=console, auto_refresh=False) as view,
     ):
         while not stop.is_set():
-            at = now_ms()
+            at = clock.now_ms()
             try:
                 frame = await snapshot(redis, cfg, meter, scanned, at)
                 view.update(render(frame, cfg, where), refresh=True)

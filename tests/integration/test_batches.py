@@ -18,8 +18,9 @@ import redis.asyncio as aioredis
 from tests.conftest import ConfigFactory
 from tests.helpers import eventually, pending_count, read_result, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker, SpawnWorker
-from worker.batcher import batch_rows, custom_id
+from worker.batcher import custom_id
 from worker.contract import Keys
+from worker.operators import batch_rows
 from worker.worker import build_worker
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there, batch."}]})
@@ -108,7 +109,8 @@ async def test_a_batcher_killed_while_polling_is_resumed_by_the_next(
         lease = await redis.get(keys.batcher_lease)
         return lease is not None and lease != old_lease
 
-    await eventually(taken_over, what="a new batcher")
+    # A new process: importing the SDK alone takes seconds on a loaded machine.
+    await eventually(taken_over, what="a new batcher", timeout_s=30)
     assert len(sim_batches(sim)) == 1  # nothing submitted again
     sim_call(sim, "advance", {"seconds": 3600})
     await eventually(lambda: all_results(redis, keys, ids), what="50 results", timeout_s=20)
@@ -321,3 +323,58 @@ async def test_a_job_id_the_api_refuses_as_custom_id_is_mapped(
     for job_id in want:
         assert (await read_result(redis, keys, job_id)).mode == "batch"
     assert custom_id("low:7-0").startswith("h-") and custom_id("7-0") == "7-0"
+
+
+async def test_a_529_on_batch_create_is_retried_soon_not_after_the_timeout(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    # A 529 answer means the batch was not created: there is nothing to look for, so the
+    # batcher need not wait out anthropic.timeout_s (60 s here) before creating it again.
+    sim_call(sim, "config", {"batch_seconds": 0.1, "fault_rate": {"batch-529": 1.0}})
+    cfg, _ = make_config(**FAST, **{"anthropic.timeout_s": 60.0})
+    ids = await submit(redis, keys, 3)
+    async with run_worker(cfg):
+
+        async def refused() -> bool:
+            return int(sim_call(sim, "ledger")["faults"].get("batch-529", 0)) >= 1
+
+        await eventually(refused, what="a create answered 529")
+        sim_call(sim, "config", {"fault_rate": {}})
+        await eventually(lambda: all_results(redis, keys, ids), what="3 results", timeout_s=15)
+    assert len(sim_batches(sim)) == 1
+    assert {e.mode for e in await usage_events(redis, keys)} == {"batch"}
+
+
+async def test_a_batcher_that_lost_its_lease_hands_no_job_to_real_time(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory
+) -> None:
+    # A batcher learns it lost the lease only when it next renews or writes; meanwhile the
+    # next batcher finds the same pending entries. Handing one over must be fenced too, or
+    # both batchers start it in real time: two calls, two usage events.
+    from worker.batcher import Batcher
+    from worker.contract import BATCHER, GROUP
+    from worker.lease import LeaseLost
+
+    cfg, _ = make_config(**FAST)
+    worker = build_worker(cfg, concurrency=8)
+    adopted: list[str] = []
+    try:
+        await worker.queue.ensure_groups()
+        await submit(redis, keys, 1, deadline_ms=str(int(time.time() * 1000) + 5000))
+        batcher = Batcher(worker.queue, worker.client, lambda: cfg,
+                          lambda d: adopted.append(d.entry_id), asyncio.Event())  # fmt: skip
+        assert await batcher.lease.acquire(60_000)
+        [d] = await batcher.queue.take("low", 10)
+        await redis.set(keys.batcher_lease, "another-process")  # the lease moved on
+        with pytest.raises(LeaseLost):
+            await batcher._hand_over(d)
+        rows: Any = await redis.xpending_range(keys.jobs("low"), GROUP, "-", "+", 10)
+        assert [r["consumer"] for r in rows] == [BATCHER] and adopted == []  # still its own
+        await redis.set(keys.batcher_lease, batcher.lease.token)  # held again: handed over
+        await batcher._hand_over(d)
+        rows = await redis.xpending_range(keys.jobs("low"), GROUP, "-", "+", 10)
+        assert [r["consumer"] for r in rows] == [worker.queue.consumer]
+        assert adopted == [d.entry_id]
+    finally:
+        await worker.aclose()

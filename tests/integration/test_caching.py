@@ -145,9 +145,9 @@ async def test_a_waiting_job_calls_itself_when_the_leader_gives_up(
     one = ResponseCache(redis, lease_ms=60_000, block_ms=5_000)
     two = ResponseCache(redis, lease_ms=60_000, block_ms=5_000)  # another process
     key = f"{keys.prefix}:rcache:f:tenant:a:x"
-    leader = await one.claim(key, 10, True)
+    leader = await one.claim(key, 10, True, "one")
     assert isinstance(leader, Lease)
-    waiting = asyncio.create_task(two.claim(key, 10, True))
+    waiting = asyncio.create_task(two.claim(key, 10, True, "two"))
 
     async def one_waits() -> bool:
         return await blocked_readers(redis) == 1
@@ -157,7 +157,7 @@ async def test_a_waiting_job_calls_itself_when_the_leader_gives_up(
     taken = await asyncio.wait_for(waiting, 5)
     assert isinstance(taken, Lease)  # it holds the lease now and makes the call
     answer = CachedAnswer("hi", [], "m", "haiku", "end_turn", {"output_tokens": 1})
-    third = asyncio.create_task(one.claim(key, 10, True))
+    third = asyncio.create_task(one.claim(key, 10, True, "three"))
     await eventually(one_waits, what="the third claim waiting on the new leader")
     await two.complete(taken, answer)
     assert await asyncio.wait_for(third, 5) == answer

@@ -32,6 +32,7 @@ from tests.helpers import (
 )
 from tests.integration.conftest import RunWorker
 from worker.contract import GROUP, Keys, Result
+from worker.deferred import DeferredSet
 from worker.queue import Delivery, Finish, Queue
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there"}]})
@@ -282,16 +283,16 @@ async def test_an_unexpected_error_while_a_job_is_prepared_counts_toward_max_att
     redis: aioredis.Redis, raw: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory,
     run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from worker.worker import Worker
+    from worker import jobs
 
-    shape = Worker._shape
+    shape = jobs.shape
 
-    def buggy(self: Worker, job: Any, feature: Any, params: dict[str, Any]) -> list[str]:
+    def buggy(job: Any, feature: Any, params: dict[str, Any]) -> list[str]:
         if job.tenant == "poison":  # a bug that only this job meets
             raise RuntimeError("boom in preparation")
-        return shape(self, job, feature, params)
+        return shape(job, feature, params)
 
-    monkeypatch.setattr(Worker, "_shape", buggy)
+    monkeypatch.setattr(jobs, "shape", buggy)
     cfg, _ = make_config(**{"queue.visibility_timeout_s": 0.5, "queue.max_attempts": 3})
     await add(redis, keys.jobs("normal"), {"feature": "summarize", "request": HELLO,
                                            "id": "poison", "tenant": "poison"})  # fmt: skip
@@ -309,16 +310,16 @@ async def test_an_unexpected_error_in_the_batcher_leaves_it_batching_the_others(
     redis: aioredis.Redis, raw: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory,
     run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from worker.worker import Worker
+    from worker import jobs
 
-    shape = Worker._shape
+    shape = jobs.shape
 
-    def buggy(self: Worker, job: Any, feature: Any, params: dict[str, Any]) -> list[str]:
+    def buggy(job: Any, feature: Any, params: dict[str, Any]) -> list[str]:
         if job.tenant == "poison":
             raise RuntimeError("boom in preparation")
-        return shape(self, job, feature, params)
+        return shape(job, feature, params)
 
-    monkeypatch.setattr(Worker, "_shape", buggy)
+    monkeypatch.setattr(jobs, "shape", buggy)
     sim_call(sim, "config", {"batch_seconds": 0.2})
     cfg, _ = make_config(**FAST_BATCH, **{"queue.visibility_timeout_s": 0.5,
                                           "queue.max_attempts": 2})  # fmt: skip
@@ -353,7 +354,7 @@ async def test_the_deferred_mover_moves_a_job_of_thousands_of_fields_and_the_oth
         await redis.xreadgroup(GROUP, "c1", {keys.jobs("normal"): ">"}, count=1)
         await queue.defer(d, f"d-{n}", 1000 + n)
     await redis.zadd(keys.deferred, {"not a job": 999, '{"p": "normal", "f": []}': 999})
-    assert await queue.move_due(2000) == 2
+    assert await DeferredSet(redis, keys, queue.priorities).move_due(2000) == 2
     back = {fields["id"]: fields for _, fields in await entries(redis, keys.jobs("normal"))}
     assert sorted(back) == ["d-0", "d-1"] and len(back["d-0"]) == 5003
     assert await redis.zcard(keys.deferred) == 0

@@ -67,7 +67,10 @@ async def test_producer_result_wakes_and_reply_to_gets_a_copy(
             "classify_ticket", json.loads(HELLO), id="job-1", reply_to=f"replies:{keys.prefix}"
         )
         result = await producer.result(job_id, timeout_s=10)
-    assert result.id == "job-1" and result.status == "ok"
+    # The summary is not JSON, so it fails classify_ticket's check even after escalation: an
+    # error result that carries the answer (error_type check_failed), copied to reply_to too.
+    assert result.id == "job-1" and result.status == "error" and result.text
+    assert result.error is not None and result.error.type == "check_failed"
     [(_, reply)] = await entries(redis, f"replies:{keys.prefix}")
     assert msgspec.json.decode(reply["result"], type=Result) == result
 

@@ -169,3 +169,16 @@ async def test_pacing_learns_what_share_of_reserved_input_the_api_counts(
     assert isinstance(failed, Grant)
     await lim.settle(failed, Answer(None, {}, 500))  # no usage: nothing learnt
     assert lim.counted[HAIKU] == pytest.approx(0.1, abs=0.02)
+
+
+async def test_a_feature_at_its_limit_share_never_holds_back_other_features(
+    make_limiter: Any,
+) -> None:
+    lim = make_limiter(**{"features.summarize.limit_share": 0.1})  # 6 requests/min of 60
+    for _ in range(6):
+        assert isinstance(await take(lim, (1, 10, 10), rank=0), Grant)
+    refused = await take(lim, (1, 10, 10), rank=0)  # summarize's share is spent
+    assert isinstance(refused, float)
+    # A lower priority of another feature on the same model still gets the model's capacity:
+    # the share's refusal is summarize's own business, not a priority hold on the model.
+    assert isinstance(await take(lim, (1, 10, 10), rank=2, feature="support_faq"), Grant)

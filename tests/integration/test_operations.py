@@ -28,7 +28,7 @@ from tests.helpers import (
 )
 from worker.cli import main
 from worker.contract import GROUP, Keys
-from worker.queue import ConsumerRow, consumer_rows, prune_consumer
+from worker.operators import ConsumerRow, consumer_rows, prune_consumer
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there"}]})
 

@@ -55,17 +55,31 @@ async def test_kill_9_of_a_worker_loses_nothing(
     )
     victim.send_signal(signal.SIGKILL)  # mid-flight: up to `concurrency` calls die with it
     victim.wait()
-    await eventually(lambda: stream_at_least(redis, keys.usage, 1000), what="1000 results",
-                     timeout_s=90)  # fmt: skip
-    events = await usage_events(redis, keys)
+
+    async def all_results() -> bool:
+        return int(await redis.exists(*(keys.result(i) for i in ids))) == len(ids)
+
+    await eventually(all_results, what="1000 results", timeout_s=90)
+    everything = await usage_events(redis, keys)
+    events = [e for e in everything if e.kind == "job"]
     assert len(events) == 1000, "exactly one usage event per job"
     assert sorted(e.job_id for e in events) == sorted(ids)
     assert all(e.status == "ok" for e in events)
+    # The killed process's calls in flight: each reported once, as an orphan, by the worker
+    # that took its job over, and counted as an attempt of that job.
+    orphans = [e for e in everything if e.kind == "orphan"]
+    assert len(orphans) <= concurrency
+    assert sum(e.attempt - 1 for e in events) == len(orphans)
     for job_id in ids:
         assert (await read_result(redis, keys, job_id)).status == "ok"
-    billed = sim_call(sim, "ledger")["models"]["claude-haiku-5-5"]["requests"]
-    # Only the killed process's in-flight calls may have been billed twice.
-    assert 1000 <= billed <= 1000 + concurrency, billed
+    ledger = sim_call(sim, "ledger")
+    billed = ledger["models"]["claude-haiku-5-5"]["requests"]
+    # Only the killed process's in-flight calls may have been billed twice, and the usage
+    # events bracket the bill: the answers exactly, the lost calls at their worst case.
+    assert 1000 <= billed <= 1000 + len(orphans), billed
+    paid = sum(e.cost_usd for e in events)
+    worst = paid + sum(e.reserved_usd for e in orphans)
+    assert paid - 1e-9 <= ledger["total_cost_usd"] <= worst + 1e-9
     assert await pending_count(redis, keys.jobs("normal")) == 0
 
 

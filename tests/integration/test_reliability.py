@@ -13,8 +13,8 @@ from tests.conftest import ConfigFactory
 from tests.helpers import add, eventually, read_result, sim_call, stream_len, usage_events
 from tests.integration.conftest import RunWorker
 from worker.contract import GROUP, Keys
+from worker.deadletters import dead_letters, replay
 from worker.embedded import free_port
-from worker.queue import dead_letters, replay
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there"}]})
 BAD_INPUTS: list[tuple[dict[str, str], str, str]] = [

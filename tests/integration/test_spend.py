@@ -15,7 +15,7 @@ from tests.conftest import ConfigFactory
 from tests.helpers import eventually, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker
 from worker.contract import Keys, Result, UsageEvent
-from worker.queue import dead_letters
+from worker.deadletters import dead_letters
 from worker.usage import money
 
 SMALL = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 100}
@@ -163,8 +163,12 @@ async def test_a_529_storm_opens_the_breaker_traffic_stops_then_recovers_through
         done = await results(producer, ids)
     assert all(r.status == "ok" for r in done)
     assert await redis.hget(f"{keys.prefix}:breaker:feature:summarize", "state") == "closed"
-    assert int(sim_call(sim, "ledger")["models"]["claude-haiku-5-5"]["requests"]) == 20
-    assert all(e.attempt == 1 for e in job_events(await usage_events(redis, keys)))
+    ledger = sim_call(sim, "ledger")
+    assert int(ledger["models"]["claude-haiku-5-5"]["requests"]) == 20
+    # Every call counts once over a job's life, deferrals or not: its failed calls and the
+    # one that was answered (attempts no longer start over when the breaker defers a job).
+    attempts = [e.attempt for e in job_events(await usage_events(redis, keys))]
+    assert sum(attempts) == 20 + int(ledger["faults"]["529"]), attempts
 
 
 async def open_breaker(redis: aioredis.Redis, keys: Keys, name: str) -> None:
@@ -239,8 +243,10 @@ async def test_an_answer_failing_the_check_escalates_and_every_call_is_paid_for(
     async with run_worker(cfg):
         escalated = await producer.result(await producer.submit("summarize", plain), 10)
         passed = await producer.result(await producer.submit("summarize", asks_json), 10)
-    assert escalated.status == "ok" and escalated.tier == "sonnet"
-    assert passed.tier == "haiku" and json.loads(passed.text)
+    # The sonnet answer is no JSON either: delivered, but as an error (check_failed).
+    assert escalated.status == "error" and escalated.tier == "sonnet" and escalated.text
+    assert escalated.error is not None and escalated.error.type == "check_failed"
+    assert passed.status == "ok" and passed.tier == "haiku" and json.loads(passed.text)
     events = {e.job_id: e for e in await usage_events(redis, keys)}
     first = events[escalated.id]
     assert first.route_reason == (
@@ -344,3 +350,62 @@ async def test_an_answer_cut_at_max_tokens_escalates_with_more_room_up_to_the_ca
     assert event.route_reason.startswith(
         "features.summarize.tier; escalated to sonnet: stop_reason max_tokens (max_tokens 3 -> 6)"
     )
+
+
+def adversarial(n: int) -> dict[str, Any]:
+    """Requests whose text is spread over many tiny pieces: each piece is billed at least a
+    token, so summing characters first would under-estimate them up to four times."""
+    tiny = [{"type": "text", "text": "a"} for _ in range(2000 + n % 7)]
+    turns = [{"role": "user" if k % 2 == 0 else "assistant", "content": "x"} for k in range(401)]
+    system = [{"type": "text", "text": "s" * (1 + k % 3)} for k in range(600)]
+    shapes: list[dict[str, Any]] = [
+        {"messages": [{"role": "user", "content": tiny}]},
+        {"messages": turns},
+        {"system": system, "messages": [{"role": "user", "content": "hi"}]},
+    ]
+    return {**shapes[n % 3], "max_tokens": 100}  # room for every answer: none is escalated
+
+
+async def test_requests_of_adversarial_shapes_never_bill_more_than_the_cap(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    cap = 0.003
+    cfg, _ = make_config(**{"features.summarize.daily_usd": cap})
+    producer = Producer(redis, keys.prefix)
+    ids = await producer.submit_many(
+        [NewJob(feature="summarize", request=adversarial(n)) for n in range(300)]
+    )
+    async with run_worker(cfg, concurrency=150), run_worker(cfg, concurrency=150):
+        done = await results(producer, ids, timeout_s=60)
+    assert {r.status for r in done} == {"ok", "error"}
+    billed = ledger_cost(sim)
+    assert billed <= cap, f"the simulator billed {billed} against a cap of {cap}"
+    events = job_events(await usage_events(redis, keys))
+    assert abs(sum(e.cost_usd for e in events) - billed) < 1e-9
+
+
+PIXEL = (  # a 1x1 PNG
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+async def test_a_request_the_estimate_cannot_bound_is_counted_by_the_api_under_a_cap(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    # An image is billed by its pixels, not by its JSON: the worker asks count_tokens before it
+    # reserves against a cap. A text request, or one under no cap, is not counted.
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": PIXEL},
+    }
+    question = {"type": "text", "text": "What is it?"}
+    with_image = {"messages": [{"role": "user", "content": [image, question]}]}
+    cfg, _ = make_config(**{"features.summarize.daily_usd": 1.0})
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg):
+        capped = await producer.submit("summarize", with_image)
+        plain = await producer.submit("summarize", SMALL)
+        free = await producer.submit("summarize_doc", with_image)  # no cap
+        done = await results(producer, [capped, plain, free])
+    assert [r.status for r in done] == ["ok", "ok", "ok"]
+    assert sim_call(sim, "ledger")["counted"] == 1

@@ -6,7 +6,7 @@ from typing import Any
 
 from worker.caching import cache_key, mark_prompt_cache, normalised
 from worker.config import FeatureConfig
-from worker.contract import UsageEvent
+from worker.contract import Keys, UsageEvent
 from worker.usage import HitRates, tail_line
 
 LONG = "policy " * 400  # 2,800 characters: about 700 tokens
@@ -60,12 +60,13 @@ def test_equivalent_requests_share_a_key_and_different_ones_do_not() -> None:
 
 def test_the_key_is_scoped_to_the_tenant_unless_shared() -> None:
     own, shared = FeatureConfig(), FeatureConfig(response_cache_scope="shared")
-    a = cache_key("t", "faq", own, "acme", "m", req())
+    keys = Keys("t")
+    a = cache_key(keys, "faq", own, "acme", "m", req())
     assert a.startswith("t:rcache:faq:tenant:acme:")
-    assert a != cache_key("t", "faq", own, "globex", "m", req())
-    assert a != cache_key("t", "faq", own, "acme", "other-model", req())
-    assert cache_key("t", "faq", shared, "acme", "m", req()) == cache_key(
-        "t", "faq", shared, "globex", "m", req()
+    assert a != cache_key(keys, "faq", own, "globex", "m", req())
+    assert a != cache_key(keys, "faq", own, "acme", "other-model", req())
+    assert cache_key(keys, "faq", shared, "acme", "m", req()) == cache_key(
+        keys, "faq", shared, "globex", "m", req()
     )
 
 

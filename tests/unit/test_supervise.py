@@ -1,4 +1,4 @@
-"""worker.worker.supervise: a long-lived duty survives its unexpected errors."""
+"""worker.supervise: a long-lived duty survives its unexpected errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from worker.worker import supervise
+from worker.supervise import supervise
 
 
 async def test_a_failing_duty_is_logged_with_its_traceback_and_started_again(
