@@ -2,7 +2,7 @@
 
 Applies to the features that set `target_pass_rate` when `router.policy = "adaptive"`, after
 the job's tier, the feature's tier and the rules (router.py), in place of the classifier and
-`router.default_tier`. Not yet called by the worker (README: Adaptive routing).
+`router.default_tier` (worker.learning wires it into the job run; README: Adaptive routing).
 
 **What is counted.** Per feature, kind of job and tier: the answers that passed their check
 and those that failed it. The kind of job is the band of its estimated input tokens

@@ -98,7 +98,9 @@ def answered(cfg: Config, w: Work, got: Answered, *, escalate: bool = True) -> S
     """Deliver the answer, or escalate it when it fails the feature's check."""
     assert w.c is not None and w.feature is not None
     run, message = w.c.run, got.message
-    problem = check_answer(w.feature, jobs.text_of(message), message.stop_reason)
+    output_tokens = got.usage.output_tokens
+    problem = check_answer(w.feature, jobs.text_of(message), message.stop_reason, output_tokens)
+    got.call.check = problem or ""  # what the router and max_tokens learn (worker.learning)
     up = dearer(cfg, run.tier) if problem and escalate else None
     if problem and up and run.escalations < cfg.router.max_escalations:
         if run.attempts < cfg.queue.max_attempts:

@@ -50,6 +50,7 @@ CALL_KEYS = dict(
     hold_keys="hk",
     latency_ms="l",
     error="e",
+    check="k",
 )
 RUN_KEYS = dict(
     first_ms="t0",
@@ -64,6 +65,8 @@ RUN_KEYS = dict(
     deferred_ms="dm",
     deferred_at_ms="da",
     response_cache="rc",
+    kind="k",
+    in_use="u",
 )
 
 
@@ -92,6 +95,9 @@ class Call(msgspec.Struct, kw_only=True, omit_defaults=True, rename=CALL_KEYS):
     hold_keys: list[str] = []
     latency_ms: int = 0
     error: str = ""
+    # Why the answer failed its feature's check ("" when it passed, or was not checked: the
+    # router's classifier call), for what the adaptive router and max_tokens learn.
+    check: str = ""
 
 
 class JobRun(msgspec.Struct, kw_only=True, omit_defaults=True, rename=RUN_KEYS):
@@ -109,6 +115,10 @@ class JobRun(msgspec.Struct, kw_only=True, omit_defaults=True, rename=RUN_KEYS):
     deferred_ms: int = 0  # time spent in the deferred set, all deferrals together
     deferred_at_ms: int = 0  # when the deferral under way began (0: none)
     response_cache: str = ""  # what the response cache did ("off", "miss", ...)
+    # The adaptive router's kind of job ("" when the feature is not routed adaptively), and
+    # the tier the fleet should now use for that kind when this job's route changed it.
+    kind: str = ""
+    in_use: str = ""
 
     @property
     def attempts(self) -> int:

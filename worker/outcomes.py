@@ -21,6 +21,7 @@ max_tokens) join it there, so that they are written exactly when the job ends.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +56,15 @@ _encode = msgspec.json.Encoder().encode
 @dataclass(frozen=True)
 class Ending:
     """What a job's end writes: its result, its usage event, and for a job that can never
-    succeed its dead letter (the job's bounded fields and why); `reply_to` gets the result."""
+    succeed its dead letter (the job's bounded fields and why); `reply_to` gets the result.
+    `also`: commands that belong to the job's end (what the router learns from it), queued
+    on the finishing transaction after the end's own writes (finish_into)."""
 
     result: Result
     event: UsageEvent
     reply_to: str | None = None
     dead: dict[str, str] | None = None
+    also: Callable[[Any], None] | None = None
 
     def encoded(self) -> Finish:
         """The stream fields and JSON that Queue writes."""
@@ -75,6 +79,8 @@ def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending)
     the end (another worker took the job over) they are written by both, so they must be
     idempotent or tolerate it."""
     queue.finish_into(tx, d, job_id, ending.encoded())
+    if ending.also is not None:  # the hook: per-job counts that join the finishing write
+        ending.also(tx)
 
 
 async def finish(queue: Queue, d: Delivery, job_id: str, ending: Ending) -> bool:

@@ -15,13 +15,14 @@ breaker refuses, the deadline passes, attempts run out, the escalation fails) en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
 import anthropic
 import msgspec
 
-from worker import clock, decide, jobrun, jobs, outcomes
+from worker import adaptive, clock, decide, jobrun, jobs, learning, maxtokens, outcomes
 from worker.admission import Admitted, admit
 from worker.budgets import Refusal
 from worker.caching import DEDUPE_KEEP_S, CachedAnswer, ResponseCache, cache_key
@@ -36,6 +37,7 @@ from worker.errors import (
     JobRejected,
     MalformedJob,
 )
+from worker.estimate import raw_estimate
 from worker.jobs import CLASSIFIER_ERRORS, RETRYABLE, Defer, check_deadline, describe, exhausted
 from worker.outcomes import Ending
 from worker.queue import Delivery, Queue
@@ -89,6 +91,11 @@ class Runner:
         self.caller = caller
         self.cache = cache
         self.stopping = stopping
+        # The fleet's counts, read at most every router.adaptive.cache_ms (worker.learning).
+        self.outcome_stats = adaptive.OutcomeStats(queue.redis, queue.keys)
+        self.lengths = maxtokens.LengthStats(
+            queue.redis, queue.keys, cache_ms=cfg.router.adaptive.cache_ms
+        )
 
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -101,9 +108,25 @@ class Runner:
             return begun
         assert w.c is not None
         try:
-            return await self._answer(w)
+            return self._learning(w, await self._answer(w))
         except JobRejected as exc:
             return outcomes.rejected(w.d, exc, started_ms=w.started_ms, cfg=self.cfg, run=w.c.run)
+
+    def _learning(self, w: Work, step: Step) -> Step:
+        """An answered job's end, with what its answers teach joining its finishing write
+        (worker.learning)."""
+        if not isinstance(step, Ending) or step.dead is not None or w.c is None:
+            return step
+        cfg, keys, c = self.cfg, self.queue.keys, w.c
+        cached = step.result.tier if step.result.mode == "cache" else None
+
+        def learn(tx: Any) -> None:
+            learning.learn_into(
+                tx, keys, cfg, feature=c.job.feature, job_id=c.d.job_id, run=c.run,
+                now_ms=clock.now_ms(), cached_tier=cached,
+            )  # fmt: skip
+
+        return dataclasses.replace(step, also=learn)
 
     async def _retry(self, w: Work, what: str, step: Any) -> Any:
         give_up_s = self.cfg.queue.visibility_timeout_s / 2
@@ -178,7 +201,14 @@ class Runner:
     async def _answer(self, w: Work) -> Step:
         assert w.c is not None and w.feature is not None
         run, job = w.c.run, w.c.job
+        asked = w.params.get("max_tokens") is not None
         notes = jobs.shape(job, w.feature, w.params)
+        if w.feature.max_tokens_learn and not asked:
+            lengths = await self._retry(
+                w, "reading answer lengths", lambda: self.lengths.get(job.feature, clock.now_ms())
+            )
+            learnt = learning.max_tokens_into(w.feature, w.params, asked, lengths)
+            notes += [learnt] if learnt else []
         if not run.tier:  # a new job (one back from a deferral keeps its route)
             tier, why = await self._route(w)
             run.tier, run.route = tier, [why, *notes]
@@ -247,9 +277,23 @@ class Runner:
         """The tier (see worker.router) and why; the classifier's call goes into the run."""
         assert w.c is not None and w.feature is not None
         c, params = w.c, w.params
-        decided = static_route(self.cfg, c.job, w.feature, params)
+        learns = adaptive.applies(self.cfg, w.feature)
+        estimate = raw_estimate(params) if learns or self.cfg.router.rules else None
+        if learns and estimate is not None:
+            c.run.kind = adaptive.kind_of(self.cfg.router.adaptive, estimate)
+        decided = static_route(self.cfg, c.job, w.feature, params, estimate)
         if decided is not None:
             return decided
+        if learns and estimate is not None:  # in place of the classifier and the default
+            feature = c.job.feature
+            stats = await self._retry(
+                w,
+                "reading the router's counts",
+                lambda: self.outcome_stats.get(self.cfg, feature, clock.now_ms()),
+            )
+            chosen = adaptive.route(self.cfg, feature, estimate, stats, c.d.job_id)
+            c.run.in_use = chosen.in_use or ""
+            return chosen.tier, chosen.reason
         classifier, default = self.cfg.router.classifier, self.cfg.router.default_tier
         if not classifier.enabled:
             return default, "router.default_tier"

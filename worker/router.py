@@ -20,7 +20,7 @@ the feature's `max_tokens_cap`); a budget or breaker with the `downgrade` policy
 the next cheaper tier. Every step is appended to the job's `route_reason`.
 
 With `router.policy = "adaptive"`, worker.adaptive takes the place of steps 4 and 5 for the
-features that set `target_pass_rate` (see that module; not yet called by the worker).
+features that set `target_pass_rate` (see that module and worker.learning).
 """
 
 from __future__ import annotations

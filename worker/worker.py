@@ -29,6 +29,7 @@ import httpx2
 from redis.exceptions import RedisError
 
 from worker import clock, jobrun, outcomes
+from worker.adaptive import FeedbackReader
 from worker.batcher import Batcher
 from worker.caching import ResponseCache
 from worker.calls import Caller
@@ -125,6 +126,10 @@ class Worker:
                 supervise("deferred mover", lambda: self._move_deferred_forever(drained), drained)
             )
             control = duties.create_task(supervise("control listener", self._listen, drained))
+            if self.cfg.router.policy == "adaptive":  # producers' verdicts (worker.adaptive)
+                duties.create_task(
+                    supervise("feedback reader", self._read_feedback, self._stopping)
+                )
             batching = None
             if self.cfg.batch.priorities:
                 batching = duties.create_task(supervise("batcher", self._batcher, self._stopping))
@@ -165,6 +170,18 @@ class Worker:
         task = asyncio.create_task(self._handle(d))
         self._in_flight[task] = d
         task.add_done_callback(self._in_flight.pop)
+
+    async def _read_feedback(self) -> None:
+        """Apply producers' verdicts on tokenq:feedback to the adaptive router's counts."""
+        reader = FeedbackReader(
+            self.queue.redis, self.queue.keys, self.queue.consumer,
+            config=lambda: self.cfg, clock_ms=clock.now_ms,
+        )  # fmt: skip
+        await reader.ensure_group()
+        try:  # blocks no longer than a job read: the Redis client's socket timeout covers it
+            await reader.run(self._stopping, block_ms=self.cfg.worker.block_ms)
+        finally:
+            await asyncio.shield(reader.close())
 
     async def _listen(self) -> None:
         await listen(self.queue.redis, self.queue.keys, self.reload)
