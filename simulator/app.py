@@ -35,7 +35,7 @@ import asyncio
 import msgspec
 from aiohttp import web
 
-from simulator import admin, batches, cache, faults, shapes, tokens, validate
+from simulator import admin, batches, cache, embeddings, faults, shapes, tokens, validate
 from simulator.batches import Batches
 from simulator.cache import Cache, Plan
 from simulator.clock import SimClock
@@ -74,7 +74,8 @@ class ClockState(msgspec.Struct, frozen=True):
 
 _decode_advance = msgspec.json.Decoder(Advance).decode
 ROUTES = (
-    "POST /v1/messages, POST /v1/messages/count_tokens, /v1/messages/batches[/ID[/cancel|"
+    "POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/embeddings, "
+    "/v1/messages/batches[/ID[/cancel|"
     "/results]], GET /v1/organizations/{usage_report/messages,cost_report}, "
     "/_sim/{ledger,reset,advance,config,grade,health}"
 )
@@ -187,6 +188,21 @@ class Simulator:
         headers = limits.headers()
         headers["request-id"] = shapes.new_id("req_")
         return _json(shapes.encode(message), headers)
+
+    async def embed(self, request: web.Request) -> web.Response:
+        """Voyage AI's POST /v1/embeddings (embeddings.py); billed in the ledger's
+        `embeddings`. No latency, faults or rate limits: tokenq skips the semantic cache when
+        an embedding fails, which its unit tests cover without a server."""
+        try:
+            body, texts, dimensions = embeddings.check_request(
+                request.headers, await request.read()
+            )
+        except embeddings.VoyageError as exc:
+            return embeddings.error_response(exc)
+        reply = embeddings.answer(body, texts, dimensions)
+        price = embeddings.EMBEDDING_PRICES[body.model]
+        self.ledger.bill_embeddings(body.model, len(texts), reply.usage.total_tokens, price)
+        return _json(shapes.encode(reply), {"request-id": shapes.new_id("req_")})
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         try:
@@ -408,6 +424,7 @@ def make_app(settings: Settings) -> web.Application:
     add = app.router.add_route
     add("POST", "/v1/messages", sim.messages)
     add("POST", "/v1/messages/count_tokens", sim.count_tokens)
+    add("POST", "/v1/embeddings", sim.embed)
     add("GET", "/_sim/ledger", sim.get_ledger)
     add("POST", "/_sim/reset", sim.reset)
     add("POST", "/_sim/advance", sim.advance)

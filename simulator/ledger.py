@@ -33,6 +33,15 @@ class ModelTotals(msgspec.Struct, kw_only=True):
     ephemeral_1h_input_tokens: int = 0
 
 
+class EmbeddingTotals(msgspec.Struct, kw_only=True):
+    """Sums over one embedding model's billed requests (POST /v1/embeddings)."""
+
+    requests: int = 0
+    texts: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+
+
 class LedgerReport(msgspec.Struct, kw_only=True):
     """GET /_sim/ledger. `faults` is keyed by status ("429"), `rate_limited` by the limit that
     refused a request ("requests", "input_tokens", "output_tokens"), `rejected` counts 4xx
@@ -44,12 +53,14 @@ class LedgerReport(msgspec.Struct, kw_only=True):
     faults: dict[str, int]
     rate_limited: dict[str, int]
     rejected: int
-    total_cost_usd: float  # realtime and batch
+    total_cost_usd: float  # realtime, batch and embeddings
     in_flight: int
     peak_in_flight: int = 0
     # Message Batches items, per model, billed at the batch price (half); not in `models`.
     batch: dict[str, ModelTotals] = {}
     counted: int = 0
+    # POST /v1/embeddings, per embedding model (simulator/embeddings.py); not in `models`.
+    embeddings: dict[str, EmbeddingTotals] = {}
 
 
 class Minute(NamedTuple):
@@ -69,6 +80,7 @@ class Ledger:
     def __init__(self, clock: Clock = time.time) -> None:
         self.models: dict[str, ModelTotals] = {}
         self.batch: dict[str, ModelTotals] = {}
+        self.embeddings: dict[str, EmbeddingTotals] = {}
         self.minutes: dict[Minute, ModelTotals] = {}  # the usage and cost reports' source
         self.faults: dict[str, int] = {}
         self.rate_limited: dict[str, int] = dict.fromkeys(LIMITS, 0)
@@ -91,6 +103,14 @@ class Ledger:
         key = Minute(when, model, "batch" if batch else "standard", long)
         _add(self.minutes.setdefault(key, ModelTotals()), usage, cost)
 
+    def bill_embeddings(self, model: str, texts: int, tokens: int, usd_per_mtok: float) -> None:
+        """Record one answered embeddings request."""
+        totals = self.embeddings.setdefault(model, EmbeddingTotals())
+        totals.requests += 1
+        totals.texts += texts
+        totals.tokens += tokens
+        totals.cost_usd += tokens * usd_per_mtok / 1_000_000
+
     def fault(self, status: str) -> None:
         """Record one injected fault answer."""
         self.faults[status] = self.faults.get(status, 0) + 1
@@ -105,11 +125,13 @@ class Ledger:
             faults=dict(self.faults),
             rate_limited=dict(self.rate_limited),
             rejected=self.rejected,
-            total_cost_usd=sum(t.cost_usd for t in [*self.models.values(), *self.batch.values()]),
+            total_cost_usd=sum(t.cost_usd for t in [*self.models.values(), *self.batch.values()])
+            + sum(t.cost_usd for t in self.embeddings.values()),
             in_flight=in_flight,
             peak_in_flight=peak_in_flight,
             batch={name: msgspec.structs.replace(t) for name, t in self.batch.items()},
             counted=self.counted,
+            embeddings={name: msgspec.structs.replace(t) for name, t in self.embeddings.items()},
         )
 
 

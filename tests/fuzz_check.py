@@ -532,13 +532,19 @@ KEY_TYPES = {
     "route": b"string",
     "batch": b"hash",
     "spend": b"string",
+    "rollup": b"hash",  # hours, their cells, days and totals (worker.rollups)
 }
 SUFFIXED = {
     "budget": (b":holds", b"zset", b"hash"),
     "breaker": (b":probes", b"zset", b"hash"),
     "rcache": (b":done", b"stream", b"string"),
 }
-WHOLE = {b"batcher:lease": b"string", b"batches": b"zset", b"batches:api": b"hash"}
+WHOLE = {
+    b"batcher:lease": b"string",
+    b"batches": b"zset",
+    b"batches:api": b"hash",
+    b"rollup:queue": b"list",
+}
 
 
 def expected_type(key: bytes, prefix: str) -> bytes | None:

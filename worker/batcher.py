@@ -153,6 +153,7 @@ class Batcher:
             visibility_ms=q.visibility_ms,
             result_ttl_s=q.result_ttl_s,
             usage_maxlen=q.usage_maxlen,
+            rollups=q.rollups,
         )
         self.lease = Lease(q.redis, q.keys.batcher_lease, f"{q.consumer}-{uuid.uuid4().hex[:8]}")
         self.claims = Claims(q.redis, q.keys, q.streams)

@@ -50,7 +50,7 @@ from worker.budgets import (
 )
 from worker.caching import has_cache_control
 from worker.config import Config
-from worker.contract import Job, as_text, shown, to_fields
+from worker.contract import GROUP, Job, as_text, shown, to_fields
 from worker.errors import TooLarge
 from worker.estimate import Calibration, needs_count
 from worker.jobrun import Call, JobRun
@@ -393,14 +393,18 @@ class Caller:
     async def report_lost(self, c: CallFor, calls: list[Call]) -> None:
         """Calls whose answers never came: in one transaction, their budget reservations
         settled at the reservation, the run with them `lost`, and an orphan usage event each.
-        Skipped when the stored run is not the one this worker last read or wrote (another
-        worker reported them). Raises a Redis error for the caller to try again."""
+        Skipped when the job's entry is not this worker's (another worker took it over: it
+        reports them), or the stored run is not the one this worker last read or wrote
+        (another worker reported them). A takeover after the check changes the state hash
+        (its claim) before the taker reads the run, so the transaction fails or the taker
+        finds them reported: either way once. Raises a Redis error for the caller to try
+        again."""
         state = self.queue.keys.state(c.d.job_id)
         before = [(call.state, call.hold) for call in calls]
         async with self.queue.redis.pipeline(transaction=True) as tx:
             await tx.watch(state)
             stored: Any = await tx.hget(state, "run")
-            if as_text(stored or "") != c.stored:
+            if as_text(stored or "") != c.stored or not await self._holds(tx, c.d):
                 return
             tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
             for call in calls:
@@ -425,3 +429,8 @@ class Caller:
             shown(c.d.job_id),
             len(calls),
         )
+
+    async def _holds(self, client: Any, d: Delivery) -> bool:
+        """Whether d's entry is pending under this worker's consumer."""
+        rows: Any = await client.xpending_range(d.stream, GROUP, d.entry_id, d.entry_id, 1)
+        return bool(rows) and as_text(rows[0]["consumer"]) == self.queue.consumer

@@ -15,8 +15,11 @@ import msgspec
 
 from producers import Producer
 from worker.api_request import parse_request
+from worker.cli_cache import EPILOG_LINE as CACHE_EPILOG
+from worker.cli_cache import add_cache_command
 from worker.cli_entries import add_entry_commands
 from worker.cli_ops import Sub, add_ops_commands, config_of, positive, redis_of, run_async
+from worker.cli_report import add_report_commands, report_query
 from worker.cli_tools import EPILOG_LINES as TOOLS_EPILOG
 from worker.cli_tools import add_tool_commands
 from worker.config import Config, config_path, load_config
@@ -27,6 +30,8 @@ from worker.fleet import run_fleet
 from worker.local import up
 from worker.usage import HitRates, follow, tail_line
 from worker.worker import serve
+
+__all__ = ["build_parser", "main", "report_query"]
 
 EPILOG = f"""\
 commands, in the order you meet them:
@@ -41,6 +46,10 @@ commands, in the order you meet them:
   limits      rate limits per model: configured, in use across the fleet, headroom
   budgets     spend caps per feature and tenant: spent, reserved, cap; circuit breakers
   batches     Message Batches of the batch windows: state and counts; cancel one
+  report      spend, savings, cache hit rates and latency by feature, model, tenant, day...
+  metrics     serve the fleet's metrics to Prometheus (/metrics)
+  dashboard   a web page of spend, savings, caches, latency and queues, updating live
+{CACHE_EPILOG.rstrip()}
   reload      make every running worker re-read its config file (limits, features, prices)
   config      check a config file
   simulator   a local Anthropic API with a billing ledger (the default without an API key)
@@ -117,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tail(sub)
     add_entry_commands(sub)  # dead, jobs
     add_ops_commands(sub)  # consumers, limits, budgets, batches, reload
+    add_cache_command(sub)
+    add_report_commands(sub)  # report, metrics, dashboard
     _add_config(sub)
     sub.add_parser("simulator", help="a local Anthropic API (see `tokenq simulator --help`)")
     p = sub.add_parser("redis", help="run the embedded valkey-server in the foreground")

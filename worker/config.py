@@ -176,6 +176,22 @@ class ModelConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     min_cache_tokens: Count = 1024
 
 
+class SemanticCacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A feature's semantic cache (worker.semantic): a rephrased question is answered from an
+    earlier answer when its last user turn is at least `threshold` similar (cosine) and
+    everything else about the request is identical."""
+
+    # Cosine similarity of the last user turns at which an earlier answer is served. Raised
+    # for a while by producers' `bad` verdicts on semantic hits (worker.semantic.trust).
+    threshold: Annotated[float, msgspec.Meta(ge=0.5, lt=1)] = 0.92
+    ttl_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86_400)] = 86_400
+    # Entries kept per scope (the feature's shared scope, or one tenant's); the oldest go first.
+    max_entries: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    # A `bad` verdict halves the room between threshold and 1; the penalty halves again every
+    # trust_half_life_s, so the threshold comes back once the bad answers stop.
+    trust_half_life_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86_400)] = 86_400
+
+
 class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     tier: str | None = None
     max_tokens: Count = 1024
@@ -203,6 +219,8 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     response_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 0
     response_cache_scope: Literal["tenant", "shared"] = "tenant"
     dedupe: bool = False
+    # Opt-in: answer a rephrased question from an earlier answer (README: Semantic cache).
+    semantic_cache: SemanticCacheConfig | None = None
 
 
 WINDOW = r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
@@ -223,6 +241,28 @@ class BatchConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     lease_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 15.0
 
 
+class EmbeddingsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where the semantic cache gets its vectors from (worker.embeddings)."""
+
+    # "auto": Voyage AI when VOYAGE_API_KEY is set, else the simulator; "voyage"; "local" (a
+    # static model2vec model on the CPU from local_path); "simulator".
+    provider: Literal["auto", "voyage", "local", "simulator"] = "auto"
+    model: Annotated[str, msgspec.Meta(min_length=1)] = "voyage-3.5-lite"
+    # Length of the vectors asked for (Voyage's output_dimension: 256, 512, 1024 or 2048 for
+    # the voyage-3.5 and -4 models); a local model gives its own.
+    dimensions: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 512
+    voyage_url: str = "https://api.voyageai.com/v1"
+    # A folder holding a model2vec model (config.json, model.safetensors, tokenizer.json),
+    # relative to the config file; downloaded once by you, never fetched at run time.
+    local_path: str = ""
+    # The price of the embedded tokens (part of the job's cost_usd).
+    usd_per_mtok: Price = 0.02
+    timeout_s: Positive = 10.0
+    # A last user turn longer than this is not looked up (nor embedded): FAQ-like questions
+    # are short, and a long text would cost an embedding for a cache that never hits.
+    max_chars: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4000
+
+
 class AlertsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Alerts out (worker.alerts): where they go and how often a condition may repeat."""
 
@@ -230,6 +270,19 @@ class AlertsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     period_s: Annotated[int, msgspec.Meta(ge=1)] = 3600
     dead_letter_burst: Count = 10
     dead_letter_window_s: Positive = 60.0
+
+
+class ReportConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Rollups of job outcomes for `tokenq report`, the metrics and the dashboard (rollups.py)."""
+
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 90
+    tenants_per_hour: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
+
+
+class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """`tokenq metrics`: the Prometheus exporter (metrics.py)."""
+
+    tenant_labels: bool = False
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -244,6 +297,9 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     breakers: BreakersConfig = BreakersConfig()
     batch: BatchConfig = BatchConfig()
     alerts: AlertsConfig = AlertsConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    report: ReportConfig = ReportConfig()
+    metrics: MetricsConfig = MetricsConfig()
     tiers: dict[str, str] = {}
     models: dict[str, ModelConfig] = {}
     features: dict[str, FeatureConfig] = {}
@@ -290,6 +346,7 @@ def parse_config(raw: dict[str, Any], where: str = DEFAULT_PATH) -> Config:
             problems.append(f"{exc}. Fix it in the config file.")
     if cfg is not None:
         cfg, schema_problems = _load_schemas(cfg, Path(where).parent)
+        cfg = _resolve_local_path(cfg, Path(where).parent)
         problems += schema_problems + _cross_check(cfg)
     if len(problems) == 1:
         raise ConfigError(f"{where}: {problems[0]}")
@@ -385,6 +442,7 @@ def _cross_check(cfg: Config) -> list[str]:
     return (
         _check_names(cfg) + _check_router_budgets(cfg) + _check_urls(cfg) + _check_queue(cfg)
         + _check_batch(cfg) + _check_answers(cfg) + _check_adaptive(cfg)
+        + _check_embeddings(cfg)
     )  # fmt: skip
 
 
@@ -649,6 +707,41 @@ def _check_adaptive(cfg: Config) -> list[str]:
             "estimated input tokens, the first 0 and each larger than the one before, e.g. "
             "{short = 0, medium = 500, long = 2000}"
         )
+    return out
+
+
+def _resolve_local_path(cfg: Config, base: Path) -> Config:
+    """embeddings.local_path made absolute against the config file's folder."""
+    path = cfg.embeddings.local_path
+    if not path or Path(path).is_absolute():
+        return cfg
+    embeddings = msgspec.structs.replace(cfg.embeddings, local_path=str(base.resolve() / path))
+    return msgspec.structs.replace(cfg, embeddings=embeddings)
+
+
+def _check_embeddings(cfg: Config) -> list[str]:
+    e, out = cfg.embeddings, []
+    used = [name for name, f in cfg.features.items() if f.semantic_cache is not None]
+    if not re.match(r"^https?://.+", e.voyage_url):
+        out.append(
+            f"embeddings.voyage_url = {e.voyage_url!r} is not allowed: use an http(s):// URL"
+        )
+    if e.provider == "local" and not e.local_path:
+        out.append(
+            'embeddings.provider = "local" needs embeddings.local_path: the folder of a '
+            "model2vec model you downloaded once (e.g. minishlab/potion-base-8M)"
+        )
+    # Checked only where it is used: the file may not exist on a machine that never looks up.
+    if e.provider == "local" and e.local_path and used:
+        folder = Path(e.local_path)
+        if not (folder / "config.json").is_file():
+            out.append(
+                f"embeddings.local_path = {e.local_path!r} holds no model2vec model (no "
+                f"config.json in {str(folder)!r}); download one there first, e.g. "
+                '`python -c "from model2vec import StaticModel; '
+                "StaticModel.from_pretrained('minishlab/potion-base-8M')"
+                ".save_pretrained('PATH')\"`"
+            )
     return out
 
 

@@ -15,6 +15,7 @@ import hashlib
 import re
 from collections.abc import Collection
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import msgspec
 
@@ -89,6 +90,39 @@ class Keys:
         """A hash of rate-limit buckets: a model's, or a feature's share of it."""
         base = f"{self.prefix}:limits:{model}"
         return base if feature is None else f"{base}:{feature}"
+
+    @property
+    def rollup_queue(self) -> str:
+        """A list: outcome records the finishing write appends, until a fold adds them to
+        their hour's cells (see worker.rollups)."""
+        return f"{self.prefix}:rollup:queue"
+
+    def rollup_index(self, hour: str) -> str:
+        """A hash: an hour's (YYYYMMDDHH, UTC) rollup cells (`K<id>` -> dimensions) and the
+        tenants with rows of their own (`T<tenant>`, and their count `#T`)."""
+        return f"{self.prefix}:rollup:h:{hour}"
+
+    def rollup_cell(self, hour: str, cell: str) -> str:
+        """A hash: one cell's metrics in one hour (see worker.rollups)."""
+        return f"{self.prefix}:rollup:h:{hour}:{cell}"
+
+    def rollup_hour(self, hour: str) -> str:
+        """A hash: a finished hour's cells (`<dims>` -> metrics), compacted by readers."""
+        return f"{self.prefix}:rollup:hour:{hour}"
+
+    def rollup_day(self, day: str, view: str = "all") -> str:
+        """A hash: a finished day's (YYYYMMDD, UTC) cells per feature, model and priority
+        (view `all`), per tenant (`tenant`) or per feature and tenant (`feature-tenant`)."""
+        return f"{self.prefix}:rollup:day:{day}:{view}"
+
+    @property
+    def rollup_totals(self) -> str:
+        """A hash: the running totals' cells (`K<id>` -> dimensions); never expires."""
+        return f"{self.prefix}:rollup:total"
+
+    def rollup_total(self, cell: str) -> str:
+        """A hash: one cell's running totals since the first job (never expires)."""
+        return f"{self.prefix}:rollup:total:{cell}"
 
     def jobs(self, priority: str) -> str:
         """The stream producers XADD jobs of this priority onto."""
@@ -184,6 +218,33 @@ class Keys:
     def lengths(self, feature: str, day: int) -> str:
         """A hash: a feature's answer lengths in one day, counted in fixed buckets."""
         return f"{self.prefix}:outlen:{feature}:{day}"
+
+    # The semantic cache's keys (worker.semantic). A scope's keys share its base; feature
+    # and tenant are percent-encoded there, so no name (a `:` in a tenant, say) can make
+    # two scopes' keys meet.
+    def semantic_scope(self, feature: str, tenant: str | None) -> str:
+        """The base of a scope's keys: a feature's shared scope (tenant None) or a tenant's.
+        Under it: `:index` (sorted set of entry ids by time), `:ver` (hash: `epoch`, `n`
+        changes), `:log` (stream of changes), `:e:<entry id>` (string: an entry)."""
+        who = "shared" if tenant is None else "t=" + quote(tenant, safe="")
+        return f"{self.prefix}:semantic:{quote(feature, safe='')}:{who}"
+
+    @property
+    def semantic_scopes(self) -> str:
+        """A set of the scope bases that hold entries (or did): for `tokenq cache`."""
+        return f"{self.prefix}:semantic:scopes"
+
+    def semantic_source(self, job_id: str) -> str:
+        """A string: the scope base and entry id of the entry a job's answer became."""
+        return f"{self.prefix}:semantic:job:{job_id}"
+
+    def semantic_hit(self, job_id: str) -> str:
+        """A string: a job answered from the semantic cache: its entry, similarity, pair."""
+        return f"{self.prefix}:semantic:hit:{job_id}"
+
+    def semantic_trust(self, feature: str) -> str:
+        """A hash: the decayed count of `bad` verdicts on a feature's semantic hits."""
+        return f"{self.prefix}:semantic:trust:{quote(feature, safe='')}"
 
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]

@@ -14,8 +14,9 @@ cost, how often it was tried, how long it waited and where it was routed:
   deferrals included; `deferred_ms` is the part of it spent in the deferred set.
 
 `finish_into` is where the finishing transaction is assembled: per-job commands that must be
-written with a job's end (rollups of the usage stream, the adaptive router's counts, learnt
-max_tokens) join it there, so that they are written exactly when the job ends.
+written with a job's end join it there, so that they are written exactly when the job ends:
+the outcome's rollup records (issue 13) today; the adaptive router's counts and learnt
+max_tokens when they are wired in.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from worker.errors import JobRejected, TooLarge
 from worker.jobrun import Call, JobRun
 from worker.jobs import ApiMessage, text_of
 from worker.queue import Delivery, Finish, Queue
+from worker.rollups import Rollups
 from worker.usage import ApiUsage, baseline_cost_usd
 
 MESSAGE_CHARS = 500  # of the reason, in an error's usage event
@@ -66,19 +68,23 @@ class Ending:
     dead: dict[str, str] | None = None
     also: Callable[[Any], None] | None = None
 
-    def encoded(self) -> Finish:
-        """The stream fields and JSON that Queue writes."""
-        return Finish(_encode(self.result), to_fields(self.event), self.reply_to, self.dead)
+    def encoded(self, rollups: Rollups | None = None) -> Finish:
+        """The stream fields and JSON that Queue writes, with the outcome's rollup records."""
+        usage = to_fields(self.event)
+        records = tuple(rollups.delta([usage]).records()) if rollups is not None else ()
+        return Finish(_encode(self.result), usage, self.reply_to, self.dead, records)
 
 
 def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending) -> None:
     """Queue a job's end on the finishing transaction the caller executes: result, usage
-    event, dead letter, reply and acknowledgement, in one script fenced by the entry's holder
-    (Queue.finish_into, worker.fence). Commands that belong to a job's end (rollups of the
-    usage stream, learnt routing) are added here, after it: in the one case the fence stops
-    the end (another worker took the job over) they are written by both, so they must be
-    idempotent or tolerate it."""
-    queue.finish_into(tx, d, job_id, ending.encoded())
+    event, dead letter, reply, the outcome's rollup records (worker.rollups: one RPUSH, so
+    the outcome is counted with its end and only then) and acknowledgement, in one script
+    fenced by the entry's holder (Queue.finish_into, worker.fence): a worker whose job was
+    taken over writes none of them. Other commands that belong to a job's end (learnt
+    routing, learnt max_tokens) join here, after it: in the one case the fence stops the end
+    they would be written by both workers, so they must be idempotent or tolerate it (or go
+    into the fenced script, as the rollup records do)."""
+    queue.finish_into(tx, d, job_id, ending.encoded(queue.rollups))
     if ending.also is not None:  # the hook: per-job counts that join the finishing write
         ending.also(tx)
 

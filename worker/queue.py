@@ -43,6 +43,7 @@ from worker.contract import (
     id_problem,
 )
 from worker.fence import Key
+from worker.rollups import Rollups
 
 log = logging.getLogger("tokenq.queue")
 
@@ -94,12 +95,14 @@ return 1
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """Everything written when a job ends: result, usage event, optional dead letter."""
+    """Everything written when a job ends: result, usage event, optional dead letter, and
+    the outcome's rollup records (worker.rollups; made by worker.outcomes)."""
 
     result_json: bytes
     usage: dict[str, str]
     reply_to: str | None = None
     dead: dict[str, str] | None = None
+    records: tuple[bytes, ...] = ()
 
 
 class Queue:
@@ -117,8 +120,10 @@ class Queue:
         result_ttl_s: int = 86_400,
         usage_maxlen: int = 1_000_000,
         batched: Collection[str] = (),
+        rollups: Rollups | None = None,
     ) -> None:
         self.redis = redis
+        self.rollups = rollups
         self.keys = keys
         self.priorities = list(priorities)
         self.streams = {p: keys.jobs(p) for p in priorities}
@@ -138,7 +143,10 @@ class Queue:
         self._fenced, self._renew = fence.scripts(redis)
 
     async def ensure_groups(self) -> None:
-        """Create the consumer group on every job stream (and the stream) if missing."""
+        """Create the consumer group on every job stream (and the stream) if missing, and
+        load the rollups' script."""
+        if self.rollups is not None:
+            await self.rollups.load(self.redis)
         for stream in self.streams.values():
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -283,8 +291,9 @@ class Queue:
             await fence.renew(self._renew, stream, self.consumer, ids)
 
     async def finish(self, d: Delivery, job_id: str, end: Finish) -> bool:
-        """Write result, usage event (and dead letter, reply) and acknowledge, in one script;
-        False when the entry is no longer this consumer's (finished, or taken over)."""
+        """Write result, usage event (and dead letter, reply, rollup records) and acknowledge,
+        in one script; False when the entry is no longer this consumer's (finished, or taken
+        over)."""
         return await self._ending(d, job_id, end).run(self._fenced)
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
@@ -303,6 +312,8 @@ class Queue:
         # Wakes result() waiters; short-lived, the result key itself is the record.
         w.add("RPUSH", Key(self.keys.done(job_id)), 1)
         w.add("EXPIRE", Key(self.keys.done(job_id)), min(ttl, 300))
+        if end.records:  # the outcome's share of the hourly rollups (worker.rollups)
+            w.add("RPUSH", Key(self.keys.rollup_queue), *end.records)
         self._ack(w, d)
         # The claim stays as long as the result, so a same-numbered entry of another stream is
         # never mistaken for a redelivery of this one; the job's run is no longer needed.

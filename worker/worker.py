@@ -44,6 +44,7 @@ from worker.errors import ConfigError
 from worker.jobs import Defer, GaveUp, TakenOver, exhausted, with_retries
 from worker.process import Runner
 from worker.queue import Delivery, Queue
+from worker.rollups import Rollups, settings_of
 from worker.supervise import stopped_within, supervise
 
 log = logging.getLogger("tokenq.worker")
@@ -103,6 +104,8 @@ class Worker:
         self.cfg = cfg
         self.caller.reload(cfg)
         self.runner.reload(cfg)
+        if self.queue.rollups is not None:
+            self.queue.rollups.reload(settings_of(cfg))
         log.info("reloaded %s", self.config_file)
         return True
 
@@ -124,6 +127,9 @@ class Worker:
             duties.create_task(supervise("renewer", lambda: self._renew_forever(drained), drained))
             duties.create_task(
                 supervise("deferred mover", lambda: self._move_deferred_forever(drained), drained)
+            )
+            duties.create_task(
+                supervise("rollup folder", lambda: self._fold_forever(drained), drained)
             )
             control = duties.create_task(supervise("control listener", self._listen, drained))
             if self.cfg.router.policy == "adaptive":  # producers' verdicts (worker.adaptive)
@@ -228,6 +234,16 @@ class Worker:
                 continue
             if moved:
                 log.info("%d deferred jobs are due and back on their streams", moved)
+
+    async def _fold_forever(self, until: asyncio.Event) -> None:
+        """Every second, add the finished jobs' rollup records to their hours (rollups.py)."""
+        rollups = self.queue.rollups
+        # A timer: the rollups are promised no more than a second behind.
+        while rollups is not None and not await stopped_within(until, 1.0):
+            try:
+                await rollups.fold(self.queue.redis)
+            except (RedisError, OSError) as exc:
+                log.warning("folding the rollups failed: %s", exc)
 
     # -- one job --
 
@@ -366,6 +382,7 @@ def build_worker(
         result_ttl_s=cfg.queue.result_ttl_s,
         usage_maxlen=cfg.queue.usage_maxlen,
         batched=cfg.batch.priorities,
+        rollups=Rollups(Keys(cfg.prefix), settings_of(cfg)),
     )
     client = client or make_client(cfg, concurrency)
     return Worker(cfg, queue, client, concurrency=concurrency)

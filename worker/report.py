@@ -1,0 +1,246 @@
+"""`tokenq report`: the rollups' cells (worker.cells) grouped, filtered and shown as rows.
+
+A period is read as whole finished days where it can (one hash each; the tenant-less one
+unless the question is about tenants), then finished hours, then the live hours. Questions
+about tenants by model or priority, and by hour, read hours only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from worker.cells import (
+    ALL,
+    DayView,
+    Dims,
+    Vector,
+    add,
+    day_cells,
+    finished_hours,
+    hour_cells,
+    new,
+    periods,
+)
+from worker.rollups import (
+    BOUNDS_MS,
+    INDEX,
+    LATENCY,
+    METRICS,
+    NANO,
+    OTHER,
+    UNKNOWN,
+    WAIT,
+    Rollups,
+)
+
+DIMENSIONS = ("feature", "model", "tenant", "priority", "day", "hour")
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What to report: hours [start_hour, end_hour), grouped by `by`, filtered."""
+
+    start_hour: int
+    end_hour: int
+    by: tuple[str, ...] = ()
+    feature: str | None = None
+    tenant: str | None = None
+
+
+@dataclass(slots=True)
+class Answer:
+    """The report's rows (group values, then row()'s columns), all of them together (total)
+    and notes for the reader."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    total: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@lru_cache(maxsize=4096)
+def _when(start_hour: int) -> tuple[str, str]:
+    moment = time.gmtime(start_hour * 3600)
+    return time.strftime("%Y-%m-%d", moment), time.strftime("%Y-%m-%d %H:00", moment)
+
+
+def _group(dims: Dims, start_hour: int, by: tuple[str, ...]) -> tuple[str, ...]:
+    f, m, p, t = dims
+    day, hour = _when(start_hour) if "day" in by or "hour" in by else ("", "")
+    values = {"feature": f, "model": m, "priority": p, "tenant": t, "day": day, "hour": hour}
+    return tuple(values[name] for name in by)
+
+
+async def _sums(
+    redis: aioredis.Redis, rollups: Rollups, q: Query, now_ms: int
+) -> dict[tuple[str, ...], Vector]:
+    """The metrics of each group of q.by over q's period, filtered."""
+    tenants = "tenant" in q.by or q.tenant is not None
+    # A day's tenant cells have no model or priority: such questions read the hours.
+    days = "hour" not in q.by and not (tenants and {"model", "priority"} & set(q.by))
+    by_feature = "feature" in q.by or q.feature is not None
+    view: DayView = ("feature-tenant" if by_feature else "tenant") if tenants else "all"
+
+    def keep(dims: Dims) -> bool:  # the filters, before a stored cell is decoded
+        return (q.feature is None or display(dims[0]) == q.feature) and (
+            q.tenant is None or display(dims[3]) == q.tenant)  # fmt: skip
+
+    sums: dict[tuple[str, ...], Vector] = {}
+    spans = list(periods(q.start_hour, q.end_hour, now_ms, days=days))
+    finished = await finished_hours(redis, rollups, (n for kind, n in spans if kind == "hour"))
+    for kind, n in spans:
+        if kind == "day":
+            cells = await day_cells(redis, rollups, n, view, keep)
+        else:
+            cells = finished[n] if kind == "hour" else await hour_cells(redis, rollups.keys, n)
+        start = n * 24 if kind == "day" else n
+        for dims, v in cells.items():
+            if kind == "day" or keep(dims):
+                group = _group(dims, start, q.by)
+                if group in sums:
+                    add(sums[group], v)
+                else:
+                    sums[group] = list(v)
+    return sums
+
+
+async def query(redis: aioredis.Redis, rollups: Rollups, q: Query, *, now_ms: int) -> Answer:
+    """Rows of metrics (see row()) for each group of q.by: in time order when grouped by day
+    or hour, else biggest cost first."""
+    await rollups.fold(redis)  # the outcomes of the last second, if no worker folded them yet
+    sums = await _sums(redis, rollups, q, now_ms)
+    everything = new()
+    for v in sums.values():
+        add(everything, v)
+    answer = Answer(total=row(everything))
+    for group, v in sums.items():
+        answer.rows.append({**{k: display(g) for k, g in zip(q.by, group, strict=True)},
+                            **row(v)})  # fmt: skip
+    answer.rows.sort(key=lambda r: tuple(r[k] for k in q.by) if {"day", "hour"} & set(q.by)
+                     else (-r["cost_usd"], tuple(r[k] for k in q.by)))  # fmt: skip
+    retention_days = rollups.settings.retention_days
+    oldest_ms = now_ms - retention_days * 86_400_000
+    if q.start_hour * 3_600_000 < oldest_ms:
+        since = time.strftime("%Y-%m-%d %H:00", time.gmtime(oldest_ms / 1000))
+        answer.notes.append(
+            f"the period starts before the rollups' retention (report.retention_days = "
+            f"{retention_days}): nothing before about {since} UTC is kept"
+        )
+    return answer
+
+
+def display(slot: str) -> str:
+    """A stored dimension value as people read it."""
+    return {OTHER: "(other)", UNKNOWN: "(unknown feature)", ALL: "(all)", "": "(none)"}.get(
+        slot, slot
+    )
+
+
+def percentile(counts: Sequence[int], q: float) -> float | None:
+    """The q-quantile (0..1) of a histogram over BOUNDS_MS, interpolated inside its bucket as
+    Prometheus' histogram_quantile does; None without observations."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for k, count in enumerate(counts):
+        if count and seen + count >= rank:
+            low = BOUNDS_MS[k - 1] if k else 0
+            high = BOUNDS_MS[k] if k < len(BOUNDS_MS) else low
+            return low + (high - low) * max(0.0, rank - seen) / count
+        seen += count
+    return float(BOUNDS_MS[-1])
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+TOKEN_COLUMNS = (
+    ("input_tokens", "ti"),
+    ("output_tokens", "to"),
+    ("cache_write_tokens", "tw"),
+    ("cache_read_tokens", "tr"),
+)
+
+
+def row(v: Sequence[int]) -> dict[str, Any]:
+    """A vector of metrics as the report's columns."""
+    g = {name: v[n] for n, name in enumerate(METRICS)}
+    ok = g["jor"] + g["job"] + g["joc"]
+    tokens = {name: g[code] for name, code in TOKEN_COLUMNS}
+    asked = g["rh"] + g["rj"] + g["rm"]
+    lat = [v[INDEX[name]] for name in LATENCY]
+    wait = [v[INDEX[name]] for name in WAIT]
+    return {
+        "jobs": g["n"], "ok": ok, "errors": g["n"] - ok,
+        "tokens": sum(tokens.values()), **tokens,
+        "cost_usd": g["usd"] / NANO, "baseline_usd": g["base"] / NANO,
+        "saved_usd": (g["base"] - g["usd"]) / NANO,
+        "saved_pct": _rate(g["base"] - g["usd"], g["base"]),
+        "response_cache_hit_rate": _rate(g["rh"] + g["rj"], asked),
+        "prompt_cache_hit_rate": _rate(g["pr"], g["pr"] + g["pw"]),
+        "latency_p50_ms": percentile(lat, 0.5), "latency_p95_ms": percentile(lat, 0.95),
+        "queue_wait_p95_ms": percentile(wait, 0.95),
+        "batch_share": _rate(g["job"] + g["jeb"], g["n"]),
+    }  # fmt: skip
+
+
+COLUMNS = (
+    ("jobs", "jobs"), ("ok", "ok"), ("errors", "errors"), ("tokens", "tokens"),
+    ("cost", "cost_usd"), ("baseline", "baseline_usd"), ("saved", "saved_usd"),
+    ("saved%", "saved_pct"), ("resp.cache", "response_cache_hit_rate"),
+    ("prompt.cache", "prompt_cache_hit_rate"), ("p50 ms", "latency_p50_ms"),
+    ("p95 ms", "latency_p95_ms"), ("wait p95 ms", "queue_wait_p95_ms"),
+    ("batch", "batch_share"),
+)  # fmt: skip
+"""The table's columns: heading and row key."""
+
+
+def report_csv(answer: Answer, by: Sequence[str]) -> str:
+    """The rows as CSV: the group columns, then every column of row()."""
+    out = io.StringIO()
+    names = [*by, *(answer.total or row([0] * len(METRICS)))]
+    writer = csv.DictWriter(out, fieldnames=names, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(answer.rows)
+    return out.getvalue()
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_usd"):
+        if abs(value) >= 1000:
+            return f"${value:,.0f}"
+        return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.6f}"
+    if key.endswith(("_pct", "_rate", "_share")):
+        return f"{value:.0%}"
+    if key.endswith("_ms"):
+        return f"{value:,.0f}"
+    return f"{value:,}"
+
+
+def table(answer: Answer, by: Sequence[str]) -> str:
+    """The rows as an aligned text table, with a total line when there are several rows."""
+    heads = [*by, *(h for h, _ in COLUMNS)]
+    lines = [[str(r[k]) for k in by] + [_cell(k, r[k]) for _, k in COLUMNS] for r in answer.rows]
+    if len(answer.rows) > 1 and by:
+        lines.append(["total", *[""] * (len(by) - 1)] + [
+            _cell(k, answer.total[k]) for _, k in COLUMNS])  # fmt: skip
+    if not lines:
+        return "no job outcomes in this period"
+    widths = [max(len(x) for x in col) for col in zip(heads, *lines, strict=True)]
+
+    def aligned(line: list[str]) -> str:
+        pairs = enumerate(zip(line, widths, strict=True))
+        return "  ".join(x.ljust(w) if n < len(by) else x.rjust(w) for n, (x, w) in pairs)
+
+    return "\n".join(aligned(line) for line in [heads, *lines])
