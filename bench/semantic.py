@@ -171,7 +171,7 @@ async def one_pass(
         async with run.redis.pipeline(transaction=True) as tx:
             tx.set(key, msgspec.json.encode(answer), ex=f.response_cache_ttl_s)
             if semantic is not None and found is not None and found.outcome == "miss":
-                await semantic.store_into(
+                semantic.store_into(
                     tx, run.cfg, found, job_id=job_id, answer=answer, now_ms=int(time.time() * 1000)
                 )
             await tx.execute()
@@ -267,7 +267,7 @@ async def lookup_times(srv: Servers, cfg: Config, entries: int, lookups: int) ->
                 miss = msgspec.structs.replace(
                     found, outcome="miss", vector=vectors[i].astype("<f4").tobytes()
                 )
-                await cache.store_into(
+                cache.store_into(
                     pipe,
                     cfg,
                     miss,

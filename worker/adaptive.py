@@ -43,7 +43,7 @@ import hashlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -425,9 +425,14 @@ class FeedbackReader:
         self, redis: aioredis.Redis, keys: Keys, consumer: str,
         config: Callable[[], Config], clock_ms: Callable[[], int],
         idle_ms: int = FEEDBACK_IDLE_MS,
+        on_bad: Callable[[str, int], Awaitable[object]] | None = None,
     ) -> None:  # fmt: skip
         self.redis, self.keys, self.consumer = redis, keys, consumer
         self.config, self.clock_ms, self.idle_ms = config, clock_ms, idle_ms
+        # Called with (job id, now_ms) for every `bad` verdict before it is applied (the
+        # semantic cache's: worker.semantic_audit.bad_verdict); a Redis error leaves the
+        # entry pending, to be taken over and applied again.
+        self.on_bad = on_bad
         self.counts: Counter[str] = Counter()
         self._cursor = "0-0"
 
@@ -503,6 +508,8 @@ class FeedbackReader:
             feedback = msgspec.convert(text, Feedback, strict=False)
         except (UnicodeDecodeError, msgspec.ValidationError) as exc:
             return await self._drop(entry_id, "malformed", str(exc))
+        if feedback.verdict == "bad" and self.on_bad is not None:
+            await self.on_bad(feedback.job_id, self.clock_ms())
         for _ in range(5):  # another reader changed the record: read it again
             try:
                 return await self._apply_to_record(entry_id, feedback)

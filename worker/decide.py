@@ -36,6 +36,7 @@ from worker.jobs import Defer, check_deadline, exhausted
 from worker.outcomes import Ending
 from worker.queue import Delivery
 from worker.router import CUT, cheaper, check_answer, dearer
+from worker.semantic import Lookup
 
 Step = Ending | Defer | None  # what to write: an end, a deferral, or nothing (left pending)
 STOP_LOOK_MS = 60_000  # a job stopped by the spend limit looks again this often
@@ -53,6 +54,7 @@ class Work:
     params: dict[str, Any] = field(default_factory=dict)  # the request as shaped
     held: Answered | None = None  # the last answer in hand, while it is escalated
     token: str = ""  # the job's response-cache claim
+    lookup: Lookup | None = None  # what the semantic cache found (worker.semantic)
 
 
 def why_not(cfg: Config, w: Work) -> tuple[JobRejected, str] | None:

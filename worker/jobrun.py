@@ -67,6 +67,8 @@ RUN_KEYS = dict(
     response_cache="rc",
     kind="k",
     in_use="u",
+    embedding_tokens="et",
+    embedding_usd="eu",
 )
 
 
@@ -119,6 +121,9 @@ class JobRun(msgspec.Struct, kw_only=True, omit_defaults=True, rename=RUN_KEYS):
     # the tier the fleet should now use for that kind when this job's route changed it.
     kind: str = ""
     in_use: str = ""
+    # The semantic cache's lookups: tokens embedded and their cost (part of the job's cost).
+    embedding_tokens: int = 0
+    embedding_usd: float = 0.0
 
     @property
     def attempts(self) -> int:
@@ -138,8 +143,9 @@ class JobRun(msgspec.Struct, kw_only=True, omit_defaults=True, rename=RUN_KEYS):
         return [c for c in self.calls if c.state == "answered"]
 
     def cost_usd(self) -> float:
-        """What the answered calls cost (lost calls are reported apart, as orphans)."""
-        return sum(c.cost_usd for c in self.calls if c.state == "answered")
+        """What the answered calls and the embeddings cost (lost calls are reported apart, as
+        orphans)."""
+        return self.embedding_usd + sum(c.cost_usd for c in self.calls if c.state == "answered")
 
     def returned(self, entry_ms: int) -> None:
         """The job is back from the deferred set in an entry enqueued at entry_ms."""

@@ -119,6 +119,7 @@ def totals(run: JobRun | None) -> dict[str, Any]:
         "deferred_ms": run.deferred_ms,
         "route_reason": "; ".join(run.route),
         "response_cache": run.response_cache,
+        "embedding_tokens": run.embedding_tokens,
     }
 
 
@@ -181,10 +182,13 @@ def from_cache(
     how: str,
     started_ms: int,
     baseline: ModelConfig,
+    similar: tuple[float, str] | None = None,
 ) -> Ending:
-    """A job answered without a call: from the response cache ("hit") or by an identical
-    call in flight ("joined"). Its own calls (a classifier's) are its cost; its baseline is
-    what the answer would have cost naively."""
+    """A job answered without a call: from the response cache ("hit"), by an identical
+    call in flight ("joined") or from the semantic cache ("semantic", `similar` the
+    similarity and the job whose answer it got). Its own calls (a classifier's) and
+    embeddings are its cost; its baseline is what the answer would have cost naively."""
+    similarity, source = similar if similar is not None else (None, None)
     result = Result(
         id=d.job_id,
         status="ok",
@@ -196,10 +200,16 @@ def from_cache(
         usage=answer.usage,
         cost_usd=usd_amount(run.cost_usd()),
         mode="cache",
+        semantic_similarity=similarity,
+        semantic_source_job_id=source,
     )
     usage = msgspec.convert(answer.usage, ApiUsage)
-    why = "response cache hit" if how == "hit" else "joined an identical call in flight"
+    why = {"hit": "response cache hit", "joined": "joined an identical call in flight"}.get(
+        how, f"semantic cache hit: similarity {similarity or 0:.4f} to job {source}"
+    )
     summed = {**totals(run), "route_reason": "; ".join([*run.route, why]), "response_cache": how}
+    if similar is not None:
+        summed |= {"semantic_similarity": similarity, "semantic_source_job_id": source}
     event = UsageEvent(
         **summed,
         ts_ms=clock.now_ms(),

@@ -47,6 +47,7 @@ from worker.router import (
     request_hash,
     static_route,
 )
+from worker.semantic import SemanticCache
 
 log = logging.getLogger("tokenq.worker")
 
@@ -84,8 +85,10 @@ class Runner:
         caller: Caller,
         cache: ResponseCache,
         stopping: asyncio.Event,
+        semantic: SemanticCache | None = None,
     ) -> None:
         self.cfg = cfg
+        self.semantic = semantic
         self.queue = queue
         self.claims = claims
         self.caller = caller
@@ -108,25 +111,37 @@ class Runner:
             return begun
         assert w.c is not None
         try:
-            return self._learning(w, await self._answer(w))
+            return self._with_writes(w, await self._answer(w))
         except JobRejected as exc:
             return outcomes.rejected(w.d, exc, started_ms=w.started_ms, cfg=self.cfg, run=w.c.run)
 
-    def _learning(self, w: Work, step: Step) -> Step:
-        """An answered job's end, with what its answers teach joining its finishing write
-        (worker.learning)."""
+    def _with_writes(self, w: Work, step: Step) -> Step:
+        """An answered job's end, with the writes that belong to it joining its finishing
+        transaction: what its answers teach (worker.learning), and the semantic cache's
+        record of a hit or the entry an answer that passed its check becomes."""
         if not isinstance(step, Ending) or step.dead is not None or w.c is None:
             return step
-        cfg, keys, c = self.cfg, self.queue.keys, w.c
+        cfg, keys, c, semantic, lookup = self.cfg, self.queue.keys, w.c, self.semantic, w.lookup
         cached = step.result.tier if step.result.mode == "cache" else None
+        keep = _worth_keeping(step)
+        sc = cfg.features[c.job.feature].semantic_cache
+        stores = lookup is not None and keep is not None and lookup.outcome == "miss"
 
-        def learn(tx: Any) -> None:
+        def also(tx: Any) -> None:
+            now_ms = clock.now_ms()
             learning.learn_into(
                 tx, keys, cfg, feature=c.job.feature, job_id=c.d.job_id, run=c.run,
-                now_ms=clock.now_ms(), cached_tier=cached,
+                now_ms=now_ms, cached_tier=cached,
             )  # fmt: skip
+            if semantic is None or lookup is None:
+                return
+            if lookup.outcome == "hit" and step.result.mode == "cache":
+                ttl_s = cfg.queue.result_ttl_s
+                semantic.record_hit_into(tx, lookup, job_id=c.d.job_id, ttl_s=ttl_s, now_ms=now_ms)
+            elif stores and keep is not None and sc is not None:
+                semantic.store_into(tx, cfg, lookup, job_id=c.d.job_id, answer=keep, now_ms=now_ms)
 
-        return dataclasses.replace(step, also=learn)
+        return dataclasses.replace(step, also=also)
 
     async def _retry(self, w: Work, what: str, step: Any) -> Any:
         give_up_s = self.cfg.queue.visibility_timeout_s / 2
@@ -214,12 +229,14 @@ class Runner:
             run.tier, run.route = tier, [why, *notes]
         key, run.response_cache = self._cache_key(w)
         if key is None:
-            return await self._attempts(w)
+            return await self._similar(w) or await self._attempts(w)
         keep_s = w.feature.response_cache_ttl_s or DEDUPE_KEEP_S
         if w.feature.response_cache_ttl_s:
             hit = await self._retry(w, "reading the cache", lambda: self.cache.get(key))
             if hit is not None:
                 return self._cached(w, hit, "hit")
+        if (similar := await self._similar(w)) is not None:
+            return similar
         found = await self._retry(
             w,
             "claiming the cache",
@@ -251,12 +268,35 @@ class Runner:
         except jobs.TRANSIENT as exc:
             log.warning("releasing a cache lease failed (it expires by itself): %s", exc)
 
-    def _cached(self, w: Work, answer: CachedAnswer, how: str) -> Ending:
+    def _cached(
+        self, w: Work, answer: CachedAnswer, how: str, similar: tuple[float, str] | None = None
+    ) -> Ending:
         assert w.c is not None
         baseline = self.cfg.models[self.cfg.tiers[self.cfg.router.baseline_tier]]
         return outcomes.from_cache(
-            w.d, w.c.job, w.c.run, answer, how=how, started_ms=w.started_ms, baseline=baseline
-        )
+            w.d, w.c.job, w.c.run, answer, how=how, started_ms=w.started_ms, baseline=baseline,
+            similar=similar,
+        )  # fmt: skip
+
+    async def _similar(self, w: Work) -> Ending | None:
+        """The semantic cache, after the exact response cache missed (worker.semantic): the
+        job's end when an earlier answer to a question of the same meaning is found, else
+        None (the lookup kept on `w` for the finishing write). Its embedding is the job's
+        cost either way. A lookup never raises: an embedding or Redis failure is a miss."""
+        assert w.c is not None
+        c = w.c
+        if self.semantic is None or self.cfg.features[c.job.feature].semantic_cache is None:
+            return None
+        w.lookup = lookup = await self.semantic.lookup(
+            self.cfg, feature=c.job.feature, tenant=c.job.tenant, cache_off=c.job.cache == "off",
+            model=self.cfg.tiers[c.run.tier], params=w.params,
+        )  # fmt: skip
+        c.run.embedding_tokens += lookup.embedding_tokens
+        c.run.embedding_usd += lookup.embedding_cost_usd
+        if lookup.outcome != "hit" or lookup.answer is None or lookup.similarity is None:
+            return None
+        similar = (round(lookup.similarity, 6), lookup.source_job_id)
+        return self._cached(w, lookup.answer, "semantic", similar)
 
     def _cache_key(self, w: Work) -> tuple[str | None, str]:
         """The response-cache key of this job and its `response_cache` so far: (None, "off")

@@ -1,5 +1,6 @@
 """The semantic cache: a rephrased question answered from an earlier answer (README: Semantic
-cache). Opt-in per feature (`features.<f>.semantic_cache`); not yet called by the worker.
+cache). Opt-in per feature (`features.<f>.semantic_cache`); worker.process looks it up after
+the exact response cache misses.
 
 **What must match.** Only the last user turn is compared by meaning (the cosine of its
 embedding, worker.embeddings). Everything else is an exact part of the key, the *context*:
@@ -397,11 +398,12 @@ class SemanticCache:
                     vector = np.frombuffer(entry.vector, dtype="<f4")
                     index.add(entry_id, entry.context, vector, entry.at_ms)
 
-    async def store_into(self, tx: Any, cfg: Config, lookup: Lookup, *, job_id: str,
-                         answer: CachedAnswer, now_ms: int) -> None:  # fmt: skip
+    def store_into(self, tx: Any, cfg: Config, lookup: Lookup, *, job_id: str,
+                   answer: CachedAnswer, now_ms: int) -> None:  # fmt: skip
         """Queue on `tx` (the job's finishing MULTI) the entry a miss's answer becomes: one
-        EVALSHA of the store script (redis-py loads the script before the MULTI; the reply,
-        the new entry's id, is the script's). Does no I/O of its own."""
+        EVALSHA of the store script (the pipeline loads the script before the MULTI, as
+        redis-py's Script does for a pipeline; the reply, the new entry's id, is the
+        script's). Does no I/O of its own."""
         assert lookup.outcome == "miss", "only a miss has a vector to keep"
         sc = cfg.features[lookup.feature].semantic_cache
         assert sc is not None
@@ -415,7 +417,8 @@ class SemanticCache:
             _encode(entry), sc.ttl_s, sc.max_entries, now_ms, lookup.scope, uuid.uuid4().hex,
             LOG_MAXLEN,
         ]  # fmt: skip
-        await self._store(keys=keys, args=args, client=tx)
+        tx.scripts.add(self._store)  # loaded (SCRIPT LOAD) before the MULTI is sent
+        tx.evalsha(self._store.sha, len(keys), *keys, *args)
 
     def record_hit_into(
         self, tx: Any, lookup: Lookup, *, job_id: str, ttl_s: int, now_ms: int
