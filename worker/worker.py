@@ -70,6 +70,7 @@ class Worker:
         self.client = client
         self.concurrency = concurrency
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._running: set[str] = set()  # the entries of the jobs in flight (Delivery.owner)
         self._stopping = asyncio.Event()
         redis, keys = queue.redis, queue.keys
         self.caller = Caller(cfg, queue, client)
@@ -180,10 +181,24 @@ class Worker:
 
     def adopt(self, d: Delivery) -> None:
         """Run a delivery as a job in flight: one read here, or one the batcher hands over
-        (due before its batch window ends, or an errored batch item retried in real time)."""
+        (due before its batch window ends, or an errored batch item retried in real time).
+
+        An entry this process is running already is not started again: after an outage
+        longer than the visibility timeout the reclaim hands a worker back its own jobs in
+        flight, and the writes' fence (worker.fence) cannot tell two tasks of one consumer
+        apart. Such a reclaim only renewed the entry."""
+        if d.owner in self._running:
+            log.info("job=%s is running here already; reclaimed entry %s left to it",
+                     shown(d.job_id), d.owner)  # fmt: skip
+            return
         task = asyncio.create_task(self._handle(d))
         self._in_flight[task] = d
-        task.add_done_callback(self._in_flight.pop)
+        self._running.add(d.owner)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        d = self._in_flight.pop(task)
+        self._running.discard(d.owner)
 
     async def _read_feedback(self) -> None:
         """Apply producers' verdicts on tokenq:feedback to the adaptive router's counts and

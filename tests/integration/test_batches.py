@@ -109,7 +109,8 @@ async def test_a_batcher_killed_while_polling_is_resumed_by_the_next(
         lease = await redis.get(keys.batcher_lease)
         return lease is not None and lease != old_lease
 
-    await eventually(taken_over, what="a new batcher")
+    # A new process: importing the SDK alone takes seconds on a loaded machine.
+    await eventually(taken_over, what="a new batcher", timeout_s=30)
     assert len(sim_batches(sim)) == 1  # nothing submitted again
     sim_call(sim, "advance", {"seconds": 3600})
     await eventually(lambda: all_results(redis, keys, ids), what="50 results", timeout_s=20)

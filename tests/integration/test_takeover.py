@@ -144,3 +144,28 @@ async def test_only_the_worker_holding_the_job_reports_a_lost_call(
     [(_, event)] = await entries(redis, keys.usage)
     assert event["kind"] == "orphan" and event["job_id"] == d.job_id
     assert [c.state for c in b.run.calls] == ["lost"]
+
+
+async def test_a_worker_that_reclaims_its_own_job_in_flight_does_not_run_it_twice(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory,
+    run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # After an outage longer than the visibility timeout every pending entry looks idle, its
+    # holder's own included: a worker's reclaim hands it back a job it is still running. The
+    # fence cannot tell two tasks of one consumer apart, so the worker must not start it
+    # again (a second call, an orphan event for a call that was in fact answered).
+    cfg, _ = make_config(**{"queue.visibility_timeout_s": 1.0})
+    sim_call(sim, "config", {"latency_ms": 3000})
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg, concurrency=4) as w:
+
+        async def stalled(_: Any) -> None:
+            return None
+
+        monkeypatch.setattr(w.queue, "renew", stalled)
+        job_id = await producer.submit("summarize", SMALL)
+        result = await producer.result(job_id, timeout_s=20)
+    assert result.status == "ok"
+    events = await usage_events(redis, keys)
+    assert [(e.kind, e.attempt) for e in events] == [("job", 1)]
+    assert sim_call(sim, "ledger")["models"]["claude-haiku-5-5"]["requests"] == 1
