@@ -23,7 +23,10 @@ job's quality is 1 when the answer it got is right, 0 when it is wrong or it got
      repo's config.toml, every feature's `tier` set to its best static tier: tokenq's other
      levers (prompt caching, the response cache with de-duplication, batch windows for the
      `low` priority, escalation of answers that fail their check) on top of the same routing.
-  4. tokenq adaptive, starting cold: config.toml with `router.policy = "adaptive"`, no
+  4. tokenq classifier: config.toml without feature tiers and with router.classifier on
+     (one small haiku call per request names the tier; it is shown the opening of the text
+     and the last user turn, worker.router.classifier_text); all levers.
+  5. tokenq adaptive, starting cold: config.toml with `router.policy = "adaptive"`, no
      feature `tier`, every feature `target_pass_rate` --target (0.95), router.default_tier opus,
      router.adaptive settings for a trace of minutes (explore_share 0.1, confidence 0.8,
      min_samples 10, half-lives 600 s and 30 s, bands by 1,000 input tokens), all levers.
@@ -393,18 +396,19 @@ def without_tiers(text: str) -> str:
 
 def tokenq_run(
     folder: Path, srv: Servers, trace: Trace, a: argparse.Namespace, name: str,
-    settings: dict[str, object], *, adaptive: bool = False, feedback: float = 0.0,
+    settings: dict[str, object], *, routed: bool = False, feedback: float = 0.0,
     names: tuple[str, ...] = (),
 ) -> list[Run]:  # fmt: skip
     """The trace through `tokenq worker` processes with the repo's config.toml plus
-    `settings` (adaptive: no feature tiers), once, and again under each of `names` with what
-    Redis kept from the passes before (the adaptive router's counts, the caches)."""
+    `settings` (routed: no feature tiers, the router decides), once, and again under each of
+    `names` with what Redis kept from the passes before (the adaptive router's counts, the
+    caches)."""
     base = load_config(ROOT / "config.toml")
     overrides = {**raised_limits(base), **QUICK_BATCH, **settings}
     prefix = "cost-" + re.sub(r"[^a-z0-9]+", "-", name.lower())
     text = (ROOT / "config.toml").read_text()
     cfg, path = write_config(
-        folder, srv, prefix, overrides, without_tiers(text) if adaptive else text
+        folder, srv, prefix, overrides, without_tiers(text) if routed else text
     )
     return [one_pass(srv, trace, a, cfg, path, label, feedback) for label in (name, *names)]
 
@@ -473,6 +477,11 @@ def adaptive_settings(cfg: Config, target: float) -> dict[str, object]:
     return settings
 
 
+# The router's classifier for every feature: one small haiku call per distinct request, which
+# names the tier; the fallback router.default_tier (sonnet) when it names none.
+CLASSIFIER: dict[str, object] = {"router.classifier.enabled": True}
+
+
 # The levers, added one at a time on the best static tiers: (name, what it adds, the
 # settings switching off the levers not added yet). The last is all of them.
 LEVERS: list[tuple[str, str, Callable[[Config], dict[str, object]]]] = [
@@ -529,23 +538,23 @@ def compare(run: Run, than: Run) -> str:
             f"({run.quality / than.quality:.1%} of its quality)")  # fmt: skip
 
 
-def headlines(opus: Run, best: Run, static: Run, adaptives: list[Run]) -> list[str]:
+def headlines(opus: Run, best: Run, static: Run, routers: list[Run]) -> list[str]:
     """The claims: savings at the quality reached, each part's share, the targets."""
-    lines = [f"{run.name}: {compare(run, opus)}" for run in (best, static, *adaptives)]
-    lines += [f"{run.name}: {compare(run, best)}" for run in (static, *adaptives)]
+    lines = [f"{run.name}: {compare(run, opus)}" for run in (best, static, *routers)]
+    lines += [f"{run.name}: {compare(run, best)}" for run in (static, *routers)]
     routing = opus.ledger_usd - best.ledger_usd
     levers = best.ledger_usd - static.ledger_usd
     total = opus.ledger_usd
     learnt = ", ".join(
-        f"{run.name} {(static.ledger_usd - run.ledger_usd) / total:+.1%}" for run in adaptives
+        f"{run.name} {(static.ledger_usd - run.ledger_usd) / total:+.1%}" for run in routers
     )
     lines.append(
         f"where the saving comes from (of naive opus's ${total:.4f}): routing by hand "
         f"(best static) {routing / total:.1%}; tokenq's levers on the same tiers (prompt "
-        f"cache, response cache, batches, escalation) {levers / total:.1%}; adaptive routing "
-        f"over tokenq static: {learnt}"
+        f"cache, response cache, batches, escalation) {levers / total:.1%}; a router instead of "
+        f"the hand-set tiers: {learnt}"
     )
-    for run in (static, *adaptives):
+    for run in (static, *routers):
         cheap = 1 - run.ledger_usd / opus.ledger_usd >= 0.85
         kept = run.quality >= 0.95 * opus.quality
         beats = run.ledger_usd <= 0.7 * best.ledger_usd and run.quality >= best.quality
@@ -610,7 +619,7 @@ def checks(runs: list[Run], cfg: Config) -> tuple[bool, list[str]]:
 
 
 def report(cfg: Config, order: list[str], naive: dict[str, Run], best: Run,
-           chosen: dict[str, str], static: Run, adaptives: list[Run], levers: list[Run],
+           chosen: dict[str, str], static: Run, routers: list[Run], levers: list[Run],
            a: argparse.Namespace) -> bool:  # fmt: skip
     """Print the figures, the headlines last; whether every check passed."""
     tops = list(cfg.tiers)
@@ -620,11 +629,11 @@ def report(cfg: Config, order: list[str], naive: dict[str, Run], best: Run,
           f"max_tokens {NAIVE_MAX_TOKENS}, realtime; tokenq: {a.processes} x `tokenq worker` "
           f"(concurrency {a.concurrency}); producers' verdicts on {a.feedback:.0%} of "
           "tokenq adaptive's jobs")  # fmt: skip
-    runs = [naive[t] for t in reversed(tops)] + [best, static, *adaptives]
+    runs = [naive[t] for t in reversed(tops)] + [best, static, *routers]
     table(runs, order)
     print("best static tiers (quality >= 95% of opus's per feature): "
           + ", ".join(f"{f} {t}" for f, t in chosen.items()))  # fmt: skip
-    for run in (static, *adaptives):
+    for run in (static, *routers):
         print(f"{run.name}, answered on: "
               + "; ".join(f"{f} {tiers(run.features[f])}" for f in order))  # fmt: skip
     small = [f"{f} {1 - static.features[f].cost_usd / best.features[f].cost_usd:.1%}"
@@ -632,13 +641,13 @@ def report(cfg: Config, order: list[str], naive: dict[str, Run], best: Run,
     print("tokenq static over best static, per feature: " + ", ".join(small))
     if levers:
         levers_table(best, levers, opus)
-    ok, lines = checks([static, *adaptives, *levers], cfg)
+    ok, lines = checks([static, *routers, *levers], cfg)
     for line in lines:
         print(line)
     for run in naive.values():
         for why, n in run.failures.most_common():
             print(f"naive failures, {run.name}: {n} x {why}")
-    for line in headlines(opus, best, static, adaptives):
+    for line in headlines(opus, best, static, routers):
         print(line)
     return ok
 
@@ -691,13 +700,17 @@ def main(argv: list[str] | None = None) -> None:
         naive = {tier: naive_run(srv, cfg, trace, tier, a) for tier in cfg.tiers}
         best, chosen = best_static(cfg, naive)
         [static] = tokenq_run(folder, srv, trace, a, "tokenq static", tiers_of(chosen))
+        [classified] = tokenq_run(
+            folder, srv, trace, a, "tokenq classifier", CLASSIFIER, routed=True
+        )
         adaptive, warm = tokenq_run(
             folder, srv, trace, a, "tokenq adaptive", adaptive_settings(cfg, a.target),
-            adaptive=True, feedback=a.feedback, names=("adaptive, warm",),
+            routed=True, feedback=a.feedback, names=("adaptive, warm",),
         )  # fmt: skip
         levers = lever_runs(folder, srv, trace, cfg, chosen, a) if a.levers else []
     say(f"whole run {time.monotonic() - t0:.0f} s")
-    if not report(cfg, order, naive, best, chosen, static, [adaptive, warm], levers, a):
+    routers = [classified, adaptive, warm]
+    if not report(cfg, order, naive, best, chosen, static, routers, levers, a):
         sys.exit(1)
 
 
