@@ -36,6 +36,11 @@ job's quality is 1 when the answer it got is right, 0 when it is wrong or it got
      Then the same trace again ("adaptive, warm", new job ids) with what the first pass left
      in Redis: the router's counts, and the caches (only support_faq's answers are cached,
      and they cost next to nothing either way).
+Then the semantic lever: the paraphrase trace (bench/workloads/paraphrase.py: the same trace
+with every support_faq question asked in seeded wordings, each line's `group` its intent)
+through tokenq static with the exact response cache alone, and with config.toml's semantic
+cache: paraphrases answered, false hits (an answer written for another intent), the saving;
+and bench/semantic.py's threshold sweep (the cache path driven directly, no API calls).
 With --levers, tokenq static again with its levers added one at a time (routing alone,
 + prompt caching, + response cache, + batch windows), for each lever's share.
 In tokenq's runs the models' rate limits are raised far above what the bench sends and the
@@ -63,6 +68,7 @@ from typing import Any
 
 import anthropic
 import redis.asyncio as aioredis
+import semantic as semantic_bench  # bench/semantic.py: its threshold sweep
 from common import (
     ROOT,
     UNLIMITED,
@@ -75,6 +81,9 @@ from common import (
     write_config,
 )
 from quality import Verdicts, grade
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "workloads"))
+from paraphrase import FAQ, derive
 
 from producers import NewJob, Producer
 from worker.config import Config, load_config
@@ -119,6 +128,8 @@ class Run:
     usage_usd: float = 0.0
     baseline_usd: float = 0.0
     tokenq: bool = False
+    by_job: dict[str, UsageEvent] = field(default_factory=dict)  # job id -> its event
+    ids: list[str] = field(default_factory=list)  # the jobs, in the trace's order
 
     @property
     def ledger_usd(self) -> float:
@@ -333,6 +344,7 @@ async def usage_events(client: aioredis.Redis, keys: Keys) -> list[UsageEvent]:
 def account(run: Run, events: list[UsageEvent], ids: list[str]) -> None:
     """Fill `run` from tokenq's usage events (kind "job"; alerts are skipped)."""
     jobs = [e for e in events if e.kind == "job"]
+    run.by_job, run.ids = {e.job_id: e for e in jobs}, ids
     run.events = len(jobs)
     run.modes = Counter(e.mode for e in jobs)
     for event in jobs:
@@ -383,13 +395,14 @@ async def collect(
         await client.aclose()
 
 
-def without_tiers(text: str) -> str:
-    """A config file's text without any feature's `tier` line (the adaptive router decides)."""
+def without(text: str, key: str) -> str:
+    """A config file's text without any feature's `key` line (`tier`: the router decides;
+    `semantic_cache`: no semantic cache)."""
     section, out = "", []
     for line in text.splitlines():
         if line.startswith("["):
             section = line
-        if not (section.startswith("[features.") and re.match(r"tier\s*=", line)):
+        if not (section.startswith("[features.") and re.match(rf"{key}\s*=", line)):
             out.append(line)
     return "\n".join(out) + "\n"
 
@@ -397,7 +410,7 @@ def without_tiers(text: str) -> str:
 def tokenq_run(
     folder: Path, srv: Servers, trace: Trace, a: argparse.Namespace, name: str,
     settings: dict[str, object], *, routed: bool = False, feedback: float = 0.0,
-    names: tuple[str, ...] = (),
+    names: tuple[str, ...] = (), semantic: bool = True,
 ) -> list[Run]:  # fmt: skip
     """The trace through `tokenq worker` processes with the repo's config.toml plus
     `settings` (routed: no feature tiers, the router decides), once, and again under each of
@@ -407,9 +420,10 @@ def tokenq_run(
     overrides = {**raised_limits(base), **QUICK_BATCH, **settings}
     prefix = "cost-" + re.sub(r"[^a-z0-9]+", "-", name.lower())
     text = (ROOT / "config.toml").read_text()
-    cfg, path = write_config(
-        folder, srv, prefix, overrides, without_tiers(text) if routed else text
-    )
+    text = without(text, "tier") if routed else text
+    text = text if semantic else without(text, "semantic_cache")
+    overrides |= {"anthropic.simulator_url": srv.sim_url, "embeddings.provider": "simulator"}
+    cfg, path = write_config(folder, srv, prefix, overrides, text)
     return [one_pass(srv, trace, a, cfg, path, label, feedback) for label in (name, *names)]
 
 
@@ -502,6 +516,107 @@ def lever_runs(folder: Path, srv: Servers, trace: Trace, cfg: Config, chosen: di
         tokenq_run(folder, srv, trace, a, f"+{name}", {**tiers_of(chosen), **settings(cfg)})[0]
         for name, _, settings in LEVERS
     ]
+
+
+# -- the semantic lever, on the paraphrase trace --
+
+
+@dataclass
+class Lever:
+    """The semantic cache's part in a tokenq run of the paraphrase trace (support_faq jobs):
+    exact hits, paraphrases (an intent asked before in other words, not answered by the
+    exact cache), semantic hits on them, and false hits (an answer written for another
+    intent), by the trace's `group`."""
+
+    run: Run
+    jobs: int = 0
+    exact: int = 0
+    paraphrases: int = 0
+    hits: int = 0
+    right_hits: int = 0
+    false_hits: int = 0
+    embedding_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.right_hits / self.paraphrases if self.paraphrases else 0.0
+
+    @property
+    def false_rate(self) -> float:
+        return self.false_hits / self.hits if self.hits else 0.0
+
+
+def lever_of(run: Run, trace: Trace) -> Lever:
+    """Grade the support_faq jobs of a run by the trace's intent groups, in trace order."""
+    out, seen = Lever(run), set()
+    group_of = {job_id: job.get("group") for job_id, job in zip(run.ids, trace, strict=True)}
+    for job_id, job in zip(run.ids, trace, strict=True):
+        event = run.by_job.get(job_id)
+        if job["feature"] != FAQ or event is None:
+            continue
+        out.jobs += 1
+        out.embedding_tokens += event.embedding_tokens
+        if event.response_cache in ("hit", "joined"):
+            out.exact += 1
+            seen.add(job["group"])
+            continue
+        before = job["group"] in seen
+        out.paraphrases += before
+        if event.response_cache == "semantic":
+            out.hits += 1
+            same = group_of.get(event.semantic_source_job_id) == job["group"]
+            out.right_hits += same and before
+            out.false_hits += not same
+        seen.add(job["group"])
+    return out
+
+
+def semantic_lever(
+    folder: Path, srv: Servers, reference: Trace, chosen: dict[str, str], a: argparse.Namespace
+) -> tuple[list[Lever], list[semantic_bench.Pass]]:
+    """tokenq static on the paraphrase trace with the exact cache alone, then with the
+    semantic cache as config.toml has it; and the threshold sweep without API calls
+    (bench/semantic.py's passes, the cache path driven directly)."""
+    trace = derive(reference, a.seed)
+    runs = [
+        tokenq_run(folder, srv, trace, a, name, tiers_of(chosen), semantic=on)[0]
+        for name, on in (("exact alone", False), ("exact+semantic", True))
+    ]
+    cfg, _ = write_config(folder, srv, "sweep", {
+        "anthropic.simulator_url": srv.sim_url, "embeddings.provider": "simulator",
+    })  # fmt: skip
+    jobs = semantic_bench.faq_jobs(trace)
+    semantic_bench.groups.clear()
+    sweep = asyncio.run(semantic_bench.sweep(srv, cfg, jobs, THRESHOLDS))
+    return [lever_of(run, trace) for run in runs], sweep
+
+
+THRESHOLDS = [0.80, 0.84, 0.86, 0.88, 0.90, 0.92, 0.94, 0.96]
+
+
+def semantic_table(cfg: Config, levers: list[Lever], sweep: list[semantic_bench.Pass]) -> None:
+    """The semantic lever's figures: the two runs, the saving, the sweep."""
+    sc = cfg.features[FAQ].semantic_cache
+    threshold = sc.threshold if sc is not None else 0.0
+    exact, both = levers
+    print(f"semantic cache, paraphrase trace (support_faq asked in many wordings; "
+          f"{exact.jobs} support_faq jobs of {exact.run.jobs}), threshold {threshold}:"
+          )  # fmt: skip
+    for lv in levers:
+        faq = lv.run.features.get(FAQ, FeatureCost())
+        print(f"  {lv.run.name:<15} whole trace ${lv.run.ledger_usd:.4f}, support_faq "
+              f"${faq.cost_usd:.5f}; exact hits {lv.exact}; paraphrases answered "
+              f"{lv.right_hits}/{lv.paraphrases} ({lv.hit_rate:.1%}); false hits "
+              f"{lv.false_hits}/{lv.hits} ({lv.false_rate:.2%}); {lv.embedding_tokens:,} "
+              "tokens embedded")  # fmt: skip
+    saved = exact.run.ledger_usd - both.run.ledger_usd
+    faq_saved = exact.run.features[FAQ].cost_usd - both.run.features[FAQ].cost_usd
+    print(f"  semantic lever saves ${saved:.5f} of the trace ({saved / exact.run.ledger_usd:.2%})"
+          f", ${faq_saved:.5f} of support_faq "
+          f"({faq_saved / exact.run.features[FAQ].cost_usd:.1%})")  # fmt: skip
+    print("  sweep (no API calls; bench/semantic.py's path): "
+          + "; ".join(f"{p.name}: {p.hit_rate:.1%} answered, {p.false_rate:.2%} false"
+                      for p in sweep))  # fmt: skip
 
 
 # -- the report --
@@ -620,6 +735,7 @@ def checks(runs: list[Run], cfg: Config) -> tuple[bool, list[str]]:
 
 def report(cfg: Config, order: list[str], naive: dict[str, Run], best: Run,
            chosen: dict[str, str], static: Run, routers: list[Run], levers: list[Run],
+           semantic: tuple[list[Lever], list[semantic_bench.Pass]] | None,
            a: argparse.Namespace) -> bool:  # fmt: skip
     """Print the figures, the headlines last; whether every check passed."""
     tops = list(cfg.tiers)
@@ -641,7 +757,10 @@ def report(cfg: Config, order: list[str], naive: dict[str, Run], best: Run,
     print("tokenq static over best static, per feature: " + ", ".join(small))
     if levers:
         levers_table(best, levers, opus)
-    ok, lines = checks([static, *routers, *levers], cfg)
+    if semantic is not None:
+        semantic_table(cfg, *semantic)
+    paraphrased = [lv.run for lv in semantic[0]] if semantic is not None else []
+    ok, lines = checks([static, *routers, *levers, *paraphrased], cfg)
     for line in lines:
         print(line)
     for run in naive.values():
@@ -677,6 +796,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tokenq's jobs arrive at the trace's times sped up this much; 0: all at once (2)",
     )  # fmt: skip
     parser.add_argument(
+        "--no-semantic", dest="semantic", action="store_false",
+        help="skip the semantic lever (the paraphrase trace, twice, and the threshold sweep)",
+    )  # fmt: skip
+    parser.add_argument(
         "--levers", action="store_true", help="also run tokenq static lever by lever"
     )
     parser.add_argument(
@@ -708,9 +831,10 @@ def main(argv: list[str] | None = None) -> None:
             routed=True, feedback=a.feedback, names=("adaptive, warm",),
         )  # fmt: skip
         levers = lever_runs(folder, srv, trace, cfg, chosen, a) if a.levers else []
+        semantic = semantic_lever(folder, srv, trace, chosen, a) if a.semantic else None
     say(f"whole run {time.monotonic() - t0:.0f} s")
     routers = [classified, adaptive, warm]
-    if not report(cfg, order, naive, best, chosen, static, routers, levers, a):
+    if not report(cfg, order, naive, best, chosen, static, routers, levers, semantic, a):
         sys.exit(1)
 
 

@@ -200,6 +200,15 @@ async def passes(
             if cache is not None:
                 await cache.embedder.aclose()
             await run.redis.aclose()
+    return out + await sweep(srv, cfg, jobs, thresholds)
+
+
+async def sweep(
+    srv: Servers, cfg: Config, jobs: list[FaqJob], thresholds: list[float]
+) -> list[Pass]:
+    """The jobs through the cache path at each threshold, without API calls (a miss's answer
+    is a placeholder), each in fresh scopes."""
+    out = []
     for threshold in thresholds:
         run = Run(with_threshold(cfg, threshold), srv, None)
         cache = SemanticCache(run.redis, run.keys, make_embedder(run.cfg))
