@@ -29,7 +29,6 @@ import httpx2
 from redis.exceptions import RedisError
 
 from worker import clock, jobrun, outcomes, semantic_audit
-from worker.adaptive import FeedbackReader
 from worker.batcher import Batcher
 from worker.caching import ResponseCache
 from worker.calls import Caller
@@ -42,6 +41,7 @@ from worker.deferred import DeferredSet
 from worker.embedded import connect, redis_url
 from worker.embeddings import make_embedder
 from worker.errors import ConfigError
+from worker.feedback import FeedbackReader
 from worker.jobs import Defer, GaveUp, TakenOver, exhausted, with_retries
 from worker.process import Runner
 from worker.queue import Delivery, Queue
