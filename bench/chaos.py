@@ -351,9 +351,21 @@ async def chaos_run(folder: Path, a: argparse.Namespace, valkey: Valkey, sim_url
         if missing:
             say(f"{missing} jobs had no result after {a.settle_s:.0f} s")
         report(checks, figures, ledger, chaos, fleet, seconds, a.seed)
-        return 0 if all(not c.failures for c in checks) else 1
+        if any(c.failures for c in checks):
+            errors(folder / "fleet.log")
+            return 1
+        return 0
     finally:
         fleet.stop()
+
+
+def errors(log: Path, most: int = 40) -> None:
+    """The last errors of the fleet's log (it goes with the run's folder)."""
+    lines = log.read_text(errors="replace").splitlines()
+    wanted = [ln for ln in lines if " ERROR " in ln or " CRITICAL " in ln or "Error" in ln]
+    print(f"the fleet's log, its last {min(most, len(wanted))} error lines of {len(wanted)}:")
+    for line in wanted[-most:]:
+        print(f"  {line[:300]}")
 
 
 def main(argv: list[str] | None = None) -> int:

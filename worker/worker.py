@@ -130,7 +130,8 @@ class Worker:
         stop(); the renewer, the deferred mover and the control listener keep serving the jobs
         in flight until the drain is over.
         """
-        await self.queue.ensure_groups()
+        if not await self._redis_ready():
+            return
         drained = asyncio.Event()
         async with asyncio.TaskGroup() as duties:
             duties.create_task(supervise("renewer", lambda: self._renew_forever(drained), drained))
@@ -155,6 +156,21 @@ class Worker:
                 drained.set()
                 control.cancel()  # it waits on the channel; nothing of it needs finishing
         await self.queue.leave()
+
+    async def _redis_ready(self) -> bool:
+        """Create the consumer groups (and load the scripts), waiting for Redis while it is
+        away: a worker started during a restart or a failover must not exit, since nothing
+        may start it again. False when the worker is stopped first."""
+        delay = 0.5
+        while True:
+            try:
+                await self.queue.ensure_groups()
+                return True
+            except (RedisError, OSError) as exc:
+                log.warning("Redis does not answer (%s); trying again in %.1f s", exc, delay)
+            if await stopped_within(self._stopping, delay):
+                return False
+            delay = min(delay * 2, 5.0)
 
     async def _read_forever(self) -> None:
         """Read deliveries and start them as jobs, `concurrency` at most in flight."""

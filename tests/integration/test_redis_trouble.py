@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -88,3 +89,28 @@ async def test_a_redis_restart_mid_flight_loses_nothing_and_bills_once(
         await redis.aclose()
         server.terminate()
         server.wait(timeout=10)
+
+
+async def test_a_worker_started_while_redis_is_away_waits_for_it(
+    tmp_path: Path, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    # A worker (re)started by its supervisor during a Redis restart must wait for Redis, not
+    # exit: nothing would start it again.
+    port, data = free_port(), tmp_path / "valkey"
+    url = f"redis://127.0.0.1:{port}/0"
+    cfg, _ = make_config(**{"redis.url": url})
+    keys = Keys(cfg.prefix)
+    server = None
+    redis = connect(url, block_s=5)
+    try:
+        async with run_worker(cfg):
+            await asyncio.sleep(1.5)  # the outage the worker starts in (measured, not hoped for)
+            server = start_valkey(port, data)
+            producer = Producer(redis, keys.prefix)
+            job_id = await producer.submit("summarize", REQUEST)
+            assert (await producer.result(job_id, timeout_s=20)).status == "ok"
+    finally:
+        await redis.aclose()
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
