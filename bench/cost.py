@@ -28,8 +28,9 @@ job's quality is 1 when the answer it got is right, 0 when it is wrong or it got
      and the last user turn, worker.router.classifier_text); all levers.
   5. tokenq adaptive, starting cold: config.toml with `router.policy = "adaptive"`, no
      feature `tier`, every feature `target_pass_rate` --target (0.95), router.default_tier opus,
-     router.adaptive settings for a trace of minutes (explore_share 0.1, confidence 0.8,
-     min_samples 10, half-lives 600 s and 30 s, bands by 1,000 input tokens), all levers.
+     router.adaptive settings for a trace of minutes (explore_share --explore (0.1),
+     confidence 0.8, min_samples 10, half-lives 600 s and 30 s, bands by 1,000 input
+     tokens), all levers.
      The bench plays the producers: for --feedback of the jobs (by a hash of the job id) it
      reports whether the answer was right on tokenq:feedback as results come in (every half
      second), since no check can see a wrong summary; --feedback 0 shows the router alone.
@@ -476,13 +477,13 @@ def without_response_cache(cfg: Config) -> dict[str, object]:
     return settings
 
 
-def adaptive_settings(cfg: Config, target: float) -> dict[str, object]:
+def adaptive_settings(cfg: Config, target: float, explore: float) -> dict[str, object]:
     """Adaptive routing for every feature, cold on the dearest tier, tuned for a trace of
     minutes rather than days (see the module docstring)."""
     bands = {"b0": 0, "b1": 1000, "b2": 2000, "b3": 3000, "b4": 4000, "b5": 5000, "b6": 6000}
     settings: dict[str, object] = {
         "router.policy": "adaptive", "router.default_tier": list(cfg.tiers)[-1],
-        "router.adaptive.explore_share": 0.1, "router.adaptive.confidence": 0.8,
+        "router.adaptive.explore_share": explore, "router.adaptive.confidence": 0.8,
         "router.adaptive.min_samples": 10, "router.adaptive.half_life_s": 600,
         "router.adaptive.recent_half_life_s": 30, "router.adaptive.bands": bands,
     }  # fmt: skip
@@ -792,6 +793,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="target_pass_rate of every feature in tokenq adaptive (0.95)",
     )  # fmt: skip
     parser.add_argument(
+        "--explore", type=float, default=0.1,
+        help="router.adaptive.explore_share in tokenq adaptive (0.1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-classifier", dest="classifier", action="store_false",
+        help="skip the run with the router's classifier",
+    )  # fmt: skip
+    parser.add_argument(
         "--speed", type=float, default=2.0,
         help="tokenq's jobs arrive at the trace's times sped up this much; 0: all at once (2)",
     )  # fmt: skip
@@ -823,17 +832,19 @@ def main(argv: list[str] | None = None) -> None:
         naive = {tier: naive_run(srv, cfg, trace, tier, a) for tier in cfg.tiers}
         best, chosen = best_static(cfg, naive)
         [static] = tokenq_run(folder, srv, trace, a, "tokenq static", tiers_of(chosen))
-        [classified] = tokenq_run(
-            folder, srv, trace, a, "tokenq classifier", CLASSIFIER, routed=True
+        classified = (
+            tokenq_run(folder, srv, trace, a, "tokenq classifier", CLASSIFIER, routed=True)
+            if a.classifier
+            else []
         )
         adaptive, warm = tokenq_run(
-            folder, srv, trace, a, "tokenq adaptive", adaptive_settings(cfg, a.target),
+            folder, srv, trace, a, "tokenq adaptive", adaptive_settings(cfg, a.target, a.explore),
             routed=True, feedback=a.feedback, names=("adaptive, warm",),
         )  # fmt: skip
         levers = lever_runs(folder, srv, trace, cfg, chosen, a) if a.levers else []
         semantic = semantic_lever(folder, srv, trace, chosen, a) if a.semantic else None
     say(f"whole run {time.monotonic() - t0:.0f} s")
-    routers = [classified, adaptive, warm]
+    routers = [*classified, adaptive, warm]
     if not report(cfg, order, naive, best, chosen, static, routers, levers, semantic, a):
         sys.exit(1)
 

@@ -124,7 +124,8 @@ class Runner:
         cfg, keys, c, semantic, lookup = self.cfg, self.queue.keys, w.c, self.semantic, w.lookup
         cached = step.result.tier if step.result.mode == "cache" else None
         keep = _worth_keeping(step)
-        sc = cfg.features[c.job.feature].semantic_cache
+        feature = cfg.features.get(c.job.feature)  # gone after a reload: nothing to store
+        sc = feature.semantic_cache if feature is not None else None
         stores = lookup is not None and keep is not None and lookup.outcome == "miss"
 
         def also(tx: Any) -> None:
@@ -285,7 +286,8 @@ class Runner:
         cost either way. A lookup never raises: an embedding or Redis failure is a miss."""
         assert w.c is not None
         c = w.c
-        if self.semantic is None or self.cfg.features[c.job.feature].semantic_cache is None:
+        feature = self.cfg.features.get(c.job.feature)
+        if self.semantic is None or feature is None or feature.semantic_cache is None:
             return None
         w.lookup = lookup = await self.semantic.lookup(
             self.cfg, feature=c.job.feature, tenant=c.job.tenant, cache_off=c.job.cache == "off",
