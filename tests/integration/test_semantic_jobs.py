@@ -163,3 +163,22 @@ async def test_an_answer_that_fails_its_check_is_not_kept(
     assert first.status == "error" and first.error is not None
     assert first.error.type == "check_failed"
     assert second.mode == "realtime"
+
+
+async def test_an_entry_is_not_served_after_its_ttl(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    short = {"threshold": 0.92, "ttl_s": 5, "max_entries": 100}
+    cfg, _ = make_config(**semantic_settings(sim, **{"features.support_faq.semantic_cache": short}))
+    producer = Producer(redis, keys.prefix)
+
+    async def called() -> bool:
+        again = await answer(producer, "support_faq", ask(PARAPHRASE))
+        return again.mode == "realtime"
+
+    async with run_worker(cfg):
+        first = await answer(producer, "support_faq", ask(QUESTION))
+        hit = await answer(producer, "support_faq", ask(PARAPHRASE))
+        assert hit.mode == "cache" and hit.semantic_source_job_id == first.id
+        await eventually(called, what="a paraphrase answered by a call after ttl_s", timeout_s=30)
+    assert messages(sim) == 2
