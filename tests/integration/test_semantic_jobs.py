@@ -1,21 +1,26 @@
 """The semantic cache through the worker (real Valkey, the simulator's messages and
 embeddings, the SDK): a paraphrase is answered from an earlier job's answer, auditable in its
 result and usage event; a near miss, another system prompt or another tenant (also one with
-`:` in its name) is not; the bound per scope holds; `tokenq cache forget` and a producer's
-`bad` verdict take effect for every worker; a miss's answer is kept only once it passed."""
+`:` in its name) is not; the bound per scope and the TTL hold; `tokenq cache forget` and a
+producer's `bad` verdict take effect for every worker; a miss's answer is kept only once it
+passed; a Redis restart keeps the entries and the worker goes on."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from producers import Producer
-from tests.conftest import ConfigFactory
+from tests.conftest import ROOT, ConfigFactory
 from tests.helpers import eventually, run, sim_call, usage_events
 from tests.integration.conftest import RunWorker
+from worker.config import load_config
 from worker.contract import Keys, Result, UsageEvent
+from worker.embedded import connect, free_port, server_args, wait_until_ready
 
 SYSTEM = "You are the support assistant of Acme."
 QUESTION, PARAPHRASE = "How do I cancel my subscription?", "How can I terminate my membership?"
@@ -113,7 +118,7 @@ async def test_a_scope_keeps_at_most_max_entries(
     producer = Producer(redis, keys.prefix)
     async with run_worker(cfg):
         await answer(producer, "support_faq", ask(QUESTION))
-        await answer(producer, "support_faq", ask("How do I reset my password?"))
+        await answer(producer, "support_faq", ask("How do I track my order?"))
         await answer(producer, "support_faq", ask("Where is my order?"))
         evicted = await answer(producer, "support_faq", ask(PARAPHRASE))
         kept = await answer(producer, "support_faq", ask("Where's my order?"))
@@ -182,3 +187,42 @@ async def test_an_entry_is_not_served_after_its_ttl(
         assert hit.mode == "cache" and hit.semantic_source_job_id == first.id
         await eventually(called, what="a paraphrase answered by a call after ttl_s", timeout_s=30)
     assert messages(sim) == 2
+
+
+async def test_a_redis_restart_keeps_the_entries_and_the_worker_goes_on(
+    tmp_path: Path, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    port, data = free_port(), tmp_path / "valkey"  # a server this test stops and starts
+    url = f"redis://127.0.0.1:{port}/0"
+    cfg, _ = make_config(**semantic_settings(sim, **{"redis.url": url}))
+    server = start_valkey(port, data)
+    redis = connect(url, block_s=5)
+    try:
+        producer = Producer(redis, cfg.prefix)
+        async with run_worker(cfg):
+            first = await answer(producer, "support_faq", ask(QUESTION))
+            server.terminate()  # a restart: the worker keeps its copy of the scope meanwhile
+            server.wait(timeout=10)
+            server = start_valkey(port, data)
+            after = await answer(producer, "support_faq", ask(PARAPHRASE))
+            new = await answer(producer, "support_faq", ask("How do I track my order?"))
+            its_paraphrase = await answer(
+                producer, "support_faq", ask("How can I locate my package?")
+            )
+        assert after.mode == "cache" and after.semantic_source_job_id == first.id
+        assert new.mode == "realtime"
+        assert its_paraphrase.mode == "cache", "entries written after the restart are found"
+        assert its_paraphrase.semantic_source_job_id == new.id
+    finally:
+        await redis.aclose()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def start_valkey(port: int, data: Path) -> subprocess.Popen[bytes]:
+    """A valkey-server writing every acknowledged write to its append-only file."""
+    args = server_args(load_config(ROOT / "config.toml"), port=port, data_dir=str(data))
+    args[args.index("everysec")] = "always"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_until_ready(port), "valkey-server did not start"
+    return proc
