@@ -408,6 +408,7 @@ def main() -> None:
     p.add_argument("--thresholds", default="0.80,0.84,0.86,0.88,0.90,0.92,0.94,0.96")
     p.add_argument("--entries", type=int, default=10_000, help="scope size for the lookup times")
     p.add_argument("--times-only", action="store_true", help="only the lookup times")
+    p.add_argument("--dimensions", type=int, help="embeddings.dimensions (config.toml's)")
     a = p.parse_args()
     thresholds = [float(t) for t in a.thresholds.split(",") if t]
     with tempfile.TemporaryDirectory() as tmp:
@@ -417,7 +418,11 @@ def main() -> None:
                 folder,
                 srv,
                 "bench",
-                {"anthropic.simulator_url": srv.sim_url, "embeddings.provider": "simulator"},
+                {
+                    "anthropic.simulator_url": srv.sim_url,
+                    "embeddings.provider": "simulator",
+                    **({"embeddings.dimensions": a.dimensions} if a.dimensions else {}),
+                },
             )
             out = []
             if not a.times_only:
