@@ -8,7 +8,8 @@ Starts its own Valkey and simulator and writes the paraphrase trace
 (bench/workloads/paraphrase.py: the reference trace --jobs/--seed with every support_faq
 question asked in seeded wordings; each line's `group` is its intent, for grading). The
 bench drives the job's cache path itself, in the worker's order (worker.caching's response
-cache first, then worker.semantic; bench/cost.py measures it through the worker), over the trace's support_faq jobs in time order, with config.toml's
+cache first, then worker.semantic; bench/cost.py measures it through the worker), over the
+trace's support_faq jobs in time order, with config.toml's
 support_faq settings (shared scope, haiku, prompt caching) and embeddings from the
 simulator's POST /v1/embeddings:
   1. exact cache alone: each job looks up the response cache; a miss calls the simulator
