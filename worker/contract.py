@@ -322,6 +322,10 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     mode: Mode = "realtime"
     error: ErrorInfo | None = None
+    # Added with the semantic cache: a job answered from it (response_cache "semantic") has
+    # the similarity of its question to the one whose answer it got, and that job's id.
+    semantic_similarity: float | None = None
+    semantic_source_job_id: str | None = None
 
 
 class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -360,6 +364,12 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     # an "orphan" event (a call whose answer never came) the most that call can have cost.
     deferred_ms: int = 0
     reserved_usd: float = 0.0
+    # Added with the semantic cache: the tokens its lookups embedded (their cost is in
+    # cost_usd), and for a hit (response_cache "semantic") the similarity and the job whose
+    # answer was reused; 0 and "" otherwise.
+    embedding_tokens: int = 0
+    semantic_similarity: float = 0.0
+    semantic_source_job_id: str = ""
 
 
 class Feedback(msgspec.Struct, frozen=True, kw_only=True):

@@ -94,8 +94,8 @@ async def look(cache: SemanticCache, cfg: Config, text: str, *, feature: str = "
 async def keep(cache: SemanticCache, cfg: Config, found: Lookup, job_id: str, text: str) -> None:
     """What the finishing transaction of the job that missed does."""
     async with cache.redis.pipeline(transaction=True) as tx:
-        await cache.store_into(tx, cfg, found, job_id=job_id, answer=answer(text),
-                               now_ms=cache.clock_ms())  # fmt: skip
+        cache.store_into(tx, cfg, found, job_id=job_id, answer=answer(text),
+                         now_ms=cache.clock_ms())  # fmt: skip
         await tx.execute()
 
 
