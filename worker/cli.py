@@ -29,7 +29,6 @@ from worker.errors import ConfigError, MalformedJob
 from worker.fleet import run_fleet
 from worker.local import up
 from worker.usage import HitRates, follow, tail_line
-from worker.worker import serve
 
 __all__ = ["build_parser", "main", "report_query"]
 
@@ -244,6 +243,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         redis_url(cfg)  # start the embedded server once, before the children race to
         return run_fleet(str(config_path(ns.config)), processes, concurrency, ns.log_level)
     config_file = str(config_path(ns.config))
+    from worker.worker import serve  # the SDK's import takes seconds: only the worker's
+
     return run_async(lambda: serve(cfg, concurrency=concurrency, config_file=config_file))
 
 
