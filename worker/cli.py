@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import msgspec
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producers import Producer
 from worker.api_request import parse_request
@@ -81,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"tokenq: {exc}", file=sys.stderr)
         code = 2
+    except (RedisConnectionError, RedisTimeoutError, AuthenticationError) as exc:
+        where = config_path(getattr(ns, "config", None))
+        print(f"tokenq: Redis did not answer ({type(exc).__name__}: {exc}); is the server "
+              f"running? Check `redis.url` in {where}.", file=sys.stderr)  # fmt: skip
+        code = 1
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:
