@@ -64,6 +64,10 @@ Outcome = Literal["hit", "miss", "off", "no_tenant", "not_text", "too_long", "er
 QUESTION_CHARS = 1000  # of a question kept with its entry and hit record, for `cache inspect`
 LOG_MAXLEN = 10_000  # changes kept per scope; a process further behind loads the scope again
 LOAD_CHUNK = 500
+# After a failed embedding call the process skips its semantic lookups this long, so a
+# provider that is down or slow (each call may wait embeddings.timeout_s) does not slow
+# every job of a semantic feature: the jobs call the API as on a miss.
+PAUSE_AFTER_FAILURE_MS = 30_000
 
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True):
@@ -266,6 +270,8 @@ class SemanticCache:
         self._indexes: dict[str, ScopeIndex] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._store = redis.register_script(_STORE)
+        self._paused_until_ms = 0  # after an embedding failure (PAUSE_AFTER_FAILURE_MS)
+        self._failure = ""
 
     def skip(self, cfg: Config, feature: str, tenant: str | None, cache_off: bool,
              params: dict[str, Any]) -> Lookup | None:  # fmt: skip
@@ -295,6 +301,9 @@ class SemanticCache:
         text = last_user_text(params) or ""
         shared = cfg.features[feature].response_cache_scope == "shared"
         who = None if shared else tenant
+        if self.clock_ms() < self._paused_until_ms:
+            why = f"skipped after an embedding failure: {self._failure}"
+            return Lookup(outcome="error", reason=why, feature=feature, tenant=who)
         scope = self.keys.semantic_scope(feature, who)
         # The scope's sync with Redis runs while the question is embedded: its round trip
         # hides under the embedding call's, so a lookup adds the search and, on a hit, the
@@ -304,7 +313,9 @@ class SemanticCache:
             embedded = await self.embedder.embed([text])
         except EmbeddingError as exc:
             await _settled(syncing)
-            log.warning("semantic cache of %s skipped: %s", feature, exc)
+            self._paused_until_ms = self.clock_ms() + PAUSE_AFTER_FAILURE_MS
+            self._failure = str(exc)
+            log.warning("semantic cache skipped for %d s: %s", PAUSE_AFTER_FAILURE_MS // 1000, exc)
             return Lookup(outcome="error", reason=str(exc), feature=feature, tenant=who)
         except BaseException:
             await _settled(syncing)
