@@ -102,10 +102,10 @@ def main() -> int:
         return test(extra)
     name = extra.pop(0) if extra and not extra[0].startswith("-") else "throughput"
     script = ROOT / "bench" / f"{name}.py"
-    if not script.exists() or name == "common":
+    if not script.exists() or name in ("common", "quality"):
         print(
             f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, fuzz, chaos, "
-            "semantic or report",
+            "semantic, classifier or report",
             file=sys.stderr,
         )
         return 2

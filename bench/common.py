@@ -97,9 +97,11 @@ def servers(folder: Path, sim_args: tuple[str, ...] = ("--limit", UNLIMITED)) ->
 
 
 def write_config(
-    folder: Path, srv: Servers, prefix: str, settings: dict[str, object] | None = None
-) -> tuple[Config, Path]:
-    """The repo's config.toml pointed at this run's servers, under its own key prefix."""
+    folder: Path, srv: Servers, prefix: str, settings: dict[str, object] | None = None,
+    text: str | None = None,
+) -> tuple[Config, Path]:  # fmt: skip
+    """The repo's config.toml (or `text`) pointed at this run's servers, under its own key
+    prefix."""
     merged: dict[str, object] = {
         "prefix": prefix,
         "redis.url": srv.redis_url,
@@ -108,7 +110,8 @@ def write_config(
         **(settings or {}),
     }
     path = folder / f"{prefix}.toml"
-    path.write_text(with_settings((ROOT / "config.toml").read_text(), merged))
+    base = text if text is not None else (ROOT / "config.toml").read_text()
+    path.write_text(with_settings(base, merged))
     return load_config(path), path
 
 

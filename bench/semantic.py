@@ -7,9 +7,9 @@
 Starts its own Valkey and simulator and writes the paraphrase trace
 (bench/workloads/paraphrase.py: the reference trace --jobs/--seed with every support_faq
 question asked in seeded wordings; each line's `group` is its intent, for grading). The
-semantic cache is not yet wired into the worker, so this bench drives the job's cache path
-itself, in the order the wiring will (worker.caching's response cache first, then
-worker.semantic), over the trace's support_faq jobs in time order, with config.toml's
+bench drives the job's cache path itself, in the worker's order (worker.caching's response
+cache first, then worker.semantic; bench/cost.py measures it through the worker), over the
+trace's support_faq jobs in time order, with config.toml's
 support_faq settings (shared scope, haiku, prompt caching) and embeddings from the
 simulator's POST /v1/embeddings:
   1. exact cache alone: each job looks up the response cache; a miss calls the simulator
@@ -171,7 +171,7 @@ async def one_pass(
         async with run.redis.pipeline(transaction=True) as tx:
             tx.set(key, msgspec.json.encode(answer), ex=f.response_cache_ttl_s)
             if semantic is not None and found is not None and found.outcome == "miss":
-                await semantic.store_into(
+                semantic.store_into(
                     tx, run.cfg, found, job_id=job_id, answer=answer, now_ms=int(time.time() * 1000)
                 )
             await tx.execute()
@@ -200,6 +200,15 @@ async def passes(
             if cache is not None:
                 await cache.embedder.aclose()
             await run.redis.aclose()
+    return out + await sweep(srv, cfg, jobs, thresholds)
+
+
+async def sweep(
+    srv: Servers, cfg: Config, jobs: list[FaqJob], thresholds: list[float]
+) -> list[Pass]:
+    """The jobs through the cache path at each threshold, without API calls (a miss's answer
+    is a placeholder), each in fresh scopes."""
+    out = []
     for threshold in thresholds:
         run = Run(with_threshold(cfg, threshold), srv, None)
         cache = SemanticCache(run.redis, run.keys, make_embedder(run.cfg))
@@ -221,6 +230,21 @@ class Fixed:
 
     async def embed(self, texts: Sequence[str]) -> Embedded:
         return Embedded(self.next, 0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Named:
+    """A real embedder under another name (the fixed one's, so its lookups find the entries
+    the fixed one filled)."""
+
+    def __init__(self, real: Any, name: str) -> None:
+        self.real, self.name = real, name
+
+    async def embed(self, texts: Sequence[str]) -> Embedded:
+        got: Embedded = await self.real.embed(texts)
+        return got
 
     async def aclose(self) -> None:
         pass
@@ -267,7 +291,7 @@ async def lookup_times(srv: Servers, cfg: Config, entries: int, lookups: int) ->
                 miss = msgspec.structs.replace(
                     found, outcome="miss", vector=vectors[i].astype("<f4").tobytes()
                 )
-                await cache.store_into(
+                cache.store_into(
                     pipe,
                     cfg,
                     miss,
@@ -298,13 +322,30 @@ async def lookup_times(srv: Servers, cfg: Config, entries: int, lookups: int) ->
         bare.append(time.perf_counter() - t0)
         assert found.outcome == "hit", found.outcome  # its own vector: similarity 1
     whole = [a + b for a, b in zip(bare, calls, strict=True)]
+    # The lookup as a job makes it: the embedding call and the scope's sync overlap.
+    overlapped = SemanticCache(run.redis, run.keys, Named(real, fixed.name))
+    await overlapped.lookup(
+        cfg, feature=FAQ, tenant="t", cache_off=False, model=run.model, params=params
+    )  # its first lookup loads the scope
+    jobs = []
+    for k in range(lookups):
+        asked = {**params, "messages": [{"role": "user", "content": texts[k]}]}
+        t0 = time.perf_counter()
+        found = await overlapped.lookup(
+            cfg, feature=FAQ, tenant="t", cache_off=False, model=run.model, params=asked
+        )
+        jobs.append(time.perf_counter() - t0)
+        assert found.outcome == "hit", found.outcome
     await real.aclose()
     await run.redis.aclose()
     return [
         f"scope of {entries:,} entries ({cfg.embeddings.dimensions} dimensions): filled in "
         f"{fill_s:.1f} s; a new process's first lookup loads it in {load_s * 1000:.0f} ms",
         f"lookup without the embedding call ({lookups} lookups): {percentiles(bare)}",
-        f"the simulator's embedding call alone: {percentiles(calls)}; both: {percentiles(whole)}",
+        f"the simulator's embedding call alone: {percentiles(calls)}; both one after the "
+        f"other: {percentiles(whole)}",
+        f"a job's lookup (the embedding call and the scope's sync at once, then the search and "
+        f"the hit's read): {percentiles(jobs)}",
     ]
 
 
@@ -366,6 +407,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--thresholds", default="0.80,0.84,0.86,0.88,0.90,0.92,0.94,0.96")
     p.add_argument("--entries", type=int, default=10_000, help="scope size for the lookup times")
+    p.add_argument("--times-only", action="store_true", help="only the lookup times")
+    p.add_argument("--dimensions", type=int, help="embeddings.dimensions (config.toml's)")
     a = p.parse_args()
     thresholds = [float(t) for t in a.thresholds.split(",") if t]
     with tempfile.TemporaryDirectory() as tmp:
@@ -375,12 +418,21 @@ def main() -> None:
                 folder,
                 srv,
                 "bench",
-                {"anthropic.simulator_url": srv.sim_url, "embeddings.provider": "simulator"},
+                {
+                    "anthropic.simulator_url": srv.sim_url,
+                    "embeddings.provider": "simulator",
+                    **({"embeddings.dimensions": a.dimensions} if a.dimensions else {}),
+                },
             )
-            jobs = faq_jobs(derive(workload(folder, a.jobs, a.seed), a.seed))
-            out = asyncio.run(passes(srv, cfg, jobs, thresholds))
+            out = []
+            if not a.times_only:
+                jobs = faq_jobs(derive(workload(folder, a.jobs, a.seed), a.seed))
+                out = asyncio.run(passes(srv, cfg, jobs, thresholds))
             say(f"timing lookups in a scope of {a.entries:,} entries")
             times = asyncio.run(lookup_times(srv, cfg, a.entries, 500))
+    if a.times_only:
+        print("\n".join(times))
+        sys.exit(0)
     sys.exit(0 if report(cfg, out, times, a) else 1)
 
 

@@ -532,18 +532,40 @@ KEY_TYPES = {
     "route": b"string",
     "batch": b"hash",
     "spend": b"string",
-    "rollup": b"hash",  # hours, their cells, days and totals (worker.rollups)
+    "rollup": b"hash",  # hours, their cells, days (worker.rollups, worker.compaction)
+    "answered": b"string",  # a job's answer, for feedback (worker.adaptive)
+    "adaptive": b"hash",  # the router's counts and tiers in use
+    "outlen": b"hash",  # answer lengths (worker.maxtokens)
 }
 SUFFIXED = {
     "budget": (b":holds", b"zset", b"hash"),
     "breaker": (b":probes", b"zset", b"hash"),
     "rcache": (b":done", b"stream", b"string"),
+    "feedback": (b":counts", b"hash", b"stream"),  # read when a feature has a semantic cache
 }
+
+
+def semantic_type(rest: bytes) -> bytes:
+    """The type of a semantic-cache key (worker.semantic): its scope's entry ids, change count,
+    change log and entries; the scopes' set; a job's hit and source records; trust."""
+    if rest == b"semantic:scopes":
+        return b"set"
+    if rest.startswith((b"semantic:job:", b"semantic:hit:")) or b":e:" in rest:
+        return b"string"
+    if rest.startswith(b"semantic:trust:") or rest.endswith(b":ver"):
+        return b"hash"
+    return b"stream" if rest.endswith(b":log") else b"zset"
+
+
 WHOLE = {
     b"batcher:lease": b"string",
     b"batches": b"zset",
     b"batches:api": b"hash",
     b"rollup:queue": b"list",
+    b"rollup:live": b"zset",
+    b"rollup:pending": b"zset",
+    b"rollup:totals": b"string",
+    b"rollup:compacting": b"string",
 }
 
 
@@ -553,10 +575,13 @@ def expected_type(key: bytes, prefix: str) -> bytes | None:
     if rest in WHOLE:
         return WHOLE[rest]
     kind = rest.partition(b":")[0].decode("utf-8", "replace")
+    if kind == "semantic":
+        return semantic_type(rest)
     if kind in SUFFIXED:
         suffix, with_it, without = SUFFIXED[kind]
         return with_it if rest.endswith(suffix) else without
-    return KEY_TYPES.get(kind) if b":" in rest or kind in ("usage", "dead", "deferred") else None
+    bare = ("usage", "dead", "deferred", "feedback")
+    return KEY_TYPES.get(kind) if b":" in rest or kind in bare else None
 
 
 async def _key_types(raw: aioredis.Redis, keys: Keys, run: Run) -> Invariant:

@@ -2,14 +2,15 @@
 
 Applies to the features that set `target_pass_rate` when `router.policy = "adaptive"`, after
 the job's tier, the feature's tier and the rules (router.py), in place of the classifier and
-`router.default_tier`. Not yet called by the worker (README: Adaptive routing).
+`router.default_tier` (worker.learning wires it into the job run; README: Adaptive routing).
 
 **What is counted.** Per feature, kind of job and tier: the answers that passed their check
 and those that failed it. The kind of job is the band of its estimated input tokens
 (`router.adaptive.bands`): known before the call, free, and the signal every workload has.
 An escalated job counts a failure for the tier that failed and the outcome of the next one;
 an answer cut at `max_tokens` counts neither way (a matter of room, see worker.maxtokens).
-A producer's verdict on `tokenq:feedback` overrides the check's for that job's answer.
+A producer's verdict on `tokenq:feedback` overrides the check's for that job's answer
+(worker.feedback reads them).
 
 **Where.** Fleet-wide in Redis, as decayed counts: an answer counts 1 when written and half
 as much every `half_life_s` (the evidence), and every `recent_half_life_s` in the recent
@@ -38,22 +39,18 @@ A proven-good tier whose recent answers fail is proven bad at once, so the next 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.client import NEVER_DECODE
-from redis.exceptions import RedisError, ResponseError, WatchError
 
 from worker.config import AdaptiveConfig, Config, FeatureConfig
-from worker.contract import GROUP, Feedback, Keys
+from worker.contract import Keys
 
 log = logging.getLogger("tokenq.adaptive")
 
@@ -232,7 +229,7 @@ def _weight(half_life_ms: int, t_ms: int, epoch: int) -> float:
     return float(2 ** ((t_ms - epoch * EPOCH_HALF_LIVES * half_life_ms) / half_life_ms))
 
 
-def _add_into(tx: Any, keys: Keys, a: AdaptiveConfig, feature: str, field: str, t_ms: int,
+def add_into(tx: Any, keys: Keys, a: AdaptiveConfig, feature: str, field: str, t_ms: int,
               sign: int, now_ms: int) -> None:  # fmt: skip
     """Queue the count of one answer at t_ms (sign 1) or its removal (-1) on both horizons;
     nothing in an epoch too old to be read at now_ms."""
@@ -281,18 +278,18 @@ def record_into(
     marks = [] if from_cache else [_mark(problem) for _, problem in answers]
     for (tier, _), mark in zip(answers, marks, strict=False):
         if mark:
-            _add_into(tx, keys, a, feature, f"{kind}|{tier}|{mark}", now_ms, 1, now_ms)
+            add_into(tx, keys, a, feature, f"{kind}|{tier}|{mark}", now_ms, 1, now_ms)
     if in_use is not None:
         tx.hset(keys.in_use(feature), kind, in_use)
         tx.expire(keys.in_use(feature), 2 * EPOCH_HALF_LIVES * a.half_life_s)
     if a.feedback_ttl_s and answers:
         last = marks[-1] if marks else ""
         record = Answered(feature, kind, answers[-1][0], last, last, now_ms)
-        tx.set(keys.answered(job_id), _encode(record), ex=a.feedback_ttl_s)
+        tx.set(keys.answered(job_id), encode(record), ex=a.feedback_ttl_s)
 
 
-_encode = msgspec.json.Encoder().encode
-_decode_answered = msgspec.json.Decoder(Answered).decode
+encode = msgspec.json.Encoder().encode
+decode_answered = msgspec.json.Decoder(Answered).decode
 
 
 # Reading.
@@ -377,176 +374,3 @@ class OutcomeStats:
         self._reads.pop(feature, None)
         if not read.cancelled() and read.exception() is None:  # retrieved: no "never retrieved"
             self._views[feature] = (now_ms, read.result())
-
-
-# Feedback.
-
-
-def revise(record: Answered, verdict: Literal["good", "bad"], reason: str, now_ms: int) -> Answered:
-    """The record after a verdict. It holds "bad" as a failure; "good" as a pass for an answer
-    that was counted (a failed check overruled), as nothing for one that was not (a cache hit
-    or a cut answer: counted when first written, or never). A changed mark counts from now:
-    a verdict is fresh evidence."""
-    held: Mark = "f" if verdict == "bad" else ("p" if record.counted else "")
-    at_ms = record.at_ms if held == record.held else now_ms
-    return msgspec.structs.replace(
-        record, held=held, at_ms=at_ms, verdict=verdict, reason=reason[:200]
-    )
-
-
-def verdict_into(
-    tx: Any, keys: Keys, a: AdaptiveConfig, old: Answered, new: Answered, now_ms: int
-) -> None:
-    """Queue on `tx` the counts' change from a revised record: the old mark taken back at the
-    weight it was added with, the new one added."""
-    if (old.held, old.at_ms) == (new.held, new.at_ms):
-        return
-    for record, sign in ((old, -1), (new, 1)):
-        if record.held:
-            field = f"{record.kind}|{record.tier}|{record.held}"
-            _add_into(tx, keys, a, record.feature, field, record.at_ms, sign, now_ms)
-
-
-FEEDBACK_IDLE_MS = 60_000  # an entry pending this long: its reader died; another takes it
-FEEDBACK_COUNT = 32  # entries per read: bounds the memory a flood of huge entries can take
-
-
-class FeedbackReader:
-    """Applies producers' verdicts from `tokenq:feedback` to the counts, as check results.
-
-    Reads as a consumer of group `workers` (the entry stays pending until applied, and an
-    entry whose reader died is taken over after `idle_ms`). Each entry is applied in
-    one MULTI, watched on the job's record, with its XACK and XDEL, so it counts once. An
-    entry that is not a Feedback, or names a job without a record (expired, unknown, not
-    adaptive), is logged, counted in `tokenq:feedback:counts` and dropped: no entry stops it.
-    """
-
-    def __init__(
-        self, redis: aioredis.Redis, keys: Keys, consumer: str,
-        config: Callable[[], Config], clock_ms: Callable[[], int],
-        idle_ms: int = FEEDBACK_IDLE_MS,
-    ) -> None:  # fmt: skip
-        self.redis, self.keys, self.consumer = redis, keys, consumer
-        self.config, self.clock_ms, self.idle_ms = config, clock_ms, idle_ms
-        self.counts: Counter[str] = Counter()
-        self._cursor = "0-0"
-
-    async def run(self, stopping: asyncio.Event, *, block_ms: int = 1000) -> None:
-        """Apply entries until `stopping` is set (a worker duty). A Redis error is logged and
-        retried a second later; this returns only when stopping."""
-        while not stopping.is_set():
-            try:
-                await self.step(block_ms)
-            except RedisError as exc:
-                log.warning("feedback reader: %s; trying again in 1 s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), 1.0)
-
-    async def step(self, block_ms: int) -> Counter[str]:
-        """One read (taking over abandoned entries first, then blocking up to block_ms for
-        new ones) and the entries applied; returns what became of them."""
-        entries = await self._reclaim() + await self._read(block_ms)
-        done: Counter[str] = Counter()
-        for entry_id, fields in entries:
-            done[await self._apply(entry_id, fields)] += 1
-        self.counts.update(done)
-        return done
-
-    async def ensure_group(self) -> None:
-        """Create the group on the feedback stream (and the stream), reading from its start."""
-        try:
-            await self.redis.xgroup_create(self.keys.feedback, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def close(self) -> None:
-        """Leave the group when nothing is pending on this consumer."""
-        try:
-            pending: Any = await self.redis.xpending_range(
-                self.keys.feedback, GROUP, "-", "+", 1, consumername=self.consumer
-            )
-            if not pending:
-                await self.redis.xgroup_delconsumer(self.keys.feedback, GROUP, self.consumer)
-        except ResponseError:  # no stream or group: nothing to leave
-            pass
-
-    async def _read(self, block_ms: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        try:
-            reply: Any = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", FEEDBACK_COUNT,
-                "BLOCK", block_ms, "STREAMS", self.keys.feedback, ">", **{NEVER_DECODE: True},
-            )  # fmt: skip
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_group()
-            return []
-        return [(i, f or {}) for _, entries in reply or [] for i, f in entries]
-
-    async def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        try:
-            reply: Any = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                "XAUTOCLAIM", self.keys.feedback, GROUP, self.consumer, self.idle_ms,
-                self._cursor, "COUNT", FEEDBACK_COUNT, **{NEVER_DECODE: True},
-            )  # fmt: skip
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            return []
-        self._cursor = reply[0].decode()
-        return [(i, f or {}) for i, f in reply[1]]
-
-    async def _apply(self, entry_id: bytes, fields: dict[bytes, bytes]) -> str:
-        try:
-            text = {k.decode(): v.decode() for k, v in fields.items()}
-            feedback = msgspec.convert(text, Feedback, strict=False)
-        except (UnicodeDecodeError, msgspec.ValidationError) as exc:
-            return await self._drop(entry_id, "malformed", str(exc))
-        for _ in range(5):  # another reader changed the record: read it again
-            try:
-                return await self._apply_to_record(entry_id, feedback)
-            except WatchError:
-                continue
-        log.warning("feedback entry %s left pending: its record kept changing", entry_id)
-        return "retry"
-
-    async def _apply_to_record(self, entry_id: bytes, feedback: Feedback) -> str:
-        key = self.keys.answered(feedback.job_id)
-        async with self.redis.pipeline(transaction=True) as tx:
-            await tx.watch(key)
-            # Raw bytes: a value that is not ours (nor UTF-8) must not stop the reader.
-            raw: Any = await tx.execute_command("GET", key, **{NEVER_DECODE: True})
-            try:
-                record = _decode_answered(raw) if raw is not None else None
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                record = None
-            tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
-            outcome = "unknown_job"
-            if record is not None:
-                a = self.config().router.adaptive
-                now_ms = self.clock_ms()
-                revised = revise(record, feedback.verdict, feedback.reason, now_ms)
-                outcome = "applied" if revised.held != record.held else "unchanged"
-                verdict_into(tx, self.keys, a, record, revised, now_ms)
-                tx.set(key, _encode(revised), keepttl=True)
-            self._ack_into(tx, entry_id, outcome)
-            await tx.execute()
-        if outcome == "unknown_job":
-            log.warning(
-                "feedback entry %s: no record of job %.200r (expired, unknown, or not routed "
-                "adaptively); dropped", entry_id, feedback.job_id,
-            )  # fmt: skip
-        return outcome
-
-    async def _drop(self, entry_id: bytes, outcome: str, why: str) -> str:
-        log.warning("feedback entry %s dropped (%s): %.200s", entry_id, outcome, why)
-        async with self.redis.pipeline(transaction=True) as tx:
-            self._ack_into(tx, entry_id, outcome)
-            await tx.execute()
-        return outcome
-
-    def _ack_into(self, tx: Any, entry_id: bytes, outcome: str) -> None:
-        tx.xack(self.keys.feedback, GROUP, entry_id)
-        tx.xdel(self.keys.feedback, entry_id)
-        tx.hincrby(self.keys.feedback_counts, outcome, 1)

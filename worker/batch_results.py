@@ -13,6 +13,7 @@ fenced by the batcher lease.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +22,7 @@ import anthropic
 import msgspec
 import redis.asyncio as aioredis
 
-from worker import clock, jobrun, outcomes
+from worker import clock, jobrun, learning, outcomes
 from worker.batch_streams import BatchQueue
 from worker.config import Config
 from worker.contract import as_text, entry_ms
@@ -253,13 +254,25 @@ class Members:
         call.state, call.cost_usd = "answered", cost_usd(usage, prices, batch=True)
         call.input_tokens, call.output_tokens = usage.input_tokens, usage.output_tokens
         call.cache_write, call.cache_read = usage.cache_write, usage.cache_read
-        feature = cfg.features.get(d.fields.get("feature", ""))
-        problem = feature and check_answer(feature, text_of(message), message.stop_reason)
+        name = d.fields.get("feature", "")
+        feature = cfg.features.get(name)
+        problem = feature and check_answer(
+            feature, text_of(message), message.stop_reason, usage.output_tokens
+        )
+        call.check = problem or ""
         run.route = [m.route]
         baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
-        return outcomes.batch_answered(
+        ending = outcomes.batch_answered(
             d, run, message, call, local=local, baseline=baseline, problem=problem or None
         )
+        keys, job_id = self.keys, m.job_id
+
+        def learn(tx: Any) -> None:  # as a realtime answer teaches (worker.learning)
+            learning.learn_into(
+                tx, keys, cfg, feature=name, job_id=job_id, run=run, now_ms=clock.now_ms()
+            )
+
+        return dataclasses.replace(ending, also=learn)
 
 
 def batch_call(run: JobRun, m: Member) -> Call:

@@ -48,7 +48,7 @@ import anthropic
 import msgspec
 from redis.exceptions import RedisError
 
-from worker import clock, jobrun, jobs, outcomes
+from worker import adaptive, clock, jobrun, jobs, learning, maxtokens, outcomes
 from worker.admission import Admitted
 from worker.batch_results import Member
 from worker.batch_streams import BatchQueue
@@ -56,9 +56,10 @@ from worker.batches import Batches
 from worker.budgets import SpendStop, caps_for
 from worker.caching import mark_prompt_cache
 from worker.claims import Claim, Claims, refusal
-from worker.config import BatchConfig, Config
-from worker.contract import BATCHER, entry_ms, shown
+from worker.config import BatchConfig, Config, FeatureConfig
+from worker.contract import BATCHER, Job, entry_ms, shown
 from worker.errors import JobRejected
+from worker.estimate import raw_estimate
 from worker.jobrun import Call
 from worker.lease import Lease, LeaseLost
 from worker.process import admitted
@@ -80,6 +81,7 @@ class Waiting:
     tier: str
     why: str
     size: int  # bytes of its request in the create body (with the longest custom_id)
+    kind: str = ""  # the adaptive router's kind of job (worker.learning)
 
 
 def custom_id(job_id: str) -> str:
@@ -162,6 +164,8 @@ class Batcher:
         )
         self.waiting: list[Waiting] = []
         self._next_sweep = 0.0
+        self.outcome_stats = adaptive.OutcomeStats(q.redis, q.keys)
+        self.lengths = maxtokens.LengthStats(q.redis, q.keys)
 
     @property
     def cfg(self) -> Config:
@@ -286,12 +290,17 @@ class Batcher:
             checked = await admitted(d, self.cfg, self.queue)
             job, feature = checked.job, checked.feature
             params: dict[str, Any] = msgspec.to_builtins(checked.request)
+            asked = params.get("max_tokens") is not None
             notes = jobs.shape(job, feature, params)
         except JobRejected:
             return None
         if any(note.startswith("kept the newest") for note in notes):
             return None
-        decided = static_route(self.cfg, job, feature, params)
+        if feature.max_tokens_learn and not asked:
+            lengths = await self.lengths.get(job.feature, clock.now_ms())
+            learnt = learning.max_tokens_into(feature, params, asked, lengths)
+            notes += [learnt] if learnt else []
+        decided, kind = await self._route(d, job, feature, params)
         if decided is None and self.cfg.router.classifier.enabled:
             return None  # the classifier is a realtime call of its own
         tier, why = decided or (self.cfg.router.default_tier, "router.default_tier")
@@ -300,7 +309,24 @@ class Batcher:
         minimum = self.cfg.models[params["model"]].min_cache_tokens
         params = mark_prompt_cache(params, feature.prompt_cache, minimum)
         size = len(_encode({"custom_id": "x" * 64, "params": params})) + 1
-        return Waiting(d, checked, params, tier, "; ".join([why, *notes]), size)
+        return Waiting(d, checked, params, tier, "; ".join([why, *notes]), size, kind)
+
+    async def _route(
+        self, d: Delivery, job: Job, feature: FeatureConfig, params: dict[str, Any]
+    ) -> tuple[tuple[str, str] | None, str]:
+        """The realtime path's route for a batched job (worker.process), the classifier's
+        left out, and the adaptive router's kind of job ("" when it does not apply)."""
+        cfg = self.cfg
+        if not adaptive.applies(cfg, feature):
+            return static_route(cfg, job, feature, params), ""
+        estimate = raw_estimate(params)
+        kind = adaptive.kind_of(cfg.router.adaptive, estimate)
+        decided = static_route(cfg, job, feature, params, estimate)
+        if decided is None:
+            stats = await self.outcome_stats.get(cfg, job.feature, clock.now_ms())
+            chosen = adaptive.route(cfg, job.feature, estimate, stats, d.job_id)
+            decided = chosen.tier, chosen.reason
+        return decided, kind
 
     async def _request_of(self, d: Delivery) -> tuple[str, dict[str, Any]] | None:
         """A member's create request again (its tier and params), for a batch created anew;
@@ -400,7 +426,7 @@ class Batcher:
         if cid in plan.members:
             self.waiting.append(w)  # the same job id twice: the next window settles it
             return
-        run.tier = w.tier
+        run.tier, run.kind = w.tier, w.kind
         run.calls.append(
             Call(model=w.params["model"], tier=w.tier, mode="batch", started_ms=clock.now_ms())
         )

@@ -29,7 +29,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import anthropic
 import pybreaker
 import redis.asyncio as aioredis
 
@@ -171,6 +170,8 @@ def is_failure(exc: BaseException | None) -> bool | None:
     """True: an API failure the breaker counts; False: a success; None: neutral."""
     if exc is None:
         return False
+    import anthropic  # here, not at the top: operators' commands import this module too
+
     if isinstance(exc, anthropic.RateLimitError):
         return None
     if isinstance(exc, anthropic.InternalServerError | anthropic.APIConnectionError):

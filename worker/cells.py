@@ -1,190 +1,96 @@
-"""Reading the rollups' cells: of the live hours, of finished hours, of whole days.
+"""What a rollup cell holds, and how the cells of a finished period are stored.
 
-The folds (worker.rollups) add an hour's outcomes into one small hash per cell. Once the
-hour is over by GRACE_MS, when no outcome can still arrive, the first reader that needs it
-compacts it: its cells become fields of one hash (`<dims>` -> the cell's non-zero metrics
-as a JSON list of index, value pairs) and the cell hashes go. Likewise a whole finished day
-becomes three hashes (DayView): one cell per feature, model and priority (for the questions
-that do not ask about tenants), one per tenant and one per feature and tenant, keeping the
-day's `report.tenants_per_hour` biggest tenants by spend and counting the others as OTHER.
-Compacting an hour also adds its cells to the running totals (worker.rollups), in the same
-transaction that deletes them, so each outcome reaches the totals once.
+A cell is one (feature, model, priority, tenant) of one period. It holds integer metrics
+(METRICS): outcomes by status and mode, tokens by kind, cost and baseline in nano-dollars
+(exact sums), response- and prompt-cache counts, and two histograms with the fixed buckets
+BOUNDS_MS (API latency of realtime calls, queue wait of every job), so percentiles of any
+set of cells merge by adding buckets. `metric_pairs` says what one usage event adds.
 
-Compaction cannot lose an outcome: an hour's cells are WATCHed while they are read, and an
-outcome written meanwhile (a worker whose clock is behind) aborts the compaction, which starts
-again. Such a late outcome written after its hour was compacted makes new cells, which the
-next reader merges in; a day whose hours have new cells is compacted again. Compacting twice
-writes the same hashes, so readers need no lock. Fields that do not parse (another program's
-writes) are skipped.
+While an hour runs its cells are small Redis hashes (worker.rollups). A finished period is
+stored as a Block: its cells as a sparse matrix, (cell, metric, amount) triples in numpy
+arrays, packed and compressed into one value (`encode`), about 80 bytes a cell. Summing
+blocks by any grouping of their cells (`sum_by`) is a few numpy operations however many
+cells they hold, which is what lets `tokenq report` read 90 days in a fraction of a second.
+
+A view of a block keeps some dimensions of its cells and adds up the others (VIEWS): a day
+is stored in four views so that a question about tenants alone reads 100 cells a day, not
+the day's thousands.
 """
 
 from __future__ import annotations
 
-import operator
+import bisect
+import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+import unicodedata
+import zlib
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TypeVar
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+import numpy as np
+from numpy.typing import NDArray
 
-from worker.contract import Keys
-from worker.rollups import INDEX, METRICS, OTHER, SEP, Rollups, execute, hour_label
+BOUNDS_MS = (*(m * 10**e for e in range(8) for m in (1, 2, 5)), 100_000_000)
+"""Histogram bucket upper bounds in ms, 1-2-5 steps from 1 ms to 27.8 hours (and above)."""
 
-GRACE_MS = 3_600_000
-"""An hour (a day) is compacted this long after it ended, when no outcome can still arrive."""
+JOBS = tuple(f"j{s}{m}" for s in "oe" for m in "rbc")
+"""Outcomes by status (o: ok, e: error) and mode (r: realtime, b: batch, c: cache)."""
+TOKENS = ("ti", "to", "tw", "tr")  # input, output, cache write, cache read
+MONEY = ("usd", "base")  # cost and baseline cost, nano-dollars
+RCACHE = ("rh", "rj", "rm")  # response cache: hit, joined an identical call, miss
+PCACHE = ("pr", "pw")  # calls that read the prompt cache; that only wrote it
+LATENCY = tuple(f"l{k}" for k in range(len(BOUNDS_MS) + 1))
+WAIT = tuple(f"q{k}" for k in range(len(BOUNDS_MS) + 1))
+SUMS = ("ls", "qs")  # the histograms' sums, ms
+METRICS = ("n", *JOBS, *TOKENS, *MONEY, *RCACHE, *PCACHE, *LATENCY, *WAIT, *SUMS)
+"""Every metric of a cell; a metric's number is its place here."""
+INDEX = {name: n for n, name in enumerate(METRICS)}
+WIDTH = len(METRICS)
+
+OTHER = "\x1eother"
+"""The tenant of outcomes past a period's tenant rows (control characters cannot occur in a
+stored dimension, see tenant_slot)."""
+UNKNOWN = "\x1eunknown"
+"""The feature of outcomes whose feature is not in the config (a producer's mistake)."""
 ALL = "\x1eall"
-"""The tenant slot of a day's tenant-less cells (every tenant together)."""
-Vector = list[int]
-Dims = tuple[str, str, str, str]  # feature, model, priority, tenant
-Cells = dict[Dims, Vector]
-
-_pairs = msgspec.json.Decoder(list[int])
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+"""A dimension a view adds up (every feature, model, priority or tenant together)."""
+SEP = "\x1f"
+"""Separates the dimensions of a cell: feature, model, priority, tenant."""
+NANO = 1_000_000_000
+TENANT_MAX = 64
+CELL_BYTES = 1_300
+"""The most memory one cell of a running hour takes in Redis with every metric set (its
+hash, key, expiry and index entry); a typical cell takes 250-400 bytes."""
 
 
-def new() -> Vector:
-    return [0] * len(METRICS)
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the rollups need from the config ([report], [metrics], [features])."""
+
+    retention_days: int = 90
+    tenants_per_hour: int = 100
+    tenant_totals: bool = False
+    features: frozenset[str] = frozenset()
 
 
-def add(into: Vector, more: Sequence[int]) -> None:
-    """Add `more` to `into`, metric by metric."""
-    into[:] = map(operator.add, into, more)
+def max_cells_per_hour(settings: Settings, models: int, priorities: int) -> int:
+    """The most cells an hour can have: (tenants + none + other) x (features + unknown) x
+    models x priorities. With CELL_BYTES, the bound of a running hour's memory."""
+    return (settings.tenants_per_hour + 2) * (len(settings.features) + 1) * models * priorities
 
 
-def _dims(text: str) -> Dims | None:
-    parts = text.split(SEP)
-    return (parts[0], parts[1], parts[2], parts[3]) if len(parts) == 4 else None
+def hour_of(ts_ms: int) -> int:
+    """Hours since the epoch (UTC) of a unix time in ms."""
+    return ts_ms // 3_600_000
 
 
-def encode(vector: Vector) -> str:
-    """A vector as stored in a compacted hash: its non-zero metrics as a JSON list of index,
-    value, index, value... (METRICS order; most of a cell's 72 metrics are 0)."""
-    return msgspec.json.encode([x for n, v in enumerate(vector) if v for x in (n, v)]).decode()
-
-
-def _merge_encoded(into: Cells, dims: Dims, text: str | bytes) -> None:
-    try:
-        pairs = _pairs.decode(text)
-        vector = new()
-        for n, value in zip(pairs[::2], pairs[1::2], strict=True):
-            vector[n] = value
-    except (msgspec.DecodeError, ValueError, IndexError):
-        return  # not ours
-    if dims in into:
-        add(into[dims], vector)
-    else:
-        into[dims] = vector
-
-
-def _from_hash(
-    fields: dict[Any, Any], into: Cells, keep: Callable[[Dims], bool] | None = None
-) -> None:
-    for name, value in fields.items():
-        dims = _dims(_text(name))
-        if dims is not None and (keep is None or keep(dims)):
-            _merge_encoded(into, dims, value)
-
-
-def _vector(fields: dict[Any, Any]) -> Vector:
-    out = new()
-    for name, value in fields.items():
-        n = INDEX.get(_text(name))
-        if n is not None:
-            try:
-                out[n] = int(value)
-            except ValueError:
-                continue
-    return out
-
-
-async def _index(redis: aioredis.Redis, keys: Keys, label: str) -> list[tuple[str, Dims]]:
-    """An hour's live cells: (key, dimensions)."""
-    index: dict[Any, Any] = await redis.hgetall(keys.rollup_index(label))
-    out = []
-    for name, value in index.items():
-        dims = _dims(_text(value))
-        if _text(name).startswith("K") and dims is not None:
-            out.append((keys.rollup_cell(label, _text(name)[1:]), dims))
-    return out
-
-
-async def _read(redis: aioredis.Redis, found: list[tuple[str, Dims]]) -> Cells:
-    if not found:
-        return {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for key, _ in found:
-            pipe.hgetall(key)
-        replies: list[Any] = await pipe.execute()
-    cells: Cells = {}
-    for (_, dims), reply in zip(found, replies, strict=True):
-        if reply:
-            add(cells.setdefault(dims, new()), _vector(reply))
-    return cells
-
-
-async def hour_cells(redis: aioredis.Redis, keys: Keys, hour: int) -> Cells:
-    """One hour's live cells (as the workers write them)."""
-    return await _read(redis, await _index(redis, keys, hour_label(hour)))
-
-
-async def finished_hour(redis: aioredis.Redis, rollups: Rollups, hour: int) -> Cells:
-    """A finished hour's cells, compacting whatever the workers wrote into it (and adding
-    that to the running totals, in the same transaction)."""
-    keys, label = rollups.keys, hour_label(hour)
-    stored_key, index_key = keys.rollup_hour(label), keys.rollup_index(label)
-    for _ in range(20):
-        async with redis.pipeline(transaction=True) as tx:
-            await tx.watch(index_key)
-            found = await _index(redis, keys, label)
-            if found:
-                await tx.watch(*(key for key, _ in found))  # then read: nothing slips by
-            cells: Cells = {}
-            _from_hash(await redis.hgetall(stored_key), cells)
-            if not found:
-                return cells
-            totals = rollups.delta()
-            for dims, v in (await _read(redis, found)).items():
-                add(cells.setdefault(dims, new()), v)
-                totals.add_total(dims, v)
-            tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
-            tx.delete(stored_key, index_key, *(key for key, _ in found))
-            mapping = {SEP.join(d): encode(v) for d, v in cells.items()}
-            tx.hset(stored_key, mapping=mapping)  # type: ignore[arg-type]
-            keep_s = rollups.settings.retention_days * 86_400
-            tx.expireat(stored_key, (hour + 1) * 3600 + keep_s)
-            rollups.write_into(tx, totals)
-            try:
-                await execute(redis, tx, rollups)
-            except WatchError:
-                continue  # an outcome arrived meanwhile: read again
-            return cells
-    raise RuntimeError(f"hour {label} kept changing while it was compacted")
-
-
-async def finished_hours(
-    redis: aioredis.Redis, rollups: Rollups, hours: Iterable[int]
-) -> dict[int, Cells]:
-    """Several finished hours' cells in one round trip, compacting those that need it."""
-    keys, hours = rollups.keys, list(hours)
-    async with redis.pipeline(transaction=False) as pipe:
-        for hour in hours:
-            pipe.hgetall(keys.rollup_hour(hour_label(hour)))
-            pipe.exists(keys.rollup_index(hour_label(hour)))
-        replies: list[Any] = await pipe.execute()
-    out: dict[int, Cells] = {}
-    for n, hour in enumerate(hours):
-        stored, live = replies[2 * n], replies[2 * n + 1]
-        if live:
-            out[hour] = await finished_hour(redis, rollups, hour)
-        else:
-            out[hour] = {}
-            _from_hash(stored, out[hour])
-    return out
+@lru_cache(maxsize=4096)
+def hour_label(hour: int) -> str:
+    """An hour as it appears in key names: YYYYMMDDHH (UTC)."""
+    return time.strftime("%Y%m%d%H", time.gmtime(hour * 3600))
 
 
 def day_label(day: int) -> str:
@@ -192,84 +98,308 @@ def day_label(day: int) -> str:
     return time.strftime("%Y%m%d", time.gmtime(day * 86_400))
 
 
-def fold_tenants(cells: Cells, keep: int) -> Cells:
-    """Keep the `keep` biggest tenants by spend (then outcomes); the others become OTHER."""
-    spend: dict[str, tuple[int, int]] = {}
-    for (_, _, _, tenant), v in cells.items():
-        if tenant not in ("", OTHER):
-            old = spend.get(tenant, (0, 0))
-            spend[tenant] = (old[0] + v[INDEX["usd"]], old[1] + v[INDEX["n"]])
-    kept = set(sorted(spend, key=lambda t: spend[t], reverse=True)[:keep])
-    out: Cells = {}
-    for (f, m, p, tenant), v in cells.items():
-        slot = tenant if tenant in kept or tenant == "" else OTHER
-        add(out.setdefault((f, m, p, slot), new()), v)
+def bucket(ms: int) -> int:
+    """The histogram bucket of a duration: the first whose upper bound is >= ms."""
+    return bisect.bisect_left(BOUNDS_MS, ms)
+
+
+def nano_usd(text: str) -> int:
+    """A usage event's fixed-point dollar string as integer nano-dollars (half up)."""
+    whole, _, frac = text.partition(".")
+    if len(frac) <= 9 and whole.isdecimal() and (frac.isdecimal() or not frac):
+        return int(whole) * NANO + int(frac.ljust(9, "0"))  # exact: the usual case
+    whole, _, frac = text.strip().partition(".")
+    try:
+        units = int(whole or "0") * 10**10 + int((frac + "0" * 10)[:10] or "0")
+    except ValueError:
+        try:
+            return round(float(text) * NANO)
+        except ValueError:
+            return 0
+    return (units + 5) // 10 if units >= 0 else -((-units + 5) // 10)
+
+
+def _int(text: str | None) -> int:
+    """A count as a usage event writes it; 0 for anything else."""
+    if not text:
+        return 0
+    if text.isdecimal():
+        return int(text)
+    try:
+        return max(0, int(text))
+    except ValueError:
+        return 0
+
+
+@lru_cache(maxsize=4096)
+def tenant_slot(tenant: str) -> str:
+    """A tenant (or model, or priority) as stored: control characters and lone surrogates
+    (bytes that were not UTF-8) replaced, long names shortened with a digest (producers may
+    send anything; what is stored stays small, printable and valid UTF-8)."""
+    clean = "".join("?" if unicodedata.category(c) in ("Cc", "Cs") else c for c in tenant)
+    if len(clean) <= TENANT_MAX:
+        return clean
+    digest = hashlib.sha256(tenant.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{clean[: TENANT_MAX - 17]}~{digest}"
+
+
+_N, _QS, _LS, _PR, _PW = (INDEX[name] for name in ("n", "qs", "ls", "pr", "pw"))
+_MODES = {"batch": 1, "cache": 2}  # else realtime: 0
+_JOB = tuple(tuple(INDEX[f"j{s}{m}"] for m in "rbc") for s in "eo")  # [ok][mode]
+_TOKEN_FIELDS = (
+    ("input_tokens", INDEX["ti"]),
+    ("output_tokens", INDEX["to"]),
+    ("cache_creation_input_tokens", INDEX["tw"]),
+    ("cache_read_input_tokens", INDEX["tr"]),
+)
+_MONEY_FIELDS = (("cost_usd", INDEX["usd"]), ("baseline_cost_usd", INDEX["base"]))
+_ANSWERS = {"hit": INDEX["rh"], "joined": INDEX["rj"], "miss": INDEX["rm"]}
+
+
+def metric_pairs(fields: Mapping[str, str]) -> list[int] | None:
+    """What one usage event (its stream fields) adds to its cell: metric number, amount,
+    metric number, amount... ('n' first, no zero amounts); None for events that are not job
+    outcomes (budget alerts). The finishing write calls this for every job: it is written
+    for speed (a few microseconds)."""
+    get = fields.get
+    if get("kind", "job") != "job":
+        return None
+    ok = get("status") == "ok"
+    mode = _MODES.get(get("mode", ""), 0)
+    out = [_N, 1, _JOB[ok][mode], 1]
+    tokens = [_int(get(name)) for name, _ in _TOKEN_FIELDS]
+    for (_, code), value in zip(_TOKEN_FIELDS, tokens, strict=True):
+        if value:
+            out += (code, value)
+    for name, code in _MONEY_FIELDS:
+        text = get(name)
+        value = nano_usd(text) if text and text != "0" else 0
+        if value:
+            out += (code, value)
+    wait = _int(get("queue_ms"))
+    out += (INDEX["q0"] + bucket(wait), 1)
+    if wait:
+        out += (_QS, wait)
+    if ok:
+        _answered(out, get, mode, tokens)
     return out
 
 
-DayView = Literal["all", "tenant", "feature-tenant"]
-"""A finished day's hashes: cells per feature, model and priority (tenant ALL); per tenant
-(feature, model and priority ALL); per feature and tenant (model and priority ALL)."""
+def _answered(out: list[int], get: Callable[[str], str | None], mode: int, tokens: list[int]
+              ) -> None:  # fmt: skip
+    """The metrics only answered jobs have: cache hits and the call's latency."""
+    answer = _ANSWERS.get(get("response_cache") or "")
+    if answer is not None:
+        out += (answer, 1)
+    if tokens[3]:
+        out += (_PR, 1)
+    elif tokens[2]:
+        out += (_PW, 1)
+    if mode == 0:  # only realtime calls have an API latency
+        latency = _int(get("latency_ms"))
+        out += (INDEX["l0"] + bucket(latency), 1)
+        if latency:
+            out += (_LS, latency)
 
 
-async def compact_day(redis: aioredis.Redis, rollups: Rollups, day: int) -> dict[str, Cells]:
-    """Add a finished day's hours up into its hashes; their cells by DayView."""
-    keys, settings = rollups.keys, rollups.settings
-    cells: Cells = {}
-    hours = await finished_hours(redis, rollups, range(day * 24, day * 24 + 24))
-    for hour_cells_ in hours.values():
-        for dims, v in hour_cells_.items():
-            add(cells.setdefault(dims, new()), v)
-    views: dict[str, Cells] = {"all": {}, "tenant": {}, "feature-tenant": {}}
-    for (f, m, p, _), v in cells.items():
-        add(views["all"].setdefault((f, m, p, ALL), new()), v)
-    for (f, _, _, t), v in fold_tenants(cells, settings.tenants_per_hour).items():
-        add(views["tenant"].setdefault((ALL, ALL, ALL, t), new()), v)
-        add(views["feature-tenant"].setdefault((f, ALL, ALL, t), new()), v)
-    label, expire_at = day_label(day), (day + 1 + settings.retention_days) * 86_400
-    async with redis.pipeline(transaction=True) as tx:
-        for view, part in views.items():
-            key = keys.rollup_day(label, view)
-            tx.delete(key)
-            mapping: dict[Any, Any] = {SEP.join(d): encode(v) for d, v in part.items()}
-            tx.hset(key, mapping={"~": "1", **mapping})  # "~": compacted, even when empty
-            tx.expireat(key, expire_at)
-        await tx.execute()
-    return views
+def metrics_of(fields: Mapping[str, str]) -> dict[str, int] | None:
+    """metric_pairs by metric name: what one usage event adds to its cell."""
+    pairs = metric_pairs(fields)
+    if pairs is None:
+        return None
+    return {METRICS[n]: value for n, value in zip(pairs[::2], pairs[1::2], strict=True)}
 
 
-async def day_cells(
-    redis: aioredis.Redis, rollups: Rollups, day: int, view: DayView,
-    keep: Callable[[Dims], bool] | None = None,
-) -> Cells:  # fmt: skip
-    """A finished day's cells of one view (the cells `keep` accepts, when given). Compacts
-    the day if nobody has, or if outcomes arrived in it since."""
-    keys, label = rollups.keys, day_label(day)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(keys.rollup_day(label, view))
-        for hour in range(day * 24, day * 24 + 24):
-            pipe.exists(keys.rollup_index(hour_label(hour)))
-        stored, *late = await pipe.execute()
-    if not stored or any(late):
-        cells = (await compact_day(redis, rollups, day))[view]
-        return {d: v for d, v in cells.items() if keep is None or keep(d)}
-    out: Cells = {}
-    _from_hash(stored, out, keep)
-    return out
+def split(dims: str) -> tuple[str, str, str, str] | None:
+    """A cell's stored dimensions as (feature, model, priority, tenant); None if not a cell."""
+    parts = dims.split(SEP)
+    return (parts[0], parts[1], parts[2], parts[3]) if len(parts) == 4 else None
 
 
-def periods(
-    start_hour: int, end_hour: int, now_ms: int, *, days: bool
-) -> Iterable[tuple[str, int]]:
-    """The range as ("day", day) for whole finished days (with `days`), ("hour", hour) for
-    finished hours and ("live", hour) for the others."""
-    hour = start_hour
-    while hour < end_hour:
-        day = hour // 24
-        whole = hour % 24 == 0 and hour + 24 <= end_hour
-        if days and whole and (day + 1) * 86_400_000 + GRACE_MS <= now_ms:
-            yield "day", day
-            hour += 24
+# -- finished periods: blocks of cells --
+
+_TRIPLE = 4 + 1 + 8  # bytes of a (cell uint32, metric uint8, amount int64) triple
+MAX_BLOCK_BYTES = 256 * 2**20
+"""A stored block that would unpack to more is not ours (a compression bomb); a block holds
+at most a few MB."""
+
+
+class _Stored(msgspec.Struct, array_like=True, frozen=True):
+    """A block as stored: msgpack [dims, zlib(cells as uint32, metrics as uint8, amounts
+    as int64, little-endian, one array after the other)]."""
+
+    dims: list[str]
+    triples: bytes
+
+
+_stored = msgspec.msgpack.Decoder(_Stored)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Block:
+    """The cells of one period as a sparse matrix: cell k has the dimensions dims[k]
+    (SEP-joined) and, for each i with cell[i] == k, metric[i]'s amount[i] (triples naming the
+    same cell and metric add up)."""
+
+    dims: list[str]
+    cell: NDArray[np.uint32]
+    metric: NDArray[np.uint8]
+    amount: NDArray[np.int64]
+
+    def encode(self) -> bytes:
+        """The block as stored in Redis (see decode)."""
+        packed = (self.cell.astype("<u4").tobytes() + self.metric.tobytes()
+                  + self.amount.astype("<i8").tobytes())  # fmt: skip
+        return msgspec.msgpack.encode(_Stored(self.dims, zlib.compress(packed, 1)))
+
+    def dense(self) -> NDArray[np.int64]:
+        """The block as a (cells x METRICS) matrix."""
+        out = np.zeros(len(self.dims) * WIDTH, np.int64)
+        np.add.at(out, self.cell.astype(np.int64) * WIDTH + self.metric, self.amount)
+        return out.reshape(len(self.dims), WIDTH)
+
+    def vectors(self) -> dict[str, list[int]]:
+        """Each cell's metrics, in METRICS order."""
+        return dict(zip(self.dims, self.dense().tolist(), strict=True))
+
+
+EMPTY = Block([], np.zeros(0, np.uint32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
+
+
+def decode(raw: bytes | None) -> Block | None:
+    """A stored block; None for a missing value or one that is not a block (another
+    program's: it is skipped, never trusted)."""
+    if not raw:
+        return None
+    try:
+        stored = _stored.decode(raw)
+        unpack = zlib.decompressobj()
+        data = unpack.decompress(stored.triples, MAX_BLOCK_BYTES)
+    except (msgspec.DecodeError, zlib.error):
+        return None
+    n, rest = divmod(len(data), _TRIPLE)
+    if rest or unpack.unconsumed_tail or not unpack.eof:
+        return None
+    block = Block(
+        stored.dims,
+        np.frombuffer(data, "<u4", n, 0),
+        np.frombuffer(data, "u1", n, 4 * n),
+        np.frombuffer(data, "<i8", n, 5 * n),
+    )
+    if n and (int(block.cell.max()) >= len(block.dims) or int(block.metric.max()) >= WIDTH):
+        return None
+    return block
+
+
+def build(cells: Iterable[tuple[str, Sequence[int]]]) -> Block:
+    """A block of cells given as (dims, [metric number, amount, metric number, ...])."""
+    dims: list[str] = []
+    cell: list[int] = []
+    pairs: list[int] = []
+    for dims_text, flat in cells:
+        cell += [len(dims)] * (len(flat) // 2)
+        pairs += flat[: len(flat) // 2 * 2]
+        dims.append(dims_text)
+    both = np.array(pairs, np.int64).reshape(-1, 2)
+    return Block(dims, np.array(cell, np.uint32), both[:, 0].astype(np.uint8), both[:, 1].copy())
+
+
+def of_dense(dims: list[str], matrix: NDArray[np.int64]) -> Block:
+    """A block of a (cells x METRICS) matrix, keeping its non-zero amounts."""
+    cell, metric = np.nonzero(matrix)
+    return Block(dims, cell.astype(np.uint32), metric.astype(np.uint8), matrix[cell, metric])
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def sum_by(parts: Iterable[tuple[Block, Callable[[str], K | None]]]) -> dict[K, NDArray[np.int64]]:
+    """Add up the cells of several blocks by group: each block comes with the function that
+    gives a cell's group from its dims (None leaves the cell out). Each group's metrics, in
+    METRICS order (int64: exact). A function given with several blocks is called once per
+    distinct dims (90 days of a day view repeat the same few thousand)."""
+    index: dict[K, int] = {}
+    memos: dict[Callable[[str], K | None], dict[str, int]] = {}
+
+    def slot(group: K | None) -> int:
+        return -1 if group is None else index.setdefault(group, len(index))
+
+    flat: list[NDArray[np.int64]] = []
+    amounts: list[NDArray[np.int64]] = []
+    for block, key in parts:
+        if not len(block.amount):
             continue
-        yield ("hour" if (hour + 1) * 3_600_000 + GRACE_MS <= now_ms else "live"), hour
-        hour += 1
+        memo = memos.setdefault(key, {})
+        for dims in set(block.dims).difference(memo):
+            memo[dims] = slot(key(dims))
+        groups = np.fromiter(map(memo.__getitem__, block.dims), np.int64, len(block.dims))
+        of_triple = groups[block.cell]
+        amount, metric = block.amount, block.metric
+        if (of_triple < 0).any():
+            kept = of_triple >= 0
+            of_triple, amount, metric = of_triple[kept], amount[kept], metric[kept]
+        flat.append(of_triple * WIDTH + metric)
+        amounts.append(amount)
+    sums = np.zeros(len(index) * WIDTH, np.int64)
+    if flat:
+        np.add.at(sums, np.concatenate(flat), np.concatenate(amounts))
+    matrix = sums.reshape(len(index), WIDTH)
+    return {group: matrix[n] for group, n in index.items()}
+
+
+def regroup(parts: Iterable[tuple[Block, Callable[[str], str | None]]]) -> Block:
+    """sum_by, as a block whose cells are the groups (dims)."""
+    sums = sum_by(parts)
+    if not sums:
+        return EMPTY
+    return of_dense(list(sums), np.stack(list(sums.values())))
+
+
+def keep_tenants(block: Block, keep: int) -> Block:
+    """The block with rows for its `keep` biggest tenants by spend (then outcomes) only; the
+    others' cells count under OTHER. Unchanged when it has no more tenants than that."""
+    by_tenant = sum_by([(block, lambda d: d.rpartition(SEP)[2])])
+    named = [t for t in by_tenant if t not in ("", OTHER)]
+    if len(named) <= keep:
+        return block
+    ranked = sorted(named, key=lambda t: (by_tenant[t][INDEX["usd"]], by_tenant[t][INDEX["n"]]),
+                    reverse=True)  # fmt: skip
+    kept = {"", OTHER, *ranked[:keep]}
+
+    def slot(dims: str) -> str:
+        head, _, tenant = dims.rpartition(SEP)
+        return dims if tenant in kept else f"{head}{SEP}{OTHER}"
+
+    return regroup([(block, slot)])
+
+
+VIEWS: dict[str, tuple[str, ...]] = {
+    "all": ("feature", "model", "priority"),
+    "tenant": ("tenant",),
+    "feature-tenant": ("feature", "tenant"),
+    "cells": ("feature", "model", "priority", "tenant"),
+}
+"""The views of a finished period, smallest first: which dimensions each keeps (the others
+are ALL). A day has all four, a finished hour `all` and `cells`."""
+_DIMENSIONS = ("feature", "model", "priority", "tenant")
+
+
+def view(block: Block, name: str) -> Block:
+    """A view of a block (VIEWS): its cells with the dimensions the view drops added up."""
+    kept = [d in VIEWS[name] for d in _DIMENSIONS]
+    if all(kept):
+        return block
+
+    def slot(dims: str) -> str | None:
+        parts = split(dims)
+        if parts is None:
+            return None
+        return SEP.join(p if k else ALL for p, k in zip(parts, kept, strict=True))
+
+    return regroup([(block, slot)])
+
+
+def view_for(needs: Iterable[str], among: Sequence[str]) -> str:
+    """The first view among these that keeps every dimension needed."""
+    wanted = set(needs)
+    return next(name for name in among if wanted <= set(VIEWS[name]))

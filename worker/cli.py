@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import msgspec
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producers import Producer
 from worker.api_request import parse_request
@@ -29,7 +32,6 @@ from worker.errors import ConfigError, MalformedJob
 from worker.fleet import run_fleet
 from worker.local import up
 from worker.usage import HitRates, follow, tail_line
-from worker.worker import serve
 
 __all__ = ["build_parser", "main", "report_query"]
 
@@ -82,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"tokenq: {exc}", file=sys.stderr)
         code = 2
+    except (RedisConnectionError, RedisTimeoutError, AuthenticationError) as exc:
+        where = config_path(getattr(ns, "config", None))
+        print(f"tokenq: Redis did not answer ({type(exc).__name__}: {exc}); is the server "
+              f"running? Check `redis.url` in {where}.", file=sys.stderr)  # fmt: skip
+        code = 1
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:
@@ -244,6 +251,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         redis_url(cfg)  # start the embedded server once, before the children race to
         return run_fleet(str(config_path(ns.config)), processes, concurrency, ns.log_level)
     config_file = str(config_path(ns.config))
+    from worker.worker import serve  # the SDK's import takes seconds: only the worker's
+
     return run_async(lambda: serve(cfg, concurrency=concurrency, config_file=config_file))
 
 

@@ -30,7 +30,6 @@ from worker.entries import shown
 from worker.limiter import ModelStatus, status
 from worker.operators import ConsumerRow, batch_rows, cancel_batch, consumer_rows, prune_consumer
 from worker.usage import money
-from worker.worker import make_client
 
 Sub = argparse._SubParsersAction  # argparse names no public type for it
 
@@ -272,6 +271,8 @@ def cmd_batches_cancel(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
     async def run() -> int:
+        from worker.worker import make_client  # the SDK, only when a command calls the API
+
         client = make_client(cfg, 1)
         try:
             async with redis_of(cfg) as redis:

@@ -9,11 +9,12 @@ import json
 import sys
 
 from worker import clock, dashboard, metrics
+from worker.cells import tenant_slot
 from worker.cli_ops import Sub, config_of, redis_of, run_async
 from worker.contract import Keys
 from worker.errors import ConfigError
 from worker.report import DIMENSIONS, Query, query, report_csv, table
-from worker.rollups import Rollups, settings_of, tenant_slot
+from worker.rollups import Rollups, settings_of
 
 
 def add_report_commands(sub: Sub[argparse.ArgumentParser]) -> None:

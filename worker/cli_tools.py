@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import anthropic
 import redis as syncredis
 from redis.exceptions import RedisError
 from rich.console import Console
@@ -31,8 +30,6 @@ from worker.admin_api import ProviderError
 from worker.config import Config, load_config
 from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
-from worker.jobs import describe
-from worker.worker import make_client
 
 EPILOG_LINES = """\
   top         a live view of the fleet: queues, rates, limits, breakers, budgets, consumers
@@ -205,6 +202,11 @@ async def _estimate(
             return await price(
                 quote.local_count
             ), "the local estimate (--local; 4 characters a token)"
+        import anthropic  # the SDK's import takes seconds: only when the API is asked
+
+        from worker.jobs import describe
+        from worker.worker import make_client
+
         client = make_client(cfg, quote.COUNTS_AT_ONCE)
         try:
             return await price(quote.api_count(client)), f"count_tokens at {client.base_url}"

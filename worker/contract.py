@@ -106,23 +106,36 @@ class Keys:
         """A hash: one cell's metrics in one hour (see worker.rollups)."""
         return f"{self.prefix}:rollup:h:{hour}:{cell}"
 
+    @property
+    def rollup_live(self) -> str:
+        """A sorted set of hour numbers (since the epoch, UTC): the hours with cells, until
+        compacted (see worker.periods)."""
+        return f"{self.prefix}:rollup:live"
+
     def rollup_hour(self, hour: str) -> str:
-        """A hash: a finished hour's cells (`<dims>` -> metrics), compacted by readers."""
+        """A hash: a finished hour's cells as blocks (worker.cells), views `all` and `cells`,
+        compacted by the workers."""
         return f"{self.prefix}:rollup:hour:{hour}"
 
-    def rollup_day(self, day: str, view: str = "all") -> str:
-        """A hash: a finished day's (YYYYMMDD, UTC) cells per feature, model and priority
-        (view `all`), per tenant (`tenant`) or per feature and tenant (`feature-tenant`)."""
-        return f"{self.prefix}:rollup:day:{day}:{view}"
+    @property
+    def rollup_pending(self) -> str:
+        """A sorted set of day numbers: days with hours compacted since the day was."""
+        return f"{self.prefix}:rollup:pending"
+
+    def rollup_day(self, day: str) -> str:
+        """A hash: a finished day's (YYYYMMDD, UTC) cells as blocks, one per view (`all`,
+        `tenant`, `feature-tenant`, `cells`; worker.cells.VIEWS)."""
+        return f"{self.prefix}:rollup:day:{day}"
 
     @property
     def rollup_totals(self) -> str:
-        """A hash: the running totals' cells (`K<id>` -> dimensions); never expires."""
-        return f"{self.prefix}:rollup:total"
+        """A string: the running totals of every compacted hour as a block; never expires."""
+        return f"{self.prefix}:rollup:totals"
 
-    def rollup_total(self, cell: str) -> str:
-        """A hash: one cell's running totals since the first job (never expires)."""
-        return f"{self.prefix}:rollup:total:{cell}"
+    @property
+    def rollup_lease(self) -> str:
+        """A string with a TTL: the process compacting the rollups (worker.compaction)."""
+        return f"{self.prefix}:rollup:compacting"
 
     def jobs(self, priority: str) -> str:
         """The stream producers XADD jobs of this priority onto."""
@@ -309,6 +322,10 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     mode: Mode = "realtime"
     error: ErrorInfo | None = None
+    # Added with the semantic cache: a job answered from it (response_cache "semantic") has
+    # the similarity of its question to the one whose answer it got, and that job's id.
+    semantic_similarity: float | None = None
+    semantic_source_job_id: str | None = None
 
 
 class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -347,6 +364,12 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     # an "orphan" event (a call whose answer never came) the most that call can have cost.
     deferred_ms: int = 0
     reserved_usd: float = 0.0
+    # Added with the semantic cache: the tokens its lookups embedded (their cost is in
+    # cost_usd), and for a hit (response_cache "semantic") the similarity and the job whose
+    # answer was reused; 0 and "" otherwise.
+    embedding_tokens: int = 0
+    semantic_similarity: float = 0.0
+    semantic_source_job_id: str = ""
 
 
 class Feedback(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,9 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -23,26 +25,43 @@ from redis.exceptions import RedisError
 from worker import clock
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
-from worker.cells import GRACE_MS, Cells, Vector, finished_hours, hour_cells
+from worker.cells import INDEX, METRICS, NANO, Block, split, sum_by
 from worker.config import Config
 from worker.contract import Keys
 from worker.limiter import status
 from worker.metrics import LIMIT_KINDS, queue_rows, run_app
 from worker.operators import batch_rows
+from worker.periods import GRACE_MS, read_hours
 from worker.report import display, row
-from worker.rollups import METRICS, Rollups, settings_of
+from worker.rollups import Rollups, settings_of
 
 log = logging.getLogger("tokenq.dashboard")
 PAGE = Path(__file__).with_name("dashboard.html")
 TOP_TENANTS = 10
 
 
-def _sum(vectors: list[Vector]) -> Vector:
-    out = [0] * len(METRICS)
-    for v in vectors:
-        for n, value in enumerate(v):
-            out[n] += value
-    return out
+def _dimension(n: int) -> Callable[[str], str | None]:
+    """A cell's n-th dimension (feature 0, model, priority, tenant 3), displayed."""
+
+    def of(dims: str) -> str | None:
+        parts = split(dims)
+        return None if parts is None else display(parts[n])
+
+    return of
+
+
+def _constant(hour: int) -> Callable[[str], int]:
+    return lambda _: hour
+
+
+def _feature_at(hour: int) -> Callable[[str], tuple[int, str] | None]:
+    feature = _dimension(0)
+
+    def of(dims: str) -> tuple[int, str] | None:
+        f = feature(dims)
+        return None if f is None else (hour, f)
+
+    return of
 
 
 class State:
@@ -52,51 +71,47 @@ class State:
         self.redis, self.cfg = redis, cfg
         self.keys = Keys(cfg.prefix)
         self.rollups = Rollups(self.keys, settings_of(cfg))
-        self._hours: dict[int, Cells] = {}
+        self._hours: dict[int, Block] = {}
 
-    async def cells(self, hours: range, now_ms: int) -> dict[int, Cells]:
-        """The hours' cells: finished ones read (and compacted) once, live ones each time."""
-        done = [h for h in hours if (h + 1) * 3_600_000 + GRACE_MS <= now_ms]
-        missing = [h for h in done if h not in self._hours]
-        if missing:
-            self._hours.update(await finished_hours(self.redis, self.rollups, missing))
+    async def cells(self, hours: range, now_ms: int) -> dict[int, Block]:
+        """The hours' cells: those over by GRACE_MS read once, the others each time."""
+        done = {h for h in hours if (h + 1) * 3_600_000 + GRACE_MS <= now_ms}
+        found = await read_hours(self.redis, self.keys, [h for h in hours if h not in self._hours])
+        self._hours.update((h, block) for h, block in found.items() if h in done)
         for old in [h for h in self._hours if h < hours.start - 24]:
             del self._hours[old]
-        return {h: self._hours[h] if h in self._hours else
-                await hour_cells(self.redis, self.keys, h) for h in hours}  # fmt: skip
+        return {h: self._hours[h] if h in self._hours else found[h] for h in hours}
 
     async def snapshot(self, hours: int) -> dict[str, Any]:
         """Everything the page draws, as JSON-ready values."""
-        await self.rollups.fold(self.redis)
+        await self.rollups.fold_records(self.redis)
         now_ms = clock.now_ms()
         current = now_ms // 3_600_000
-        series: list[dict[str, Any]] = []
-        by_feature: dict[str, list[Vector]] = {}
-        by_tenant: dict[str, list[Vector]] = {}
-        everything: list[Vector] = []
         window = await self.cells(range(current - hours + 1, current + 1), now_ms)
-        for hour, cells in window.items():
-            features: dict[str, list[Vector]] = {}
-            for (feature, _, _, tenant), v in cells.items():
-                features.setdefault(display(feature), []).append(v)
-                by_feature.setdefault(display(feature), []).append(v)
-                by_tenant.setdefault(display(tenant), []).append(v)
-                everything.append(v)
-            hour_row = row(_sum(list(cells.values())))
+
+        per_hour = sum_by((block, _constant(hour)) for hour, block in window.items())
+        spend = sum_by((block, _feature_at(hour)) for hour, block in window.items())
+        by_feature = sum_by((block, _dimension(0)) for block in window.values())
+        by_tenant = sum_by((block, _dimension(3)) for block in window.values())
+        series: list[dict[str, Any]] = []
+        for hour in window:
+            hour_row = row(per_hour[hour].tolist() if hour in per_hour else [0] * len(METRICS))
             series.append({
                 "hour": time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(hour * 3600)),
-                "cost_usd": {f: row(_sum(vs))["cost_usd"] for f, vs in features.items()},
+                "cost_usd": {f: int(v[INDEX["usd"]]) / NANO for (h, f), v in spend.items()
+                             if h == hour},
                 "baseline_usd": hour_row["baseline_usd"], "jobs": hour_row["jobs"],
                 "errors": hour_row["errors"], "latency_p50_ms": hour_row["latency_p50_ms"],
                 "latency_p95_ms": hour_row["latency_p95_ms"],
                 "queue_wait_p95_ms": hour_row["queue_wait_p95_ms"],
             })  # fmt: skip
-        tenants = sorted(((t, row(_sum(vs))) for t, vs in by_tenant.items()),
+        tenants = sorted(((t, row(v.tolist())) for t, v in by_tenant.items()),
                          key=lambda tr: -tr[1]["cost_usd"])  # fmt: skip
+        everything = sum(per_hour.values(), np.zeros(len(METRICS), np.int64))
         return {
             "generated_at": dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).isoformat(),
-            "hours": hours, "series": series, "total": row(_sum(everything)),
-            "features": {f: row(_sum(vs)) for f, vs in sorted(by_feature.items())},
+            "hours": hours, "series": series, "total": row(everything.tolist()),
+            "features": {f: row(v.tolist()) for f, v in sorted(by_feature.items())},
             "tenants": [{"tenant": t, **r} for t, r in tenants[:TOP_TENANTS]],
             "tenants_more": max(0, len(tenants) - TOP_TENANTS),
             **await self.live(now_ms),

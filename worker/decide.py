@@ -36,6 +36,7 @@ from worker.jobs import Defer, check_deadline, exhausted
 from worker.outcomes import Ending
 from worker.queue import Delivery
 from worker.router import CUT, cheaper, check_answer, dearer
+from worker.semantic import Lookup
 
 Step = Ending | Defer | None  # what to write: an end, a deferral, or nothing (left pending)
 STOP_LOOK_MS = 60_000  # a job stopped by the spend limit looks again this often
@@ -53,6 +54,7 @@ class Work:
     params: dict[str, Any] = field(default_factory=dict)  # the request as shaped
     held: Answered | None = None  # the last answer in hand, while it is escalated
     token: str = ""  # the job's response-cache claim
+    lookup: Lookup | None = None  # what the semantic cache found (worker.semantic)
 
 
 def why_not(cfg: Config, w: Work) -> tuple[JobRejected, str] | None:
@@ -98,7 +100,9 @@ def answered(cfg: Config, w: Work, got: Answered, *, escalate: bool = True) -> S
     """Deliver the answer, or escalate it when it fails the feature's check."""
     assert w.c is not None and w.feature is not None
     run, message = w.c.run, got.message
-    problem = check_answer(w.feature, jobs.text_of(message), message.stop_reason)
+    output_tokens = got.usage.output_tokens
+    problem = check_answer(w.feature, jobs.text_of(message), message.stop_reason, output_tokens)
+    got.call.check = problem or ""  # what the router and max_tokens learn (worker.learning)
     up = dearer(cfg, run.tier) if problem and escalate else None
     if problem and up and run.escalations < cfg.router.max_escalations:
         if run.attempts < cfg.queue.max_attempts:

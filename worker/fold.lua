@@ -1,19 +1,21 @@
 -- Folds queued outcome records into the hourly rollup cells (see worker.rollups).
 -- METRICS (the metric names, in worker.rollups' order) is defined above this line.
--- KEYS[1]: the record list. ARGV: key prefix, tenants an hour keeps rows for, seconds the
--- hours are kept after they end, most records to fold.
+-- KEYS[1]: the record list, KEYS[2]: the live hours (a sorted set of hour numbers). ARGV: key
+-- prefix, tenants an hour keeps rows for, seconds the hours are kept after they end, most
+-- records to fold.
 -- A record: little-endian uint32 hour (since the epoch), the hour as YYYYMMDDHH (10 bytes),
 -- uint16 length and the cell's dims (feature, model, priority, tenant, separated by \31),
 -- then (uint8 metric number, double amount) pairs, 'n' (outcomes) first.
 -- Records are popped and applied in this one script, so each is counted once. Records of the
 -- same cell are added up first; then each cell costs one HMGET and one HSET (a new cell also
--- looks at the hour's index: is its tenant one of the hour's first `cap`?). Amounts stay
+-- looks at the hour's index: is its tenant one of the hour's first `cap`?, and makes sure the
+-- hour is in the live set, which worker.compaction and the readers go by). Amounts stay
 -- below 2^53 (Lua numbers are doubles), which redis.call writes back as exact integers.
 local prefix, cap, keep_s = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local records = redis.call('LPOP', KEYS[1], tonumber(ARGV[4]))
 if not records then return 0 end
 
-local cells, order, formats = {}, {}, {}
+local cells, order, formats, live = {}, {}, {}, {}
 
 -- Add one record to its cell's sums (a record that does not parse is left out).
 local function take(rec)
@@ -87,6 +89,10 @@ local function apply(cell)
     if #out > 0 then
       redis.call('HSET', index, unpack(out))
       redis.call('EXPIREAT', index, expire_at)
+    end
+    if not live[cell.hour] then -- the hour has cells: it is live until compacted
+      redis.call('ZADD', KEYS[2], cell.hour, cell.hour)
+      live[cell.hour] = true
     end
     write(key, cell, cur)
     if not cur[1] then redis.call('EXPIREAT', key, expire_at) end

@@ -50,6 +50,7 @@ CALL_KEYS = dict(
     hold_keys="hk",
     latency_ms="l",
     error="e",
+    check="k",
 )
 RUN_KEYS = dict(
     first_ms="t0",
@@ -64,6 +65,10 @@ RUN_KEYS = dict(
     deferred_ms="dm",
     deferred_at_ms="da",
     response_cache="rc",
+    kind="k",
+    in_use="u",
+    embedding_tokens="et",
+    embedding_usd="eu",
 )
 
 
@@ -92,6 +97,9 @@ class Call(msgspec.Struct, kw_only=True, omit_defaults=True, rename=CALL_KEYS):
     hold_keys: list[str] = []
     latency_ms: int = 0
     error: str = ""
+    # Why the answer failed its feature's check ("" when it passed, or was not checked: the
+    # router's classifier call), for what the adaptive router and max_tokens learn.
+    check: str = ""
 
 
 class JobRun(msgspec.Struct, kw_only=True, omit_defaults=True, rename=RUN_KEYS):
@@ -109,6 +117,13 @@ class JobRun(msgspec.Struct, kw_only=True, omit_defaults=True, rename=RUN_KEYS):
     deferred_ms: int = 0  # time spent in the deferred set, all deferrals together
     deferred_at_ms: int = 0  # when the deferral under way began (0: none)
     response_cache: str = ""  # what the response cache did ("off", "miss", ...)
+    # The adaptive router's kind of job ("" when the feature is not routed adaptively), and
+    # the tier the fleet should now use for that kind when this job's route changed it.
+    kind: str = ""
+    in_use: str = ""
+    # The semantic cache's lookups: tokens embedded and their cost (part of the job's cost).
+    embedding_tokens: int = 0
+    embedding_usd: float = 0.0
 
     @property
     def attempts(self) -> int:
@@ -128,8 +143,9 @@ class JobRun(msgspec.Struct, kw_only=True, omit_defaults=True, rename=RUN_KEYS):
         return [c for c in self.calls if c.state == "answered"]
 
     def cost_usd(self) -> float:
-        """What the answered calls cost (lost calls are reported apart, as orphans)."""
-        return sum(c.cost_usd for c in self.calls if c.state == "answered")
+        """What the answered calls and the embeddings cost (lost calls are reported apart, as
+        orphans)."""
+        return self.embedding_usd + sum(c.cost_usd for c in self.calls if c.state == "answered")
 
     def returned(self, entry_ms: int) -> None:
         """The job is back from the deferred set in an entry enqueued at entry_ms."""

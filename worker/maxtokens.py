@@ -17,7 +17,7 @@ answers reserves rate-limit and budget capacity for nothing. With a feature's
   cuts. Without enough answers the feature's max_tokens applies.
 
 A producer's own max_tokens is not replaced (it is clamped to max_tokens_cap as before).
-Not yet called by the worker (README: Learnt max_tokens).
+worker.learning wires it into the job run (README: Learnt max_tokens).
 """
 
 from __future__ import annotations

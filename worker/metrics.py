@@ -31,28 +31,21 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
-from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import RedisError, ResponseError
 
 from worker import clock
 from worker.breakers import Breakers
 from worker.budgets import budget_rows
-from worker.cells import GRACE_MS, Vector, add, finished_hours, hour_cells, new
+from worker.cells import BOUNDS_MS, INDEX, LATENCY, NANO, WAIT, split, sum_by
 from worker.config import Config
 from worker.contract import GROUP, Keys, as_text, entry_ms
 from worker.limiter import status
 from worker.operators import batch_rows
+from worker.periods import totals_and_live
 from worker.report import display
-from worker.rollups import (
-    BOUNDS_MS,
-    INDEX,
-    LATENCY,
-    NANO,
-    SEP,
-    WAIT,
-    Rollups,
-    hour_label,
-    settings_of,
-)
+from worker.rollups import Rollups, settings_of
+
+Vector = list[int]
 
 log = logging.getLogger("tokenq.metrics")
 KINDS = (("input", "ti"), ("output", "to"), ("cache_write", "tw"), ("cache_read", "tr"))
@@ -60,75 +53,30 @@ LIMIT_KINDS = ("requests", "input_tokens", "output_tokens")
 STATES = ("closed", "open", "half-open")
 
 
-async def _totals(redis: aioredis.Redis, keys: Keys) -> dict[tuple[str, ...], Vector]:
-    """The running totals: (feature, model, priority[, tenant]) -> metrics."""
-    index: dict[Any, Any] = await redis.hgetall(keys.rollup_totals)
-    cells = [(as_text(k)[1:], tuple(as_text(v).split(SEP))) for k, v in index.items()
-             if as_text(k).startswith("K")]  # fmt: skip
-    if not cells:
-        return {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for cid, _ in cells:
-            pipe.hgetall(keys.rollup_total(cid))
-        replies: list[Any] = await pipe.execute()
-    out: dict[tuple[str, ...], Vector] = {}
-    for (_, dims), reply in zip(cells, replies, strict=True):
-        if len(dims) in (3, 4) and reply:
-            vector = out.setdefault(dims, new())
-            for name, value in reply.items():
-                n = INDEX.get(as_text(name))
-                if n is not None and as_text(value).lstrip("-").isdigit():
-                    vector[n] += int(value)
-    return out
-
-
 class Counters:
-    """Where the counters come from: the running totals, plus the hours not compacted yet.
+    """Where the counters come from: the running totals, plus the live hours.
 
-    Compacting an hour moves its cells into the totals (worker.cells), so an outcome counts in
-    its hour until then and in the totals after, once either way. A read first compacts the
-    finished hours that are still live (all of the retention at the first read, the last two
-    days after that), then adds the live hours to the totals; it WATCHes their index keys, so
-    a compaction by another reader in between makes it read again instead of counting an hour
-    twice or not at all. Counters never go down (unless an hour expires before any reader
-    compacted it: nobody read the rollups for report.retention_days).
+    Compacting an hour (worker.compaction, the workers' duty) moves its cells into the
+    totals, so an outcome counts in its live hour until then and in the totals after, once
+    either way: both are read at one instant (worker.periods). Counters never go down (unless
+    an hour expired before it was compacted: no worker ran for report.retention_days).
     """
 
     def __init__(self, rollups: Rollups) -> None:
         self.rollups = rollups
-        self._swept = False
 
-    async def read(self, redis: aioredis.Redis, now_ms: int) -> list[tuple[list[str], Vector]]:
-        keys, settings = self.rollups.keys, self.rollups.settings
-        await self.rollups.fold(redis)
-        current = now_ms // 3_600_000
-        back = 48 if self._swept else settings.retention_days * 24
-        hours = range(current - back, current + 1)
-        async with redis.pipeline(transaction=False) as pipe:
-            for hour in hours:
-                pipe.exists(keys.rollup_index(hour_label(hour)))
-            found: list[Any] = await pipe.execute()
-        live = [h for h, there in zip(hours, found, strict=True) if there]
-        done = [h for h in live if (h + 1) * 3_600_000 + GRACE_MS <= now_ms]
-        await finished_hours(redis, self.rollups, done)
-        self._swept = True
-        live = [h for h in live if h not in done]
-        for _ in range(20):
-            async with redis.pipeline(transaction=True) as tx:
-                if live:
-                    await tx.watch(*(keys.rollup_index(hour_label(h)) for h in live))
-                totals = await _totals(redis, keys)
-                for hour in live:
-                    for dims, v in (await hour_cells(redis, keys, hour)).items():
-                        total = dims if settings.tenant_totals else dims[:3]
-                        add(totals.setdefault(total, new()), v)
-                tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
-                try:
-                    await tx.execute()
-                except WatchError:
-                    continue  # an hour was compacted (or got a new cell) meanwhile
-            return [([display(d) for d in dims], v) for dims, v in totals.items()]
-        raise RuntimeError("the live hours kept changing while the counters were read")
+    async def read(self, redis: aioredis.Redis) -> list[tuple[list[str], Vector]]:
+        """Each counted (feature, model, priority[, tenant]) and its metrics."""
+        await self.rollups.fold_records(redis)
+        totals, live = await totals_and_live(redis, self.rollups.keys)
+        width = 4 if self.rollups.settings.tenant_totals else 3
+
+        def labels(dims: str) -> tuple[str, ...] | None:
+            parts = split(dims)
+            return None if parts is None else tuple(map(display, parts[:width]))
+
+        sums = sum_by((block, labels) for block in (totals, *live))
+        return [(list(dims), v.tolist()) for dims, v in sums.items()]
 
 
 def counter_families(
@@ -344,7 +292,7 @@ async def scrape(redis: aioredis.Redis, cfg: Config, counters: Counters | None =
     """Every metric, in Prometheus' text format."""
     now = clock.time_s()
     counters = counters or Counters(Rollups(Keys(cfg.prefix), settings_of(cfg)))
-    cells = await counters.read(redis, int(now * 1000))
+    cells = await counters.read(redis)
     families = [
         *counter_families(cells, cfg.metrics.tenant_labels),
         *await queue_families(redis, cfg, int(now * 1000)),

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from worker import jobrun, outcomes
+from worker import jobrun
 from worker.contract import (
     GROUP,
     ErrorInfo,
@@ -34,6 +33,9 @@ from worker.contract import (
 )
 from worker.entries import Entry, raw_command, scan, shown
 from worker.jobrun import JobRun
+
+if TYPE_CHECKING:
+    import anthropic
 
 ENTRY_ID = re.compile(r"[0-9]+-[0-9]+")
 
@@ -221,6 +223,8 @@ def _removal_records(
 ) -> tuple[dict[bytes, bytes], bytes, UsageEvent]:
     """The dead letter, error result and usage event of a removed entry (with what the calls
     of its run cost: a job can be removed after paid calls)."""
+    from worker import outcomes  # it imports the SDK, seconds to load: only for a removal
+
     attempts = run.attempts
     kept, note = _kept(job.entry, max_entry_bytes)
     error = _removed_sentence(job, had_result) + note

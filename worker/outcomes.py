@@ -22,6 +22,7 @@ max_tokens when they are wired in.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +59,15 @@ _encode = msgspec.json.Encoder().encode
 @dataclass(frozen=True)
 class Ending:
     """What a job's end writes: its result, its usage event, and for a job that can never
-    succeed its dead letter (the job's bounded fields and why); `reply_to` gets the result."""
+    succeed its dead letter (the job's bounded fields and why); `reply_to` gets the result.
+    `also`: commands that belong to the job's end (what the router learns from it), queued
+    on the finishing transaction after the end's own writes (finish_into)."""
 
     result: Result
     event: UsageEvent
     reply_to: str | None = None
     dead: dict[str, str] | None = None
+    also: Callable[[Any], None] | None = None
 
     def encoded(self, rollups: Rollups | None = None) -> Finish:
         """The stream fields and JSON that Queue writes, with the outcome's rollup records."""
@@ -82,6 +86,8 @@ def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending)
     they would be written by both workers, so they must be idempotent or tolerate it (or go
     into the fenced script, as the rollup records do)."""
     queue.finish_into(tx, d, job_id, ending.encoded(queue.rollups))
+    if ending.also is not None:  # the hook: per-job counts that join the finishing write
+        ending.also(tx)
 
 
 async def finish(queue: Queue, d: Delivery, job_id: str, ending: Ending) -> bool:
@@ -114,6 +120,7 @@ def totals(run: JobRun | None) -> dict[str, Any]:
         "deferred_ms": run.deferred_ms,
         "route_reason": "; ".join(run.route),
         "response_cache": run.response_cache,
+        "embedding_tokens": run.embedding_tokens,
     }
 
 
@@ -176,10 +183,13 @@ def from_cache(
     how: str,
     started_ms: int,
     baseline: ModelConfig,
+    similar: tuple[float, str] | None = None,
 ) -> Ending:
-    """A job answered without a call: from the response cache ("hit") or by an identical
-    call in flight ("joined"). Its own calls (a classifier's) are its cost; its baseline is
-    what the answer would have cost naively."""
+    """A job answered without a call: from the response cache ("hit"), by an identical
+    call in flight ("joined") or from the semantic cache ("semantic", `similar` the
+    similarity and the job whose answer it got). Its own calls (a classifier's) and
+    embeddings are its cost; its baseline is what the answer would have cost naively."""
+    similarity, source = similar if similar is not None else (None, None)
     result = Result(
         id=d.job_id,
         status="ok",
@@ -191,10 +201,16 @@ def from_cache(
         usage=answer.usage,
         cost_usd=usd_amount(run.cost_usd()),
         mode="cache",
+        semantic_similarity=similarity,
+        semantic_source_job_id=source,
     )
     usage = msgspec.convert(answer.usage, ApiUsage)
-    why = "response cache hit" if how == "hit" else "joined an identical call in flight"
+    why = {"hit": "response cache hit", "joined": "joined an identical call in flight"}.get(
+        how, f"semantic cache hit: similarity {similarity or 0:.4f} to job {source}"
+    )
     summed = {**totals(run), "route_reason": "; ".join([*run.route, why]), "response_cache": how}
+    if similar is not None:
+        summed |= {"semantic_similarity": similarity, "semantic_source_job_id": source}
     event = UsageEvent(
         **summed,
         ts_ms=clock.now_ms(),

@@ -15,13 +15,14 @@ breaker refuses, the deadline passes, attempts run out, the escalation fails) en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
 import anthropic
 import msgspec
 
-from worker import clock, decide, jobrun, jobs, outcomes
+from worker import adaptive, clock, decide, jobrun, jobs, learning, maxtokens, outcomes
 from worker.admission import Admitted, admit
 from worker.budgets import Refusal
 from worker.caching import DEDUPE_KEEP_S, CachedAnswer, ResponseCache, cache_key
@@ -36,6 +37,7 @@ from worker.errors import (
     JobRejected,
     MalformedJob,
 )
+from worker.estimate import raw_estimate
 from worker.jobs import CLASSIFIER_ERRORS, RETRYABLE, Defer, check_deadline, describe, exhausted
 from worker.outcomes import Ending
 from worker.queue import Delivery, Queue
@@ -45,6 +47,7 @@ from worker.router import (
     request_hash,
     static_route,
 )
+from worker.semantic import SemanticCache
 
 log = logging.getLogger("tokenq.worker")
 
@@ -82,13 +85,20 @@ class Runner:
         caller: Caller,
         cache: ResponseCache,
         stopping: asyncio.Event,
+        semantic: SemanticCache | None = None,
     ) -> None:
         self.cfg = cfg
+        self.semantic = semantic
         self.queue = queue
         self.claims = claims
         self.caller = caller
         self.cache = cache
         self.stopping = stopping
+        # The fleet's counts, read at most every router.adaptive.cache_ms (worker.learning).
+        self.outcome_stats = adaptive.OutcomeStats(queue.redis, queue.keys)
+        self.lengths = maxtokens.LengthStats(
+            queue.redis, queue.keys, cache_ms=cfg.router.adaptive.cache_ms
+        )
 
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -101,9 +111,38 @@ class Runner:
             return begun
         assert w.c is not None
         try:
-            return await self._answer(w)
+            return self._with_writes(w, await self._answer(w))
         except JobRejected as exc:
             return outcomes.rejected(w.d, exc, started_ms=w.started_ms, cfg=self.cfg, run=w.c.run)
+
+    def _with_writes(self, w: Work, step: Step) -> Step:
+        """An answered job's end, with the writes that belong to it joining its finishing
+        transaction: what its answers teach (worker.learning), and the semantic cache's
+        record of a hit or the entry an answer that passed its check becomes."""
+        if not isinstance(step, Ending) or step.dead is not None or w.c is None:
+            return step
+        cfg, keys, c, semantic, lookup = self.cfg, self.queue.keys, w.c, self.semantic, w.lookup
+        cached = step.result.tier if step.result.mode == "cache" else None
+        keep = _worth_keeping(step)
+        feature = cfg.features.get(c.job.feature)  # gone after a reload: nothing to store
+        sc = feature.semantic_cache if feature is not None else None
+        stores = lookup is not None and keep is not None and lookup.outcome == "miss"
+
+        def also(tx: Any) -> None:
+            now_ms = clock.now_ms()
+            learning.learn_into(
+                tx, keys, cfg, feature=c.job.feature, job_id=c.d.job_id, run=c.run,
+                now_ms=now_ms, cached_tier=cached,
+            )  # fmt: skip
+            if semantic is None or lookup is None:
+                return
+            if lookup.outcome == "hit" and step.result.mode == "cache":
+                ttl_s = cfg.queue.result_ttl_s
+                semantic.record_hit_into(tx, lookup, job_id=c.d.job_id, ttl_s=ttl_s, now_ms=now_ms)
+            elif stores and keep is not None and sc is not None:
+                semantic.store_into(tx, cfg, lookup, job_id=c.d.job_id, answer=keep, now_ms=now_ms)
+
+        return dataclasses.replace(step, also=also)
 
     async def _retry(self, w: Work, what: str, step: Any) -> Any:
         give_up_s = self.cfg.queue.visibility_timeout_s / 2
@@ -178,18 +217,27 @@ class Runner:
     async def _answer(self, w: Work) -> Step:
         assert w.c is not None and w.feature is not None
         run, job = w.c.run, w.c.job
+        asked = w.params.get("max_tokens") is not None
         notes = jobs.shape(job, w.feature, w.params)
+        if w.feature.max_tokens_learn and not asked:
+            lengths = await self._retry(
+                w, "reading answer lengths", lambda: self.lengths.get(job.feature, clock.now_ms())
+            )
+            learnt = learning.max_tokens_into(w.feature, w.params, asked, lengths)
+            notes += [learnt] if learnt else []
         if not run.tier:  # a new job (one back from a deferral keeps its route)
             tier, why = await self._route(w)
             run.tier, run.route = tier, [why, *notes]
         key, run.response_cache = self._cache_key(w)
         if key is None:
-            return await self._attempts(w)
+            return await self._similar(w) or await self._attempts(w)
         keep_s = w.feature.response_cache_ttl_s or DEDUPE_KEEP_S
         if w.feature.response_cache_ttl_s:
             hit = await self._retry(w, "reading the cache", lambda: self.cache.get(key))
             if hit is not None:
                 return self._cached(w, hit, "hit")
+        if (similar := await self._similar(w)) is not None:
+            return similar
         found = await self._retry(
             w,
             "claiming the cache",
@@ -221,12 +269,36 @@ class Runner:
         except jobs.TRANSIENT as exc:
             log.warning("releasing a cache lease failed (it expires by itself): %s", exc)
 
-    def _cached(self, w: Work, answer: CachedAnswer, how: str) -> Ending:
+    def _cached(
+        self, w: Work, answer: CachedAnswer, how: str, similar: tuple[float, str] | None = None
+    ) -> Ending:
         assert w.c is not None
         baseline = self.cfg.models[self.cfg.tiers[self.cfg.router.baseline_tier]]
         return outcomes.from_cache(
-            w.d, w.c.job, w.c.run, answer, how=how, started_ms=w.started_ms, baseline=baseline
-        )
+            w.d, w.c.job, w.c.run, answer, how=how, started_ms=w.started_ms, baseline=baseline,
+            similar=similar,
+        )  # fmt: skip
+
+    async def _similar(self, w: Work) -> Ending | None:
+        """The semantic cache, after the exact response cache missed (worker.semantic): the
+        job's end when an earlier answer to a question of the same meaning is found, else
+        None (the lookup kept on `w` for the finishing write). Its embedding is the job's
+        cost either way. A lookup never raises: an embedding or Redis failure is a miss."""
+        assert w.c is not None
+        c = w.c
+        feature = self.cfg.features.get(c.job.feature)
+        if self.semantic is None or feature is None or feature.semantic_cache is None:
+            return None
+        w.lookup = lookup = await self.semantic.lookup(
+            self.cfg, feature=c.job.feature, tenant=c.job.tenant, cache_off=c.job.cache == "off",
+            model=self.cfg.tiers[c.run.tier], params=w.params,
+        )  # fmt: skip
+        c.run.embedding_tokens += lookup.embedding_tokens
+        c.run.embedding_usd += lookup.embedding_cost_usd
+        if lookup.outcome != "hit" or lookup.answer is None or lookup.similarity is None:
+            return None
+        similar = (round(lookup.similarity, 6), lookup.source_job_id)
+        return self._cached(w, lookup.answer, "semantic", similar)
 
     def _cache_key(self, w: Work) -> tuple[str | None, str]:
         """The response-cache key of this job and its `response_cache` so far: (None, "off")
@@ -247,9 +319,23 @@ class Runner:
         """The tier (see worker.router) and why; the classifier's call goes into the run."""
         assert w.c is not None and w.feature is not None
         c, params = w.c, w.params
-        decided = static_route(self.cfg, c.job, w.feature, params)
+        learns = adaptive.applies(self.cfg, w.feature)
+        estimate = raw_estimate(params) if learns or self.cfg.router.rules else None
+        if learns and estimate is not None:
+            c.run.kind = adaptive.kind_of(self.cfg.router.adaptive, estimate)
+        decided = static_route(self.cfg, c.job, w.feature, params, estimate)
         if decided is not None:
             return decided
+        if learns and estimate is not None:  # in place of the classifier and the default
+            feature = c.job.feature
+            stats = await self._retry(
+                w,
+                "reading the router's counts",
+                lambda: self.outcome_stats.get(self.cfg, feature, clock.now_ms()),
+            )
+            chosen = adaptive.route(self.cfg, feature, estimate, stats, c.d.job_id)
+            c.run.in_use = chosen.in_use or ""
+            return chosen.tier, chosen.reason
         classifier, default = self.cfg.router.classifier, self.cfg.router.default_tier
         if not classifier.enabled:
             return default, "router.default_tier"

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from worker import clock, fence
@@ -417,6 +418,71 @@ class Queue:
                 continue
             if any(c["name"] == self.consumer and c["pending"] == 0 for c in consumers):
                 await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
+
+
+# -- another stream read as a member of group `workers`: tokenq:feedback (worker.feedback) --
+
+Entry = tuple[bytes, dict[bytes, bytes]]  # an entry id and its fields, as bytes
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str) -> None:
+    """Create group `workers` on `stream` (and the stream), reading from its start."""
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def read_group(
+    redis: aioredis.Redis, stream: str, consumer: str, *, count: int, block_ms: int
+) -> list[Entry]:
+    """New entries for `consumer`, blocking up to block_ms, as bytes (a producer's entry may
+    hold any bytes); [] with the group created again when it is missing."""
+    try:
+        reply: Any = await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
+            "STREAMS", stream, ">", **{NEVER_DECODE: True},
+        )  # fmt: skip
+    except ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        await ensure_group(redis, stream)
+        return []
+    return [(i, f or {}) for _, entries in reply or [] for i, f in entries]
+
+
+async def claim_idle(
+    redis: aioredis.Redis, stream: str, consumer: str, *, idle_ms: int, cursor: str, count: int
+) -> tuple[str, list[Entry]]:
+    """Entries pending longer than idle_ms (their reader died), taken over by `consumer`
+    (XAUTOCLAIM from `cursor`): the next cursor and the entries."""
+    try:
+        reply: Any = await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XAUTOCLAIM", stream, GROUP, consumer, idle_ms, cursor, "COUNT", count,
+            **{NEVER_DECODE: True},
+        )  # fmt: skip
+    except ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        return cursor, []
+    return reply[0].decode(), [(i, f or {}) for i, f in reply[1]]
+
+
+def ack_into(tx: Any, stream: str, entry_id: bytes | str) -> None:
+    """Queue the acknowledgement and deletion of an entry on the caller's transaction."""
+    tx.xack(stream, GROUP, entry_id)
+    tx.xdel(stream, entry_id)
+
+
+async def leave_group(redis: aioredis.Redis, stream: str, consumer: str) -> None:
+    """Drop `consumer` from the group when nothing is pending on it."""
+    try:
+        pending: Any = await redis.xpending_range(stream, GROUP, "-", "+", 1, consumername=consumer)
+        if not pending:
+            await redis.xgroup_delconsumer(stream, GROUP, consumer)
+    except ResponseError:  # no stream or group: nothing to leave
+        pass
 
 
 def flat(fields: dict[str, str]) -> list[str]:

@@ -33,9 +33,8 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import msgspec
 
 from worker.api_request import parse_request
@@ -46,6 +45,9 @@ from worker.errors import ConfigError, MalformedJob
 from worker.estimate import REQUEST_OVERHEAD, raw_estimate
 from worker.router import static_route
 from worker.usage import ApiUsage, CacheCreation, cost_usd, money
+
+if TYPE_CHECKING:
+    import anthropic
 
 COUNT_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking")
 COUNTS_AT_ONCE = 8  # count_tokens requests in flight together

@@ -9,7 +9,9 @@ The order of precedence, first match wins:
    `keywords` (any of them, case-insensitive, in the text of the messages and system prompt);
 4. the classifier, if `router.classifier.enabled`: one small call on the classifier tier with a
    tiny `max_tokens` that answers with a tier name; its answer is cached in Redis by the hash
-   of the request for `cache_ttl_s` ("classifier: <tier>" or "classifier (cached): <tier>");
+   of the request for `cache_ttl_s` ("classifier: <tier>" or "classifier (cached): <tier>").
+   It is shown the request's text, or when that is over `max_chars` the opening of the text
+   and then the last user turn (classifier_text);
 5. `router.default_tier`.
 
 Tiers are ordered as `[tiers]` lists them, cheapest first. An answer that fails the feature's
@@ -20,7 +22,7 @@ the feature's `max_tokens_cap`); a budget or breaker with the `downgrade` policy
 the next cheaper tier. Every step is appended to the job's `route_reason`.
 
 With `router.policy = "adaptive"`, worker.adaptive takes the place of steps 4 and 5 for the
-features that set `target_pass_rate` (see that module; not yet called by the worker).
+features that set `target_pass_rate` (see that module and worker.learning).
 """
 
 from __future__ import annotations
@@ -126,10 +128,31 @@ CLASSIFIER_SYSTEM = (
 )
 
 
+HEAD_SHARE = 4  # a cut request keeps at least 1/HEAD_SHARE of max_chars for the system's head
+GAP = " [...] "
+
+
+def classifier_text(params: dict[str, Any], max_chars: int) -> str:
+    """What the classifier is shown: the request's text (system prompt, then the messages)
+    when it fits max_chars; else the head of the text (the system prompt's opening: what
+    the task is) and then the last user turn (what is asked), which a long system prompt
+    would otherwise push out of view."""
+    whole = request_text(params)
+    if len(whole) <= max_chars:
+        return whole
+    messages = [m for m in params.get("messages") or [] if isinstance(m, dict)]
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    question = " ".join(_texts([last.get("content")])) if last is not None else ""
+    head = max(max_chars // HEAD_SHARE, max_chars - len(question) - len(GAP))
+    if not question or whole.startswith(question):  # nothing before the question to cut
+        return whole[:max_chars]
+    return (whole[:head] + GAP + question)[:max_chars]
+
+
 def classifier_request(cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
-    """The small call that asks for a tier (its text cut to classifier.max_chars)."""
+    """The small call that asks for a tier (its text: classifier_text)."""
     c = cfg.router.classifier
-    text = request_text(params)[: c.max_chars]
+    text = classifier_text(params, c.max_chars)
     return {
         "model": cfg.tiers[c.tier],
         "max_tokens": c.max_tokens,

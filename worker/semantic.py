@@ -1,5 +1,6 @@
 """The semantic cache: a rephrased question answered from an earlier answer (README: Semantic
-cache). Opt-in per feature (`features.<f>.semantic_cache`); not yet called by the worker.
+cache). Opt-in per feature (`features.<f>.semantic_cache`); worker.process looks it up after
+the exact response cache misses.
 
 **What must match.** Only the last user turn is compared by meaning (the cosine of its
 embedding, worker.embeddings). Everything else is an exact part of the key, the *context*:
@@ -23,7 +24,8 @@ each noted in the log) and is queued on the job's finishing transaction (store_i
 **Search.** The bundled Valkey has no vector search (no FT.SEARCH, no VSIM; see
 vector_search), so each process keeps a copy of a scope's vectors in memory
 (worker.semantic_index) and searches that. Before every search it reads `:ver` and the log
-since its last look, in one round trip, and applies the changes; a new epoch, or a gap in the
+since its last look, in one round trip made while the question is being embedded, and
+applies the changes; a new epoch, or a gap in the
 log, makes it load the scope again. An entry forgotten (forget) is gone from Redis and noted
 in the log in one script, and a hit is only served after its entry is read back from Redis,
 so a forgotten entry is never served by any process, even one whose copy lags.
@@ -37,6 +39,7 @@ hit halves the room between the configured threshold and 1, for a while.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -61,6 +64,10 @@ Outcome = Literal["hit", "miss", "off", "no_tenant", "not_text", "too_long", "er
 QUESTION_CHARS = 1000  # of a question kept with its entry and hit record, for `cache inspect`
 LOG_MAXLEN = 10_000  # changes kept per scope; a process further behind loads the scope again
 LOAD_CHUNK = 500
+# After a failed embedding call the process skips its semantic lookups this long, so a
+# provider that is down or slow (each call may wait embeddings.timeout_s) does not slow
+# every job of a semantic feature: the jobs call the API as on a miss.
+PAUSE_AFTER_FAILURE_MS = 30_000
 
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True):
@@ -263,6 +270,8 @@ class SemanticCache:
         self._indexes: dict[str, ScopeIndex] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._store = redis.register_script(_STORE)
+        self._paused_until_ms = 0  # after an embedding failure (PAUSE_AFTER_FAILURE_MS)
+        self._failure = ""
 
     def skip(self, cfg: Config, feature: str, tenant: str | None, cache_off: bool,
              params: dict[str, Any]) -> Lookup | None:  # fmt: skip
@@ -292,31 +301,50 @@ class SemanticCache:
         text = last_user_text(params) or ""
         shared = cfg.features[feature].response_cache_scope == "shared"
         who = None if shared else tenant
+        if self.clock_ms() < self._paused_until_ms:
+            why = f"skipped after an embedding failure: {self._failure}"
+            return Lookup(outcome="error", reason=why, feature=feature, tenant=who)
+        scope = self.keys.semantic_scope(feature, who)
+        # The scope's sync with Redis runs while the question is embedded: its round trip
+        # hides under the embedding call's, so a lookup adds the search and, on a hit, the
+        # read of the entry.
+        syncing = asyncio.ensure_future(self._synced(scope, feature))
         try:
             embedded = await self.embedder.embed([text])
         except EmbeddingError as exc:
-            log.warning("semantic cache of %s skipped: %s", feature, exc)
+            await _settled(syncing)
+            self._paused_until_ms = self.clock_ms() + PAUSE_AFTER_FAILURE_MS
+            self._failure = str(exc)
+            log.warning("semantic cache skipped for %d s: %s", PAUSE_AFTER_FAILURE_MS // 1000, exc)
             return Lookup(outcome="error", reason=str(exc), feature=feature, tenant=who)
+        except BaseException:
+            await _settled(syncing)
+            raise
         vector = embedded.vectors[0]
         found = Lookup(
             outcome="miss", embedding_tokens=embedded.tokens,
             embedding_cost_usd=cost_usd(cfg.embeddings, embedded.tokens), feature=feature,
-            tenant=who, scope=self.keys.semantic_scope(feature, who),
-            context=context_of(self.embedder.name, model, params),
+            tenant=who, scope=scope, context=context_of(self.embedder.name, model, params),
             question=text[:QUESTION_CHARS], vector=vector.astype("<f4").tobytes(),
         )  # fmt: skip
         try:
-            return await self._search(found, sc, vector)
+            return await self._search(found, sc, vector, await syncing)
         except RedisError as exc:
             log.warning("semantic cache of %s skipped: Redis: %s", feature, exc)
             return msgspec.structs.replace(found, outcome="error", reason=f"Redis: {exc}")
 
-    async def _search(self, found: Lookup, sc: SemanticCacheConfig, vector: np.ndarray) -> Lookup:
+    async def _synced(self, scope: str, feature: str) -> tuple[ScopeIndex, tuple[float, int]]:
+        """The scope's index brought up to date (one sync at a time per scope)."""
+        async with self._locks.setdefault(scope, asyncio.Lock()):
+            return await self._sync(scope, feature, self.clock_ms())
+
+    async def _search(
+        self, found: Lookup, sc: SemanticCacheConfig, vector: np.ndarray,
+        synced: tuple[ScopeIndex, tuple[float, int]],
+    ) -> Lookup:  # fmt: skip
         now = self.clock_ms()
-        lock = self._locks.setdefault(found.scope, asyncio.Lock())
-        async with lock:
-            index, bad = await self._sync(found.scope, found.feature, now)
-            nearest = index.nearest(found.context, vector, now - 1000 * sc.ttl_s)
+        index, bad = synced
+        nearest = index.nearest(found.context, vector, now - 1000 * sc.ttl_s)
         threshold = trusted(sc.threshold, decayed(bad[0], bad[1], now, sc.trust_half_life_s))
         if nearest is None:
             return msgspec.structs.replace(found, threshold=threshold)
@@ -397,11 +425,12 @@ class SemanticCache:
                     vector = np.frombuffer(entry.vector, dtype="<f4")
                     index.add(entry_id, entry.context, vector, entry.at_ms)
 
-    async def store_into(self, tx: Any, cfg: Config, lookup: Lookup, *, job_id: str,
-                         answer: CachedAnswer, now_ms: int) -> None:  # fmt: skip
+    def store_into(self, tx: Any, cfg: Config, lookup: Lookup, *, job_id: str,
+                   answer: CachedAnswer, now_ms: int) -> None:  # fmt: skip
         """Queue on `tx` (the job's finishing MULTI) the entry a miss's answer becomes: one
-        EVALSHA of the store script (redis-py loads the script before the MULTI; the reply,
-        the new entry's id, is the script's). Does no I/O of its own."""
+        EVALSHA of the store script (the pipeline loads the script before the MULTI, as
+        redis-py's Script does for a pipeline; the reply, the new entry's id, is the
+        script's). Does no I/O of its own."""
         assert lookup.outcome == "miss", "only a miss has a vector to keep"
         sc = cfg.features[lookup.feature].semantic_cache
         assert sc is not None
@@ -415,7 +444,8 @@ class SemanticCache:
             _encode(entry), sc.ttl_s, sc.max_entries, now_ms, lookup.scope, uuid.uuid4().hex,
             LOG_MAXLEN,
         ]  # fmt: skip
-        await self._store(keys=keys, args=args, client=tx)
+        tx.scripts.add(self._store)  # loaded (SCRIPT LOAD) before the MULTI is sent
+        tx.evalsha(self._store.sha, len(keys), *keys, *args)
 
     def record_hit_into(
         self, tx: Any, lookup: Lookup, *, job_id: str, ttl_s: int, now_ms: int
@@ -448,6 +478,13 @@ async def distrust(redis: aioredis.Redis, keys: Keys, feature: str, sc: Semantic
     ttl_s = 16 * sc.trust_half_life_s  # by then a count has decayed below 2^-16
     args = [now_ms, 1000 * sc.trust_half_life_s, ttl_s]
     return float(await script(keys=[keys.semantic_trust(feature)], args=args))
+
+
+async def _settled(task: asyncio.Future[Any]) -> None:
+    """Wait for a task whose result is not needed; its error (Redis) is not this caller's."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, RedisError):
+        await task
 
 
 def _decoded(raw: Any) -> Entry | None:

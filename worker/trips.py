@@ -14,11 +14,13 @@ next loop turn, or as soon as the one before it is answered.
 Scripts. Every script of the worker is registered here (`register`) and loaded once when the
 worker starts (`load`, with the connection pool warmed), so jobs send EVALSHA alone: no SCRIPT
 EXISTS before each pipeline, and no NOSCRIPT storm when a worker starts with many jobs at once.
-Scripts queued with `evalsha_into`, or with `fence.Writes.into` on a trip's pipeline, are sent
-as EVALSHA alone. A job whose script was missing all the same (Valkey restarted, SCRIPT FLUSH)
-finds nothing of that script written; its part of the trip is run again, alone, after the
-scripts are loaded again. In an atomic trip its other commands ran already: like the commands
-added to a job's end (worker.outcomes.finish_into), they must tolerate being applied twice.
+Scripts queued with `evalsha_into`, or with redis-py's `pipe.scripts.add` and EVALSHA (as
+`fence.Writes.into` does) on a trip's pipeline, are sent as EVALSHA alone; one that was not
+registered here is loaded the first time a trip carries it, and with the others afterwards. A
+job whose script was missing all the same (Valkey restarted, SCRIPT FLUSH) finds nothing of
+that script written; its part of the trip is run again, alone, after the scripts are loaded
+again. In an atomic trip its other commands ran already: like the commands added to a job's end
+(worker.outcomes.finish_into), they must tolerate being applied twice.
 """
 
 from __future__ import annotations
@@ -90,16 +92,20 @@ class Trips:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self._lanes = {True: _Lane(True), False: _Lane(False)}
+        self._seen: dict[str, str] = {}  # sha -> source of scripts trips carried, unregistered
 
     async def load(self, warm: int = 1) -> None:
         """Load every registered script (one pipelined round trip) and open `warm` connections
         of the pool at once, so the first jobs find both ready."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for source in list(_SOURCES.values()):
-                pipe.script_load(source)
-            await pipe.execute()
+        await self._load({**_SOURCES, **self._seen})
         if warm > 1:
             await asyncio.gather(*(self.redis.ping() for _ in range(warm)))
+
+    async def _load(self, sources: dict[str, str]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for source in sources.values():
+                pipe.script_load(source)
+            await pipe.execute()
 
     async def run(self, queue_into: Queued, *, atomic: bool = False) -> list[Any]:
         """Queue one job's commands (queue_into(pipe)) on the next trip; its replies, errors
@@ -130,8 +136,16 @@ class Trips:
             lane.task = None
 
     async def _trip(self, pipe: Any, parts: list[_Part], atomic: bool) -> None:
+        new = {
+            s.sha: s.script
+            for s in pipe.scripts
+            if s.sha not in _SOURCES and s.sha not in self._seen
+        }
         pipe.scripts.clear()  # loaded at start: no SCRIPT EXISTS (a missing one: _again)
         try:
+            if new:  # a script registered elsewhere, first seen here: loaded once
+                await self._load(new)
+                self._seen.update(new)
             async with pipe:
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except BaseException as exc:

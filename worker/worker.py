@@ -28,7 +28,7 @@ import anthropic
 import httpx2
 from redis.exceptions import RedisError
 
-from worker import clock, jobrun, outcomes
+from worker import clock, jobrun, outcomes, semantic_audit
 from worker.batcher import Batcher
 from worker.caching import ResponseCache
 from worker.calls import Caller
@@ -39,11 +39,14 @@ from worker.control import listen, reloaded
 from worker.decide import Work
 from worker.deferred import DeferredSet
 from worker.embedded import connect, redis_url
+from worker.embeddings import make_embedder
 from worker.errors import ConfigError
+from worker.feedback import FeedbackReader
 from worker.jobs import Defer, GaveUp, TakenOver, exhausted, with_retries
 from worker.process import Runner
 from worker.queue import Delivery, Queue
 from worker.rollups import Rollups, settings_of
+from worker.semantic import SemanticCache
 from worker.supervise import stopped_within, supervise
 
 log = logging.getLogger("tokenq.worker")
@@ -76,7 +79,12 @@ class Worker:
         self.claims = Claims(redis, keys, queue.streams, queue.trips)
         lease_ms = int((cfg.anthropic.timeout_s + 30) * 1000)
         cache = ResponseCache(redis, lease_ms=lease_ms, block_ms=cfg.worker.block_ms)
-        self.runner = Runner(cfg, queue, self.claims, self.caller, cache, self._stopping)
+        # The semantic cache (worker.semantic); the embedder makes no call until a feature
+        # with semantic_cache looks something up.
+        self.semantic = SemanticCache(redis, keys, make_embedder(cfg), clock.now_ms)
+        self.runner = Runner(
+            cfg, queue, self.claims, self.caller, cache, self._stopping, self.semantic
+        )
         self.deferred = DeferredSet(redis, keys, queue.priorities)
 
     def stop(self) -> None:
@@ -112,9 +120,11 @@ class Worker:
         return True
 
     async def aclose(self) -> None:
-        """Give back the rate-limit leases; close the API client and the Redis connection."""
+        """Give back the rate-limit leases; close the API client, the embedder and the Redis
+        connection."""
         await self.caller.limiter.close()
         await self.client.close()
+        await self.semantic.embedder.aclose()
         await self.queue.redis.aclose()
 
     async def run(self) -> None:
@@ -136,6 +146,10 @@ class Worker:
                 supervise("rollup folder", lambda: self._fold_forever(drained), drained)
             )
             control = duties.create_task(supervise("control listener", self._listen, drained))
+            if reads_feedback(self.cfg):  # producers' verdicts (worker.adaptive)
+                duties.create_task(
+                    supervise("feedback reader", self._read_feedback, self._stopping)
+                )
             batching = None
             if self.cfg.batch.priorities:
                 batching = duties.create_task(supervise("batcher", self._batcher, self._stopping))
@@ -205,6 +219,24 @@ class Worker:
     def _done(self, task: asyncio.Task[None]) -> None:
         d = self._in_flight.pop(task)
         self._running.discard(d.owner)
+
+    async def _read_feedback(self) -> None:
+        """Apply producers' verdicts on tokenq:feedback to the adaptive router's counts and
+        the semantic cache's entries."""
+        redis, keys = self.queue.redis, self.queue.keys
+
+        async def on_bad(job_id: str, now_ms: int) -> None:  # a semantic hit loses its entry
+            await semantic_audit.bad_verdict(redis, keys, self.cfg, job_id, now_ms)
+
+        reader = FeedbackReader(
+            redis, keys, self.queue.consumer, config=lambda: self.cfg, clock_ms=clock.now_ms,
+            on_bad=on_bad,
+        )  # fmt: skip
+        await reader.ensure_group()
+        try:  # blocks no longer than a job read: the Redis client's socket timeout covers it
+            await reader.run(self._stopping, block_ms=self.cfg.worker.block_ms)
+        finally:
+            await asyncio.shield(reader.close())
 
     async def _listen(self) -> None:
         await listen(self.queue.redis, self.queue.keys, self.reload)
@@ -351,6 +383,14 @@ class Worker:
         ending = await self.runner.refused(w, failure)
         await outcomes.finish(self.queue, d, d.job_id, ending)
         log.error("job=%s dead-lettered after %d unexpected failures", shown(d.job_id), tries)
+
+
+def reads_feedback(cfg: Config) -> bool:
+    """Whether workers read tokenq:feedback: for the adaptive router, or the semantic cache
+    (a `bad` verdict on a hit removes its entry). Decided at start: a reload that turns
+    either on needs a restart for feedback to be read."""
+    adaptive = cfg.router.policy == "adaptive"
+    return adaptive or any(f.semantic_cache is not None for f in cfg.features.values())
 
 
 def make_client(cfg: Config, concurrency: int) -> anthropic.AsyncAnthropic:

@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 from tests.helpers import add, entries, eventually
 from worker.adaptive import (
     Answered,
-    FeedbackReader,
     OutcomeStats,
     TierStats,
     read_stats,
@@ -25,6 +24,7 @@ from worker.adaptive import (
 )
 from worker.config import Config, parse_config
 from worker.contract import GROUP, Keys
+from worker.feedback import FeedbackReader
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW: dict[str, Any] = tomllib.loads((ROOT / "config.toml").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -108,3 +109,19 @@ def test_redis_cli_reads_commands_from_standard_input(
         "OK", "hello there", "(error) No closing quotation; quote with ' or \"",
     ]  # fmt: skip
     assert plain.get(key) == "hello there"
+
+
+@pytest.mark.parametrize("command", [("budgets",), ("dead", "list"), ("report",), ("limits",)])
+def test_a_command_whose_redis_is_down_says_so_without_a_traceback(
+    make_config: ConfigFactory, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        _, path = make_config(**{"redis.url": f"redis://127.0.0.1:{port}"})
+        with pytest.raises(SystemExit) as done:
+            main(["--config", str(path), *command])
+    code, err = done.value.code, capsys.readouterr().err
+    assert code == 1
+    assert "Redis did not answer" in err and f"redis.url` in {path}" in err, err
+    assert "Traceback" not in err

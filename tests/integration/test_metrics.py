@@ -20,10 +20,11 @@ from prometheus_client.samples import Sample
 from tests.conftest import ConfigFactory
 from tests.helpers import add, entries, eventually, sim_call
 from tests.integration.conftest import RunWorker
+from worker.cells import NANO, hour_label, nano_usd
 from worker.contract import Keys, UsageEvent, to_fields
 from worker.metrics import Counters, scrape
 from worker.report import Query, query
-from worker.rollups import NANO, Rollups, execute, hour_label, nano_usd, settings_of
+from worker.rollups import Rollups, execute, settings_of
 
 FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 
@@ -207,8 +208,11 @@ async def test_counters_count_each_outcome_once_whoever_compacts_its_hour(
         return total(found, "tokenq_jobs_total"), total(found, "tokenq_cost_usd_total")
 
     exporter = Counters(rollups)
-    assert await counted(exporter) == (12, cost / NANO)  # compacts the two finished hours
+    assert await counted(exporter) == (12, cost / NANO)  # three live hours
+    await rollups.fold(redis, now)  # a worker's duty compacts the two finished hours
     assert not await redis.exists(keys.rollup_index(hour_label(hour - 30)))
+    assert not await redis.exists(keys.rollup_index(hour_label(hour - 5)))
+    assert await redis.exists(keys.rollup_index(hour_label(hour)))
     assert await counted(exporter) == (12, cost / NANO)
     q = Query(hour - 40, hour + 1, ("feature",))
     await query(redis, rollups, q, now_ms=now)  # another reader

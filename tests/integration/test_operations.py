@@ -218,7 +218,7 @@ async def _idle_over(redis: aioredis.Redis, keys: Keys, name: str, ms: int) -> b
 async def test_jobs_remove_takes_a_stuck_entry_out_and_tells_its_producer(
     redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
 ) -> None:
-    _, path = make_config(**{"queue.visibility_timeout_s": 0.5})
+    _, path = make_config(**{"queue.visibility_timeout_s": 2})
     stream = keys.jobs("normal")
     await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     reply_to = f"replies-{keys.prefix}"
@@ -233,10 +233,19 @@ async def test_jobs_remove_takes_a_stuck_entry_out_and_tells_its_producer(
     entry_id = str(await redis.xadd(stream, poison))  # type: ignore[arg-type]
     await _deliver(redis, stream, "worker-a")
 
-    # Its consumer just read it: a live worker may still finish it.
+    # Its consumer is alive (it keeps reading, as a worker does) while the command starts,
+    # however long that takes: a live worker may still finish the entry.
+    async def alive() -> None:
+        while True:
+            await redis.xreadgroup(GROUP, "worker-a", {stream: ">"}, count=1)
+            await asyncio.sleep(0.1)
+
+    beating = asyncio.create_task(alive())
     code, _, err = await tokenq(path, "jobs", "remove", "stuck-1")
+    beating.cancel()
+    await asyncio.gather(beating, return_exceptions=True)
     assert code == 1 and "held by consumer worker-a" in err and "--force" in err
-    await eventually(lambda: _idle_over(redis, keys, "worker-a", 500), what="worker-a idle")
+    await eventually(lambda: _idle_over(redis, keys, "worker-a", 2000), what="worker-a idle")
 
     waiting = asyncio.create_task(Producer(redis, keys.prefix).result("stuck-1", timeout_s=30))
     code, out, err = await tokenq(path, "jobs", "remove", "stuck-1")

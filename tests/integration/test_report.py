@@ -14,11 +14,12 @@ import redis.asyncio as aioredis
 from tests.conftest import ConfigFactory
 from tests.helpers import add, entries, eventually, run, sim_call
 from tests.integration.conftest import RunWorker
-from worker.cells import hour_cells
+from worker.cells import BOUNDS_MS, INDEX, NANO, bucket, nano_usd
 from worker.config import Config
 from worker.contract import Keys
+from worker.periods import read_hours
 from worker.report import Query, display, percentile, query
-from worker.rollups import BOUNDS_MS, NANO, Rollups, bucket, nano_usd, settings_of
+from worker.rollups import Rollups, settings_of
 
 FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 SYSTEM = "You are a careful assistant for a ticketing product. " * 60  # over 512 tokens
@@ -197,12 +198,20 @@ async def test_foreign_entries_in_the_rollup_keys_are_skipped(
 ) -> None:
     hour = int(time.time()) // 3600
     label = time.strftime("%Y%m%d%H", time.gmtime(hour * 3600))
-    index = {"Kabc": "not a cell", "Kxyz": "a\x1fb\x1fc\x1fd", "junk": "1"}
+    index = {"Kabc": "not a cell", "Kxyz": "a\x1fb\x1fc\x1fd", "Kstr": "e\x1ff\x1fg\x1fh",
+             "junk": "1"}  # fmt: skip
     await redis.hset(keys.rollup_index(label), mapping=index)  # type: ignore[arg-type]
-    await redis.hset(keys.rollup_cell(label, "xyz"), mapping={"n": "2", "usd": "oops", "zz": "1"})
-    cells = await hour_cells(redis, keys, hour)
-    assert list(cells) == [("a", "b", "c", "d")]
-    assert cells[("a", "b", "c", "d")][0] == 2
+    await redis.hset(
+        keys.rollup_cell(label, "xyz"),
+        mapping={"n": "2", "usd": "oops", "zz": "1", "ti": str(2**70)},
+    )
+    await redis.set(keys.rollup_cell(label, "str"), "not a hash")
+    await redis.zadd(keys.rollup_live, {str(hour): hour, "junk": 1})
+    await redis.hset(keys.rollup_hour(label), mapping={"cells": "junk", "all": "junk"})
+    cells = (await read_hours(redis, keys, [hour]))[hour].vectors()
+    assert list(cells) == ["a\x1fb\x1fc\x1fd"]
+    assert cells["a\x1fb\x1fc\x1fd"][0] == 2
+    assert cells["a\x1fb\x1fc\x1fd"][INDEX["ti"]] == 0  # past int64: not ours
 
 
 async def test_a_period_older_than_the_retention_says_so(

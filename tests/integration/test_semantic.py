@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from tests.conftest import ConfigFactory
 from tests.helpers import eventually, run, sim_call
@@ -23,7 +24,7 @@ from worker.config import Config, load_config
 from worker.contract import Keys
 from worker.embedded import connect, free_port, server_args, wait_until_ready
 from worker.embeddings import make_embedder
-from worker.semantic import Lookup, SemanticCache
+from worker.semantic import PAUSE_AFTER_FAILURE_MS, Lookup, SemanticCache
 from worker.semantic_audit import bad_verdict, forget
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,8 +95,8 @@ async def look(cache: SemanticCache, cfg: Config, text: str, *, feature: str = "
 async def keep(cache: SemanticCache, cfg: Config, found: Lookup, job_id: str, text: str) -> None:
     """What the finishing transaction of the job that missed does."""
     async with cache.redis.pipeline(transaction=True) as tx:
-        await cache.store_into(tx, cfg, found, job_id=job_id, answer=answer(text),
-                               now_ms=cache.clock_ms())  # fmt: skip
+        cache.store_into(tx, cfg, found, job_id=job_id, answer=answer(text),
+                         now_ms=cache.clock_ms())  # fmt: skip
         await tx.execute()
 
 
@@ -303,10 +304,47 @@ async def test_cache_inspect_shows_the_pair_and_forget_removes_it(
 async def test_an_embedding_failure_skips_the_cache_without_raising(
     semantic_config: Callable[..., Config], caches: Caches
 ) -> None:
-    cfg = semantic_config(**{"anthropic.simulator_url": f"http://127.0.0.1:{free_port()}",
+    port = free_port()
+    cfg = semantic_config(**{"anthropic.simulator_url": f"http://127.0.0.1:{port}",
                              "embeddings.timeout_s": 2.0})  # fmt: skip
-    found = await look(caches(cfg), cfg, "How do I cancel my subscription?")
+    clock = Clock()
+    cache = caches(cfg, clock)
+    found = await look(cache, cfg, "How do I cancel my subscription?")
     assert found.outcome == "error" and "simulator embeddings" in found.reason
+
+    # A provider that is down is not asked again by every job: lookups skip it for a while
+    # (no call made: an answer at that port now would not be seen), then try again.
+    async with fake_embeddings(port) as calls:
+        found = await look(cache, cfg, "How do I cancel my subscription?")
+        assert found.outcome == "error" and "after an embedding failure" in found.reason
+        assert calls == []
+        clock.now_ms += PAUSE_AFTER_FAILURE_MS
+        found = await look(cache, cfg, "How do I cancel my subscription?")
+        assert len(calls) == 1 and found.outcome == "miss", found.reason
+
+
+@asynccontextmanager
+async def fake_embeddings(port: int) -> AsyncIterator[list[str]]:
+    """An embeddings endpoint on `port` that answers every call with one vector; the texts
+    it was asked, in order."""
+    calls: list[str] = []
+
+    async def embed(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.extend(body["input"])
+        rows = [{"object": "embedding", "embedding": [1.0] + [0.0] * 511, "index": i}
+                for i in range(len(body["input"]))]  # fmt: skip
+        return web.json_response({"data": rows, "usage": {"total_tokens": 5}})
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", embed)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield calls
+    finally:
+        await runner.cleanup()
 
 
 @contextmanager

@@ -92,3 +92,19 @@ async def test_a_trip_that_fails_fails_every_job_in_it() -> None:
     results = await asyncio.gather(*jobs, return_exceptions=True)
     assert [type(r) for r in results] == [RedisConnectionError] * 3
     await nowhere.aclose()
+
+
+async def test_a_script_registered_elsewhere_is_loaded_the_first_time_a_trip_carries_it(
+    redis: aioredis.Redis,
+) -> None:
+    script = redis.register_script("return 'elsewhere ' .. ARGV[1]")  # not trips.register
+    shared = Trips(redis)
+    await redis.script_flush()
+
+    def queued(pipe: Any) -> None:  # as a module outside worker.trips queues it on a MULTI
+        pipe.scripts.add(script)
+        pipe.evalsha(script.sha, 0, "one")
+
+    assert raise_first(await shared.run(queued, atomic=True)) == ["elsewhere one"]
+    await redis.script_flush()
+    assert raise_first(await shared.run(queued, atomic=True)) == ["elsewhere one"]  # again

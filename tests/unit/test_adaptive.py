@@ -24,14 +24,13 @@ from worker.adaptive import (
     draw_of,
     kind_of,
     record_into,
-    revise,
     route,
     tally,
-    verdict_into,
 )
 from worker.config import Config, parse_config
 from worker.contract import Keys
 from worker.errors import ConfigError
+from worker.feedback import revise, verdict_into
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW: dict[str, Any] = tomllib.loads((ROOT / "config.toml").read_text())

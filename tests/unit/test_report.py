@@ -8,10 +8,10 @@ import io
 
 import pytest
 
+from worker.cells import INDEX, METRICS
 from worker.cli import build_parser, report_query
 from worker.errors import ConfigError
 from worker.report import Answer, report_csv, row, table
-from worker.rollups import INDEX, METRICS
 
 NOW_MS = 1_764_554_400_000  # 2025-12-01T02:00:00Z
 

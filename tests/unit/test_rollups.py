@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import struct
 
-from worker.contract import Keys, UsageEvent, to_fields
-from worker.report import percentile, row
-from worker.rollups import (
+from worker.cells import (
     BOUNDS_MS,
     INDEX,
     METRICS,
     UNKNOWN,
-    Delta,
     Settings,
     bucket,
     metrics_of,
     nano_usd,
     tenant_slot,
 )
+from worker.contract import UsageEvent, to_fields
+from worker.report import percentile, row
+from worker.rollups import Delta
 
 SETTINGS = Settings(features=frozenset({"summarize"}), tenants_per_hour=3)
 
@@ -76,7 +76,7 @@ def test_deltas_merge_and_unknown_features_are_bounded() -> None:
         (one if n < 3 else two).add(e)
         both.add(e)
     one.merge(two)
-    assert one.hours == both.hours and one.totals == both.totals
+    assert one.hours == both.hours
     stray = Delta(SETTINGS)
     stray.add(event(feature="anything-a-producer-sends"))
     [(_, feature, *_)] = stray.hours
@@ -95,12 +95,6 @@ def test_a_delta_is_one_record_per_cell() -> None:
     assert dict(zip(pairs[::2], pairs[1::2], strict=True))[INDEX["n"]] == 2  # two outcomes
     assert dict(zip(pairs[::2], pairs[1::2], strict=True))[INDEX["ti"]] == 20
     assert second[16:].startswith(b"summarize\x1fm\x1fnormal\x1fb")
-    assert d.command(Keys("tq")) == ([], [])  # outcomes never touch the totals directly
-    totals = Delta(SETTINGS)  # what compacting an hour adds to the running totals
-    totals.add_total(("summarize", "m", "normal", "acme"), [1] + [0] * (len(METRICS) - 1))
-    names, args = totals.command(Keys("tq"))
-    assert args.count("t") == 1 and "tq:rollup:total" in names
-    assert struct.unpack("<Bd", args[-1]) == (INDEX["n"], 1.0)  # (metric, amount) pairs
 
 
 def test_rows_and_percentiles_from_a_vector() -> None:

@@ -20,6 +20,7 @@ from worker.router import (
     cheaper,
     check_answer,
     classifier_answer,
+    classifier_text,
     dearer,
     request_hash,
     static_route,
@@ -106,6 +107,25 @@ def test_classifier_answer_and_request_hash(cfg: Config) -> None:
     assert classifier_answer(cfg, "no idea") is None
     assert request_hash({"model": "a", **ask("x")}) == request_hash({"model": "b", **ask("x")})
     assert request_hash(ask("x")) != request_hash(ask("y"))
+
+
+def test_the_classifier_sees_the_question_behind_a_long_system_prompt() -> None:
+    short = {"system": "Sort tickets.", "messages": [{"role": "user", "content": "Refund?"}]}
+    assert classifier_text(short, 100) == "Sort tickets. Refund?"  # it fits: the whole text
+    long = {
+        "system": "Classify the ticket. " + "policy " * 500,
+        "messages": [
+            {"role": "user", "content": "old turn " * 50},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "Why was my card charged twice?"},
+        ],
+    }
+    shown = classifier_text(long, 400)
+    assert len(shown) <= 400
+    assert shown.startswith("Classify the ticket. policy")
+    assert shown.endswith(" [...] Why was my card charged twice?")
+    huge_question = {"messages": [{"role": "user", "content": "q" * 1000}]}
+    assert classifier_text(huge_question, 400) == "q" * 400
 
 
 def test_worst_case_pads_the_input_and_takes_the_dearest_applicable_prices(cfg: Config) -> None:
