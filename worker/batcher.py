@@ -221,8 +221,8 @@ class Batcher:
         await self._find_waiting()
         while not self.stopping.is_set():
             await self._intake()
-            while self._due():
-                await self._flush()
+            while self._due() and await self._flush():
+                pass
             await self.batches.follow()
             b = self.cfg.batch
             await self._sleep(max(0.02, min(1.0, b.flush_interval_s / 4, b.poll_s / 2)))
@@ -380,11 +380,13 @@ class Batcher:
             size += w.size
         return taken
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
         """Close a window: claim its jobs' ids, record the batch (planned) with each job's
-        run carrying the batch as a call, then create it."""
+        run carrying the batch as a call, then create it. False when it did not: under the
+        organization's spend limit no batch is created until it lifts (and the window stays
+        due, so the caller must not ask again in the same turn)."""
         if await self.stop.until_ms() is not None:
-            return  # the organization's spend limit: no batch is created until it lifts
+            return False
         window = self._window()
         taken = {id(w) for w in window}
         self.waiting = [w for w in self.waiting if id(w) not in taken]
@@ -398,6 +400,7 @@ class Batcher:
         if plan.members:
             requests = [{"custom_id": c, "params": w.params} for c, (_, w) in plan.members.items()]
             await self.batches.create(local, requests)
+        return True
 
     async def _plan(self, plan: _Plan, w: Waiting, claim: Claim) -> None:
         """Put one claimed job into the plan: a member, or its end, or a wait."""

@@ -378,3 +378,39 @@ async def test_a_batcher_that_lost_its_lease_hands_no_job_to_real_time(
         assert adopted == [d.entry_id]
     finally:
         await worker.aclose()
+
+
+async def test_a_due_window_under_the_spend_stop_leaves_the_event_loop_free(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory
+) -> None:
+    # Under the organization's spend stop no batch is created, and the window stays due: the
+    # batcher must wait for its next turn, not ask again at once (which never yielded: the
+    # worker stopped reading and the batcher lease lapsed).
+    from worker.batcher import Batcher
+
+    cfg, _ = make_config(**FAST)
+    worker = build_worker(cfg, concurrency=8)
+    stopping = asyncio.Event()
+    try:
+        await worker.queue.ensure_groups()
+        await submit(redis, keys, 3)
+        await redis.set(keys.spend_stop, int(time.time() * 1000) + 3_600_000)
+        batcher = Batcher(worker.queue, worker.client, lambda: cfg, lambda d: None, stopping)
+        working = asyncio.create_task(batcher._work())
+
+        async def due() -> bool:
+            return batcher._due()
+
+        await eventually(due, what="a due window", timeout_s=30)
+        ticks = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks >= 20, f"the event loop ran {ticks} times in 1 s beside the batcher"
+        assert len(batcher.waiting) == 3  # no window was closed
+        stopping.set()
+        await asyncio.wait_for(working, 30)
+    finally:
+        stopping.set()
+        await worker.aclose()
