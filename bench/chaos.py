@@ -144,9 +144,15 @@ def schedule(seed: int, sim: str, valkey: Valkey, fleet: Fleet, config: Path,
         await asyncio.sleep(rng.uniform(2, 4))
         sim_call(sim, "config", {"spend_cap_reached": False})
         await asyncio.sleep(1.0)
-        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "worker",
-                                       "--config", str(config), "budgets", "resume"],
-                                       capture_output=True, text=True)  # fmt: skip
+        # As an operator would: again until it is done (Redis may be restarting just then).
+        for _ in range(30):
+            done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "worker",
+                                           "--config", str(config), "budgets", "resume"],
+                                           capture_output=True, text=True)  # fmt: skip
+            if done.returncode == 0:
+                break
+            log.events.append(f"budgets resume failed: {done.stderr.strip()[-200:]}")
+            await asyncio.sleep(2.0)
         log.events.append(f"budgets resume: {done.stdout.strip()}")
 
     async def redis_restart() -> None:
