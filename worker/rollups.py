@@ -28,6 +28,7 @@ import struct
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,23 @@ def _record(hour: int, dims: str, pairs: list[int]) -> bytes:
 
 def _place(fields: Mapping[str, str], settings: Settings) -> tuple[int, str]:
     """The hour and the cell (dims) a usage event belongs to."""
-    feature = fields.get("feature", "")
-    if feature not in settings.features:
-        feature = UNKNOWN
-    model = tenant_slot(fields.get("model", "")[:TENANT_MAX])
-    priority = tenant_slot(fields.get("priority", "")[:TENANT_MAX])
-    tenant = tenant_slot(fields.get("tenant", ""))
+    get = fields.get
+    text = get("ts_ms")
     try:
-        ts_ms = int(fields.get("ts_ms") or 0)
+        ts_ms = int(text) if text else 0
     except ValueError:
         ts_ms = 0
-    return hour_of(ts_ms if ts_ms > 0 else _now_ms()), SEP.join((feature, model, priority, tenant))
+    dims = _dims(get("feature", ""), get("model", ""), get("priority", ""), get("tenant", ""),
+                 settings.features)  # fmt: skip
+    return hour_of(ts_ms if ts_ms > 0 else _now_ms()), dims
+
+
+@lru_cache(maxsize=8192)
+def _dims(feature: str, model: str, priority: str, tenant: str, features: frozenset[str]) -> str:
+    """A cell's dims as stored (see _place; features: the configured ones)."""
+    return SEP.join((feature if feature in features else UNKNOWN,
+                     tenant_slot(model[:TENANT_MAX]), tenant_slot(priority[:TENANT_MAX]),
+                     tenant_slot(tenant)))  # fmt: skip
 
 
 def record_of(fields: Mapping[str, str], settings: Settings) -> bytes | None:
