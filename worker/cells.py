@@ -416,6 +416,25 @@ def view(block: Block, name: str) -> Block:
     return regroup([(block, slot)])
 
 
+HOURS = "hours"
+"""A day's field holding its hours' `all` views in one block: each cell's dims prefixed with
+its hour of the day, two digits, and SEP (so a question by hour reads a key a day)."""
+
+
+def hours_view(hours: Iterable[tuple[int, Block]]) -> Block:
+    """The HOURS view of a day: its hours' `all` views given as (hour of the day, block)."""
+    dims: list[str] = []
+    cells, metrics, amounts = [], [], []
+    for hour, block in hours:
+        cells.append(block.cell.astype(np.uint32) + len(dims))
+        metrics.append(block.metric)
+        amounts.append(block.amount)
+        dims += [f"{hour:02d}{SEP}{d}" for d in block.dims]
+    if not dims:
+        return EMPTY
+    return Block(dims, np.concatenate(cells), np.concatenate(metrics), np.concatenate(amounts))
+
+
 def view_for(needs: Iterable[str], among: Sequence[str]) -> str:
     """The first view among these that keeps every dimension needed."""
     wanted = set(needs)

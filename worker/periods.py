@@ -31,6 +31,7 @@ from redis.exceptions import WatchError
 
 from worker.cells import (
     EMPTY,
+    HOURS,
     INDEX,
     VIEWS,
     Block,
@@ -112,11 +113,13 @@ def live_block(reply: Any) -> tuple[Block, list[str]]:
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """A stored period read: `hours` hours from start_hour (1 or 24), and its cells."""
+    """A stored period read: `hours` hours from start_hour (1 or 24), and its cells; with
+    `by_hour`, a day's cells.HOURS view (each cell's dims start with its hour of the day)."""
 
     start_hour: int
     hours: int
     block: Block
+    by_hour: bool = False
 
 
 Read = tuple[Literal["day", "hour", "live", "totals"], int, str]
@@ -129,9 +132,12 @@ def plan(
     needs: Iterable[str], *, days: bool,
 ) -> list[Read]:  # fmt: skip
     """The reads that cover hours [start_hour, end_hour) (see the module's docstring); whole
-    days only with `days`."""
+    days only with `days`, or as their hours (cells.HOURS) when the hours' `all` view keeps
+    what is needed."""
     wanted = list(needs)
     hour_view, day_view = view_for(wanted, HOUR_VIEWS), view_for(wanted, DAY_VIEWS)
+    if not days and hour_view == "all":  # by hour: a day's hours in one view
+        day_view = HOURS
     live_hours = set(live)
     out: list[Read] = []
     hour = start_hour
@@ -140,7 +146,7 @@ def plan(
         whole = hour % 24 == 0 and hour + 24 <= end_hour
         over = (day + 1) * 86_400_000 + GRACE_MS <= now_ms
         if (
-            days
+            (days or day_view == HOURS)
             and whole
             and over
             and day not in pending
@@ -156,8 +162,8 @@ def plan(
     return out
 
 
-async def _fetch(redis: aioredis.Redis, keys: Keys, reads: list[Read]) -> list[Block]:
-    """The blocks of these reads, in one round trip."""
+async def _fetch(redis: aioredis.Redis, keys: Keys, reads: list[Read]) -> list[Block | None]:
+    """The blocks of these reads, in one round trip (None: no such value)."""
     script = redis.register_script(READ_HOUR)
     async with redis.pipeline(transaction=False) as pipe:
         for kind, n, name in reads:
@@ -170,12 +176,14 @@ async def _fetch(redis: aioredis.Redis, keys: Keys, reads: list[Read]) -> list[B
                     hour_label(n))  # fmt: skip
                 pipe.execute_command("HGET", key, name, **{NEVER_DECODE: []})
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-    out = []
+    out: list[Block | None] = []
     for (kind, _, _), reply in zip(reads, replies, strict=True):
         if isinstance(reply, Exception):  # not ours (another program's key): nothing there
             out.append(EMPTY)
         elif kind == "live":
             out.append(live_block(reply)[0])
+        elif reply is None:
+            out.append(None)
         else:
             out.append(decode(reply) or EMPTY)
     return out
@@ -202,7 +210,19 @@ async def at_one_instant(
             live = numbers(await tx.zrange(keys.rollup_live, 0, -1))
             pending = numbers(await tx.zrange(keys.rollup_pending, 0, -1))
             reads = make(live, pending)
-            blocks = await _fetch(redis, keys, reads)
+            found = await _fetch(redis, keys, reads)
+            # A day compacted before days had an hours view: its hours, read while WATCHed.
+            older = [n for (kind, n, name), block in zip(reads, found, strict=True)
+                     if kind == "day" and name == HOURS and block is None]  # fmt: skip
+            if older:
+                more: list[Read] = [
+                    ("hour", h, "all") for d in older for h in range(d * 24, d * 24 + 24)
+                ]
+                pairs = [(r, b) for r, b in zip(reads, found, strict=True)
+                         if not (r[0] == "day" and r[2] == HOURS and b is None)]  # fmt: skip
+                pairs += zip(more, await _fetch(redis, keys, more), strict=True)
+                reads, found = [r for r, _ in pairs], [b for _, b in pairs]
+            blocks = [block or EMPTY for block in found]
             tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
             try:
                 await tx.execute()
@@ -224,8 +244,8 @@ async def read(
         return plan(start_hour, end_hour, now_ms, live, pending, wanted, days=days)
 
     reads, blocks = await at_one_instant(redis, keys, make)
-    return [Part(n * 24 if kind == "day" else n, 24 if kind == "day" else 1, block)
-            for (kind, n, _), block in zip(reads, blocks, strict=True)]  # fmt: skip
+    return [Part(n * 24 if kind == "day" else n, 24 if kind == "day" else 1, block, name == HOURS)
+            for (kind, n, name), block in zip(reads, blocks, strict=True)]  # fmt: skip
 
 
 async def read_hours(redis: aioredis.Redis, keys: Keys, hours: Iterable[int]) -> dict[int, Block]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -28,13 +28,14 @@ from worker.cells import (
     METRICS,
     NANO,
     OTHER,
+    SEP,
     UNKNOWN,
     WAIT,
     WIDTH,
+    Block,
     split,
-    sum_by,
 )
-from worker.periods import read
+from worker.periods import Part, read
 from worker.rollups import Rollups
 
 DIMENSIONS = ("feature", "model", "tenant", "priority", "day", "hour")
@@ -75,6 +76,7 @@ def _values(q: Query) -> Grouping:
     """The function from a cell's dims to q.by's values (displayed; day and hour left
     empty), None for cells the filters leave out. Worked out once per distinct dims."""
     memo: dict[str, tuple[str, ...] | None] = {}
+    at = {name: n for n, name in enumerate(_CELL_DIMENSIONS)}
 
     def values(dims: str) -> tuple[str, ...] | None:
         try:
@@ -84,46 +86,88 @@ def _values(q: Query) -> Grouping:
         parts = split(dims)
         out: tuple[str, ...] | None = None
         if parts is not None:
-            shown = dict(zip(_CELL_DIMENSIONS, map(display, parts), strict=True))
-            if (q.feature is None or shown["feature"] == q.feature) and (
-                    q.tenant is None or shown["tenant"] == q.tenant):  # fmt: skip
-                out = tuple(shown.get(name, "") for name in q.by)
+            shown = [_SHOWN.get(part, part) for part in parts]  # feature, model, priority, tenant
+            if (q.feature is None or shown[0] == q.feature) and (
+                    q.tenant is None or shown[3] == q.tenant):  # fmt: skip
+                out = tuple(shown[at[name]] if name in at else "" for name in q.by)
         memo[dims] = out
         return out
 
     return values
 
 
-def _grouping(q: Query) -> Callable[[int], Grouping]:
-    """For a part starting at some hour, the function from a cell's dims to its group
-    (q.by's values, displayed), None for cells the filters leave out: one function for the
-    parts of one group in time (cells.sum_by calls it once per distinct dims)."""
+_GROUP = (1 << 24) - 1  # the group's bits of a cell's code (the time's are above)
+
+
+def _add_up(q: Query, parts: Iterable[Part]) -> dict[tuple[str, ...], NDArray[np.int64]]:
+    """The metrics of each group of q.by in these parts, filtered: each distinct dims is
+    worked out once (a day's HOURS view repeats the same dims every day), each cell's group
+    in time (its hour, or day) and in the other dimensions is a number, and the triples are
+    added up by group in numpy (int64: exact)."""
     values = _values(q)
+    unit = 1 if "hour" in q.by else 24 if "day" in q.by else 0
+    groups: dict[tuple[str, ...], int] = {}
+    memos: tuple[dict[str, int], dict[str, int]] = ({}, {})
+
+    def slot(dims: str, by_hour: bool) -> int:
+        """The cell's hour of its part (0 unless by_hour) << 24 | its group; -1: left out."""
+        hour = 0
+        if by_hour:
+            head, _, dims = dims.partition(SEP)
+            if not head.isdecimal():
+                return -1
+            hour = int(head)
+        group = values(dims)
+        return -1 if group is None else hour << 24 | groups.setdefault(group, len(groups))
+
+    codes: list[NDArray[np.int64]] = []
+    kept: list[tuple[Block, int]] = []
+    for part in parts:
+        block = part.block
+        if not len(block.amount):
+            continue
+        memo = memos[part.by_hour]
+        for dims in set(block.dims).difference(memo):
+            memo[dims] = slot(dims, part.by_hour)
+        found = np.fromiter(map(memo.__getitem__, block.dims), np.int64, len(block.dims))
+        when = (part.start_hour + (found >> 24)) // unit if unit else 0
+        codes.append(np.where(found >= 0, when * (1 << 24) + (found & _GROUP), -1))
+        kept.append((block, len(found)))
+    if not codes:
+        return {}
+    unique, row_of = np.unique(np.concatenate(codes), return_inverse=True)
+    first = int(unique[0] < 0)  # the cells the filters leave out
+    flat, amounts, start = [], [], 0
+    for block, n in kept:
+        rows = row_of[start : start + n][block.cell] - first
+        start += n
+        wanted = rows >= 0
+        flat.append(rows[wanted] * WIDTH + block.metric[wanted])
+        amounts.append(block.amount[wanted])
+    unique = unique[first:]
+    sums = np.zeros(len(unique) * WIDTH, np.int64)
+    np.add.at(sums, np.concatenate(flat), np.concatenate(amounts))
+    return _named(q, unique.tolist(), sums.reshape(len(unique), WIDTH), groups, unit)
+
+
+def _named(
+    q: Query, codes: list[int], matrix: NDArray[np.int64], groups: dict[tuple[str, ...], int],
+    unit: int,
+) -> dict[tuple[str, ...], NDArray[np.int64]]:  # fmt: skip
+    """_add_up's rows by group: q.by's values, the day or hour of the code's time."""
+    names = {n: group for group, n in groups.items()}
     timed = [n for n, name in enumerate(q.by) if name in ("day", "hour")]
-    if not timed:
-        return lambda _: values
-    keys: dict[tuple[str, str], Grouping] = {}
-
-    def at(start_hour: int) -> Grouping:
-        day, hour = _when(start_hour)
-        when = {"day": day, "hour": hour if "hour" in q.by else ""}
-        label = (when["day"] if "day" in q.by else "", when["hour"])
-        if label in keys:
-            return keys[label]
-
-        def key(dims: str) -> tuple[str, ...] | None:
-            group = values(dims)
-            if group is None:
-                return None
-            out = list(group)
+    out: dict[tuple[str, ...], NDArray[np.int64]] = {}
+    for row_n, code in enumerate(codes):
+        group = names[code & _GROUP]
+        if timed:
+            day, hour = _when((code >> 24) * unit)
+            shown = list(group)
             for n in timed:
-                out[n] = when[q.by[n]]
-            return tuple(out)
-
-        keys[label] = key
-        return key
-
-    return at
+                shown[n] = day if q.by[n] == "day" else hour
+            group = tuple(shown)
+        out[group] = matrix[row_n]
+    return out
 
 
 async def _sums(
@@ -134,8 +178,7 @@ async def _sums(
     needs |= {name for name, value in (("feature", q.feature), ("tenant", q.tenant)) if value}
     parts = await read(redis, rollups.keys, q.start_hour, q.end_hour, now_ms, needs,
                        days="hour" not in q.by)  # fmt: skip
-    grouping = _grouping(q)
-    return sum_by((part.block, grouping(part.start_hour)) for part in parts)
+    return _add_up(q, parts)
 
 
 async def query(redis: aioredis.Redis, rollups: Rollups, q: Query, *, now_ms: int) -> Answer:
@@ -160,11 +203,12 @@ async def query(redis: aioredis.Redis, rollups: Rollups, q: Query, *, now_ms: in
     return answer
 
 
+_SHOWN = {OTHER: "(other)", UNKNOWN: "(unknown feature)", ALL: "(all)", "": "(none)"}
+
+
 def display(slot: str) -> str:
     """A stored dimension value as people read it."""
-    return {OTHER: "(other)", UNKNOWN: "(unknown feature)", ALL: "(all)", "": "(none)"}.get(
-        slot, slot
-    )
+    return _SHOWN.get(slot, slot)
 
 
 def percentile(counts: Sequence[int], q: float) -> float | None:
