@@ -13,8 +13,9 @@ blocks by any grouping of their cells (`sum_by`) is a few numpy operations howev
 cells they hold, which is what lets `tokenq report` read 90 days in a fraction of a second.
 
 A view of a block keeps some dimensions of its cells and adds up the others (VIEWS): a day
-is stored in four views so that a question about tenants alone reads 100 cells a day, not
-the day's thousands.
+is stored in five views so that a question about tenants alone reads 100 cells a day, not
+the day's thousands, and its hours' `all` views in one block (HOURS) so that a question by
+hour reads one value a day, not 24.
 """
 
 from __future__ import annotations
@@ -394,10 +395,11 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "all": ("feature", "model", "priority"),
     "tenant": ("tenant",),
     "feature-tenant": ("feature", "tenant"),
+    "model-tenant": ("model", "tenant"),
     "cells": ("feature", "model", "priority", "tenant"),
 }
 """The views of a finished period, smallest first: which dimensions each keeps (the others
-are ALL). A day has all four, a finished hour `all` and `cells`."""
+are ALL). A day has all five, a finished hour `all` and `cells`."""
 _DIMENSIONS = ("feature", "model", "priority", "tenant")
 
 

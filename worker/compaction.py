@@ -15,7 +15,7 @@ WATCHed while they are read, so a fold meanwhile (a late outcome) aborts the com
 the next tick does again: nothing is lost or counted twice.
 
 Compacting a day adds its hours' cells up, keeps its `report.tenants_per_hour` biggest
-tenants by spend (the others count as OTHER) and stores the four views (cells.VIEWS) and its
+tenants by spend (the others count as OTHER) and stores the five views (cells.VIEWS) and its
 hours' `all` views together (cells.HOURS, for questions by hour) in one hash; it WATCHes the
 live set and the pending days, so an hour of the day compacted meanwhile aborts it.
 Everything expires `report.retention_days` after its hour or day.

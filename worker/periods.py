@@ -3,11 +3,13 @@
 An hour is live while it has cell hashes (worker.rollups: the set of live hours lists it);
 the workers compact it once it is over (worker.compaction) into a finished hour, one hash of
 two blocks (worker.cells: views `all` and `cells`), and each finished day into one hash of
-four views. A late outcome (a worker whose clock is behind) makes a compacted hour live
-again, until the next compaction merges it in; its day then waits to be compacted again
-(the set of pending days lists it). So a range reads:
+five views and its hours' `all` views (cells.HOURS). A late outcome (a worker whose clock
+is behind) makes a compacted hour live again, until the next compaction merges it in; its
+day then waits to be compacted again (the set of pending days lists it). So a range reads:
 
-- whole days that are over, with no live hour and not pending: the day's view;
+- whole days that are over, with no live hour and not pending: the day's view (by hour:
+  its HOURS, when the question needs no tenant; a day compacted before days had the view
+  is read from its hours or its cells instead, under the same WATCH);
 - every other hour: its finished block, and its live cells if it is live.
 
 The view is the smallest that keeps the dimensions the question needs (cells.view_for).
@@ -50,6 +52,8 @@ GRACE_MS = 3_600_000
 arrive (one that does is merged in by the next compaction)."""
 HOUR_VIEWS = ("all", "cells")
 DAY_VIEWS = tuple(VIEWS)
+NEWER_DAY_VIEWS = (HOURS, "model-tenant")
+"""Views days compacted by older versions lack: read from the day's hours or cells instead."""
 ATTEMPTS = 20
 _INT64 = 2**63
 
@@ -189,6 +193,29 @@ async def _fetch(redis: aioredis.Redis, keys: Keys, reads: list[Read]) -> list[B
     return out
 
 
+def _older(read: Read, block: Block | None) -> bool:
+    """Whether a read is of a view its day lacks (compacted by an older version)."""
+    return read[0] == "day" and read[2] in NEWER_DAY_VIEWS and block is None
+
+
+async def _older_days(
+    redis: aioredis.Redis, keys: Keys, reads: list[Read], found: list[Block | None]
+) -> tuple[list[Read], list[Block | None]]:
+    """The reads with those of views their days lack replaced by reads of the day's hours
+    (HOURS) or cells (the caller still WATCHes what it read)."""
+    more: list[Read] = []
+    for read, block in zip(reads, found, strict=True):
+        if _older(read, block):
+            day = read[1]
+            more += ([("hour", h, "all") for h in range(day * 24, day * 24 + 24)]
+                     if read[2] == HOURS else [("day", day, "cells")])  # fmt: skip
+    if not more:
+        return reads, found
+    pairs = [(r, b) for r, b in zip(reads, found, strict=True) if not _older(r, b)]
+    pairs += zip(more, await _fetch(redis, keys, more), strict=True)
+    return [r for r, _ in pairs], [b for _, b in pairs]
+
+
 def numbers(members: Iterable[Any]) -> set[int]:
     out = set()
     for member in members:
@@ -211,17 +238,7 @@ async def at_one_instant(
             pending = numbers(await tx.zrange(keys.rollup_pending, 0, -1))
             reads = make(live, pending)
             found = await _fetch(redis, keys, reads)
-            # A day compacted before days had an hours view: its hours, read while WATCHed.
-            older = [n for (kind, n, name), block in zip(reads, found, strict=True)
-                     if kind == "day" and name == HOURS and block is None]  # fmt: skip
-            if older:
-                more: list[Read] = [
-                    ("hour", h, "all") for d in older for h in range(d * 24, d * 24 + 24)
-                ]
-                pairs = [(r, b) for r, b in zip(reads, found, strict=True)
-                         if not (r[0] == "day" and r[2] == HOURS and b is None)]  # fmt: skip
-                pairs += zip(more, await _fetch(redis, keys, more), strict=True)
-                reads, found = [r for r, _ in pairs], [b for _, b in pairs]
+            reads, found = await _older_days(redis, keys, reads, found)
             blocks = [block or EMPTY for block in found]
             tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
             try:
