@@ -1,7 +1,8 @@
 """What the rollups cost: memory, compaction, report latency, and the finishing write with and
 without them.
 
-    python3 dev.py bench report [--outcomes 1000000] [--days 90] [--finishes 1000] [--rounds 15]
+    python3 dev.py bench report [--outcomes 1000000] [--days 90] [--block 50] [--pairs 200]
+                               [--finishing-only]
 
 1. Writes `--outcomes` synthetic job outcomes spread over `--days` days (features, models and
    priorities as config.toml has them, 500 tenants with a long tail, errors, cache hits and
@@ -15,13 +16,16 @@ without them.
 3. Times `tokenq report` queries over the period (in-process, as the CLI runs them): the
    first from a new client, then the median and the 95th percentile of `--runs`.
 4. Runs the real finishing write (worker.queue.Queue.finish: result, usage event, reply, XACK,
-   XDEL, state) on real pending entries, `--finishes` per run, in `--rounds` rounds of four
-   runs in rotating order: without rollups, without rollups again (the noise floor), with
-   rollups for 20 tenants and for a long tail of 500. Per finish it measures the client's
-   CPU (this thread's), Valkey's (its main thread's, INFO cpu), Redis commands (INFO
+   XDEL, state, and with rollups the records worker.outcomes makes) on real pending entries,
+   in short runs of `--block`, paired: a run without rollups and, right before or after it
+   (alternating), a run of one arm: without rollups again (the method's noise), with rollups
+   for 20 tenants, for a long tail of 500; `--pairs` pairs per arm, the arms in rotating
+   order, all in one process against one server. Per finish it measures the client's CPU
+   (this thread's), Valkey's (its main thread's, INFO cpu), Redis commands (INFO
    commandstats) and wall time, and prints the medians; the overhead is the median over the
-   rounds of each round's (client + Valkey CPU) ratio to the same round's run without
-   rollups, with its quartiles. Then what folding the records costs Valkey per outcome.
+   pairs of each pair's (client + Valkey CPU) ratio, with a 95% confidence interval of that
+   median and the quartiles. Then the hook alone and what folding the records costs Valkey
+   per outcome. `--finishing-only` runs this part alone (2-3 minutes).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import random
 import statistics
 import subprocess
@@ -50,7 +55,7 @@ from worker.contract import GROUP, Keys, Result, UsageEvent, to_fields
 from worker.embedded import connect, free_port, server_args, wait_until_ready
 from worker.queue import Delivery, Finish, Queue
 from worker.report import Query, query
-from worker.rollups import Rollups, record_of, settings_of
+from worker.rollups import Rollups, settings_of
 
 TENANTS = 500
 
@@ -213,10 +218,11 @@ class Cost:
     wall_us: float
 
 
-async def finishes(
-    redis: aioredis.Redis, queue: Queue, outcomes: Outcomes, n: int, tag: str
-) -> Cost:
-    """n real finishing writes of pending entries; what each cost."""
+Prepared = tuple[list[Delivery], list[Finish]]
+
+
+async def prepare(redis: aioredis.Redis, queue: Queue, outcomes: Outcomes, n: int) -> Prepared:
+    """n real pending entries of this consumer, and the endings to finish them with."""
     stream = queue.streams["normal"]
     async with redis.pipeline(transaction=False) as pipe:
         for _ in range(n):
@@ -230,8 +236,17 @@ async def finishes(
         usage = outcomes.one(now)
         result = Result(id=d.entry_id, status="ok", text="x" * 200, model=usage["model"])
         ends.append(Finish(msgspec.json.encode(result), usage))
+    return deliveries, ends
+
+
+async def finishes(redis: aioredis.Redis, queue: Queue, prepared: Prepared, tag: str) -> Cost:
+    """The finishing writes of prepared entries, one after the other, with the rollups' hook
+    when the queue has rollups (as worker.outcomes makes the records); what each cost."""
+    deliveries, ends = prepared
+    n = len(deliveries)
     await redis.config_resetstat()
-    cpu0, client0, wall0 = await server_cpu(redis), time.thread_time(), time.perf_counter()
+    cpu0 = await server_cpu(redis)
+    client0, wall0 = time.thread_time(), time.perf_counter()
     rollups = queue.rollups
     for d, end in zip(deliveries, ends, strict=True):
         if rollups is not None:  # as worker.outcomes does: the records join the fenced end
@@ -261,27 +276,35 @@ async def run(a: argparse.Namespace, folder: Path) -> None:
     cfg = load_config(ROOT / "config.toml")
     with valkey(folder) as (url, _pid):
         redis = connect(url)
-        keys = Keys("bench")
-        rollups = Rollups(keys, settings_of(cfg))
-        outcomes = Outcomes(cfg, a.seed)
-        now = int(time.time() * 1000)
-        say(f"writing {a.outcomes:,} outcomes over {a.days} days")
-        took = await fill(redis, rollups, outcomes, a.outcomes, a.days, now)
-        written = await memory(redis, keys)
-        say("one report over the live hours, then compacting")
-        end = now // 3_600_000 + 1
-        started = time.perf_counter()
-        await query(redis, rollups, Query(end - a.days * 24, end, ("feature",)), now_ms=now)
-        uncompacted = time.perf_counter() - started
-        compaction = await compact_everything(redis, rollups, now)
-        compacted = await memory(redis, keys)
-        say("timing reports")
-        reports = await report_times(url, rollups, a.days, now, a.runs)
+        if not a.finishing_only:
+            await rollup_figures(redis, url, cfg, a)
         say("timing the finishing write")
         costs, ratios = await finishing_costs(redis, cfg, a)
         hook = await hook_costs(redis, cfg)
         folding = await fold_costs(redis, cfg)
         await redis.aclose()
+    print_finishing(a, costs, ratios, hook, folding)
+
+
+async def rollup_figures(redis: aioredis.Redis, url: str, cfg: Config, a: argparse.Namespace
+                         ) -> None:  # fmt: skip
+    """Write, measure, compact and report on `--outcomes` outcomes; print the figures."""
+    keys = Keys("bench")
+    rollups = Rollups(keys, settings_of(cfg))
+    outcomes = Outcomes(cfg, a.seed)
+    now = int(time.time() * 1000)
+    say(f"writing {a.outcomes:,} outcomes over {a.days} days")
+    took = await fill(redis, rollups, outcomes, a.outcomes, a.days, now)
+    written = await memory(redis, keys)
+    say("one report over the live hours, then compacting")
+    end = now // 3_600_000 + 1
+    started = time.perf_counter()
+    await query(redis, rollups, Query(end - a.days * 24, end, ("feature",)), now_ms=now)
+    uncompacted = time.perf_counter() - started
+    compaction = await compact_everything(redis, rollups, now)
+    compacted = await memory(redis, keys)
+    say("timing reports")
+    reports = await report_times(url, rollups, a.days, now, a.runs)
     hours = a.days * 24
     print(f"\nrollups of {a.outcomes:,} outcomes over {a.days} days ({a.outcomes / hours:,.0f} an "
           f"hour; {len(cfg.features)} features, {TENANTS} tenants with a long tail), written "
@@ -304,9 +327,15 @@ async def run(a: argparse.Namespace, folder: Path) -> None:
     for label, first, median, p95 in reports:
         print(f"    {label:<48} {first * 1000:>6,.0f} ms  {median * 1000:>6,.0f} ms  "
               f"{p95 * 1000:>6,.0f} ms")  # fmt: skip
-    print(f"\nfinishing write (Queue.finish, one MULTI per job), medians of {a.rounds} rounds of "
-          f"{a.finishes:,} (client CPU of this thread, Valkey main-thread CPU, Redis commands, "
-          "wall):")  # fmt: skip
+
+
+def print_finishing(
+    a: argparse.Namespace, costs: dict[str, Cost], ratios: Ratios,
+    hook: dict[str, tuple[float, float]], folding: dict[str, float],
+) -> None:  # fmt: skip
+    print(f"\nfinishing write (Queue.finish: one fenced script per job), medians of runs of "
+          f"{a.block} in {a.pairs} pairs per arm (client CPU of this thread, Valkey main-thread "
+          "CPU, Redis commands, wall):")  # fmt: skip
     for name, cost in costs.items():
         print(f"  {name:<40} client {cost.client_us:5.0f} us  Valkey {cost.valkey_us:5.1f} us  "
               f"commands {cost.commands:4.1f}  wall {cost.wall_us:5.0f} us")  # fmt: skip
@@ -314,82 +343,96 @@ async def run(a: argparse.Namespace, folder: Path) -> None:
           "reading), Valkey CPU per outcome, batches of up to 2,000 records:")  # fmt: skip
     for name, us in folding.items():
         print(f"  {name:<24} {us:5.1f} us")
-    print("\nclient + Valkey CPU of a finishing write against the same round's run without "
-          f"rollups (median of {a.rounds} rounds, quartiles):")  # fmt: skip
-    for name, (low, mid, high) in ratios.items():
-        print(f"  {name:<40} {mid:+6.1%}  ({low:+.1%} to {high:+.1%})")
+    print(f"\nclient + Valkey CPU of a finishing write against the run without rollups of the "
+          f"same pair: median of {a.pairs} pairs (95% confidence interval of the median; "
+          "quartiles):")  # fmt: skip
+    for name, (low, mid, high, ci_low, ci_high) in ratios.items():
+        print(f"  {name:<40} {mid:+6.1%}  ({ci_low:+.1%} to {ci_high:+.1%}; quartiles "
+              f"{low:+.1%} to {high:+.1%})")  # fmt: skip
     base = costs["without rollups"]
-    print("\nthe hook alone (Rollups.add_into + flush_into, the RPUSH of its record), fastest of "
-          "9 x 5,000, against the median finishing write without rollups:")  # fmt: skip
+    print("\nthe hook alone (the records of a one-outcome Rollups.delta, as worker.outcomes makes "
+          "them; the RPUSH of its record), fastest of 9 x 5,000, against the median finishing "
+          "write without rollups:")  # fmt: skip
     for name, (client_us, valkey_us) in hook.items():
         share = (client_us + valkey_us) / (base.client_us + base.valkey_us)
         print(f"  {name:<40} client {client_us:5.1f} us  Valkey {valkey_us:5.1f} us  "
               f"{share:+6.1%}")  # fmt: skip
 
 
-Ratios = dict[str, tuple[float, float, float]]
+Ratios = dict[str, tuple[float, float, float, float, float]]
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A 95% confidence interval of the median of these values (order statistics: no
+    assumption about their distribution)."""
+    ranked, n = sorted(values), len(values)
+    half = 1.96 * math.sqrt(n) / 2
+    return ranked[max(0, math.floor(n / 2 - half))], ranked[min(n - 1, math.ceil(n / 2 + half))]
 
 
 async def finishing_costs(
     redis: aioredis.Redis, cfg: Config, a: argparse.Namespace
 ) -> tuple[dict[str, Cost], Ratios]:
-    """Rounds of real finishing writes without and with rollups, in rotating order; the
-    median costs, and each run's (client + Valkey CPU) against the same round's first run
-    without rollups: quartiles over the rounds."""
+    """Pairs of short runs (`--block` finishing writes each) without rollups and with, one
+    right after the other in alternating order, in the same process against the same server:
+    each pair's (client + Valkey CPU per job) ratio shares the load of its moment, so its
+    median over `--pairs` pairs is precise where whole runs minutes apart are not. A pair of
+    two runs without rollups measures the method's own noise. The median costs, and per arm
+    the median ratio, its quartiles and a 95% confidence interval of the median."""
 
     def queue(prefix: str, rollups: bool) -> Queue:
         writer = Rollups(Keys(prefix), settings_of(cfg)) if rollups else None
         return Queue(redis, Keys(prefix), cfg.queue.priorities, "bench", visibility_ms=60_000,
                      rollups=writer)  # fmt: skip
 
+    base = "without rollups"
     runs = {
-        "without rollups": (queue("plain", False), Outcomes(cfg, 1, 20)),
+        base: (queue("plain", False), Outcomes(cfg, 1, 20)),
         "without rollups, again (the noise)": (queue("plain2", False), Outcomes(cfg, 1, 20)),
         "with rollups, 20 tenants": (queue("few", True), Outcomes(cfg, 1, 20)),
         "with rollups, 500 tenants (long tail)": (queue("many", True), Outcomes(cfg, 1, 500)),
     }
     for q, outcomes in runs.values():
         await q.ensure_groups()
-        await finishes(redis, q, outcomes, 500, "warm")  # connections, scripts, cells
-    names = list(runs)
+        await finishes(redis, q, await prepare(redis, q, outcomes, 500), "warm")
+    arms = [name for name in runs if name != base]
     found: dict[str, list[Cost]] = {name: [] for name in runs}
-    for n in range(a.rounds):
-        for name in names[n % len(names) :] + names[: n % len(names)]:
-            q, outcomes = runs[name]
-            found[name].append(await finishes(redis, q, outcomes, a.finishes, f"r{n}"))
-    base = [c.client_us + c.valkey_us for c in found[names[0]]]
+    each: dict[str, list[float]] = {name: [] for name in arms}
+    for n in range(a.pairs):
+        for arm in arms[n % len(arms) :] + arms[: n % len(arms)]:
+            order = (base, arm) if n % 2 == 0 else (arm, base)
+            ready = {name: await prepare(redis, runs[name][0], runs[name][1], a.block)
+                     for name in order}  # fmt: skip
+            costs = {name: await finishes(redis, runs[name][0], ready[name], f"p{n}{arm[:9]}")
+                     for name in order}  # fmt: skip
+            for name, cost in costs.items():
+                found[name].append(cost)
+            with_, without = costs[arm], costs[base]
+            each[arm].append((with_.client_us + with_.valkey_us)
+                             / (without.client_us + without.valkey_us) - 1)  # fmt: skip
+            await redis.delete(*(q.keys.rollup_queue for q, _ in runs.values()))  # as folded
     ratios: Ratios = {}
-    for name in names[1:]:
-        each = sorted((c.client_us + c.valkey_us) / b - 1 for c, b in zip(found[name], base,
-                                                                         strict=True))  # fmt: skip
-        low, mid, high = statistics.quantiles(each, n=4) if len(each) > 1 else each * 3
-        ratios[name] = (low, mid, high)
+    for name, values in each.items():
+        low, mid, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        ratios[name] = (low, mid, high, *median_interval(values))
     return {name: median_cost(c) for name, c in found.items()}, ratios
 
 
 async def hook_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, tuple[float, float]]:
-    """The rollups' share of a finishing write measured on its own, where the rounds' noise
-    cannot hide it: (client CPU of the hook, Rollups.add_into then flush_into on a new
-    transaction, less making the transaction; Valkey main-thread CPU of the RPUSH of the
-    record it queues), in us, the fastest of 9 interleaved repetitions of 5,000."""
+    """The rollups' share of a finishing write measured on its own, where the pairs' noise
+    cannot hide it: (client CPU of the hook as worker.outcomes calls it, the records of a
+    one-outcome delta; Valkey main-thread CPU of the RPUSH of the record), in us, the
+    fastest of 9 repetitions of 5,000."""
     out = {}
     for name, tenants in (("20 tenants", 20), ("500 tenants, long tail", 500)):
         rollups = Rollups(Keys(f"hook{tenants}"), settings_of(cfg))
         events = [Outcomes(cfg, 3, tenants).one(int(time.time() * 1000)) for _ in range(5000)]
         records: list[bytes] = []
-        bare, hooked, server = [], [], []
+        hooked, server = [], []
         for _ in range(9):
             started = time.thread_time()
-            for _event in events:
-                redis.pipeline(transaction=True)
-            bare.append(time.thread_time() - started)
-            started = time.thread_time()
-            for event in events:
-                tx = redis.pipeline(transaction=True)
-                rollups.add_into(tx, event)
-                rollups.flush_into(tx)
+            records = [rec for e in events for rec in rollups.delta([e]).records()]
             hooked.append(time.thread_time() - started)
-            records = [rec for e in events if (rec := record_of(e, rollups.settings))]
             async with redis.pipeline(transaction=False) as pipe:
                 for rec in records:
                     pipe.rpush(rollups.keys.rollup_queue, rec)
@@ -397,8 +440,7 @@ async def hook_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, tuple[floa
                 await pipe.execute()
             server.append(await server_cpu(redis) - cpu0)
             await redis.delete(rollups.keys.rollup_queue)
-        client_us = (min(hooked) - min(bare)) / len(events) * 1e6
-        out[name] = (client_us, min(server) / len(records) * 1e6)
+        out[name] = (min(hooked) / len(events) * 1e6, min(server) / len(records) * 1e6)
     return out
 
 
@@ -430,9 +472,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--outcomes", type=int, default=1_000_000)
     p.add_argument("--days", type=int, default=90)
     p.add_argument("--runs", type=int, default=20, help="timed runs of each report query")
-    p.add_argument("--finishes", type=int, default=1000, help="finishing writes a run")
-    p.add_argument("--rounds", type=int, default=15, help="rounds of the four runs")
+    p.add_argument("--block", type=int, default=50, help="finishing writes a run")
+    p.add_argument("--pairs", type=int, default=200,
+                   help="pairs of runs (without rollups, with) per arm")  # fmt: skip
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--finishing-only", action="store_true",
+                   help="only the finishing write, the hook and folding (2-3 minutes)")  # fmt: skip
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tokenq-bench-report-") as folder:
         asyncio.run(run(a, Path(folder)))

@@ -13,8 +13,9 @@ blocks by any grouping of their cells (`sum_by`) is a few numpy operations howev
 cells they hold, which is what lets `tokenq report` read 90 days in a fraction of a second.
 
 A view of a block keeps some dimensions of its cells and adds up the others (VIEWS): a day
-is stored in four views so that a question about tenants alone reads 100 cells a day, not
-the day's thousands.
+is stored in five views so that a question about tenants alone reads 100 cells a day, not
+the day's thousands, and its hours' `all` views in one block (HOURS) so that a question by
+hour reads one value a day, not 24.
 """
 
 from __future__ import annotations
@@ -154,52 +155,69 @@ _TOKEN_FIELDS = (
 )
 _MONEY_FIELDS = (("cost_usd", INDEX["usd"]), ("baseline_cost_usd", INDEX["base"]))
 _ANSWERS = {"hit": INDEX["rh"], "joined": INDEX["rj"], "miss": INDEX["rm"]}
+_TW, _TR = INDEX["tw"], INDEX["tr"]
+
+
+_TOKENS = tuple(_TOKEN_FIELDS)
+_Q0, _L0 = INDEX["q0"], INDEX["l0"]
 
 
 def metric_pairs(fields: Mapping[str, str]) -> list[int] | None:
     """What one usage event (its stream fields) adds to its cell: metric number, amount,
     metric number, amount... ('n' first, no zero amounts); None for events that are not job
     outcomes (budget alerts). The finishing write calls this for every job: it is written
-    for speed (a few microseconds)."""
+    for speed (a few microseconds: few calls, the usual field values parsed inline)."""
     get = fields.get
     if get("kind", "job") != "job":
         return None
     ok = get("status") == "ok"
     mode = _MODES.get(get("mode", ""), 0)
     out = [_N, 1, _JOB[ok][mode], 1]
-    tokens = [_int(get(name)) for name, _ in _TOKEN_FIELDS]
-    for (_, code), value in zip(_TOKEN_FIELDS, tokens, strict=True):
-        if value:
-            out += (code, value)
-    for name, code in _MONEY_FIELDS:
-        text = get(name)
-        value = nano_usd(text) if text and text != "0" else 0
-        if value:
-            out += (code, value)
-    wait = _int(get("queue_ms"))
-    out += (INDEX["q0"] + bucket(wait), 1)
+    add = out.extend
+    prompt = _amounts(get, add)
+    text = get("queue_ms")
+    wait = int(text) if text and text.isdecimal() else _int(text)
+    add((_Q0 + bisect.bisect_left(BOUNDS_MS, wait), 1))
     if wait:
-        out += (_QS, wait)
+        add((_QS, wait))
     if ok:
-        _answered(out, get, mode, tokens)
+        _answered(get, add, mode, prompt)
     return out
 
 
-def _answered(out: list[int], get: Callable[[str], str | None], mode: int, tokens: list[int]
-              ) -> None:  # fmt: skip
+def _amounts(get: Callable[[str], str | None], add: Callable[[tuple[int, int]], None]) -> int:
+    """Add the tokens and money of an event; its prompt-cache metric (_PR, _PW or 0)."""
+    prompt = 0
+    for name, code in _TOKENS:
+        text = get(name)
+        if text and text != "0":
+            value = int(text) if text.isdecimal() else _int(text)
+            if value:
+                add((code, value))
+                prompt = _PR if code == _TR else _PW if code == _TW and not prompt else prompt
+    for name, code in _MONEY_FIELDS:
+        text = get(name)
+        if text and text != "0":
+            value = nano_usd(text)
+            if value:
+                add((code, value))
+    return prompt
+
+
+def _answered(get: Callable[[str], str | None], add: Callable[[tuple[int, int]], None],
+              mode: int, prompt: int) -> None:  # fmt: skip
     """The metrics only answered jobs have: cache hits and the call's latency."""
     answer = _ANSWERS.get(get("response_cache") or "")
     if answer is not None:
-        out += (answer, 1)
-    if tokens[3]:
-        out += (_PR, 1)
-    elif tokens[2]:
-        out += (_PW, 1)
+        add((answer, 1))
+    if prompt:
+        add((prompt, 1))
     if mode == 0:  # only realtime calls have an API latency
-        latency = _int(get("latency_ms"))
-        out += (INDEX["l0"] + bucket(latency), 1)
+        text = get("latency_ms")
+        latency = int(text) if text and text.isdecimal() else _int(text)
+        add((_L0 + bisect.bisect_left(BOUNDS_MS, latency), 1))
         if latency:
-            out += (_LS, latency)
+            add((_LS, latency))
 
 
 def metrics_of(fields: Mapping[str, str]) -> dict[str, int] | None:
@@ -377,10 +395,11 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "all": ("feature", "model", "priority"),
     "tenant": ("tenant",),
     "feature-tenant": ("feature", "tenant"),
+    "model-tenant": ("model", "tenant"),
     "cells": ("feature", "model", "priority", "tenant"),
 }
 """The views of a finished period, smallest first: which dimensions each keeps (the others
-are ALL). A day has all four, a finished hour `all` and `cells`."""
+are ALL). A day has all five, a finished hour `all` and `cells`."""
 _DIMENSIONS = ("feature", "model", "priority", "tenant")
 
 
@@ -397,6 +416,25 @@ def view(block: Block, name: str) -> Block:
         return SEP.join(p if k else ALL for p, k in zip(parts, kept, strict=True))
 
     return regroup([(block, slot)])
+
+
+HOURS = "hours"
+"""A day's field holding its hours' `all` views in one block: each cell's dims prefixed with
+its hour of the day, two digits, and SEP (so a question by hour reads a key a day)."""
+
+
+def hours_view(hours: Iterable[tuple[int, Block]]) -> Block:
+    """The HOURS view of a day: its hours' `all` views given as (hour of the day, block)."""
+    dims: list[str] = []
+    cells, metrics, amounts = [], [], []
+    for hour, block in hours:
+        cells.append(block.cell.astype(np.uint32) + len(dims))
+        metrics.append(block.metric)
+        amounts.append(block.amount)
+        dims += [f"{hour:02d}{SEP}{d}" for d in block.dims]
+    if not dims:
+        return EMPTY
+    return Block(dims, np.concatenate(cells), np.concatenate(metrics), np.concatenate(amounts))
 
 
 def view_for(needs: Iterable[str], among: Sequence[str]) -> str:

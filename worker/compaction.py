@@ -15,9 +15,10 @@ WATCHed while they are read, so a fold meanwhile (a late outcome) aborts the com
 the next tick does again: nothing is lost or counted twice.
 
 Compacting a day adds its hours' cells up, keeps its `report.tenants_per_hour` biggest
-tenants by spend (the others count as OTHER) and stores the four views (cells.VIEWS) in one
-hash; it WATCHes the live set and the pending days, so an hour of the day compacted meanwhile
-aborts it. Everything expires `report.retention_days` after its hour or day.
+tenants by spend (the others count as OTHER) and stores the five views (cells.VIEWS) and its
+hours' `all` views together (cells.HOURS, for questions by hour) in one hash; it WATCHes the
+live set and the pending days, so an hour of the day compacted meanwhile aborts it.
+Everything expires `report.retention_days` after its hour or day.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from redis.exceptions import ResponseError, WatchError
 from worker.cells import (
     ALL,
     EMPTY,
+    HOURS,
     SEP,
     VIEWS,
     Block,
@@ -39,6 +41,7 @@ from worker.cells import (
     day_label,
     decode,
     hour_label,
+    hours_view,
     keep_tenants,
     regroup,
     view,
@@ -120,15 +123,20 @@ async def compact_day(redis: aioredis.Redis, keys: Keys, settings: Settings, day
         async with redis.pipeline(transaction=False) as pipe:
             for hour in range(first, first + 24):
                 key = keys.rollup_hour(hour_label(hour))
-                pipe.execute_command("HGET", key, "cells", **{NEVER_DECODE: []})
+                pipe.execute_command("HMGET", key, "cells", "all", **{NEVER_DECODE: []})
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        hours = [(block, _same) for block in map(_block, replies) if block.dims]
+        found = [(hour, _block(reply[0]), _block(reply[1])) for hour, reply in enumerate(replies)
+                 if not isinstance(reply, Exception)]  # fmt: skip
+        hours = [(block, _same) for _, block, _ in found if block.dims]
         day_key = keys.rollup_day(day_label(day))
         tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
         if hours:
             cells = keep_tenants(regroup(hours), settings.tenants_per_hour)
+            by_hour = hours_view((hour, every if every.dims else view(block, "all"))
+                                 for hour, block, every in found if block.dims)  # fmt: skip
             tx.delete(day_key)
-            tx.hset(day_key, mapping={name: view(cells, name).encode() for name in VIEWS})
+            tx.hset(day_key, mapping={**{name: view(cells, name).encode() for name in VIEWS},
+                                      HOURS: by_hour.encode()})  # fmt: skip
             tx.expireat(day_key, (day + 1 + settings.retention_days) * 86_400)
         tx.zrem(keys.rollup_pending, day)
         try:

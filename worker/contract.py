@@ -124,7 +124,8 @@ class Keys:
 
     def rollup_day(self, day: str) -> str:
         """A hash: a finished day's (YYYYMMDD, UTC) cells as blocks, one per view (`all`,
-        `tenant`, `feature-tenant`, `cells`; worker.cells.VIEWS)."""
+        `tenant`, `feature-tenant`, `model-tenant`, `cells`; worker.cells.VIEWS), and its
+        hours' `all` views in one (`hours`, worker.cells.HOURS)."""
         return f"{self.prefix}:rollup:day:{day}"
 
     @property

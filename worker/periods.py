@@ -3,11 +3,13 @@
 An hour is live while it has cell hashes (worker.rollups: the set of live hours lists it);
 the workers compact it once it is over (worker.compaction) into a finished hour, one hash of
 two blocks (worker.cells: views `all` and `cells`), and each finished day into one hash of
-four views. A late outcome (a worker whose clock is behind) makes a compacted hour live
-again, until the next compaction merges it in; its day then waits to be compacted again
-(the set of pending days lists it). So a range reads:
+five views and its hours' `all` views (cells.HOURS). A late outcome (a worker whose clock
+is behind) makes a compacted hour live again, until the next compaction merges it in; its
+day then waits to be compacted again (the set of pending days lists it). So a range reads:
 
-- whole days that are over, with no live hour and not pending: the day's view;
+- whole days that are over, with no live hour and not pending: the day's view (by hour:
+  its HOURS, when the question needs no tenant; a day compacted before days had the view
+  is read from its hours or its cells instead, under the same WATCH);
 - every other hour: its finished block, and its live cells if it is live.
 
 The view is the smallest that keeps the dimensions the question needs (cells.view_for).
@@ -31,6 +33,7 @@ from redis.exceptions import WatchError
 
 from worker.cells import (
     EMPTY,
+    HOURS,
     INDEX,
     VIEWS,
     Block,
@@ -49,6 +52,8 @@ GRACE_MS = 3_600_000
 arrive (one that does is merged in by the next compaction)."""
 HOUR_VIEWS = ("all", "cells")
 DAY_VIEWS = tuple(VIEWS)
+NEWER_DAY_VIEWS = (HOURS, "model-tenant")
+"""Views days compacted by older versions lack: read from the day's hours or cells instead."""
 ATTEMPTS = 20
 _INT64 = 2**63
 
@@ -112,11 +117,13 @@ def live_block(reply: Any) -> tuple[Block, list[str]]:
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """A stored period read: `hours` hours from start_hour (1 or 24), and its cells."""
+    """A stored period read: `hours` hours from start_hour (1 or 24), and its cells; with
+    `by_hour`, a day's cells.HOURS view (each cell's dims start with its hour of the day)."""
 
     start_hour: int
     hours: int
     block: Block
+    by_hour: bool = False
 
 
 Read = tuple[Literal["day", "hour", "live", "totals"], int, str]
@@ -129,9 +136,12 @@ def plan(
     needs: Iterable[str], *, days: bool,
 ) -> list[Read]:  # fmt: skip
     """The reads that cover hours [start_hour, end_hour) (see the module's docstring); whole
-    days only with `days`."""
+    days only with `days`, or as their hours (cells.HOURS) when the hours' `all` view keeps
+    what is needed."""
     wanted = list(needs)
     hour_view, day_view = view_for(wanted, HOUR_VIEWS), view_for(wanted, DAY_VIEWS)
+    if not days and hour_view == "all":  # by hour: a day's hours in one view
+        day_view = HOURS
     live_hours = set(live)
     out: list[Read] = []
     hour = start_hour
@@ -140,7 +150,7 @@ def plan(
         whole = hour % 24 == 0 and hour + 24 <= end_hour
         over = (day + 1) * 86_400_000 + GRACE_MS <= now_ms
         if (
-            days
+            (days or day_view == HOURS)
             and whole
             and over
             and day not in pending
@@ -156,8 +166,8 @@ def plan(
     return out
 
 
-async def _fetch(redis: aioredis.Redis, keys: Keys, reads: list[Read]) -> list[Block]:
-    """The blocks of these reads, in one round trip."""
+async def _fetch(redis: aioredis.Redis, keys: Keys, reads: list[Read]) -> list[Block | None]:
+    """The blocks of these reads, in one round trip (None: no such value)."""
     script = redis.register_script(READ_HOUR)
     async with redis.pipeline(transaction=False) as pipe:
         for kind, n, name in reads:
@@ -170,15 +180,40 @@ async def _fetch(redis: aioredis.Redis, keys: Keys, reads: list[Read]) -> list[B
                     hour_label(n))  # fmt: skip
                 pipe.execute_command("HGET", key, name, **{NEVER_DECODE: []})
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-    out = []
+    out: list[Block | None] = []
     for (kind, _, _), reply in zip(reads, replies, strict=True):
         if isinstance(reply, Exception):  # not ours (another program's key): nothing there
             out.append(EMPTY)
         elif kind == "live":
             out.append(live_block(reply)[0])
+        elif reply is None:
+            out.append(None)
         else:
             out.append(decode(reply) or EMPTY)
     return out
+
+
+def _older(read: Read, block: Block | None) -> bool:
+    """Whether a read is of a view its day lacks (compacted by an older version)."""
+    return read[0] == "day" and read[2] in NEWER_DAY_VIEWS and block is None
+
+
+async def _older_days(
+    redis: aioredis.Redis, keys: Keys, reads: list[Read], found: list[Block | None]
+) -> tuple[list[Read], list[Block | None]]:
+    """The reads with those of views their days lack replaced by reads of the day's hours
+    (HOURS) or cells (the caller still WATCHes what it read)."""
+    more: list[Read] = []
+    for read, block in zip(reads, found, strict=True):
+        if _older(read, block):
+            day = read[1]
+            more += ([("hour", h, "all") for h in range(day * 24, day * 24 + 24)]
+                     if read[2] == HOURS else [("day", day, "cells")])  # fmt: skip
+    if not more:
+        return reads, found
+    pairs = [(r, b) for r, b in zip(reads, found, strict=True) if not _older(r, b)]
+    pairs += zip(more, await _fetch(redis, keys, more), strict=True)
+    return [r for r, _ in pairs], [b for _, b in pairs]
 
 
 def numbers(members: Iterable[Any]) -> set[int]:
@@ -202,7 +237,9 @@ async def at_one_instant(
             live = numbers(await tx.zrange(keys.rollup_live, 0, -1))
             pending = numbers(await tx.zrange(keys.rollup_pending, 0, -1))
             reads = make(live, pending)
-            blocks = await _fetch(redis, keys, reads)
+            found = await _fetch(redis, keys, reads)
+            reads, found = await _older_days(redis, keys, reads, found)
+            blocks = [block or EMPTY for block in found]
             tx.multi()  # type: ignore[no-untyped-call]  # redis-py has no hint
             try:
                 await tx.execute()
@@ -224,8 +261,8 @@ async def read(
         return plan(start_hour, end_hour, now_ms, live, pending, wanted, days=days)
 
     reads, blocks = await at_one_instant(redis, keys, make)
-    return [Part(n * 24 if kind == "day" else n, 24 if kind == "day" else 1, block)
-            for (kind, n, _), block in zip(reads, blocks, strict=True)]  # fmt: skip
+    return [Part(n * 24 if kind == "day" else n, 24 if kind == "day" else 1, block, name == HOURS)
+            for (kind, n, name), block in zip(reads, blocks, strict=True)]  # fmt: skip
 
 
 async def read_hours(redis: aioredis.Redis, keys: Keys, hours: Iterable[int]) -> dict[int, Block]:

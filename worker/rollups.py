@@ -28,6 +28,7 @@ import struct
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,23 @@ def _record(hour: int, dims: str, pairs: list[int]) -> bytes:
 
 def _place(fields: Mapping[str, str], settings: Settings) -> tuple[int, str]:
     """The hour and the cell (dims) a usage event belongs to."""
-    feature = fields.get("feature", "")
-    if feature not in settings.features:
-        feature = UNKNOWN
-    model = tenant_slot(fields.get("model", "")[:TENANT_MAX])
-    priority = tenant_slot(fields.get("priority", "")[:TENANT_MAX])
-    tenant = tenant_slot(fields.get("tenant", ""))
+    get = fields.get
+    text = get("ts_ms")
     try:
-        ts_ms = int(fields.get("ts_ms") or 0)
+        ts_ms = int(text) if text else 0
     except ValueError:
         ts_ms = 0
-    return hour_of(ts_ms if ts_ms > 0 else _now_ms()), SEP.join((feature, model, priority, tenant))
+    dims = _dims(get("feature", ""), get("model", ""), get("priority", ""), get("tenant", ""),
+                 settings.features)  # fmt: skip
+    return hour_of(ts_ms if ts_ms > 0 else _now_ms()), dims
+
+
+@lru_cache(maxsize=8192)
+def _dims(feature: str, model: str, priority: str, tenant: str, features: frozenset[str]) -> str:
+    """A cell's dims as stored (see _place; features: the configured ones)."""
+    return SEP.join((feature if feature in features else UNKNOWN,
+                     tenant_slot(model[:TENANT_MAX]), tenant_slot(priority[:TENANT_MAX]),
+                     tenant_slot(tenant)))  # fmt: skip
 
 
 def record_of(fields: Mapping[str, str], settings: Settings) -> bytes | None:
@@ -115,45 +122,80 @@ def record_of(fields: Mapping[str, str], settings: Settings) -> bytes | None:
     return _record(hour, dims, pairs)
 
 
+Cell = tuple[int, str]
+"""A cell of an hour: (hour, dims)."""
+
+
 @dataclass(slots=True)
 class Delta:
-    """Outcomes added up per cell, written as one record per cell (mergeable)."""
+    """Outcomes added up per cell, written as one record per cell (mergeable).
+
+    A cell of one outcome keeps that outcome's metric pairs as they are (the finishing write
+    makes a delta of one outcome per job: it packs them without adding anything up); a
+    second outcome turns them into sums by metric."""
 
     settings: Settings
-    # (hour, feature, model, priority, tenant) -> metric number -> amount
-    hours: dict[tuple[int, str, str, str, str], dict[int, int]] = field(default_factory=dict)
+    cells: dict[Cell, list[int] | dict[int, int]] = field(default_factory=dict)
 
     def add(self, fields: Mapping[str, str]) -> None:
         """Add one usage event (its stream fields)."""
         pairs = metric_pairs(fields)
         if pairs is None:
             return
-        hour, dims = _place(fields, self.settings)
-        f, m, p, t = dims.split(SEP)
-        into = self.hours.setdefault((hour, f, m, p, t), {})
-        for n, value in zip(pairs[::2], pairs[1::2], strict=True):
+        cell = _place(fields, self.settings)
+        into = self.cells.get(cell)
+        if into is None:
+            self.cells[cell] = pairs
+        else:
+            self._add(cell, into, zip(pairs[::2], pairs[1::2], strict=True))
+
+    def _add(self, cell: Cell, into: list[int] | dict[int, int],
+             pairs: Iterable[tuple[int, int]]) -> None:  # fmt: skip
+        if isinstance(into, list):
+            into = self.cells[cell] = dict(zip(into[::2], into[1::2], strict=True))
+        for n, value in pairs:
             into[n] = into.get(n, 0) + value
 
     def merge(self, other: Delta) -> None:
         """Add another delta's outcomes to this one."""
-        for key, metrics in other.hours.items():
-            into = self.hours.setdefault(key, {})
-            for n, value in metrics.items():
-                into[n] = into.get(n, 0) + value
+        for cell, metrics in other.cells.items():
+            into = self.cells.get(cell)
+            if into is None:
+                self.cells[cell] = metrics.copy()
+            else:
+                self._add(cell, into, _pairs_of(metrics))
 
     def __bool__(self) -> bool:
-        return bool(self.hours)
+        return bool(self.cells)
+
+    @property
+    def hours(self) -> dict[tuple[int, str, str, str, str], dict[int, int]]:
+        """The sums: (hour, feature, model, priority, tenant) -> metric number -> amount."""
+        out: dict[tuple[int, str, str, str, str], dict[int, int]] = {}
+        for (hour, dims), metrics in self.cells.items():
+            f, m, p, t = dims.split(SEP)
+            out[hour, f, m, p, t] = dict(_pairs_of(metrics))
+        return out
 
     def records(self) -> list[bytes]:
         """The outcomes as fold.lua reads them: one record per cell."""
         out = []
-        for (hour, *dims), metrics in self.hours.items():
+        for (hour, dims), metrics in self.cells.items():
+            if isinstance(metrics, list):  # one outcome: 'n' is first already
+                out.append(_record(hour, dims, metrics))
+                continue
             pairs = [0, metrics.get(0, 0)]  # 'n' first
             for n, value in metrics.items():
                 if n:
                     pairs += (n, value)
-            out.append(_record(hour, SEP.join(dims), pairs))
+            out.append(_record(hour, dims, pairs))
         return out
+
+
+def _pairs_of(metrics: list[int] | dict[int, int]) -> Iterable[tuple[int, int]]:
+    if isinstance(metrics, list):
+        return zip(metrics[::2], metrics[1::2], strict=True)
+    return metrics.items()
 
 
 class Rollups:

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from worker.cells import (
     CELL_BYTES,
+    HOURS,
     INDEX,
     METRICS,
     OTHER,
@@ -191,13 +192,19 @@ async def test_compacted_hours_and_days_answer_as_the_outcomes_add_up(
     assert await redis.exists(keys.rollup_hour(label))
     assert not await redis.zcard(keys.rollup_live) and not await redis.zcard(keys.rollup_pending)
     assert await got(("feature",)) == want(feature, events)  # read from the days
-    assert await got(("hour",)) == want(hour, events)  # read from the compacted hours
+    assert await redis.hexists(keys.rollup_day(day_label(day)), HOURS)
+    assert await got(("hour",)) == want(hour, events)  # read from the days' hours views
+    assert await got(("feature", "hour")) == want(lambda e: f"{feature(e)}/{hour(e)}", events)
+    await redis.hdel(keys.rollup_day(day_label(day)), HOURS)  # as an older version compacted it
+    assert await got(("hour",)) == want(hour, events)  # read from its compacted hours
     by_tenant = await got(("tenant",))
     assert "(other)" in by_tenant and len(by_tenant) <= 3 * 2 + 1
     assert sum(r["jobs"] for r in by_tenant.values()) == len(events)
-    by_model = await got(("tenant", "model"))  # the days' cells per tenant, model...
+    by_model = await got(("tenant", "model"))  # the days' view per model and tenant
     assert sum(r["jobs"] for r in by_model.values()) == len(events)
     assert not any(k.endswith("/(all)") for k in by_model)
+    await redis.hdel(keys.rollup_day(day_label(day)), "model-tenant")  # as an older version
+    assert await got(("tenant", "model")) == by_model  # read from the day's cells instead
 
     late = {**events[0], "ts_ms": str(day * 86_400_000 + 5 * 3_600_000 + 1)}
     async with redis.pipeline(transaction=True) as tx:  # a worker whose clock is behind
