@@ -1,9 +1,9 @@
 """The adaptive router: the cheapest tier whose answers are good enough, learnt from outcomes.
 
 Applies to the features that set `target_pass_rate` (or `wrong_answer_usd`: the price rule,
-decide_by_price) when `router.policy = "adaptive"`, after
-the job's tier, the feature's tier and the rules (router.py), in place of the classifier and
-`router.default_tier` (worker.learning wires it into the job run; README: Adaptive routing).
+decide_by_price) when `router.policy = "adaptive"`, after the job's tier, the feature's tier
+and the rules (router.py), in place of the classifier and `router.default_tier`
+(worker.learning wires it into the job run; README: Adaptive routing).
 
 **What is counted.** Per feature, kind of job and tier: the answers that passed their check
 and those that failed it. The kind of job is the band of its estimated input tokens
@@ -92,8 +92,8 @@ class Decision(msgspec.Struct, frozen=True):
 
 def applies(cfg: Config, feature: FeatureConfig) -> bool:
     """Whether the adaptive router chooses (and learns) for this feature's jobs."""
-    priced = feature.target_pass_rate is not None or feature.wrong_answer_usd is not None
-    return cfg.router.policy == "adaptive" and priced
+    learns = feature.target_pass_rate is not None or feature.wrong_answer_usd is not None
+    return cfg.router.policy == "adaptive" and learns
 
 
 def kind_of(a: AdaptiveConfig, input_tokens: int) -> str:
@@ -231,8 +231,9 @@ def decide_by_price(
 
 def job_cost_usd(cfg: Config, input_tokens: int) -> dict[str, float]:
     """A job's cost on each tier as the price rule sees it: its estimated input tokens at the
-    tier's model's input price (output and caching left out: the same for every tier, or
-    small)."""
+    tier's model's input price. Output is left out (short next to the input on most jobs),
+    and so is prompt caching: a job whose prompt is mostly read from the cache costs less
+    than this, so for it the rule leans to dearer tiers than it would need to."""
     out = {}
     for tier, model in cfg.tiers.items():
         price = cfg.models.get(model)
