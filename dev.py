@@ -104,7 +104,7 @@ def main() -> int:
     script = ROOT / "bench" / f"{name}.py"
     if not script.exists() or name in ("common", "quality"):
         print(
-            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, fuzz, chaos, "
+            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, oracle, fuzz, chaos, "
             "semantic, classifier or report",
             file=sys.stderr,
         )

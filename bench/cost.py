@@ -30,7 +30,8 @@ job's quality is 1 when the answer it got is right, 0 when it is wrong or it got
      feature `tier`, every feature `target_pass_rate` --target (0.95), router.default_tier opus,
      router.adaptive settings for a trace of minutes (explore_share --explore (0.1),
      confidence 0.8, min_samples 10, half-lives 600 s and 30 s, bands by 1,000 input
-     tokens), all levers.
+     tokens), all levers; with --wrong-usd X every feature's wrong_answer_usd = X instead of
+     its target_pass_rate (the router's price rule, README: Adaptive routing).
      The bench plays the producers: for --feedback of the jobs (by a hash of the job id) it
      reports whether the answer was right on tokenq:feedback as results come in (every half
      second), since no check can see a wrong summary; --feedback 0 shows the router alone.
@@ -477,9 +478,12 @@ def without_response_cache(cfg: Config) -> dict[str, object]:
     return settings
 
 
-def adaptive_settings(cfg: Config, target: float, explore: float) -> dict[str, object]:
+def adaptive_settings(
+    cfg: Config, target: float, explore: float, wrong_usd: float | None = None
+) -> dict[str, object]:
     """Adaptive routing for every feature, cold on the dearest tier, tuned for a trace of
-    minutes rather than days (see the module docstring)."""
+    minutes rather than days (see the module docstring); with `wrong_usd`, every feature's
+    wrong_answer_usd in place of its target_pass_rate."""
     bands = {"b0": 0, "b1": 1000, "b2": 2000, "b3": 3000, "b4": 4000, "b5": 5000, "b6": 6000}
     settings: dict[str, object] = {
         "router.policy": "adaptive", "router.default_tier": list(cfg.tiers)[-1],
@@ -488,7 +492,10 @@ def adaptive_settings(cfg: Config, target: float, explore: float) -> dict[str, o
         "router.adaptive.recent_half_life_s": 30, "router.adaptive.bands": bands,
     }  # fmt: skip
     for name in cfg.features:
-        settings[f"features.{name}.target_pass_rate"] = target
+        if wrong_usd is None:
+            settings[f"features.{name}.target_pass_rate"] = target
+        else:
+            settings[f"features.{name}.wrong_answer_usd"] = wrong_usd
     return settings
 
 
@@ -793,6 +800,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="target_pass_rate of every feature in tokenq adaptive (0.95)",
     )  # fmt: skip
     parser.add_argument(
+        "--wrong-usd", type=float, default=None,
+        help="tokenq adaptive prices a wrong answer instead: every feature's wrong_answer_usd "
+        "(README: Adaptive routing) in place of --target",
+    )  # fmt: skip
+    parser.add_argument(
         "--explore", type=float, default=0.1,
         help="router.adaptive.explore_share in tokenq adaptive (0.1)",
     )  # fmt: skip
@@ -837,9 +849,10 @@ def main(argv: list[str] | None = None) -> None:
             if a.classifier
             else []
         )
+        learning = adaptive_settings(cfg, a.target, a.explore, a.wrong_usd)
         adaptive, warm = tokenq_run(
-            folder, srv, trace, a, "tokenq adaptive", adaptive_settings(cfg, a.target, a.explore),
-            routed=True, feedback=a.feedback, names=("adaptive, warm",),
+            folder, srv, trace, a, "tokenq adaptive", learning, routed=True,
+            feedback=a.feedback, names=("adaptive, warm",),
         )  # fmt: skip
         levers = lever_runs(folder, srv, trace, cfg, chosen, a) if a.levers else []
         semantic = semantic_lever(folder, srv, trace, chosen, a) if a.semantic else None

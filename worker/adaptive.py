@@ -1,8 +1,9 @@
 """The adaptive router: the cheapest tier whose answers are good enough, learnt from outcomes.
 
-Applies to the features that set `target_pass_rate` when `router.policy = "adaptive"`, after
-the job's tier, the feature's tier and the rules (router.py), in place of the classifier and
-`router.default_tier` (worker.learning wires it into the job run; README: Adaptive routing).
+Applies to the features that set `target_pass_rate` (or `wrong_answer_usd`: the price rule,
+decide_by_price) when `router.policy = "adaptive"`, after the job's tier, the feature's tier
+and the rules (router.py), in place of the classifier and `router.default_tier`
+(worker.learning wires it into the job run; README: Adaptive routing).
 
 **What is counted.** Per feature, kind of job and tier: the answers that passed their check
 and those that failed it. The kind of job is the band of its estimated input tokens
@@ -42,6 +43,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import random
 from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any, Literal
@@ -90,7 +92,8 @@ class Decision(msgspec.Struct, frozen=True):
 
 def applies(cfg: Config, feature: FeatureConfig) -> bool:
     """Whether the adaptive router chooses (and learns) for this feature's jobs."""
-    return cfg.router.policy == "adaptive" and feature.target_pass_rate is not None
+    learns = feature.target_pass_rate is not None or feature.wrong_answer_usd is not None
+    return cfg.router.policy == "adaptive" and learns
 
 
 def kind_of(a: AdaptiveConfig, input_tokens: int) -> str:
@@ -184,21 +187,81 @@ def _fallback(
     return choice, f"adaptive: {', '.join(failing)}, under {target:g} on {where}; {choice}{dearest}"
 
 
+def decide_by_price(
+    tiers: Sequence[str], stats: Mapping[str, TierStats], *, wrong_usd: float,
+    cost_usd: Mapping[str, float], draw: float, a: AdaptiveConfig, where: str,
+) -> tuple[str, str, bool]:  # fmt: skip
+    """The tier for one job when a wrong answer costs `wrong_usd`; why; and whether it
+    explores (README: Adaptive routing, "A price on a wrong answer").
+
+    A tier's cost for the job is `cost_usd[tier]` (the job's estimate) plus `wrong_usd` times
+    its share of wrong answers. That share is not known, only counted, so the job goes where
+    one draw from what the counts allow makes the cost least (Thompson sampling): per tier a
+    pass rate drawn from Beta(1 + passed, 1 + failed), seeded by `draw` (the job's), and no
+    higher than the upper Wilson bound of its recent pass rate at `confidence`, so a drop shows
+    at once. A tier with few answers draws widely and is tried now and then; one whose counts
+    show it costs more is drawn there ever more rarely: exploration stops by itself, and no
+    `explore_share` applies. The job explores when its tier is not the one of least cost at
+    the counts' mean pass rates."""
+    z = NormalDist().inv_cdf(a.confidence)
+    rng = random.Random(draw)
+    drawn: dict[str, float] = {}
+    mean: dict[str, float] = {}
+    for t in tiers:
+        s = stats.get(t, EMPTY)
+        ceiling = bounds(s.recent_passed, s.recent_passed + s.recent_failed, z)[1]
+        rate = min(rng.betavariate(1 + s.passed, 1 + s.failed), ceiling)
+        drawn[t] = cost_usd[t] + wrong_usd * (1 - rate)
+        expected = min((1 + s.passed) / (2 + s.passed + s.failed), ceiling)
+        mean[t] = cost_usd[t] + wrong_usd * (1 - expected)
+    choice, best = min(tiers, key=drawn.__getitem__), min(tiers, key=mean.__getitem__)
+    n = stats.get(choice, EMPTY).passed + stats.get(choice, EMPTY).failed
+    if choice != best:
+        return choice, f"adaptive: exploring {choice} on {where} (n={n:.0f}), not {best}", True
+    passes = stats.get(choice, EMPTY).passed / n if n else 0.0
+    return (
+        choice,
+        (
+            f"adaptive: {choice} passes {passes:.3f} on {where} (n={n:.0f}): ${mean[choice]:.4f} a "
+            f"job with a wrong answer at ${wrong_usd:g}, the least"
+        ),
+        False,
+    )
+
+
+def job_cost_usd(cfg: Config, input_tokens: int) -> dict[str, float]:
+    """A job's cost on each tier as the price rule sees it: its estimated input tokens at the
+    tier's model's input price. Output is left out (short next to the input on most jobs),
+    and so is prompt caching: a job whose prompt is mostly read from the cache costs less
+    than this, so for it the rule leans to dearer tiers than it would need to."""
+    out = {}
+    for tier, model in cfg.tiers.items():
+        price = cfg.models.get(model)
+        out[tier] = 0.0 if price is None else input_tokens * price.input_usd_per_mtok / 1e6
+    return out
+
+
 def route(cfg: Config, feature: str, input_tokens: int, stats: Stats, job_id: str) -> Decision:
-    """decide() for one job of an adaptive feature, from its estimated input tokens and the
-    feature's counts (OutcomeStats.get)."""
+    """decide() (or decide_by_price() for a feature with wrong_answer_usd) for one job of an
+    adaptive feature, from its estimated input tokens and the feature's counts."""
     a = cfg.router.adaptive
     kind = kind_of(a, input_tokens)
-    target = cfg.features[feature].target_pass_rate
-    assert target is not None, "route() is for features that applies() accepts"
+    f = cfg.features[feature]
     tiers = list(cfg.tiers)
     by_tier = {t: stats.counts.get((kind, t), EMPTY) for t in tiers}
     in_use = stats.in_use.get(kind)
-    tier, reason, explored = decide(
-        tiers, by_tier, target=target, start=cfg.router.default_tier,
-        in_use=in_use if in_use in tiers else None, draw=draw_of(job_id), a=a,
-        where=f"{feature}/{kind}",
-    )  # fmt: skip
+    where = f"{feature}/{kind}"
+    if f.wrong_answer_usd is not None:
+        tier, reason, explored = decide_by_price(
+            tiers, by_tier, wrong_usd=f.wrong_answer_usd,
+            cost_usd=job_cost_usd(cfg, input_tokens), draw=draw_of(job_id), a=a, where=where,
+        )  # fmt: skip
+    else:
+        assert f.target_pass_rate is not None, "route() is for features that applies() accepts"
+        tier, reason, explored = decide(
+            tiers, by_tier, target=f.target_pass_rate, start=cfg.router.default_tier,
+            in_use=in_use if in_use in tiers else None, draw=draw_of(job_id), a=a, where=where,
+        )  # fmt: skip
     moved = not explored and tier != in_use
     return Decision(tier, kind, reason, explored, tier if moved else None)
 

@@ -207,6 +207,9 @@ class FeatureConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     expect_regex: str | None = None
     min_output_tokens: Count | None = None
     target_pass_rate: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
+    # What a wrong answer costs you, in USD: the adaptive router picks the tier of least
+    # expected cost (the call plus this times its share of wrong answers) instead.
+    wrong_answer_usd: Positive | None = None
     max_tokens_learn: bool = False
     max_tokens_floor: Count = 16
     daily_usd: Positive | None = None
@@ -683,17 +686,25 @@ def _check_adaptive(cfg: Config) -> list[str]:
     out: list[str] = []
     a = cfg.router.adaptive
     for name, f in cfg.features.items():
-        if f.target_pass_rate is not None and f.tier is not None:
+        for key, value in (("target_pass_rate", f.target_pass_rate),
+                           ("wrong_answer_usd", f.wrong_answer_usd)):  # fmt: skip
+            if value is not None and f.tier is not None:
+                out.append(
+                    f"features.{name}.{key} has no effect: features.{name}.tier = "
+                    f"{f.tier!r} fixes the tier; remove one of them"
+                )
+        if f.target_pass_rate is not None and f.wrong_answer_usd is not None:
             out.append(
-                f"features.{name}.target_pass_rate has no effect: features.{name}.tier = "
-                f"{f.tier!r} fixes the tier; remove one of them"
+                f"features.{name} sets both target_pass_rate and wrong_answer_usd: the "
+                "adaptive router follows one rule per feature; remove one of them"
             )
     if cfg.router.policy == "adaptive" and all(
-        f.target_pass_rate is None for f in cfg.features.values()
+        f.target_pass_rate is None and f.wrong_answer_usd is None for f in cfg.features.values()
     ):
         out.append(
-            'router.policy = "adaptive" but no feature sets target_pass_rate: set '
-            "features.<name>.target_pass_rate (e.g. 0.98) on the features to route adaptively"
+            'router.policy = "adaptive" but no feature sets target_pass_rate or '
+            "wrong_answer_usd: set features.<name>.target_pass_rate (e.g. 0.98) or "
+            "features.<name>.wrong_answer_usd on the features to route adaptively"
         )
     if a.recent_half_life_s >= a.half_life_s:
         out.append(

@@ -127,6 +127,33 @@ async def test_adaptive_routing_converges_to_the_cheapest_adequate_tier_per_feat
     assert "haiku passes" in reason, "why not haiku is said"
 
 
+async def test_a_price_on_wrong_answers_takes_each_feature_where_it_costs_least(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> None:
+    quality_on(sim)
+    # A wrong ticket costs $0.01, a wrong review $0.05, instead of a target pass rate.
+    priced = {"features.tickets.wrong_answer_usd": 0.01, "features.reviews.wrong_answer_usd": 0.05}
+    settings = adaptive_settings(**priced)
+    cfg, _ = make_config(**{k: v for k, v in settings.items() if "target_pass_rate" not in k})
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg):
+        easy = await waves(producer, "tickets", EASY, 160)
+        hard = await waves(producer, "reviews", HARD, 240)
+    events = await usage_events(redis, keys)
+    by_id = {e.job_id: e for e in events}
+    # Easy tickets: haiku is right on all of them, at a twentieth of sonnet's price.
+    last = Counter(by_id[r.id].tier for r in easy[-40:])
+    assert last["haiku"] >= 36, last
+    # Reviews: about one haiku answer in fourteen fails its check, one sonnet answer in forty:
+    # at $0.05 a wrong answer that is $0.0023 a job more on haiku, seven times what sonnet's
+    # call costs more; once counted, haiku is tried ever more rarely.
+    last = Counter(by_id[r.id].tier for r in hard[-40:])
+    assert last["haiku"] <= 6, last
+    reason = next(by_id[r.id].route_reason for r in reversed(hard)
+                  if "exploring" not in by_id[r.id].route_reason)  # fmt: skip
+    assert reason.endswith("a job with a wrong answer at $0.05, the least"), reason
+
+
 async def test_the_router_steps_up_when_a_tiers_answers_get_worse(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
 ) -> None:

@@ -1,0 +1,177 @@
+"""The adaptive router's price rule (features.<f>.wrong_answer_usd, worker.adaptive
+decide_by_price): the tier of least expected cost, exploration bounded by the counts, and its
+config errors. The counting is the target rule's (tests/unit/test_adaptive.py)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.unit.test_adaptive import RAW, TIERS, Fleet
+from worker.adaptive import Stats, TierStats, decide_by_price, job_cost_usd, route
+from worker.config import Config, parse_config
+from worker.errors import ConfigError
+
+# The job's cost per tier: haiku is twenty times cheaper than sonnet, opus twice sonnet.
+COST = {"haiku": 0.0001, "sonnet": 0.002, "opus": 0.004}
+
+
+def priced_config(wrong_usd: float = 0.01, **settings: Any) -> Config:
+    """The repo's config with router.policy = "adaptive" and `summarize` priced: a wrong
+    answer costs `wrong_usd`; `settings` go to [router.adaptive]."""
+    raw = copy.deepcopy(RAW)
+    raw["router"]["policy"] = "adaptive"
+    raw["router"]["adaptive"].update(settings)
+    raw["features"]["summarize"].pop("tier")
+    raw["features"]["summarize"]["wrong_answer_usd"] = wrong_usd
+    return parse_config(raw)
+
+
+def pick(
+    stats: dict[str, TierStats], *, wrong_usd: float = 0.1, draw: float = 0.5
+) -> tuple[str, str, bool]:
+    """decide_by_price() for summarize/long, with the repo's router.adaptive."""
+    a = ADAPTIVE
+    return decide_by_price(TIERS, stats, wrong_usd=wrong_usd, cost_usd=COST, draw=draw, a=a,
+                           where="summarize/long")  # fmt: skip
+
+
+ADAPTIVE = priced_config().router.adaptive
+
+
+def shares(stats: dict[str, TierStats], *, wrong_usd: float = 0.1, n: int = 2000) -> Counter[str]:
+    """How often each tier is picked over `n` jobs' draws."""
+    return Counter(pick(stats, wrong_usd=wrong_usd, draw=(i + 0.5) / n)[0] for i in range(n))
+
+
+def test_with_nothing_counted_every_tier_is_tried() -> None:
+    tried = shares({})
+    assert set(tried) == set(TIERS)
+    assert all(count > 300 for count in tried.values())
+
+
+def test_the_tier_of_least_expected_cost_answers_and_says_why() -> None:
+    stats = {t: TierStats(1000, 0, 50, 0) for t in TIERS}
+    tier, reason, explored = pick(stats)
+    assert (tier, explored) == ("haiku", False)
+    assert reason.startswith("adaptive: haiku passes 1.000 on summarize/long (n=1000): $0.0")
+    assert reason.endswith(" a job with a wrong answer at $0.1, the least")
+    assert shares(stats) == {"haiku": 2000}
+
+
+def test_a_cheap_wrong_answer_buys_the_cheaper_tier_a_dear_one_does_not() -> None:
+    # haiku is right 90% of the time, sonnet 99%: 9 more wrong answers in 100 cost 0.09 *
+    # wrong_usd, against 0.0019 a job saved.
+    stats = {"haiku": TierStats(900, 100, 90, 10), "sonnet": TierStats(990, 10, 99, 1),
+             "opus": TierStats(999, 1, 99, 0)}  # fmt: skip
+    assert shares(stats, wrong_usd=0.01)["haiku"] > 1990
+    assert shares(stats, wrong_usd=0.1)["sonnet"] > 1950
+
+
+def test_a_tier_failing_lately_loses_at_once() -> None:
+    good = {t: TierStats(5000, 0, 20, 0) for t in TIERS}
+    assert pick(good)[0] == "haiku"
+    failing = {**good, "haiku": TierStats(5000, 0, 10, 10)}
+    assert shares(failing)["haiku"] == 0
+
+
+def test_a_tier_with_few_answers_is_explored_one_counted_worse_hardly_ever() -> None:
+    opus = {"opus": TierStats(1000, 0, 50, 0)}
+    # A wrong answer at $0.01: haiku is worth it if it passes 61% (sonnet 80%); 5 answers
+    # cannot tell.
+    few = shares(
+        {**opus, "haiku": TierStats(4, 1, 4, 1), "sonnet": TierStats(5, 0, 5, 0)}, wrong_usd=0.01
+    )
+    assert few["haiku"] > 100 and few["sonnet"] > 100
+    _, reason, explored = next(
+        pick({**opus, "haiku": TierStats(3, 2, 3, 2)}, wrong_usd=0.01, draw=d / 100)
+        for d in range(100)
+        if pick({**opus, "haiku": TierStats(3, 2, 3, 2)}, wrong_usd=0.01, draw=d / 100)[0]
+        == "haiku"
+    )
+    assert explored and reason.startswith("adaptive: exploring haiku on summarize/long (n=5), not")
+    bad = {**opus, "haiku": TierStats(100, 100, 10, 10), "sonnet": TierStats(150, 50, 15, 5)}
+    assert shares(bad)["opus"] == 2000
+
+
+def test_the_job_cost_is_its_input_at_each_tiers_input_price() -> None:
+    cfg = priced_config()
+    cost = job_cost_usd(cfg, 1_000_000)
+    assert cost == {t: cfg.models[m].input_usd_per_mtok for t, m in cfg.tiers.items()}
+
+
+def test_converges_to_the_cheap_tier_that_is_good_enough_within_500_jobs() -> None:
+    fleet = Fleet(priced_config(), {"haiku": 0.997, "sonnet": 0.998, "opus": 0.999})
+    fleet.run(500)
+    settled = [d.tier for d in fleet.run(500)]
+    assert settled.count("haiku") / len(settled) > 0.98
+
+
+def test_stays_on_sonnet_when_haikus_wrong_answers_cost_more_than_it_saves() -> None:
+    # A job of 100 input tokens saves $0.00019 on haiku; 15% wrong at $0.01 costs $0.0015.
+    fleet = Fleet(priced_config(), {"haiku": 0.85, "sonnet": 0.995, "opus": 0.999})
+    fleet.run(2000)
+    last = [d.tier for d in fleet.run(1000)]
+    assert last.count("sonnet") / len(last) > 0.98
+    assert last.count("haiku") / len(last) < 0.005  # counted worse: hardly tried
+
+
+def test_steps_up_at_once_when_the_tier_in_use_gets_worse() -> None:
+    fleet = Fleet(priced_config(), {"haiku": 0.997, "sonnet": 0.998, "opus": 0.999})
+    fleet.run(1000)
+    fleet.pass_rates["haiku"] = 0.7
+    after = fleet.run(60)
+    first_up = next(n for n, d in enumerate(after) if not d.explored and d.tier != "haiku")
+    assert first_up <= 30, f"still on haiku {first_up} jobs after the drop"
+    later = [d.tier for d in after[first_up:]]
+    assert later.count("haiku") / len(later) < 0.1
+
+
+def test_route_uses_the_price_rule_for_a_priced_feature() -> None:
+    cfg = priced_config(explore_share=0.0)
+    decision = route(cfg, "summarize", 100, Stats(), "j")
+    assert decision.kind == "short"
+    assert decision.reason.startswith("adaptive: exploring ")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"features/summarize/wrong_answer_usd": 0.05},
+            "features.summarize.wrong_answer_usd has no effect: features.summarize.tier = "
+            "'haiku' fixes the tier",
+        ),
+        (
+            {
+                "features/code_review/wrong_answer_usd": 0.05,
+                "features/code_review/target_pass_rate": 0.9,
+            },
+            "features.code_review sets both target_pass_rate and wrong_answer_usd",
+        ),
+        (
+            {"features/code_review/wrong_answer_usd": 0},
+            "features.code_review.wrong_answer_usd = 0 is not allowed: Expected `float` > 0",
+        ),
+        (
+            {"router/policy": "adaptive"},
+            "no feature sets target_pass_rate or wrong_answer_usd",
+        ),
+    ],
+)
+def test_bad_price_settings_name_the_key_and_what_to_do(
+    change: dict[str, Any], expected: str
+) -> None:
+    raw = copy.deepcopy(RAW)
+    for path, value in change.items():
+        *parents, last = path.split("/")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert expected in str(err.value)
