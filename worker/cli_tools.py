@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from worker import alerts, clock, quote, reconcile, top
 from worker.admin_api import ProviderError
+from worker.cli_ops import Sub, run_async
 from worker.config import Config, load_config
 from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
@@ -38,8 +38,6 @@ EPILOG_LINES = """\
   alerts      send budget alerts, open breakers and dead-letter bursts to a webhook
   redis-cli   run a Redis command against tokenq's Redis (or a small prompt)
 """
-
-Sub = argparse._SubParsersAction  # argparse names no public type for it
 
 
 def add_tool_commands(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -53,15 +51,6 @@ def add_tool_commands(sub: Sub[argparse.ArgumentParser]) -> None:
 
 def _config(ns: argparse.Namespace) -> Config:
     return load_config(ns.config)
-
-
-def _run_async(make: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
-    """Run a coroutine; Ctrl-C ends it quietly."""
-    try:
-        result = asyncio.run(make())
-    except KeyboardInterrupt:
-        return 130
-    return result or 0
 
 
 def _add_top(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -105,7 +94,7 @@ def cmd_top(ns: argparse.Namespace) -> int:
             await redis.aclose()
         return 0
 
-    return _run_async(run)
+    return run_async(run)
 
 
 def _add_estimate(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -327,7 +316,7 @@ def _add_alerts(sub: Sub[argparse.ArgumentParser]) -> None:
 
 def cmd_alerts(ns: argparse.Namespace) -> int:
     cfg = _config(ns)
-    return _run_async(lambda: alerts.serve(cfg))
+    return run_async(lambda: alerts.serve(cfg))
 
 
 def _add_redis_cli(sub: Sub[argparse.ArgumentParser]) -> None:
