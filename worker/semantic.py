@@ -44,7 +44,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -131,8 +131,6 @@ class Source(msgspec.Struct, frozen=True, array_like=True):
 
 _encode = msgspec.json.Encoder().encode
 _entry = msgspec.json.Decoder(Entry).decode
-_hit = msgspec.json.Decoder(HitRecord).decode
-_source = msgspec.json.Decoder(Source).decode
 
 
 def max_tokens_class(max_tokens: int) -> int:
@@ -352,7 +350,7 @@ class SemanticCache:
         if nearest.similarity < threshold:
             return miss
         raw: Any = await self.redis.get(f"{found.scope}:e:{nearest.entry_id}")
-        entry = _decoded(raw)
+        entry = stored(_entry, raw)
         if entry is None or entry.context != found.context:  # forgotten or expired meanwhile
             index.remove(nearest.entry_id)
             return miss
@@ -420,7 +418,7 @@ class SemanticCache:
             chunk = ids[start : start + LOAD_CHUNK]
             raws: Any = await self.redis.mget([f"{scope}:e:{i}" for i in chunk])
             for entry_id, raw in zip(chunk, raws, strict=True):
-                entry = _decoded(raw)
+                entry = stored(_entry, raw)
                 if entry is not None:
                     vector = np.frombuffer(entry.vector, dtype="<f4")
                     index.add(entry_id, entry.context, vector, entry.at_ms)
@@ -487,10 +485,15 @@ async def _settled(task: asyncio.Future[Any]) -> None:
         await task
 
 
-def _decoded(raw: Any) -> Entry | None:
+T = TypeVar("T")
+
+
+def stored(decode: Callable[[Any], T], raw: Any) -> T | None:
+    """A stored record (an entry, a hit record...) decoded; None for a missing value or one
+    that is not such a record (another program's: skipped, never trusted)."""
     if raw is None:
         return None
     try:
-        return _entry(raw)
+        return decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None

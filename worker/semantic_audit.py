@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 
 from worker.config import Config
 from worker.contract import Keys
-from worker.semantic import Entry, HitRecord, Source, distrust, forget_entries
+from worker.semantic import Entry, HitRecord, Source, distrust, forget_entries, stored
 
 _hit = msgspec.json.Decoder(HitRecord).decode
 _entry = msgspec.json.Decoder(Entry).decode
@@ -78,13 +78,7 @@ class Inspection(NamedTuple):
 
 
 async def _entry_at(redis: aioredis.Redis, scope: str, entry_id: str) -> Entry | None:
-    raw: Any = await redis.get(f"{scope}:e:{entry_id}")
-    if raw is None:
-        return None
-    try:
-        return _entry(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+    return stored(_entry, await redis.get(f"{scope}:e:{entry_id}"))
 
 
 async def _records(
@@ -93,15 +87,7 @@ async def _records(
     raw_hit, raw_source = await redis.mget(
         [keys.semantic_hit(job_id), keys.semantic_source(job_id)]
     )
-    try:
-        hit = None if raw_hit is None else _hit(raw_hit)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        hit = None
-    try:
-        source = None if raw_source is None else _source(raw_source)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        source = None
-    return hit, source
+    return stored(_hit, raw_hit), stored(_source, raw_source)
 
 
 async def inspect(redis: aioredis.Redis, keys: Keys, job_id: str) -> Inspection:
