@@ -271,9 +271,10 @@ class SemanticCache:
         self._paused_until_ms = 0  # after an embedding failure (PAUSE_AFTER_FAILURE_MS)
         self._failure = ""
 
-    def skip(self, cfg: Config, feature: str, tenant: str | None, cache_off: bool,
-             params: dict[str, Any]) -> Lookup | None:  # fmt: skip
-        """The outcome of a job that does not use the semantic cache, or None."""
+    def _question(self, cfg: Config, feature: str, tenant: str | None, cache_off: bool,
+                  params: dict[str, Any]) -> str | Lookup:  # fmt: skip
+        """The question a job asks the semantic cache; or the outcome of a job that does not
+        use it."""
         f = cfg.features[feature]
         if f.semantic_cache is None or cache_off:
             return Lookup(outcome="off")
@@ -285,18 +286,17 @@ class SemanticCache:
         if len(text) > cfg.embeddings.max_chars:
             why = f"the last user turn has {len(text):,} characters, over embeddings.max_chars"
             return Lookup(outcome="too_long", reason=why)
-        return None
+        return text
 
     async def lookup(self, cfg: Config, *, feature: str, tenant: str | None, cache_off: bool,
                      model: str, params: dict[str, Any]) -> Lookup:  # fmt: skip
         """Embed the job's last user turn and look for an answer in its scope. Never raises
         for an embedding or Redis failure: the outcome is "error" (the job calls the API)."""
-        skipped = self.skip(cfg, feature, tenant, cache_off, params)
-        if skipped is not None:
-            return skipped
+        text = self._question(cfg, feature, tenant, cache_off, params)
+        if isinstance(text, Lookup):
+            return text
         sc = cfg.features[feature].semantic_cache
         assert sc is not None
-        text = last_user_text(params) or ""
         shared = cfg.features[feature].response_cache_scope == "shared"
         who = None if shared else tenant
         if self.clock_ms() < self._paused_until_ms:
