@@ -156,9 +156,6 @@ _TOKEN_FIELDS = (
 _MONEY_FIELDS = (("cost_usd", INDEX["usd"]), ("baseline_cost_usd", INDEX["base"]))
 _ANSWERS = {"hit": INDEX["rh"], "joined": INDEX["rj"], "miss": INDEX["rm"]}
 _TW, _TR = INDEX["tw"], INDEX["tr"]
-
-
-_TOKENS = tuple(_TOKEN_FIELDS)
 _Q0, _L0 = INDEX["q0"], INDEX["l0"]
 
 
@@ -188,7 +185,7 @@ def metric_pairs(fields: Mapping[str, str]) -> list[int] | None:
 def _amounts(get: Callable[[str], str | None], add: Callable[[tuple[int, int]], None]) -> int:
     """Add the tokens and money of an event; its prompt-cache metric (_PR, _PW or 0)."""
     prompt = 0
-    for name, code in _TOKENS:
+    for name, code in _TOKEN_FIELDS:
         text = get(name)
         if text and text != "0":
             value = int(text) if text.isdecimal() else _int(text)

@@ -74,10 +74,6 @@ def settings_of(cfg: Config) -> Settings:
     )
 
 
-def _now_ms() -> int:
-    return clock.now_ms()
-
-
 _HEAD = struct.Struct("<I10sH")
 _PACKERS = [struct.Struct("<" + "Bd" * n) for n in range(len(METRICS) + 1)]
 
@@ -102,7 +98,7 @@ def _place(fields: Mapping[str, str], settings: Settings) -> tuple[int, str]:
         ts_ms = 0
     dims = _dims(get("feature", ""), get("model", ""), get("priority", ""), get("tenant", ""),
                  settings.features)  # fmt: skip
-    return hour_of(ts_ms if ts_ms > 0 else _now_ms()), dims
+    return hour_of(ts_ms if ts_ms > 0 else clock.now_ms()), dims
 
 
 @lru_cache(maxsize=8192)
@@ -266,7 +262,7 @@ class Rollups:
         COMPACT_PER_TICK finished hours or days (worker.compaction; one process of the fleet
         at a time). How many records were folded."""
         done = await self.fold_records(redis)
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         await compact_due(redis, self.keys, self.settings, now, COMPACT_PER_TICK)
         return done
 

@@ -252,17 +252,13 @@ def _parts(scope: str) -> tuple[str, str, str]:
     return f"{scope}:index", f"{scope}:ver", f"{scope}:log"
 
 
-def _now_ms() -> int:
-    return clock.now_ms()
-
-
 class SemanticCache:
     """One process's semantic cache: lookups against every scope, the scripts that change
     Redis. Concurrent lookups of one scope share its sync (one at a time per scope)."""
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, embedder: Embedder,
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int] = clock.now_ms,
     ) -> None:  # fmt: skip
         self.redis, self.keys, self.embedder, self.clock_ms = redis, keys, embedder, clock_ms
         self._indexes: dict[str, ScopeIndex] = {}
