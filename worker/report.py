@@ -212,26 +212,6 @@ def display(slot: str) -> str:
     return _SHOWN.get(slot, slot)
 
 
-def percentile(counts: Sequence[int], q: float) -> float | None:
-    """The q-quantile (0..1) of a histogram over BOUNDS_MS, interpolated inside its bucket as
-    Prometheus' histogram_quantile does; None without observations."""
-    total = sum(counts)
-    if not total:
-        return None
-    rank, seen = q * total, 0
-    for k, count in enumerate(counts):
-        if count and seen + count >= rank:
-            low = BOUNDS_MS[k - 1] if k else 0
-            high = BOUNDS_MS[k] if k < len(BOUNDS_MS) else low
-            return low + (high - low) * max(0.0, rank - seen) / count
-        seen += count
-    return float(BOUNDS_MS[-1])
-
-
-def _rate(part: int, whole: int) -> float | None:
-    return part / whole if whole else None
-
-
 _LATENCY = [INDEX[name] for name in LATENCY]
 _WAIT = [INDEX[name] for name in WAIT]
 TOKEN_COLUMNS = (
@@ -242,8 +222,10 @@ TOKEN_COLUMNS = (
 )
 
 
-def _percentiles(hist: NDArray[np.int64], q: float) -> list[float | None]:
-    """percentile() of each row of a (groups x buckets) histogram matrix, at once."""
+def percentiles(hist: NDArray[np.int64], q: float) -> list[float | None]:
+    """The q-quantile (0..1) of each row of a (groups x buckets) histogram matrix over
+    BOUNDS_MS, interpolated inside its bucket as Prometheus' histogram_quantile does; None
+    for a row without observations."""
     if not len(hist):
         return []
     total = hist.sum(axis=1)
@@ -287,9 +269,9 @@ def rows(matrix: NDArray[np.int64]) -> list[dict[str, Any]]:
         "response_cache_hit_rate": _rates(col("rh", "rj").tolist(),
                                           col("rh", "rj", "rm").tolist()),
         "prompt_cache_hit_rate": _rates(pr.tolist(), (pr + col("pw")).tolist()),
-        "latency_p50_ms": _percentiles(m[:, _LATENCY], 0.5),
-        "latency_p95_ms": _percentiles(m[:, _LATENCY], 0.95),
-        "queue_wait_p95_ms": _percentiles(m[:, _WAIT], 0.95),
+        "latency_p50_ms": percentiles(m[:, _LATENCY], 0.5),
+        "latency_p95_ms": percentiles(m[:, _LATENCY], 0.95),
+        "queue_wait_p95_ms": percentiles(m[:, _WAIT], 0.95),
         "batch_share": _rates(col("job", "jeb").tolist(), n.tolist()),
     }  # fmt: skip
     names = list(columns)

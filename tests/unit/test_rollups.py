@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from worker.cells import (
     BOUNDS_MS,
     INDEX,
@@ -16,7 +18,7 @@ from worker.cells import (
     tenant_slot,
 )
 from worker.contract import UsageEvent, to_fields
-from worker.report import percentile, row
+from worker.report import percentiles, row
 from worker.rollups import Delta
 
 SETTINGS = Settings(features=frozenset({"summarize"}), tenants_per_hour=3)
@@ -107,4 +109,4 @@ def test_rows_and_percentiles_from_a_vector() -> None:
     assert r["saved_usd"] == 1.0 and r["saved_pct"] == 0.25 and r["batch_share"] == 0.25
     assert r["response_cache_hit_rate"] == 0.5 and r["prompt_cache_hit_rate"] is None
     assert r["latency_p50_ms"] is not None and 50 <= r["latency_p50_ms"] <= 100
-    assert percentile([0] * (len(BOUNDS_MS) + 1), 0.5) is None
+    assert percentiles(np.zeros((1, len(BOUNDS_MS) + 1), np.int64), 0.5) == [None]
