@@ -49,6 +49,20 @@ def adaptive_config(**settings: Any) -> Config:
     return parse_config(raw)
 
 
+def config_error(change: dict[str, Any]) -> str:
+    """The error of the repo's config with `change` made ("a/b/c" key paths: values)."""
+    raw = copy.deepcopy(RAW)
+    for path, value in change.items():
+        *parents, last = path.split("/")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    return str(err.value)
+
+
 class MemoryTx:
     """The commands record_into and verdict_into queue (HINCRBYFLOAT, EXPIRE, SET), applied
     to dicts at once."""
@@ -380,13 +394,4 @@ def test_fields_that_are_not_counts_are_left_out() -> None:
 def test_bad_adaptive_settings_name_the_key_and_what_is_allowed(
     change: dict[str, Any], expected: str
 ) -> None:
-    raw = copy.deepcopy(RAW)
-    for path, value in change.items():
-        *parents, last = path.split("/")
-        node = raw
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    with pytest.raises(ConfigError) as err:
-        parse_config(raw)
-    assert expected in str(err.value)
+    assert expected in config_error(change)

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_adaptive import RAW, TIERS, Fleet
+from tests.unit.test_adaptive import RAW, TIERS, Fleet, config_error
 from worker.adaptive import Stats, TierStats, decide_by_price, job_cost_usd, route
 from worker.config import Config, parse_config
-from worker.errors import ConfigError
 
 # The job's cost per tier: haiku is twenty times cheaper than sonnet, opus twice sonnet.
 COST = {"haiku": 0.0001, "sonnet": 0.002, "opus": 0.004}
@@ -165,13 +164,4 @@ def test_route_uses_the_price_rule_for_a_priced_feature() -> None:
 def test_bad_price_settings_name_the_key_and_what_to_do(
     change: dict[str, Any], expected: str
 ) -> None:
-    raw = copy.deepcopy(RAW)
-    for path, value in change.items():
-        *parents, last = path.split("/")
-        node = raw
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    with pytest.raises(ConfigError) as err:
-        parse_config(raw)
-    assert expected in str(err.value)
+    assert expected in config_error(change)
