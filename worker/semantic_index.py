@@ -64,9 +64,6 @@ class ScopeIndex:
     def __len__(self) -> int:
         return len(self._where)
 
-    def __contains__(self, entry_id: str) -> bool:
-        return entry_id in self._where
-
     def clear(self) -> None:
         self._blocks.clear()
         self._where.clear()
