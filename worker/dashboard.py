@@ -13,13 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 from aiohttp import web
+from numpy.typing import NDArray
 from redis.exceptions import RedisError
 
 from worker import clock
@@ -32,7 +33,7 @@ from worker.limiter import status
 from worker.metrics import LIMIT_KINDS, queue_rows, run_app
 from worker.operators import batch_rows
 from worker.periods import GRACE_MS, read_hours
-from worker.report import display, row
+from worker.report import display, row, rows
 from worker.rollups import Rollups, settings_of
 
 log = logging.getLogger("tokenq.dashboard")
@@ -64,6 +65,12 @@ def _feature_at(hour: int) -> Callable[[str], tuple[int, str] | None]:
     return of
 
 
+def _rows(vectors: Iterable[NDArray[np.int64]]) -> list[dict[str, Any]]:
+    """report.rows() of these metric vectors, computed together."""
+    matrix = list(vectors)
+    return rows(np.stack(matrix)) if matrix else []
+
+
 class State:
     """Reads what the page shows; keeps the cells of hours that are over."""
 
@@ -93,9 +100,10 @@ class State:
         spend = sum_by((block, _feature_at(hour)) for hour, block in window.items())
         by_feature = sum_by((block, _dimension(0)) for block in window.values())
         by_tenant = sum_by((block, _dimension(3)) for block in window.values())
+        zero = np.zeros(len(METRICS), np.int64)
         series: list[dict[str, Any]] = []
-        for hour in window:
-            hour_row = row(per_hour[hour].tolist() if hour in per_hour else [0] * len(METRICS))
+        for hour, hour_row in zip(window, _rows(per_hour.get(h, zero) for h in window),
+                                  strict=True):  # fmt: skip
             series.append({
                 "hour": time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(hour * 3600)),
                 "cost_usd": {f: int(v[INDEX["usd"]]) / NANO for (h, f), v in spend.items()
@@ -105,13 +113,14 @@ class State:
                 "latency_p95_ms": hour_row["latency_p95_ms"],
                 "queue_wait_p95_ms": hour_row["queue_wait_p95_ms"],
             })  # fmt: skip
-        tenants = sorted(((t, row(v.tolist())) for t, v in by_tenant.items()),
+        tenants = sorted(zip(by_tenant, _rows(by_tenant.values()), strict=True),
                          key=lambda tr: -tr[1]["cost_usd"])  # fmt: skip
-        everything = sum(per_hour.values(), np.zeros(len(METRICS), np.int64))
+        everything = sum(per_hour.values(), zero)
+        features = sorted(by_feature)
         return {
             "generated_at": dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).isoformat(),
             "hours": hours, "series": series, "total": row(everything.tolist()),
-            "features": {f: row(v.tolist()) for f, v in sorted(by_feature.items())},
+            "features": dict(zip(features, _rows(by_feature[f] for f in features), strict=True)),
             "tenants": [{"tenant": t, **r} for t, r in tenants[:TOP_TENANTS]],
             "tenants_more": max(0, len(tenants) - TOP_TENANTS),
             **await self.live(now_ms),
