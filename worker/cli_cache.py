@@ -8,22 +8,20 @@ contract.shown: quoted, cut, control characters escaped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
 from redis.exceptions import RedisError
 
 from worker import semantic_audit
-from worker.config import load_config
+from worker.cli_ops import Sub, config_of, redis_of, run_async
 from worker.contract import Keys, shown
-from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
 
-Sub = argparse._SubParsersAction  # argparse names no public type for it
 EPILOG_LINE = "  cache       the semantic cache: scopes, a hit's source and pair, forget entries\n"
 
 
@@ -58,26 +56,21 @@ def add_cache_command(sub: Sub[argparse.ArgumentParser]) -> None:
     f.set_defaults(run=cmd_forget)
 
 
-def _run(make: Any) -> int:
+def _run(make: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
-        return int(asyncio.run(make()) or 0)
-    except KeyboardInterrupt:
-        return 130
+        return run_async(make)
     except (RedisError, OSError) as exc:
         print(f"tokenq: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
 
 
 def cmd_scopes(ns: argparse.Namespace) -> int:
-    cfg = load_config(ns.config)
+    cfg = config_of(ns)
 
     async def run() -> int:
-        redis = connect(redis_url(cfg))
-        try:
+        async with redis_of(cfg) as redis:
             rows = await semantic_audit.scopes(redis, Keys(cfg.prefix))
             search = await semantic_audit.vector_search(redis, f"{cfg.prefix}:semantic:probe")
-        finally:
-            await redis.aclose()
         if ns.json:
             for row in rows:
                 print(json.dumps(row._asdict()))
@@ -98,14 +91,11 @@ def cmd_scopes(ns: argparse.Namespace) -> int:
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-    cfg = load_config(ns.config)
+    cfg = config_of(ns)
 
     async def run() -> int:
-        redis = connect(redis_url(cfg))
-        try:
+        async with redis_of(cfg) as redis:
             found = await semantic_audit.inspect(redis, Keys(cfg.prefix), ns.job_id)
-        finally:
-            await redis.aclose()
         if ns.json:
             print(json.dumps({
                 "hit": None if found.hit is None else _plain(found.hit),
@@ -157,16 +147,13 @@ def cmd_forget(ns: argparse.Namespace) -> int:
         raise ConfigError("tokenq cache forget needs --job ID, --feature NAME or --tenant NAME")
     if ns.job is not None and (ns.feature is not None or ns.tenant is not None):
         raise ConfigError("tokenq cache forget: give --job alone, or --feature and/or --tenant")
-    cfg = load_config(ns.config)
+    cfg = config_of(ns)
 
     async def run() -> int:
-        redis = connect(redis_url(cfg))
-        try:
+        async with redis_of(cfg) as redis:
             removed = await semantic_audit.forget(
                 redis, Keys(cfg.prefix), job_id=ns.job, feature=ns.feature, tenant=ns.tenant
             )
-        finally:
-            await redis.aclose()
         print(f"forgot {removed} entr{'y' if removed == 1 else 'ies'} (every worker at once)")
         return 0
 
