@@ -11,14 +11,16 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from worker import semantic_audit
-from worker.cli_ops import Sub, config_of, redis_of, run_async
+from worker.cli_ops import Sub, config_of, run_with_redis
+from worker.config import Config
 from worker.contract import Keys, shown
 from worker.errors import ConfigError
 
@@ -56,9 +58,9 @@ def add_cache_command(sub: Sub[argparse.ArgumentParser]) -> None:
     f.set_defaults(run=cmd_forget)
 
 
-def _run(make: Callable[[], Coroutine[Any, Any, int]]) -> int:
+def _run(cfg: Config, work: Callable[[aioredis.Redis], Awaitable[int]]) -> int:
     try:
-        return run_async(make)
+        return run_with_redis(cfg, work)
     except (RedisError, OSError) as exc:
         print(f"tokenq: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
@@ -67,10 +69,9 @@ def _run(make: Callable[[], Coroutine[Any, Any, int]]) -> int:
 def cmd_scopes(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            rows = await semantic_audit.scopes(redis, Keys(cfg.prefix))
-            search = await semantic_audit.vector_search(redis, f"{cfg.prefix}:semantic:probe")
+    async def run(redis: aioredis.Redis) -> int:
+        rows = await semantic_audit.scopes(redis, Keys(cfg.prefix))
+        search = await semantic_audit.vector_search(redis, f"{cfg.prefix}:semantic:probe")
         if ns.json:
             for row in rows:
                 print(json.dumps(row._asdict()))
@@ -87,15 +88,14 @@ def cmd_scopes(ns: argparse.Namespace) -> int:
             print(f"  {row.feature} / {who}: {row.entries:,} entries")
         return 0
 
-    return _run(run)
+    return _run(cfg, run)
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            found = await semantic_audit.inspect(redis, Keys(cfg.prefix), ns.job_id)
+    async def run(redis: aioredis.Redis) -> int:
+        found = await semantic_audit.inspect(redis, Keys(cfg.prefix), ns.job_id)
         if ns.json:
             print(json.dumps({
                 "hit": None if found.hit is None else _plain(found.hit),
@@ -105,7 +105,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             return 0 if found.hit or found.became else 1
         return _print_inspection(ns.job_id, found)
 
-    return _run(run)
+    return _run(cfg, run)
 
 
 def _plain(value: Any) -> dict[str, Any]:
@@ -149,12 +149,11 @@ def cmd_forget(ns: argparse.Namespace) -> int:
         raise ConfigError("tokenq cache forget: give --job alone, or --feature and/or --tenant")
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            removed = await semantic_audit.forget(
-                redis, Keys(cfg.prefix), job_id=ns.job, feature=ns.feature, tenant=ns.tenant
-            )
+    async def run(redis: aioredis.Redis) -> int:
+        removed = await semantic_audit.forget(
+            redis, Keys(cfg.prefix), job_id=ns.job, feature=ns.feature, tenant=ns.tenant
+        )
         print(f"forgot {removed} entr{'y' if removed == 1 else 'ies'} (every worker at once)")
         return 0
 
-    return _run(run)
+    return _run(cfg, run)
