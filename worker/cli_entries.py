@@ -1,6 +1,7 @@
-"""`tokenq dead`, `tokenq jobs remove`, `tokenq consumers`: the stream entries an operator
-looks after (dead letters, stuck entries, the consumers that hold them). Argument parsing and
-printing only; each command calls one function of worker.deadletters or worker.operators.
+"""`tokenq dead`, `tokenq jobs remove`: the stream entries an operator looks after (dead
+letters, stuck entries; `tokenq consumers`, in worker.cli_ops, shows who holds them). Argument
+parsing and printing only; each command calls one function of worker.deadletters or
+worker.operators.
 Entries are read as bytes and shown escaped: they hold whatever a producer sent.
 """
 

@@ -1,7 +1,8 @@
-"""`tokenq` commands over the fleet's state, for operators: dead letters, stuck entries and
-consumers, rate limits, budgets and breakers, Message Batches, reload. Argument parsing and printing
-only; each command calls one function of the module that owns its concern
-(worker.deadletters, worker.operators, worker.limiter, worker.budgets, worker.breakers).
+"""`tokenq` commands over the fleet's state, for operators: consumers, rate limits, budgets
+and breakers, Message Batches, reload; and the helpers every command module shares (config_of,
+run_with_redis, positive, printable, ago). Argument parsing and printing only; each command
+calls one function of the module that owns its concern (worker.operators, worker.limiter,
+worker.budgets, worker.breakers, worker.control).
 """
 
 from __future__ import annotations
