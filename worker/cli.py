@@ -9,7 +9,6 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 import redis.asyncio as aioredis
@@ -22,7 +21,15 @@ from worker.api_request import parse_request
 from worker.cli_cache import EPILOG_LINE as CACHE_EPILOG
 from worker.cli_cache import add_cache_command
 from worker.cli_entries import add_entry_commands
-from worker.cli_ops import Sub, add_ops_commands, config_of, positive, run_async, run_with_redis
+from worker.cli_ops import (
+    Sub,
+    add_ops_commands,
+    config_of,
+    positive,
+    request_text,
+    run_async,
+    run_with_redis,
+)
 from worker.cli_report import add_report_commands, report_query
 from worker.cli_tools import EPILOG_LINES as TOOLS_EPILOG
 from worker.cli_tools import add_tool_commands
@@ -270,23 +277,13 @@ def cmd_up(ns: argparse.Namespace) -> int:
     )
 
 
-def _request_text(ns: argparse.Namespace) -> str:
-    if ns.file:
-        return Path(ns.file).read_text(encoding="utf-8")
-    if ns.request and ns.request != "-":
-        return str(ns.request)
-    if sys.stdin.isatty():
-        raise ConfigError("no request given: pass REQUEST, --file FILE, or pipe JSON on stdin")
-    return sys.stdin.read()
-
-
 def cmd_submit(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
     if ns.feature not in cfg.features:
         raise ConfigError(
             f"feature {ns.feature!r} is not in config.toml [features]: {', '.join(cfg.features)}"
         )
-    text = _request_text(ns)
+    text = request_text(ns, "REQUEST, --file FILE")
     try:
         parse_request(text)  # the worker's own check: refuse here what it would dead-letter
     except MalformedJob as exc:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -28,6 +29,7 @@ from worker.contract import BATCHER, Keys
 from worker.control import publish_reload
 from worker.embedded import connect, redis_url
 from worker.entries import shown
+from worker.errors import ConfigError
 from worker.limiter import ModelStatus, status
 from worker.operators import ConsumerRow, batch_rows, cancel_batch, consumer_rows, prune_consumer
 from worker.usage import money
@@ -55,6 +57,26 @@ def positive(text: str) -> int:
 
 def config_of(ns: argparse.Namespace) -> Config:
     return load_config(ns.config)
+
+
+def read_text(path: str) -> str:
+    """A file named on the command line; ConfigError when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def request_text(ns: argparse.Namespace, sources: str) -> str:
+    """The request JSON of `submit` and `estimate`: --file, the REQUEST argument, or standard
+    input; `sources` names the command's ways to give one, for the error without any."""
+    if ns.file:
+        return read_text(ns.file)
+    if ns.request and ns.request != "-":
+        return str(ns.request)
+    if sys.stdin.isatty():
+        raise ConfigError(f"no request given: pass {sources}, or pipe JSON on stdin")
+    return sys.stdin.read()
 
 
 @asynccontextmanager

@@ -15,7 +15,6 @@ import shlex
 import sys
 from decimal import Decimal
 from functools import partial
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from worker import alerts, clock, quote, reconcile, top
 from worker.admin_api import ProviderError
-from worker.cli_ops import Sub, config_of, positive, run_async
+from worker.cli_ops import Sub, config_of, positive, read_text, request_text, run_async
 from worker.config import Config
 from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
@@ -121,13 +120,17 @@ def cmd_estimate(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
     if ns.workload:
         where = "standard input" if ns.workload == "-" else ns.workload
-        text = sys.stdin.read() if ns.workload == "-" else _read(ns.workload)
+        text = sys.stdin.read() if ns.workload == "-" else read_text(ns.workload)
         items = quote.read_workload(text.splitlines(), where)
     else:
         if ns.feature and ns.feature not in cfg.features:
             raise ConfigError(f"--feature {ns.feature!r} is not in [features]: "
                               f"{', '.join(cfg.features)}")  # fmt: skip
-        items = [quote.read_request(_request_text(ns), ns.feature, ns.priority)]
+        items = [
+            quote.read_request(
+                request_text(ns, "REQUEST, --file FILE, --workload FILE"), ns.feature, ns.priority
+            )
+        ]
     priced, source = asyncio.run(_estimate(cfg, items, ns))
     output = (
         f"{ns.output_tokens:,} output tokens a request (--output-tokens)" if ns.output_tokens
@@ -141,24 +144,6 @@ def cmd_estimate(ns: argparse.Namespace) -> int:
     else:
         print(quote.request_table(cfg, priced[0], source, output))
     return 0
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _request_text(ns: argparse.Namespace) -> str:
-    if ns.file:
-        return _read(ns.file)
-    if ns.request and ns.request != "-":
-        return str(ns.request)
-    if sys.stdin.isatty():
-        raise ConfigError("no request given: pass REQUEST, --file FILE, --workload FILE, or "
-                          "pipe JSON on stdin")  # fmt: skip
-    return sys.stdin.read()
 
 
 async def _estimate(
