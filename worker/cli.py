@@ -9,9 +9,9 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
 
 import msgspec
+import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -21,11 +21,19 @@ from worker.api_request import parse_request
 from worker.cli_cache import EPILOG_LINE as CACHE_EPILOG
 from worker.cli_cache import add_cache_command
 from worker.cli_entries import add_entry_commands
-from worker.cli_ops import Sub, add_ops_commands, config_of, positive, redis_of, run_async
+from worker.cli_ops import (
+    Sub,
+    add_ops_commands,
+    config_of,
+    positive,
+    request_text,
+    run_async,
+    run_with_redis,
+)
 from worker.cli_report import add_report_commands, report_query
 from worker.cli_tools import EPILOG_LINES as TOOLS_EPILOG
 from worker.cli_tools import add_tool_commands
-from worker.config import Config, config_path, load_config
+from worker.config import config_path, load_config
 from worker.contract import Keys, to_fields
 from worker.embedded import ping, redis_url, server_args
 from worker.errors import ConfigError, MalformedJob
@@ -269,60 +277,47 @@ def cmd_up(ns: argparse.Namespace) -> int:
     )
 
 
-def _request_text(ns: argparse.Namespace) -> str:
-    if ns.file:
-        return Path(ns.file).read_text(encoding="utf-8")
-    if ns.request and ns.request != "-":
-        return str(ns.request)
-    if sys.stdin.isatty():
-        raise ConfigError("no request given: pass REQUEST, --file FILE, or pipe JSON on stdin")
-    return sys.stdin.read()
-
-
 def cmd_submit(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
     if ns.feature not in cfg.features:
         raise ConfigError(
             f"feature {ns.feature!r} is not in config.toml [features]: {', '.join(cfg.features)}"
         )
-    text = _request_text(ns)
+    text = request_text(ns, "REQUEST, --file FILE")
     try:
         parse_request(text)  # the worker's own check: refuse here what it would dead-letter
     except MalformedJob as exc:
         raise ConfigError(str(exc).removesuffix(" Fix the producer.")) from None
     request: dict[str, object] = json.loads(text)
-    return run_async(lambda: _submit(cfg, ns, request))
+    return run_with_redis(
+        cfg, lambda redis: _submit(Producer(redis, cfg.prefix, cfg.queue.priorities), ns, request)
+    )
 
 
-async def _submit(cfg: Config, ns: argparse.Namespace, request: dict[str, object]) -> int:
-    async with redis_of(cfg) as redis:
-        producer = Producer(redis, cfg.prefix, cfg.queue.priorities)
-        try:
-            job_id = await producer.submit(
-                ns.feature,
-                request,
-                priority=ns.priority,
-                id=ns.id,
-                tenant=ns.tenant,
-                tier=ns.tier,
-                reply_to=ns.reply_to,
-                deadline_ms=ns.deadline_ms,
-                cache="off" if ns.no_cache else None,
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        print(job_id, flush=True)
-        return await _print_result(producer, job_id, ns.timeout) if ns.wait else 0
+async def _submit(producer: Producer, ns: argparse.Namespace, request: dict[str, object]) -> int:
+    try:
+        job_id = await producer.submit(
+            ns.feature,
+            request,
+            priority=ns.priority,
+            id=ns.id,
+            tenant=ns.tenant,
+            tier=ns.tier,
+            reply_to=ns.reply_to,
+            deadline_ms=ns.deadline_ms,
+            cache="off" if ns.no_cache else None,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(job_id, flush=True)
+    return await _print_result(producer, job_id, ns.timeout) if ns.wait else 0
 
 
 def cmd_result(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
-
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            return await _print_result(Producer(redis, cfg.prefix), ns.id, ns.timeout)
-
-    return run_async(run)
+    return run_with_redis(
+        cfg, lambda redis: _print_result(Producer(redis, cfg.prefix), ns.id, ns.timeout)
+    )
 
 
 async def _print_result(producer: Producer, job_id: str, timeout_s: float) -> int:
@@ -338,15 +333,13 @@ async def _print_result(producer: Producer, job_id: str, timeout_s: float) -> in
 def cmd_tail(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg, block_s=5.0) as redis:
-            rates = HitRates()
-            async for _, event in follow(redis, Keys(cfg.prefix), from_start=ns.from_start):
-                line = json.dumps(to_fields(event)) if ns.json else tail_line(event, rates)
-                print(line, flush=True)
-        return 0
+    async def run(redis: aioredis.Redis) -> None:
+        rates = HitRates()
+        async for _, event in follow(redis, Keys(cfg.prefix), from_start=ns.from_start):
+            line = json.dumps(to_fields(event)) if ns.json else tail_line(event, rates)
+            print(line, flush=True)
 
-    return run_async(run)
+    return run_with_redis(cfg, run, block_s=5.0)
 
 
 def cmd_redis(ns: argparse.Namespace) -> int:

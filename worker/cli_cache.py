@@ -8,22 +8,22 @@ contract.shown: quoted, cut, control characters escaped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from worker import semantic_audit
-from worker.config import load_config
+from worker.cli_ops import Sub, config_of, run_with_redis
+from worker.config import Config
 from worker.contract import Keys, shown
-from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
 
-Sub = argparse._SubParsersAction  # argparse names no public type for it
 EPILOG_LINE = "  cache       the semantic cache: scopes, a hit's source and pair, forget entries\n"
 
 
@@ -58,26 +58,20 @@ def add_cache_command(sub: Sub[argparse.ArgumentParser]) -> None:
     f.set_defaults(run=cmd_forget)
 
 
-def _run(make: Any) -> int:
+def _run(cfg: Config, work: Callable[[aioredis.Redis], Awaitable[int]]) -> int:
     try:
-        return int(asyncio.run(make()) or 0)
-    except KeyboardInterrupt:
-        return 130
+        return run_with_redis(cfg, work)
     except (RedisError, OSError) as exc:
         print(f"tokenq: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
 
 
 def cmd_scopes(ns: argparse.Namespace) -> int:
-    cfg = load_config(ns.config)
+    cfg = config_of(ns)
 
-    async def run() -> int:
-        redis = connect(redis_url(cfg))
-        try:
-            rows = await semantic_audit.scopes(redis, Keys(cfg.prefix))
-            search = await semantic_audit.vector_search(redis, f"{cfg.prefix}:semantic:probe")
-        finally:
-            await redis.aclose()
+    async def run(redis: aioredis.Redis) -> int:
+        rows = await semantic_audit.scopes(redis, Keys(cfg.prefix))
+        search = await semantic_audit.vector_search(redis, f"{cfg.prefix}:semantic:probe")
         if ns.json:
             for row in rows:
                 print(json.dumps(row._asdict()))
@@ -94,18 +88,14 @@ def cmd_scopes(ns: argparse.Namespace) -> int:
             print(f"  {row.feature} / {who}: {row.entries:,} entries")
         return 0
 
-    return _run(run)
+    return _run(cfg, run)
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-    cfg = load_config(ns.config)
+    cfg = config_of(ns)
 
-    async def run() -> int:
-        redis = connect(redis_url(cfg))
-        try:
-            found = await semantic_audit.inspect(redis, Keys(cfg.prefix), ns.job_id)
-        finally:
-            await redis.aclose()
+    async def run(redis: aioredis.Redis) -> int:
+        found = await semantic_audit.inspect(redis, Keys(cfg.prefix), ns.job_id)
         if ns.json:
             print(json.dumps({
                 "hit": None if found.hit is None else _plain(found.hit),
@@ -115,7 +105,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             return 0 if found.hit or found.became else 1
         return _print_inspection(ns.job_id, found)
 
-    return _run(run)
+    return _run(cfg, run)
 
 
 def _plain(value: Any) -> dict[str, Any]:
@@ -157,17 +147,13 @@ def cmd_forget(ns: argparse.Namespace) -> int:
         raise ConfigError("tokenq cache forget needs --job ID, --feature NAME or --tenant NAME")
     if ns.job is not None and (ns.feature is not None or ns.tenant is not None):
         raise ConfigError("tokenq cache forget: give --job alone, or --feature and/or --tenant")
-    cfg = load_config(ns.config)
+    cfg = config_of(ns)
 
-    async def run() -> int:
-        redis = connect(redis_url(cfg))
-        try:
-            removed = await semantic_audit.forget(
-                redis, Keys(cfg.prefix), job_id=ns.job, feature=ns.feature, tenant=ns.tenant
-            )
-        finally:
-            await redis.aclose()
+    async def run(redis: aioredis.Redis) -> int:
+        removed = await semantic_audit.forget(
+            redis, Keys(cfg.prefix), job_id=ns.job, feature=ns.feature, tenant=ns.tenant
+        )
         print(f"forgot {removed} entr{'y' if removed == 1 else 'ies'} (every worker at once)")
         return 0
 
-    return _run(run)
+    return _run(cfg, run)

@@ -1,6 +1,7 @@
-"""`tokenq dead`, `tokenq jobs remove`, `tokenq consumers`: the stream entries an operator
-looks after (dead letters, stuck entries, the consumers that hold them). Argument parsing and
-printing only; each command calls one function of worker.deadletters or worker.operators.
+"""`tokenq dead`, `tokenq jobs remove`: the stream entries an operator looks after (dead
+letters, stuck entries; `tokenq consumers`, in worker.cli_ops, shows who holds them). Argument
+parsing and printing only; each command calls one function of worker.deadletters or
+worker.operators.
 Entries are read as bytes and shown escaped: they hold whatever a producer sent.
 """
 
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 
 from worker import clock
 from worker.admission import reply_to_of
-from worker.cli_ops import Sub, ago, config_of, positive, printable, redis_of, run_async
+from worker.cli_ops import Sub, ago, config_of, positive, printable, run_with_redis
 from worker.config import Config
 from worker.contract import Keys, entry_ms
 from worker.deadletters import DeadFilter, dead_job_id, delete_dead, find_dead, replay, trim_dead
@@ -148,23 +149,23 @@ def _add_jobs(sub: Sub[argparse.ArgumentParser]) -> None:
 def cmd_dead_list(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            entries = await find_dead(
-                redis,
-                Keys(cfg.prefix),
-                _dead_filter(ns),
-                limit=ns.limit,
-                newest_first=not ns.oldest,
-                cut_bytes=cfg.queue.max_entry_bytes,
-            )
+    which = _dead_filter(ns)
+
+    async def run(redis: aioredis.Redis) -> None:
+        entries = await find_dead(
+            redis,
+            Keys(cfg.prefix),
+            which,
+            limit=ns.limit,
+            newest_first=not ns.oldest,
+            cut_bytes=cfg.queue.max_entry_bytes,
+        )
         for entry in entries:
             print(json.dumps(_dead_json(entry)) if ns.json else _dead_line(entry))
         if not entries and not ns.json:
-            print("no dead letters" + ("" if _dead_filter(ns).everything else " match"))
-        return 0
+            print("no dead letters" + ("" if which.everything else " match"))
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _dead_filter(ns: argparse.Namespace) -> DeadFilter:
@@ -228,22 +229,21 @@ def cmd_dead_purge(ns: argparse.Namespace) -> int:
     if ns.all and not which.everything:
         raise ConfigError("--all purges every dead letter: leave out the filters, or --all")
 
-    async def run() -> int:
+    async def run(redis: aioredis.Redis) -> int:
         keys = Keys(cfg.prefix)
-        async with redis_of(cfg) as redis:
-            found = await find_dead(redis, keys, which, limit=None, newest_first=False, cut_bytes=0)
-            if not found:
-                print("no dead letters match; nothing removed")
-                return 0
-            what = f"{len(found)} dead letter{'s' if len(found) != 1 else ''} in {keys.dead}"
-            if not _confirmed(f"delete {what}?", ns.yes):
-                print("nothing removed")
-                return 1
-            removed = await delete_dead(redis, keys, (e.entry_id for e in found))
+        found = await find_dead(redis, keys, which, limit=None, newest_first=False, cut_bytes=0)
+        if not found:
+            print("no dead letters match; nothing removed")
+            return 0
+        what = f"{len(found)} dead letter{'s' if len(found) != 1 else ''} in {keys.dead}"
+        if not _confirmed(f"delete {what}?", ns.yes):
+            print("nothing removed")
+            return 1
+        removed = await delete_dead(redis, keys, (e.entry_id for e in found))
         print(f"removed {removed} dead letter{'s' if removed != 1 else ''}")
         return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _confirmed(question: str, yes: bool) -> bool:
@@ -261,15 +261,13 @@ def _confirmed(question: str, yes: bool) -> bool:
 def cmd_dead_trim(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
+    async def run(redis: aioredis.Redis) -> None:
         keys = Keys(cfg.prefix)
-        async with redis_of(cfg) as redis:
-            removed = await trim_dead(redis, keys, ns.max)
-            left = int(await redis.xlen(keys.dead))
+        removed = await trim_dead(redis, keys, ns.max)
+        left = int(await redis.xlen(keys.dead))
         print(f"removed {removed} dead letter{'s' if removed != 1 else ''}; {left} kept")
-        return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def cmd_dead_replay(ns: argparse.Namespace) -> int:
@@ -277,23 +275,22 @@ def cmd_dead_replay(ns: argparse.Namespace) -> int:
     if not ns.ids and not ns.all:
         raise ConfigError("name dead-letter ids to replay (see `tokenq dead list`), or --all")
 
-    async def run() -> int:
+    async def run(redis: aioredis.Redis) -> int:
         keys = Keys(cfg.prefix)
-        async with redis_of(cfg) as redis:
-            every = ns.ids or [
-                e.entry_id
-                for e in await find_dead(redis, keys, limit=None, newest_first=False, cut_bytes=0)
-            ]
-            for dead_id in every:
-                try:
-                    job_id = await replay(redis, keys, dead_id, cfg.queue.priorities)
-                except LookupError as exc:
-                    print(f"tokenq: {exc}", file=sys.stderr)
-                    return 1
-                print(f"replayed {dead_id} as job {printable(job_id)}")
+        every = ns.ids or [
+            e.entry_id
+            for e in await find_dead(redis, keys, limit=None, newest_first=False, cut_bytes=0)
+        ]
+        for dead_id in every:
+            try:
+                job_id = await replay(redis, keys, dead_id, cfg.queue.priorities)
+            except LookupError as exc:
+                print(f"tokenq: {exc}", file=sys.stderr)
+                return 1
+            print(f"replayed {dead_id} as job {printable(job_id)}")
         return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def cmd_jobs_remove(ns: argparse.Namespace) -> int:
@@ -304,14 +301,13 @@ def cmd_jobs_remove(ns: argparse.Namespace) -> int:
             f"--priority {ns.priority!r} is not one of queue.priorities: {', '.join(priorities)}"
         )
 
-    async def run() -> int:
+    async def run(redis: aioredis.Redis) -> int:
         keys, failed = Keys(cfg.prefix), 0
-        async with redis_of(cfg) as redis:
-            for ident in ns.ids:
-                failed += not await _remove_one(redis, cfg, keys, ident, ns)
+        for ident in ns.ids:
+            failed += not await _remove_one(redis, cfg, keys, ident, ns)
         return 1 if failed else 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 async def _remove_one(

@@ -1,7 +1,8 @@
-"""`tokenq` commands over the fleet's state, for operators: dead letters, stuck entries and
-consumers, rate limits, budgets and breakers, Message Batches, reload. Argument parsing and printing
-only; each command calls one function of the module that owns its concern
-(worker.deadletters, worker.operators, worker.limiter, worker.budgets, worker.breakers).
+"""`tokenq` commands over the fleet's state, for operators: consumers, rate limits, budgets
+and breakers, Message Batches, reload; and the helpers every command module shares (config_of,
+run_with_redis, positive, printable, ago). Argument parsing and printing only; each command
+calls one function of the module that owns its concern (worker.operators, worker.limiter,
+worker.budgets, worker.breakers, worker.control).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -27,6 +29,7 @@ from worker.contract import BATCHER, Keys
 from worker.control import publish_reload
 from worker.embedded import connect, redis_url
 from worker.entries import shown
+from worker.errors import ConfigError
 from worker.limiter import ModelStatus, status
 from worker.operators import ConsumerRow, batch_rows, cancel_batch, consumer_rows, prune_consumer
 from worker.usage import money
@@ -56,6 +59,26 @@ def config_of(ns: argparse.Namespace) -> Config:
     return load_config(ns.config)
 
 
+def read_text(path: str) -> str:
+    """A file named on the command line; ConfigError when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def request_text(ns: argparse.Namespace, sources: str) -> str:
+    """The request JSON of `submit` and `estimate`: --file, the REQUEST argument, or standard
+    input; `sources` names the command's ways to give one, for the error without any."""
+    if ns.file:
+        return read_text(ns.file)
+    if ns.request and ns.request != "-":
+        return str(ns.request)
+    if sys.stdin.isatty():
+        raise ConfigError(f"no request given: pass {sources}, or pipe JSON on stdin")
+    return sys.stdin.read()
+
+
 @asynccontextmanager
 async def redis_of(cfg: Config, block_s: float = 0.0) -> AsyncIterator[aioredis.Redis]:
     """A client for the configured Redis (starting the embedded server if need be)."""
@@ -73,6 +96,18 @@ def run_async(make: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
     except KeyboardInterrupt:
         return 130
     return result or 0
+
+
+def run_with_redis(
+    cfg: Config, work: Callable[[aioredis.Redis], Awaitable[int | None]], *, block_s: float = 0.0
+) -> int:
+    """Run `work` with a client for the configured Redis (redis_of), as run_async does."""
+
+    async def run() -> int | None:
+        async with redis_of(cfg, block_s) as redis:
+            return await work(redis)
+
+    return run_async(run)
 
 
 def _add_limits(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -145,16 +180,14 @@ def _add_batches(sub: Sub[argparse.ArgumentParser]) -> None:
 def cmd_limits(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            models = await status(redis, cfg)
+    async def run(redis: aioredis.Redis) -> None:
+        models = await status(redis, cfg)
         if not models:
             print('no model has limits; add [models."<id>".limits] to the config file')
         for model in models:
             print(json.dumps(msgspec.to_builtins(model)) if ns.json else _limits_text(model))
-        return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _limits_text(m: ModelStatus) -> str:
@@ -177,12 +210,11 @@ def _limits_text(m: ModelStatus) -> str:
 def cmd_budgets(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
+    async def run(redis: aioredis.Redis) -> int:
         keys = Keys(cfg.prefix)
-        async with redis_of(cfg) as redis:
-            rows = await budget_rows(redis, cfg, keys, clock.utc())
-            breakers = await Breakers(redis, keys, cfg.breakers, 0).status()
-            stopped: Any = await redis.get(keys.spend_stop)
+        rows = await budget_rows(redis, cfg, keys, clock.utc())
+        breakers = await Breakers(redis, keys, cfg.breakers, 0).status()
+        stopped: Any = await redis.get(keys.spend_stop)
         stop = [{"spend_stop_until_ms": int(stopped)}] if stopped is not None else []
         if ns.json:
             for row in [*rows, *breakers, *stop]:
@@ -204,7 +236,7 @@ def cmd_budgets(ns: argparse.Namespace) -> int:
                   "`tokenq budgets resume` lifts it once the limit is raised")  # fmt: skip
         return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _utc(ms: int) -> str:
@@ -214,17 +246,15 @@ def _utc(ms: int) -> str:
 def cmd_budgets_resume(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            until = await resume(redis, Keys(cfg.prefix))
+    async def run(redis: aioredis.Redis) -> None:
+        until = await resume(redis, Keys(cfg.prefix))
         if until is None:
             print("no spend stop: calls are not stopped")
         else:
             print(f"spend stop lifted (it would have lasted until {_utc(until)}); the waiting "
                   "jobs come back within a minute")  # fmt: skip
-        return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _budget_text(row: dict[str, Any]) -> str:
@@ -242,17 +272,15 @@ def _budget_text(row: dict[str, Any]) -> str:
 def cmd_batches(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            rows = await batch_rows(redis, Keys(cfg.prefix), ns.limit)
+    async def run(redis: aioredis.Redis) -> None:
+        rows = await batch_rows(redis, Keys(cfg.prefix), ns.limit)
         for row in rows:
             print(json.dumps(row) if ns.json else _batch_text(row))
         if not rows and not ns.json:
             batched = ", ".join(cfg.batch.priorities) or "none (batch.priorities = [])"
             print(f"no batches yet; batched priorities: {batched}")
-        return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _batch_text(row: dict[str, Any]) -> str:
@@ -291,13 +319,13 @@ def cmd_batches_cancel(ns: argparse.Namespace) -> int:
 def cmd_reload(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)  # a file that does not load is reported here, before any worker sees it
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            listening = await publish_reload(redis, Keys(cfg.prefix))
-        print(f"reload sent to {listening} worker process(es) on {Keys(cfg.prefix).control}")
+    async def run(redis: aioredis.Redis) -> int:
+        keys = Keys(cfg.prefix)
+        listening = await publish_reload(redis, keys)
+        print(f"reload sent to {listening} worker process(es) on {keys.control}")
         return 0 if listening else 1
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _add_consumers(sub: Sub[argparse.ArgumentParser]) -> None:
@@ -339,9 +367,8 @@ def cmd_consumers(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
     visibility_ms = int(cfg.queue.visibility_timeout_s * 1000)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            rows = await consumer_rows(redis, Keys(cfg.prefix), cfg.queue.priorities)
+    async def run(redis: aioredis.Redis) -> None:
+        rows = await consumer_rows(redis, Keys(cfg.prefix), cfg.queue.priorities)
         for row in rows:
             state = "dead" if row.stale(visibility_ms) else "live"
             if ns.json:
@@ -355,9 +382,8 @@ def cmd_consumers(ns: argparse.Namespace) -> int:
             print(printable(line))
         if not rows and not ns.json:
             print("no consumers: no worker has read the job streams yet")
-        return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def _why_dead(row: ConsumerRow, visibility_ms: int) -> str:
@@ -374,30 +400,28 @@ def cmd_consumers_prune(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
     visibility_ms = int(cfg.queue.visibility_timeout_s * 1000)
 
-    async def run() -> int:
+    async def run(redis: aioredis.Redis) -> None:
         removed = left = 0
-        async with redis_of(cfg) as redis:
-            for row in await consumer_rows(redis, Keys(cfg.prefix), cfg.queue.priorities):
-                name = printable(f"{shown(row.name)} on {row.stream}")
-                if not row.stale(visibility_ms):
-                    why = f"live (active {ago(row.idle_ms)} ago)"
-                elif row.pending:
-                    why = (
-                        f"{row.pending} pending; they are reclaimed after "
-                        "queue.visibility_timeout_s (or `tokenq jobs remove` them)"
-                    )
-                elif await prune_consumer(redis, row, visibility_ms):
-                    removed += 1
-                    print(f"removed {name} (idle {ago(row.idle_ms)}, nothing pending)")
-                    continue
-                else:
-                    why = "it read a job meanwhile"
-                left += 1
-                print(f"left {name}: {why}")
+        for row in await consumer_rows(redis, Keys(cfg.prefix), cfg.queue.priorities):
+            name = printable(f"{shown(row.name)} on {row.stream}")
+            if not row.stale(visibility_ms):
+                why = f"live (active {ago(row.idle_ms)} ago)"
+            elif row.pending:
+                why = (
+                    f"{row.pending} pending; they are reclaimed after "
+                    "queue.visibility_timeout_s (or `tokenq jobs remove` them)"
+                )
+            elif await prune_consumer(redis, row, visibility_ms):
+                removed += 1
+                print(f"removed {name} (idle {ago(row.idle_ms)}, nothing pending)")
+                continue
+            else:
+                why = "it read a job meanwhile"
+            left += 1
+            print(f"left {name}: {why}")
         print(f"removed {removed} consumer{'s' if removed != 1 else ''}, left {left}")
-        return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def printable(text: str) -> str:

@@ -8,9 +8,11 @@ import datetime as dt
 import json
 import sys
 
+import redis.asyncio as aioredis
+
 from worker import clock, dashboard, metrics
 from worker.cells import tenant_slot
-from worker.cli_ops import Sub, config_of, redis_of, run_async
+from worker.cli_ops import Sub, config_of, run_with_redis
 from worker.contract import Keys
 from worker.errors import ConfigError
 from worker.report import DIMENSIONS, Query, query, report_csv, table
@@ -126,10 +128,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
     now = clock.now_ms()
     q = report_query(ns, now)
 
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            rollups = Rollups(Keys(cfg.prefix), settings_of(cfg))
-            answer = await query(redis, rollups, q, now_ms=now)
+    async def run(redis: aioredis.Redis) -> None:
+        answer = await query(redis, Rollups(Keys(cfg.prefix), settings_of(cfg)), q, now_ms=now)
         start = dt.datetime.fromtimestamp(q.start_hour * 3600, dt.UTC).isoformat()
         end = dt.datetime.fromtimestamp(q.end_hour * 3600, dt.UTC).isoformat()
         if ns.json:
@@ -143,30 +143,19 @@ def cmd_report(ns: argparse.Namespace) -> int:
             print(table(answer, q.by))
         for note in answer.notes:
             print(f"note: {note}", file=sys.stderr)
-        return 0
 
-    return run_async(run)
+    return run_with_redis(cfg, run)
 
 
 def cmd_metrics(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
-
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            await metrics.serve(cfg, redis, ns.host, ns.port)
-        return 0
-
-    return run_async(run)
+    return run_with_redis(cfg, lambda redis: metrics.serve(cfg, redis, ns.host, ns.port))
 
 
 def cmd_dashboard(ns: argparse.Namespace) -> int:
     cfg = config_of(ns)
     if ns.refresh < 0.5:
         raise ConfigError(f"--refresh {ns.refresh} is too often; use 0.5 seconds or more")
-
-    async def run() -> int:
-        async with redis_of(cfg) as redis:
-            await dashboard.serve(cfg, redis, ns.host, ns.port, ns.refresh)
-        return 0
-
-    return run_async(run)
+    return run_with_redis(
+        cfg, lambda redis: dashboard.serve(cfg, redis, ns.host, ns.port, ns.refresh)
+    )

@@ -15,7 +15,6 @@ import shlex
 import sys
 from decimal import Decimal
 from functools import partial
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from worker import alerts, clock, quote, reconcile, top
 from worker.admin_api import ProviderError
-from worker.cli_ops import Sub, run_async
-from worker.config import Config, load_config
+from worker.cli_ops import Sub, config_of, positive, read_text, request_text, run_async
+from worker.config import Config
 from worker.embedded import connect, redis_url
 from worker.errors import ConfigError
 
@@ -49,10 +48,6 @@ def add_tool_commands(sub: Sub[argparse.ArgumentParser]) -> None:
     _add_redis_cli(sub)
 
 
-def _config(ns: argparse.Namespace) -> Config:
-    return load_config(ns.config)
-
-
 def _add_top(sub: Sub[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "top",
@@ -72,7 +67,7 @@ def _add_top(sub: Sub[argparse.ArgumentParser]) -> None:
 
 
 def cmd_top(ns: argparse.Namespace) -> int:
-    cfg = _config(ns)
+    cfg = config_of(ns)
     if not ns.interval > 0 or not ns.window > 0:
         raise ConfigError("--interval and --window are seconds above 0, e.g. --interval 2")
     url = redis_url(cfg)
@@ -115,33 +110,27 @@ def _add_estimate(sub: Sub[argparse.ArgumentParser]) -> None:
     p.add_argument("--workload", metavar="FILE", help='a JSONL workload ("-" = stdin)')
     p.add_argument("--feature", default="", help="the request's feature (its tier, caps, cache)")
     p.add_argument("--priority", default="normal", help="its priority stream (default normal)")
-    p.add_argument("--output-tokens", type=_positive, help="output tokens to assume per request")
+    p.add_argument("--output-tokens", type=positive, help="output tokens to assume per request")
     p.add_argument("--local", action="store_true", help="no count_tokens: the local estimate")
     p.add_argument("--json", action="store_true", help="the figures as one JSON object")
     p.set_defaults(run=cmd_estimate)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
-
-
 def cmd_estimate(ns: argparse.Namespace) -> int:
-    cfg = _config(ns)
+    cfg = config_of(ns)
     if ns.workload:
         where = "standard input" if ns.workload == "-" else ns.workload
-        text = sys.stdin.read() if ns.workload == "-" else _read(ns.workload)
+        text = sys.stdin.read() if ns.workload == "-" else read_text(ns.workload)
         items = quote.read_workload(text.splitlines(), where)
     else:
         if ns.feature and ns.feature not in cfg.features:
             raise ConfigError(f"--feature {ns.feature!r} is not in [features]: "
                               f"{', '.join(cfg.features)}")  # fmt: skip
-        items = [quote.read_request(_request_text(ns), ns.feature, ns.priority)]
+        items = [
+            quote.read_request(
+                request_text(ns, "REQUEST, --file FILE, --workload FILE"), ns.feature, ns.priority
+            )
+        ]
     priced, source = asyncio.run(_estimate(cfg, items, ns))
     output = (
         f"{ns.output_tokens:,} output tokens a request (--output-tokens)" if ns.output_tokens
@@ -155,24 +144,6 @@ def cmd_estimate(ns: argparse.Namespace) -> int:
     else:
         print(quote.request_table(cfg, priced[0], source, output))
     return 0
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _request_text(ns: argparse.Namespace) -> str:
-    if ns.file:
-        return _read(ns.file)
-    if ns.request and ns.request != "-":
-        return str(ns.request)
-    if sys.stdin.isatty():
-        raise ConfigError("no request given: pass REQUEST, --file FILE, --workload FILE, or "
-                          "pipe JSON on stdin")  # fmt: skip
-    return sys.stdin.read()
 
 
 async def _estimate(
@@ -270,7 +241,7 @@ def _period(ns: argparse.Namespace, today: dt.date) -> tuple[dt.date, dt.date]:
 
 
 def cmd_reconcile(ns: argparse.Namespace) -> int:
-    cfg = _config(ns)
+    cfg = config_of(ns)
     today = clock.utc().date()
     first, last = _period(ns, today)
     url = ns.admin_url or reconcile.admin_url(cfg, os.environ)
@@ -315,7 +286,7 @@ def _add_alerts(sub: Sub[argparse.ArgumentParser]) -> None:
 
 
 def cmd_alerts(ns: argparse.Namespace) -> int:
-    cfg = _config(ns)
+    cfg = config_of(ns)
     return run_async(lambda: alerts.serve(cfg))
 
 
@@ -336,7 +307,7 @@ def _add_redis_cli(sub: Sub[argparse.ArgumentParser]) -> None:
 
 
 def cmd_redis_cli(ns: argparse.Namespace) -> int:
-    cfg = _config(ns)
+    cfg = config_of(ns)
     url = redis_url(cfg)
     client = syncredis.Redis.from_url(url, protocol=2, socket_connect_timeout=5)
     client.response_callbacks.clear()  # the server's reply as it is, as redis-cli shows it

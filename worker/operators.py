@@ -342,17 +342,23 @@ async def prune_consumer(redis: aioredis.Redis, row: ConsumerRow, min_idle_ms: i
 
 
 async def batch_rows(redis: aioredis.Redis, keys: Keys, limit: int = 50) -> list[dict[str, Any]]:
-    """What `tokenq batches` shows: the newest batches with their state and counts."""
-    locals_: Any = await redis.zrevrange(keys.batches, 0, limit - 1)
-    rows = []
-    for raw in locals_:
-        local = as_text(raw)
-        info = await _hash(redis, keys.batch(local))
-        if not info:
-            continue
-        waiting = int(await redis.hlen(keys.batch_members(local)))
-        rows.append({"batch": local, **info, "awaiting_results": waiting})
-    return rows
+    """What `tokenq batches` shows: the newest batches with their state and counts. Two round
+    trips whatever the limit: `tokenq metrics` asks for 200 at every scrape."""
+    locals_ = [as_text(raw) for raw in await redis.zrevrange(keys.batches, 0, limit - 1)]
+    pipe = redis.pipeline(transaction=False)
+    for local in locals_:
+        pipe.hgetall(keys.batch(local))
+        pipe.hlen(keys.batch_members(local))
+    replies: list[Any] = await pipe.execute()
+    return [
+        {
+            "batch": local,
+            **{as_text(k): as_text(v) for k, v in info.items()},
+            "awaiting_results": int(waiting),
+        }
+        for local, info, waiting in zip(locals_, replies[::2], replies[1::2], strict=True)
+        if info
+    ]
 
 
 async def cancel_batch(
@@ -374,9 +380,3 @@ async def cancel_batch(
         raise LookupError(f"batch {ident!r} is unknown or not submitted yet; see `tokenq batches`")
     batch = await client.messages.batches.cancel(as_text(api_id))
     return local, f"{batch.id} {batch.processing_status}"
-
-
-async def _hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
-    """HGETALL as str to str."""
-    raw: Any = await redis.hgetall(key)
-    return {as_text(k): as_text(v) for k, v in raw.items()}
