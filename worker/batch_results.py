@@ -97,13 +97,15 @@ class Members:
         raw = await hash_of(self.redis, self.keys.batch_members(local))
         return [(c, member(v)) for c, v in raw.items()]
 
-    async def runs(self, members: list[Member]) -> list[JobRun]:
-        """The members' runs, in one round trip."""
+    async def entries(self, members: list[Member]) -> list[tuple[Delivery | None, JobRun]]:
+        """Each member's entry (None when it is no longer on its stream) and its job's run."""
+        found = await self.queue.fetch([(m.priority, m.entry_id) for m in members])
         async with self.redis.pipeline(transaction=False) as pipe:
             for m in members:
                 pipe.hget(self.keys.state(m.job_id), "run")
             raw: list[Any] = await pipe.execute()
-        return [jobrun.decode(r, entry_ms(m.entry_id)) for m, r in zip(members, raw, strict=True)]
+        runs = (jobrun.decode(r, entry_ms(m.entry_id)) for m, r in zip(members, raw, strict=True))
+        return list(zip(found, runs, strict=True))
 
     def back_into(self, tx: Any, d: Delivery, m: Member, run: JobRun, why: str) -> None:
         """The job back at the end of its stream, its batch not counted as an attempt."""
@@ -152,8 +154,7 @@ class Members:
     async def _close(self, local: str, batch: Any) -> None:
         """Jobs left without a result line go back to their streams; the batch is done."""
         left = await self.of(local)
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in left])
-        runs = await self.runs([m for _, m in left])
+        entries = await self.entries([m for _, m in left])
         c = batch.request_counts
         ttl = self.cfg.queue.result_ttl_s
         done = {
@@ -166,7 +167,7 @@ class Members:
         }
 
         def write(tx: Any) -> None:
-            for (_, m), d, run in zip(left, found, runs, strict=True):
+            for (_, m), (d, run) in zip(left, entries, strict=True):
                 if d is not None:
                     self.back_into(tx, d, m, run, "no result in its batch")
             tx.hset(self.keys.batch(local), mapping=done)
@@ -181,11 +182,10 @@ class Members:
         cids = [line.custom_id for line in lines]
         raw: list[Any] = await self.redis.hmget(self.keys.batch_members(local), cids)
         mine = [(line, member(r)) for line, r in zip(lines, raw, strict=True) if r is not None]
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in mine])
-        runs = await self.runs([m for _, m in mine])
+        entries = await self.entries([m for _, m in mine])
         writes: list[Write] = []
         realtime: list[Delivery] = []
-        for (line, m), d, run in zip(mine, found, runs, strict=True):
+        for (line, m), (d, run) in zip(mine, entries, strict=True):
             if d is None:
                 continue  # already finished (a redelivered result of an earlier chunk)
             d.qualified = m.job_id != d.job_id

@@ -239,10 +239,9 @@ class Batches:
         """The create requests of a planned batch again, from its members' entries; a member
         that can no longer go as it was goes back on its stream."""
         members = await self.members.of(local)
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in members])
-        runs = await self.members.runs([m for _, m in members])
+        entries = await self.members.entries([m for _, m in members])
         requests, gone = [], []
-        for (cid, m), d, run in zip(members, found, runs, strict=True):
+        for (cid, m), (d, run) in zip(members, entries, strict=True):
             again = await self.request(d) if d is not None else None
             if again is None or again[0] != m.tier:
                 gone.append((cid, m, d, run))
