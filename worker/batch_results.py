@@ -13,9 +13,10 @@ fenced by the batcher lease.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import anthropic
@@ -25,7 +26,7 @@ import redis.asyncio as aioredis
 from worker import clock, jobrun, learning, outcomes
 from worker.batch_streams import BatchQueue
 from worker.config import Config
-from worker.contract import as_text, entry_ms
+from worker.contract import as_text, entry_ms, shown
 from worker.errors import InvalidRequest, JobRejected
 from worker.jobrun import Call, JobRun
 from worker.jobs import ApiMessage, exhausted, text_of
@@ -56,6 +57,36 @@ class Member(msgspec.Struct, frozen=True, kw_only=True, rename=MEMBER_KEYS):
 
 
 member = msgspec.json.Decoder(Member).decode
+
+
+class ApiError(msgspec.Struct, frozen=True):
+    """An errored item's `error.error`: the API's error type and message."""
+
+    type: str = ""
+    message: str = ""
+
+
+class ApiErrorBody(msgspec.Struct, frozen=True):
+    error: ApiError = ApiError()
+
+
+class ItemResult(msgspec.Struct, frozen=True):
+    """A result line's `result`: `message` when it succeeded, `error` when it errored."""
+
+    type: str  # succeeded, errored, canceled, expired
+    message: ApiMessage | None = None
+    error: ApiErrorBody = ApiErrorBody()
+
+
+class Item(msgspec.Struct, frozen=True):
+    """A line of a batch's results (JSONL), decoded as read: the SDK's own models cost
+    some 70 times as much per line, on the event loop, for the few fields read here."""
+
+    custom_id: str
+    result: ItemResult
+
+
+_item = msgspec.json.Decoder(Item).decode
 
 
 async def hash_of(redis: aioredis.Redis, key: str) -> dict[str, str]:
@@ -97,13 +128,15 @@ class Members:
         raw = await hash_of(self.redis, self.keys.batch_members(local))
         return [(c, member(v)) for c, v in raw.items()]
 
-    async def runs(self, members: list[Member]) -> list[JobRun]:
-        """The members' runs, in one round trip."""
+    async def entries(self, members: list[Member]) -> list[tuple[Delivery | None, JobRun]]:
+        """Each member's entry (None when it is no longer on its stream) and its job's run."""
+        found = await self.queue.fetch([(m.priority, m.entry_id) for m in members])
         async with self.redis.pipeline(transaction=False) as pipe:
             for m in members:
                 pipe.hget(self.keys.state(m.job_id), "run")
             raw: list[Any] = await pipe.execute()
-        return [jobrun.decode(r, entry_ms(m.entry_id)) for m, r in zip(members, raw, strict=True)]
+        runs = (jobrun.decode(r, entry_ms(m.entry_id)) for m, r in zip(members, raw, strict=True))
+        return list(zip(found, runs, strict=True))
 
     def back_into(self, tx: Any, d: Delivery, m: Member, run: JobRun, why: str) -> None:
         """The job back at the end of its stream, its batch not counted as an attempt."""
@@ -123,12 +156,13 @@ class Members:
                 batch.id,
             )
         else:
-            chunk: list[Any] = []
-            async for line in await self.client.messages.batches.results(batch.id):
-                chunk.append(line)
-                if len(chunk) == CHUNK:
-                    await self._deliver_chunk(local, info, chunk)
-                    chunk = []
+            chunk: list[Item] = []
+            async with contextlib.aclosing(self._items(batch.id)) as items:
+                async for line in items:
+                    chunk.append(line)
+                    if len(chunk) == CHUNK:
+                        await self._deliver_chunk(local, info, chunk)
+                        chunk = []
             await self._deliver_chunk(local, info, chunk)
         await self._close(local, batch)
         c = batch.request_counts
@@ -145,15 +179,22 @@ class Members:
 
     async def _ours(self, local: str, api_id: str) -> bool:
         """Whether an adopted batch's results are exactly our members' custom_ids."""
-        ids = {line.custom_id async for line in await self.client.messages.batches.results(api_id)}
+        ids = {line.custom_id async for line in self._items(api_id)}
         mine: Any = await self.redis.hkeys(self.keys.batch_members(local))
         return ids == {as_text(c) for c in mine}
+
+    async def _items(self, api_id: str) -> AsyncGenerator[Item]:
+        """The batch's result lines."""
+        results = self.client.messages.batches.with_streaming_response.results(api_id)
+        async with results as response:
+            async for line in response.iter_lines():
+                if line.strip():
+                    yield _item(line)
 
     async def _close(self, local: str, batch: Any) -> None:
         """Jobs left without a result line go back to their streams; the batch is done."""
         left = await self.of(local)
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in left])
-        runs = await self.runs([m for _, m in left])
+        entries = await self.entries([m for _, m in left])
         c = batch.request_counts
         ttl = self.cfg.queue.result_ttl_s
         done = {
@@ -166,7 +207,7 @@ class Members:
         }
 
         def write(tx: Any) -> None:
-            for (_, m), d, run in zip(left, found, runs, strict=True):
+            for (_, m), (d, run) in zip(left, entries, strict=True):
                 if d is not None:
                     self.back_into(tx, d, m, run, "no result in its batch")
             tx.hset(self.keys.batch(local), mapping=done)
@@ -175,17 +216,16 @@ class Members:
 
         await self.commit(write, local, [cid for cid, _ in left])
 
-    async def _deliver_chunk(self, local: str, info: dict[str, str], lines: list[Any]) -> None:
+    async def _deliver_chunk(self, local: str, info: dict[str, str], lines: list[Item]) -> None:
         if not lines:
             return
         cids = [line.custom_id for line in lines]
         raw: list[Any] = await self.redis.hmget(self.keys.batch_members(local), cids)
         mine = [(line, member(r)) for line, r in zip(lines, raw, strict=True) if r is not None]
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in mine])
-        runs = await self.runs([m for _, m in mine])
+        entries = await self.entries([m for _, m in mine])
         writes: list[Write] = []
         realtime: list[Delivery] = []
-        for (line, m), d, run in zip(mine, found, runs, strict=True):
+        for (line, m), (d, run) in zip(mine, entries, strict=True):
             if d is None:
                 continue  # already finished (a redelivered result of an earlier chunk)
             d.qualified = m.job_id != d.job_id
@@ -205,7 +245,7 @@ class Members:
     def _outcome(
         self,
         local: str,
-        result: Any,
+        result: ItemResult,
         m: Member,
         d: Delivery,
         run: JobRun,
@@ -214,7 +254,9 @@ class Members:
         """The writes for one result line (a function of the transaction)."""
         kind = result.type
         if kind == "succeeded":
-            end = self._succeeded(local, result.message.to_dict(), m, d, run)
+            if result.message is None:  # not per the API: fails as an unreadable answer does
+                raise ValueError(f"batch {local}: job={shown(m.job_id)} has no message")
+            end = self._succeeded(local, result.message, m, d, run)
             return lambda tx: outcomes.finish_into(tx, self.queue, d, m.job_id, end)
         if kind != "errored":  # expired, canceled: not the job's fault
             return lambda tx: self.back_into(tx, d, m, run, f"batch item {kind}")
@@ -244,10 +286,9 @@ class Members:
         return again
 
     def _succeeded(
-        self, local: str, body: dict[str, Any], m: Member, d: Delivery, run: JobRun
+        self, local: str, message: ApiMessage, m: Member, d: Delivery, run: JobRun
     ) -> outcomes.Ending:
         cfg = self.cfg
-        message = msgspec.convert(body, ApiMessage)
         usage = msgspec.convert(message.usage, ApiUsage)
         prices = cfg.models.get(message.model) or cfg.models[cfg.tiers[m.tier]]
         call = batch_call(run, m)

@@ -49,7 +49,6 @@ import msgspec
 from redis.exceptions import RedisError
 
 from worker import adaptive, clock, jobrun, jobs, learning, maxtokens, outcomes
-from worker.admission import Admitted
 from worker.batch_results import Member
 from worker.batch_streams import BatchQueue
 from worker.batches import Batches
@@ -76,7 +75,7 @@ class Waiting:
     """A job read from a batch stream, waiting for its window to close."""
 
     d: Delivery
-    admitted: Admitted
+    job: Job
     params: dict[str, Any]
     tier: str
     why: str
@@ -139,7 +138,7 @@ class Batcher:
         stopping: asyncio.Event,
     ) -> None:
         q = queue
-        self.redis, self.keys = q.redis, q.keys
+        self.keys = q.keys
         self.config = config  # the worker's config of the moment: reloads apply
         self.adopt = adopt
         self.stopping = stopping
@@ -267,13 +266,12 @@ class Batcher:
                 self.waiting.append(waiting)
 
     async def _prepared(self, d: Delivery) -> Waiting | None:
-        """_prepare, when the job may go into a batch (_batchable); None for real time. One
-        entry's boundary: whatever it holds must not end the batcher (the entry would stop the
+        """_prepare: the job waiting for a window, or None for real time. One entry's
+        boundary: whatever it holds must not end the batcher (the entry would stop the
         next batcher too), so an unexpected error sends it to real time, where its tries
         count and it is dead-lettered once they are spent."""
         try:
-            waiting = await self._prepare(d)
-            return waiting if waiting is not None and self._batchable(d, waiting) else None
+            return await self._prepare(d)
         except (RedisError, OSError):
             raise  # the batcher steps down; the entry waits for the next one
         except Exception:
@@ -284,10 +282,12 @@ class Batcher:
 
     async def _prepare(self, d: Delivery) -> Waiting | None:
         """The job's API params as the realtime path would send them; None when it cannot
-        be batched as it is (the realtime path dead-letters, truncates or classifies it)."""
+        be batched as it is (the realtime path dead-letters, truncates or classifies it, or
+        it is not _batchable). One config throughout, though a reload may land meanwhile."""
+        cfg = self.cfg
         try:
             # The worker's own checks and shaping, so a batch request equals a realtime one.
-            checked = await admitted(d, self.cfg, self.queue)
+            checked = await admitted(d, cfg, self.queue)
             job, feature = checked.job, checked.feature
             params: dict[str, Any] = msgspec.to_builtins(checked.request)
             asked = params.get("max_tokens") is not None
@@ -296,27 +296,28 @@ class Batcher:
             return None
         if any(note.startswith("kept the newest") for note in notes):
             return None
+        if not self._batchable(cfg, d, job, feature):  # before the reads below
+            return None
         if feature.max_tokens_learn and not asked:
             lengths = await self.lengths.get(job.feature, clock.now_ms())
             learnt = learning.max_tokens_into(feature, params, asked, lengths)
             notes += [learnt] if learnt else []
-        decided, kind = await self._route(d, job, feature, params)
-        if decided is None and self.cfg.router.classifier.enabled:
+        decided, kind = await self._route(cfg, d, job, feature, params)
+        if decided is None and cfg.router.classifier.enabled:
             return None  # the classifier is a realtime call of its own
-        tier, why = decided or (self.cfg.router.default_tier, "router.default_tier")
-        params["model"] = self.cfg.tiers[tier]
+        tier, why = decided or (cfg.router.default_tier, "router.default_tier")
+        params["model"] = cfg.tiers[tier]
         # Prompt caching works inside batches too (best effort, as the API says).
-        minimum = self.cfg.models[params["model"]].min_cache_tokens
+        minimum = cfg.models[params["model"]].min_cache_tokens
         params = mark_prompt_cache(params, feature.prompt_cache, minimum)
         size = len(_encode({"custom_id": "x" * 64, "params": params})) + 1
-        return Waiting(d, checked, params, tier, "; ".join([why, *notes]), size, kind)
+        return Waiting(d, job, params, tier, "; ".join([why, *notes]), size, kind)
 
     async def _route(
-        self, d: Delivery, job: Job, feature: FeatureConfig, params: dict[str, Any]
+        self, cfg: Config, d: Delivery, job: Job, feature: FeatureConfig, params: dict[str, Any]
     ) -> tuple[tuple[str, str] | None, str]:
         """The realtime path's route for a batched job (worker.process), the classifier's
         left out, and the adaptive router's kind of job ("" when it does not apply)."""
-        cfg = self.cfg
         if not adaptive.applies(cfg, feature):
             return static_route(cfg, job, feature, params), ""
         estimate = raw_estimate(params)
@@ -334,17 +335,13 @@ class Batcher:
         w = await self._prepared(d)
         return None if w is None else (w.tier, w.params)
 
-    def _batchable(self, d: Delivery, w: Waiting) -> bool:
+    def _batchable(self, cfg: Config, d: Delivery, job: Job, feature: FeatureConfig) -> bool:
         """Not when its deadline falls before its window's end, nor under a spend cap (the
         realtime path reserves and settles each call against the caps)."""
-        job = w.admitted.job
-        end = window_end_ms(self.cfg.batch, max(entry_ms(d.entry_id), clock.now_ms()))
+        end = window_end_ms(cfg.batch, max(entry_ms(d.entry_id), clock.now_ms()))
         if job.deadline_ms is not None and job.deadline_ms < end:
             return False
-        feature = self.cfg.features[job.feature]
-        return not caps_for(
-            self.cfg, self.keys, job.feature, feature, job.tenant or "", clock.utc()
-        )
+        return not caps_for(cfg, self.keys, job.feature, feature, job.tenant or "", clock.utc())
 
     async def _hand_over(self, d: Delivery) -> None:
         """Run the job in real time in this process: its entry moves to the worker's consumer
@@ -388,8 +385,7 @@ class Batcher:
         if await self.stop.until_ms() is not None:
             return False
         window = self._window()
-        taken = {id(w) for w in window}
-        self.waiting = [w for w in self.waiting if id(w) not in taken]
+        self.waiting = self.waiting[len(window) :]  # the window is their oldest prefix
         claims = await self.claims.begin_many([w.d for w in window], clock.now_ms())
         plan = _Plan()
         for w, claim in zip(window, claims, strict=True):
@@ -406,7 +402,7 @@ class Batcher:
         """Put one claimed job into the plan: a member, or its end, or a wait."""
         d = w.d
         if claim.outcome == "answered":
-            await self.queue.ack_duplicate(d, d.job_id, w.admitted.job.reply_to)
+            await self.queue.ack_duplicate(d, d.job_id, w.job.reply_to)
             return
         if claim.outcome == "in_flight":  # the same job pending in another entry: wait
             until = claim.look_again_ms(clock.now_ms())

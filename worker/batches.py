@@ -22,7 +22,7 @@ import anthropic
 import msgspec
 
 from worker import clock
-from worker.batch_results import Member, Members, hash_of, member
+from worker.batch_results import Member, Members, Write, hash_of, member
 from worker.batch_streams import BatchQueue
 from worker.config import Config
 from worker.contract import as_text
@@ -30,12 +30,8 @@ from worker.lease import Lease
 from worker.queue import Delivery
 
 log = logging.getLogger("tokenq.batcher")
-CHUNK = 200  # results written per transaction
 OPEN = ("planned", "submitted")
-# Error types of an errored item that are the request's own fault: retrying cannot help.
-REQUEST_ERRORS = ("invalid_request_error", "not_found_error", "request_too_large")
 _encode = msgspec.json.Encoder().encode
-Write = Callable[[Any], Any]
 Request = Callable[[Delivery], Awaitable[tuple[str, dict[str, Any]] | None]]
 
 
@@ -243,10 +239,9 @@ class Batches:
         """The create requests of a planned batch again, from its members' entries; a member
         that can no longer go as it was goes back on its stream."""
         members = await self.members.of(local)
-        found = await self.queue.fetch([(m.priority, m.entry_id) for _, m in members])
-        runs = await self.members.runs([m for _, m in members])
+        entries = await self.members.entries([m for _, m in members])
         requests, gone = [], []
-        for (cid, m), d, run in zip(members, found, runs, strict=True):
+        for (cid, m), (d, run) in zip(members, entries, strict=True):
             again = await self.request(d) if d is not None else None
             if again is None or again[0] != m.tier:
                 gone.append((cid, m, d, run))
