@@ -49,6 +49,7 @@ from common import (
     ROOT,
     UNLIMITED,
     Servers,
+    raised_limits,
     say,
     sim_call,
     simulator,
@@ -331,9 +332,7 @@ def report(checks: list[Check], f: dict[str, Any], ledger: dict[str, Any], chaos
 
 
 async def chaos_run(folder: Path, a: argparse.Namespace, valkey: Valkey, sim_url: str) -> int:
-    base = load_config(ROOT / "config.toml")
-    limits = {f'models."{m}".limits.{k}': 10**9 for m in base.models
-              for k in ("rpm", "itpm", "otpm")}  # fmt: skip
+    limits = raised_limits(load_config(ROOT / "config.toml"))
     srv = Servers(valkey.url, sim_url, 0, 0)
     cfg, path = write_config(folder, srv, f"chaos{a.seed}", {**limits, **SETTINGS})
     trace = workload(folder, a.jobs, a.seed)

@@ -75,6 +75,7 @@ from common import (
     ROOT,
     UNLIMITED,
     Servers,
+    raised_limits,
     say,
     servers,
     sim_call,
@@ -156,17 +157,6 @@ def feature_order(cfg: Config, trace: Trace) -> list[str]:
     """The trace's features in config.toml order (unknown ones last, as the trace has them)."""
     seen = dict.fromkeys(job["feature"] for job in trace)
     return [f for f in cfg.features if f in seen] + [f for f in seen if f not in cfg.features]
-
-
-def raised_limits(cfg: Config) -> dict[str, object]:
-    """Config overrides putting every model's rate limits far above what the bench sends."""
-    rpm, itpm, otpm = (int(n) for n in UNLIMITED.split("/"))
-    out: dict[str, object] = {}
-    for model, prices in cfg.models.items():
-        if prices.limits is not None:
-            section = f'models."{model}".limits'
-            out |= {f"{section}.rpm": rpm, f"{section}.itpm": itpm, f"{section}.otpm": otpm}
-    return out
 
 
 # -- naive runs --

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from common import ROOT, UNLIMITED, Servers, say, sim_call, simulator, stop, valkey
+from common import ROOT, UNLIMITED, Servers, raised_limits, say, sim_call, simulator, stop, valkey
 from common import write_config as base_config
 from meter import ValkeyDelta, between, peak_rss_kib, process_cpu_s, valkey_stats
 
@@ -253,11 +253,7 @@ def tokenq_config(folder: Path, url: str, sim_url: str, prefix: str) -> tuple[Co
     """The repo's config for one run, every model's rate limits and the bench features' daily
     budget caps far above what the bench sends: the limiter and the budgets still run (their
     cost is part of each job) but never make a job wait or refuse it."""
-    rpm, itpm, otpm = (int(n) for n in UNLIMITED.split("/"))
-    huge: dict[str, object] = {}
-    for model in load_config(ROOT / "config.toml").models:
-        section = f'models."{model}".limits'
-        huge |= {f"{section}.rpm": rpm, f"{section}.itpm": itpm, f"{section}.otpm": otpm}
+    huge = raised_limits(load_config(ROOT / "config.toml"))
     for feature in BENCH_FEATURES:
         huge[f"features.{feature}.daily_usd"] = 1e9
     return base_config(folder, Servers(url, sim_url, 0, 0), prefix, huge)
