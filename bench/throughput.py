@@ -57,8 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,15 +294,6 @@ def load_backlog(case: Case, s: Setup, url: str) -> None:
         asyncio.run(preload(url, s.cfg.prefix, case.jobs, case.feature, case.cache_off))
 
 
-@contextmanager
-def contender(command: list[str], log: Path) -> Iterator[Contender]:
-    proc = Contender(command, log)
-    try:
-        yield proc
-    finally:
-        proc.close()
-
-
 def run_case(case: Case, rnd: int, folder: Path, sim: tuple[str, int], timeout_s: float) -> Run:
     """One run: a fresh Valkey, the contender set up, its backlog, the timed window."""
     sim_url, sim_pid = sim
@@ -314,7 +304,7 @@ def run_case(case: Case, rnd: int, folder: Path, sim: tuple[str, int], timeout_s
     with ExitStack() as stack:
         url, _ = stack.enter_context(valkey(folder / "valkey"))
         s = setup(case, folder, url, sim_url, timeout_s)
-        proc = stack.enter_context(contender(s.command, folder / "contender.log"))
+        proc = stack.enter_context(closing(Contender(s.command, folder / "contender.log")))
         if proc.expect(120) != "ready":
             raise RuntimeError(f"{case.script} did not say ready")
         load_backlog(case, s, url)
