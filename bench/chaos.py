@@ -45,7 +45,18 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from common import ROOT, UNLIMITED, Servers, say, sim_call, stop, workload, write_config
+from common import (
+    ROOT,
+    UNLIMITED,
+    Servers,
+    raised_limits,
+    say,
+    sim_call,
+    simulator,
+    stop,
+    workload,
+    write_config,
+)
 
 from producers import NewJob, Producer
 from worker.config import Config, load_config
@@ -320,24 +331,8 @@ def report(checks: list[Check], f: dict[str, Any], ledger: dict[str, Any], chaos
           f"${f['estimate']:.6f}")  # fmt: skip
 
 
-def start_simulator(seed: int) -> tuple[subprocess.Popen[bytes], str]:
-    """The simulator at 150 ms, batches done in a second, limits far above the run's."""
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--port", "0", "--seed", str(seed), "--limit",
-         UNLIMITED, "--latency-ms", "150", "--batch-seconds", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
-    )  # fmt: skip
-    assert sim.stdout is not None
-    line = sim.stdout.readline().decode().strip()
-    if not line.startswith("simulator listening on "):
-        raise RuntimeError(f"the simulator did not start: {line!r}")
-    return sim, line.rsplit(" ", 1)[-1]
-
-
 async def chaos_run(folder: Path, a: argparse.Namespace, valkey: Valkey, sim_url: str) -> int:
-    base = load_config(ROOT / "config.toml")
-    limits = {f'models."{m}".limits.{k}': 10**9 for m in base.models
-              for k in ("rpm", "itpm", "otpm")}  # fmt: skip
+    limits = raised_limits(load_config(ROOT / "config.toml"))
     srv = Servers(valkey.url, sim_url, 0, 0)
     cfg, path = write_config(folder, srv, f"chaos{a.seed}", {**limits, **SETTINGS})
     trace = workload(folder, a.jobs, a.seed)
@@ -388,14 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tokenq-chaos-") as tmp:
         folder = Path(tmp)
         valkey = Valkey(folder)
-        valkey.start()
-        sim, sim_url = start_simulator(a.seed)
+        # The simulator at 150 ms, batches done in a second, limits far above the run's.
+        sim_args = ("--seed", str(a.seed), "--limit", UNLIMITED, "--latency-ms", "150",
+                    "--batch-seconds", "1")  # fmt: skip
         try:
-            return asyncio.run(chaos_run(folder, a, valkey, sim_url))
+            valkey.start()
+            with simulator(folder, sim_args) as (sim_url, _pid):
+                return asyncio.run(chaos_run(folder, a, valkey, sim_url))
         finally:
-            stop(sim)
-            if sim.stdout is not None:
-                sim.stdout.close()
             valkey.stop()
 
 

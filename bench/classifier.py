@@ -23,12 +23,11 @@ question adds, not how good a classifier can be.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+
+from common import ROOT, workload
 
 from simulator.truth import (
     DEFAULT_SKILLS,
@@ -41,15 +40,6 @@ from simulator.truth import (
 )
 from worker.config import load_config
 from worker.router import classifier_text, request_text, tier_order
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def trace(jobs: int, seed: int) -> list[dict[str, Any]]:
-    script = ROOT / "bench" / "workloads" / "make_workload.py"
-    cmd = [sys.executable, str(script), "--jobs", str(jobs), "--seed", str(seed)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return [json.loads(line) for line in out.splitlines()]
 
 
 def right_for(text: str, tiers: list[str], q: Quality) -> int:
@@ -71,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     q = Quality(mode="on", seed=a.seed, skills=dict(DEFAULT_SKILLS))
     model = cfg.tiers[tiers[0]]
     agree: dict[str, Counter[str]] = {}
-    for job in trace(a.jobs, a.seed):
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = workload(Path(tmp), a.jobs, a.seed)
+    for job in trace:
         request = job["request"]
         own = right_tier(tiers, q.skills, judge(request, model, q).grade.difficulty)
         views = {

@@ -115,6 +115,18 @@ def write_config(
     return load_config(path), path
 
 
+def raised_limits(cfg: Config) -> dict[str, object]:
+    """Config overrides putting every model's rate limits far above what a bench sends (the
+    limiter still runs, and its cost is measured, but never makes a job wait)."""
+    rpm, itpm, otpm = (int(n) for n in UNLIMITED.split("/"))
+    out: dict[str, object] = {}
+    for model, prices in cfg.models.items():
+        if prices.limits is not None:
+            section = f'models."{model}".limits'
+            out |= {f"{section}.rpm": rpm, f"{section}.itpm": itpm, f"{section}.otpm": otpm}
+    return out
+
+
 def workload(folder: Path, jobs: int, seed: int) -> list[dict[str, Any]]:
     """The reference trace generator's output (bench/workloads/make_workload.py), as dicts."""
     out = folder / "workload.jsonl"

@@ -75,6 +75,7 @@ from common import (
     ROOT,
     UNLIMITED,
     Servers,
+    raised_limits,
     say,
     servers,
     sim_call,
@@ -156,17 +157,6 @@ def feature_order(cfg: Config, trace: Trace) -> list[str]:
     """The trace's features in config.toml order (unknown ones last, as the trace has them)."""
     seen = dict.fromkeys(job["feature"] for job in trace)
     return [f for f in cfg.features if f in seen] + [f for f in seen if f not in cfg.features]
-
-
-def raised_limits(cfg: Config) -> dict[str, object]:
-    """Config overrides putting every model's rate limits far above what the bench sends."""
-    rpm, itpm, otpm = (int(n) for n in UNLIMITED.split("/"))
-    out: dict[str, object] = {}
-    for model, prices in cfg.models.items():
-        if prices.limits is not None:
-            section = f'models."{model}".limits'
-            out |= {f"{section}.rpm": rpm, f"{section}.itpm": itpm, f"{section}.otpm": otpm}
-    return out
 
 
 # -- naive runs --
@@ -529,34 +519,16 @@ def lever_runs(folder: Path, srv: Servers, trace: Trace, cfg: Config, chosen: di
 # -- the semantic lever, on the paraphrase trace --
 
 
-@dataclass
-class Lever:
-    """The semantic cache's part in a tokenq run of the paraphrase trace (support_faq jobs):
-    exact hits, paraphrases (an intent asked before in other words, not answered by the
-    exact cache), semantic hits on them, and false hits (an answer written for another
-    intent), by the trace's `group`."""
-
-    run: Run
-    jobs: int = 0
-    exact: int = 0
-    paraphrases: int = 0
-    hits: int = 0
-    right_hits: int = 0
-    false_hits: int = 0
-    embedding_tokens: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.right_hits / self.paraphrases if self.paraphrases else 0.0
-
-    @property
-    def false_rate(self) -> float:
-        return self.false_hits / self.hits if self.hits else 0.0
+# A tokenq run of the paraphrase trace and its support_faq jobs graded as bench/semantic.py
+# grades a pass: exact hits, paraphrases (an intent asked before in other words, not answered
+# by the exact cache), semantic hits on them, and false hits (an answer written for another
+# intent), by the trace's `group`.
+Lever = tuple[Run, semantic_bench.Pass]
 
 
 def lever_of(run: Run, trace: Trace) -> Lever:
     """Grade the support_faq jobs of a run by the trace's intent groups, in trace order."""
-    out, seen = Lever(run), set()
+    out, seen = semantic_bench.Pass(run.name), set()
     group_of = {job_id: job.get("group") for job_id, job in zip(run.ids, trace, strict=True)}
     for job_id, job in zip(run.ids, trace, strict=True):
         event = run.by_job.get(job_id)
@@ -565,18 +537,18 @@ def lever_of(run: Run, trace: Trace) -> Lever:
         out.jobs += 1
         out.embedding_tokens += event.embedding_tokens
         if event.response_cache in ("hit", "joined"):
-            out.exact += 1
+            out.exact_hits += 1
             seen.add(job["group"])
             continue
         before = job["group"] in seen
         out.paraphrases += before
         if event.response_cache == "semantic":
-            out.hits += 1
+            out.semantic_hits += 1
             same = group_of.get(event.semantic_source_job_id) == job["group"]
             out.right_hits += same and before
             out.false_hits += not same
         seen.add(job["group"])
-    return out
+    return run, out
 
 
 def semantic_lever(
@@ -606,22 +578,22 @@ def semantic_table(cfg: Config, levers: list[Lever], sweep: list[semantic_bench.
     """The semantic lever's figures: the two runs, the saving, the sweep."""
     sc = cfg.features[FAQ].semantic_cache
     threshold = sc.threshold if sc is not None else 0.0
-    exact, both = levers
+    (exact, graded), (both, _) = levers
     print(f"semantic cache, paraphrase trace (support_faq asked in many wordings; "
-          f"{exact.jobs} support_faq jobs of {exact.run.jobs}), threshold {threshold}:"
+          f"{graded.jobs} support_faq jobs of {exact.jobs}), threshold {threshold}:"
           )  # fmt: skip
-    for lv in levers:
-        faq = lv.run.features.get(FAQ, FeatureCost())
-        print(f"  {lv.run.name:<15} whole trace ${lv.run.ledger_usd:.4f}, support_faq "
-              f"${faq.cost_usd:.5f}; exact hits {lv.exact}; paraphrases answered "
-              f"{lv.right_hits}/{lv.paraphrases} ({lv.hit_rate:.1%}); false hits "
-              f"{lv.false_hits}/{lv.hits} ({lv.false_rate:.2%}); {lv.embedding_tokens:,} "
+    for run, p in levers:
+        faq = run.features.get(FAQ, FeatureCost())
+        print(f"  {run.name:<15} whole trace ${run.ledger_usd:.4f}, support_faq "
+              f"${faq.cost_usd:.5f}; exact hits {p.exact_hits}; paraphrases answered "
+              f"{p.right_hits}/{p.paraphrases} ({p.hit_rate:.1%}); false hits "
+              f"{p.false_hits}/{p.semantic_hits} ({p.false_rate:.2%}); {p.embedding_tokens:,} "
               "tokens embedded")  # fmt: skip
-    saved = exact.run.ledger_usd - both.run.ledger_usd
-    faq_saved = exact.run.features[FAQ].cost_usd - both.run.features[FAQ].cost_usd
-    print(f"  semantic lever saves ${saved:.5f} of the trace ({saved / exact.run.ledger_usd:.2%})"
+    saved = exact.ledger_usd - both.ledger_usd
+    faq_saved = exact.features[FAQ].cost_usd - both.features[FAQ].cost_usd
+    print(f"  semantic lever saves ${saved:.5f} of the trace ({saved / exact.ledger_usd:.2%})"
           f", ${faq_saved:.5f} of support_faq "
-          f"({faq_saved / exact.run.features[FAQ].cost_usd:.1%})")  # fmt: skip
+          f"({faq_saved / exact.features[FAQ].cost_usd:.1%})")  # fmt: skip
     print("  sweep (no API calls; bench/semantic.py's path): "
           + "; ".join(f"{p.name}: {p.hit_rate:.1%} answered, {p.false_rate:.2%} false"
                       for p in sweep))  # fmt: skip
@@ -767,7 +739,7 @@ def report(cfg: Config, order: list[str], naive: dict[str, Run], best: Run,
         levers_table(best, levers, opus)
     if semantic is not None:
         semantic_table(cfg, *semantic)
-    paraphrased = [lv.run for lv in semantic[0]] if semantic is not None else []
+    paraphrased = [run for run, _ in semantic[0]] if semantic is not None else []
     ok, lines = checks([static, *routers, *levers, *paraphrased], cfg)
     for line in lines:
         print(line)

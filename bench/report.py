@@ -36,43 +36,25 @@ import dataclasses
 import math
 import random
 import statistics
-import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
-from common import ROOT, say, stop
+from common import ROOT, say, valkey
 
 from worker.compaction import COMPACT_PER_TICK, compact_due
 from worker.config import Config, load_config
 from worker.contract import GROUP, Keys, Result, UsageEvent, to_fields
-from worker.embedded import connect, free_port, server_args, wait_until_ready
+from worker.embedded import connect
 from worker.queue import Delivery, Finish, Queue
 from worker.report import Query, query
 from worker.rollups import Rollups, settings_of
 
 TENANTS = 500
-
-
-@contextmanager
-def valkey(folder: Path) -> Iterator[tuple[str, int]]:
-    """The embedded server's command line (append-only file, fsync every second) on a free
-    port: its URL and pid."""
-    port = free_port()
-    args = server_args(load_config(ROOT / "config.toml"), port=port, data_dir=str(folder))
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    try:
-        if not wait_until_ready(port):
-            raise RuntimeError(f"valkey-server did not answer on 127.0.0.1:{port}")
-        yield f"redis://127.0.0.1:{port}/0", proc.pid
-    finally:
-        stop(proc)
 
 
 class Outcomes:

@@ -55,7 +55,7 @@ from worker.config import Config
 from worker.contract import Keys
 from worker.embedded import connect
 from worker.embeddings import Embedded, make_embedder
-from worker.semantic import SemanticCache
+from worker.semantic import Lookup, SemanticCache
 
 TARGET_HIT_RATE, TARGET_FALSE_RATE = 0.5, 0.01
 PLACEHOLDER = CachedAnswer("(sweep)", [], "", "", "end_turn", {})
@@ -274,20 +274,20 @@ async def lookup_times(srv: Servers, cfg: Config, entries: int, lookups: int) ->
         "max_tokens": 300,
         "messages": [{"role": "user", "content": "x"}],
     }
+
+    async def lookup(cache: SemanticCache, asked: dict[str, Any] = params) -> Lookup:
+        """A lookup of `asked` in the filled scope (one tenant, the cache on)."""
+        return await cache.lookup(
+            cfg, feature=FAQ, tenant="t", cache_off=False, model=run.model, params=asked
+        )
+
     t0 = time.perf_counter()
     for start in range(0, entries, 500):
         async with run.redis.pipeline(transaction=False) as pipe:
             for i in range(start, min(entries, start + 500)):
                 fixed.next = vectors[i : i + 1]
                 if i == 0:
-                    found = await cache.lookup(
-                        cfg,
-                        feature=FAQ,
-                        tenant="t",
-                        cache_off=False,
-                        model=run.model,
-                        params=params,
-                    )
+                    found = await lookup(cache)
                 miss = msgspec.structs.replace(
                     found, outcome="miss", vector=vectors[i].astype("<f4").tobytes()
                 )
@@ -305,9 +305,7 @@ async def lookup_times(srv: Servers, cfg: Config, entries: int, lookups: int) ->
     other = SemanticCache(run.redis, run.keys, fixed)  # a second process: loads 10k entries
     fixed.next = vectors[:1]
     t0 = time.perf_counter()
-    await other.lookup(
-        cfg, feature=FAQ, tenant="t", cache_off=False, model=run.model, params=params
-    )
+    await lookup(other)
     load_s = time.perf_counter() - t0
     bare, calls = [], []
     for k in range(lookups):
@@ -316,24 +314,18 @@ async def lookup_times(srv: Servers, cfg: Config, entries: int, lookups: int) ->
         calls.append(time.perf_counter() - t0)
         fixed.next = vectors[int(rng.integers(entries))][None, :]
         t0 = time.perf_counter()
-        found = await other.lookup(
-            cfg, feature=FAQ, tenant="t", cache_off=False, model=run.model, params=params
-        )
+        found = await lookup(other)
         bare.append(time.perf_counter() - t0)
         assert found.outcome == "hit", found.outcome  # its own vector: similarity 1
     whole = [a + b for a, b in zip(bare, calls, strict=True)]
     # The lookup as a job makes it: the embedding call and the scope's sync overlap.
     overlapped = SemanticCache(run.redis, run.keys, Named(real, fixed.name))
-    await overlapped.lookup(
-        cfg, feature=FAQ, tenant="t", cache_off=False, model=run.model, params=params
-    )  # its first lookup loads the scope
+    await lookup(overlapped)  # its first lookup loads the scope
     jobs = []
     for k in range(lookups):
         asked = {**params, "messages": [{"role": "user", "content": texts[k]}]}
         t0 = time.perf_counter()
-        found = await overlapped.lookup(
-            cfg, feature=FAQ, tenant="t", cache_off=False, model=run.model, params=asked
-        )
+        found = await lookup(overlapped, asked)
         jobs.append(time.perf_counter() - t0)
         assert found.outcome == "hit", found.outcome
     await real.aclose()

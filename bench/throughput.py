@@ -57,14 +57,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
-from common import ROOT, UNLIMITED, Servers, say, sim_call, simulator, stop, valkey
+from common import ROOT, UNLIMITED, Servers, raised_limits, say, sim_call, simulator, stop, valkey
 from common import write_config as base_config
 from meter import ValkeyDelta, between, peak_rss_kib, process_cpu_s, valkey_stats
 
@@ -253,11 +252,7 @@ def tokenq_config(folder: Path, url: str, sim_url: str, prefix: str) -> tuple[Co
     """The repo's config for one run, every model's rate limits and the bench features' daily
     budget caps far above what the bench sends: the limiter and the budgets still run (their
     cost is part of each job) but never make a job wait or refuse it."""
-    rpm, itpm, otpm = (int(n) for n in UNLIMITED.split("/"))
-    huge: dict[str, object] = {}
-    for model in load_config(ROOT / "config.toml").models:
-        section = f'models."{model}".limits'
-        huge |= {f"{section}.rpm": rpm, f"{section}.itpm": itpm, f"{section}.otpm": otpm}
+    huge = raised_limits(load_config(ROOT / "config.toml"))
     for feature in BENCH_FEATURES:
         huge[f"features.{feature}.daily_usd"] = 1e9
     return base_config(folder, Servers(url, sim_url, 0, 0), prefix, huge)
@@ -299,15 +294,6 @@ def load_backlog(case: Case, s: Setup, url: str) -> None:
         asyncio.run(preload(url, s.cfg.prefix, case.jobs, case.feature, case.cache_off))
 
 
-@contextmanager
-def contender(command: list[str], log: Path) -> Iterator[Contender]:
-    proc = Contender(command, log)
-    try:
-        yield proc
-    finally:
-        proc.close()
-
-
 def run_case(case: Case, rnd: int, folder: Path, sim: tuple[str, int], timeout_s: float) -> Run:
     """One run: a fresh Valkey, the contender set up, its backlog, the timed window."""
     sim_url, sim_pid = sim
@@ -318,7 +304,7 @@ def run_case(case: Case, rnd: int, folder: Path, sim: tuple[str, int], timeout_s
     with ExitStack() as stack:
         url, _ = stack.enter_context(valkey(folder / "valkey"))
         s = setup(case, folder, url, sim_url, timeout_s)
-        proc = stack.enter_context(contender(s.command, folder / "contender.log"))
+        proc = stack.enter_context(closing(Contender(s.command, folder / "contender.log")))
         if proc.expect(120) != "ready":
             raise RuntimeError(f"{case.script} did not say ready")
         load_backlog(case, s, url)

@@ -69,10 +69,6 @@ async def main(a: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["preload", "work"])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--jobs", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser = handshake.peer_arguments(__doc__)
     parser.add_argument("--poll-delay", type=float, default=0.01)
     asyncio.run(main(parser.parse_args()))

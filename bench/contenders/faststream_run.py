@@ -98,11 +98,7 @@ async def main(a: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["preload", "work"])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--jobs", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser = handshake.peer_arguments(__doc__)
     parser.add_argument("--sleep-ms", type=int, default=0)
     parser.add_argument("--max-records", type=int, help="entries per XREADGROUP (concurrency)")
     asyncio.run(main(parser.parse_args()))

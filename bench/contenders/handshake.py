@@ -13,6 +13,7 @@ the event loop on purpose: nothing of the worker runs between `done` and the sna
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -43,3 +44,14 @@ def done(seconds: float, probes: dict[str, int], **extra: Any) -> None:
 def finished(**extra: Any) -> None:
     """The last line: what the contender checked after stopping (failures, calls)."""
     print(json.dumps(extra), flush=True)
+
+
+def peer_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The command line every peer contender (arq, FastStream, redis-py streams) takes:
+    `preload|work --url URL --jobs N [--concurrency C]`; each adds its own options."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("mode", choices=["preload", "work"])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--jobs", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=64)
+    return parser
