@@ -113,7 +113,7 @@ def answered(cfg: Config, w: Work, got: Answered, *, escalate: bool = True) -> S
         run.route.append(f"check failed: {problem}")
     baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
     return outcomes.answered(
-        w.d, w.c.job, run, message, got.call, baseline=baseline, problem=problem
+        w.d, w.c.job, run, message, got.usage, got.call, baseline=baseline, problem=problem
     )
 
 
