@@ -145,8 +145,7 @@ class Runner:
         return dataclasses.replace(step, also=also)
 
     async def _retry(self, w: Work, what: str, step: Any) -> Any:
-        give_up_s = self.cfg.queue.visibility_timeout_s / 2
-        return await jobs.with_retries(step, what=what, job_id=w.d.job_id, give_up_s=give_up_s)
+        return await self.caller.retrying(w.d.job_id, what, step)
 
     # -- the claim --
 
