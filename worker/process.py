@@ -215,7 +215,7 @@ class Runner:
 
     async def _answer(self, w: Work) -> Step:
         assert w.c is not None and w.feature is not None
-        run, job = w.c.run, w.c.job
+        run, job, feature = w.c.run, w.c.job, w.feature
         asked = w.params.get("max_tokens") is not None
         notes = jobs.shape(job, w.feature, w.params)
         if w.feature.max_tokens_learn and not asked:
@@ -240,9 +240,7 @@ class Runner:
         found = await self._retry(
             w,
             "claiming the cache",
-            lambda: self.cache.claim(
-                key, keep_s, w.feature.dedupe if w.feature else False, w.token
-            ),
+            lambda: self.cache.claim(key, keep_s, feature.dedupe, w.token),
         )
         if isinstance(found, CachedAnswer):
             return self._cached(w, found, "joined")
