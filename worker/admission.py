@@ -29,33 +29,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import msgspec
-
-from worker import clock
 from worker.api_request import EXAMPLE, parse_request
 from worker.config import Config, FeatureConfig
-from worker.contract import (
-    ErrorInfo,
-    Job,
-    Request,
-    Result,
-    UsageEvent,
-    clean,
-    entry_ms,
-    id_problem,
-    shown,
-    to_fields,
-)
-from worker.errors import JobRejected, MalformedJob, TooLarge, UnknownFeature
-from worker.queue import Delivery, Finish
+from worker.contract import Job, Request, id_problem, shown
+from worker.errors import MalformedJob, TooLarge, UnknownFeature
 
 JOB_FIELDS = ("feature", "request", "id", "tenant", "tier", "reply_to", "deadline_ms", "cache")
 MAX_TENANT = 256
 MAX_REPLY_TO = 512
 DEAD_VALUE_CHARS = 1024  # what a dead letter keeps of an oversized value
 DEAD_OTHER_FIELDS = 32  # fields tokenq does not know, copied into a dead letter
-MESSAGE_CHARS = 500  # of the reason, in an error's usage event
-ERROR_CHARS = 2000  # of the reason, in a dead letter and an error result
 
 
 @dataclass(frozen=True)
@@ -274,38 +257,3 @@ def dead_copy(fields: dict[str, str], *, too_large: bool) -> dict[str, str]:
     if dropped:
         out["dropped_fields"] = str(dropped)
     return out
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-def rejection(d: Delivery, exc: JobRejected, started_ms: int, cfg: Config) -> Finish:
-    """What a job that can never succeed leaves behind: an error result under its job id, a
-    usage event with the reason in `message`, and a dead letter of its fields (bounded, see
-    dead_copy) with the reason; its reply_to, when it may be written to, gets the result too.
-    Everything but the dead letter's copy of the fields is clean UTF-8."""
-    f = d.fields
-    sentence = clean(str(exc))[:ERROR_CHARS]
-    job_id = clean(d.job_id)
-    result = Result(id=job_id, status="error", error=ErrorInfo(exc.error_type, sentence))
-    event = UsageEvent(
-        ts_ms=clock.now_ms(), job_id=job_id, feature=_label(f.get("feature")),
-        tenant=_label(f.get("tenant")), priority=d.priority, status="error",
-        attempt=exc.attempts, queue_ms=max(0, started_ms - entry_ms(d.entry_id)),
-        error_type=exc.error_type, message=sentence[:MESSAGE_CHARS],
-    )  # fmt: skip
-    dead = {
-        **dead_copy(f, too_large=isinstance(exc, TooLarge)),
-        "error_type": exc.error_type,
-        "error": sentence,
-        "attempts": str(exc.attempts),
-        "priority": d.priority,
-        "entry_id": d.entry_id,
-        "job_id": job_id,
-    }
-    return Finish(_encode(result), to_fields(event), reply_to_of(f, cfg), dead)
-
-
-def _label(value: str | None) -> str:
-    """A producer's feature or tenant for a usage event: clean UTF-8, at most 200 characters."""
-    return clean(value or "")[:200]

@@ -176,13 +176,12 @@ class Caller:
         self.budgets.reload(cfg)
         self.breakers.reload(cfg.breakers)
 
-    @property
-    def give_up_s(self) -> float:
-        """How long a Redis step is tried again before the job is left pending."""
-        return self.cfg.queue.visibility_timeout_s / 2
-
-    async def retrying(self, c: CallFor, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
-        return await with_retries(step, what=what, job_id=c.d.job_id, give_up_s=self.give_up_s)
+    async def retrying(self, job_id: str, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        """step() tried again through a Redis outage (jobs.with_retries) for half the
+        visibility timeout; then the job is left pending (GaveUp). Every Redis step of a job
+        goes through here."""
+        give_up_s = self.cfg.queue.visibility_timeout_s / 2
+        return await with_retries(step, what=what, job_id=job_id, give_up_s=give_up_s)
 
     async def call(
         self, c: CallFor, params: dict[str, Any], *, counted: bool = True, guarded: bool = True
@@ -194,7 +193,7 @@ class Caller:
         could never fit the rate limits, DeadlineExceeded when the job's deadline passed while
         it waited for capacity, GaveUp when Redis stayed away before the call."""
         ready: _Ready | Open | Refusal | Stopped = await self.retrying(
-            c, "preparing a call", lambda: self._ready(c, params, counted, guarded)
+            c.d.job_id, "preparing a call", lambda: self._ready(c, params, counted, guarded)
         )
         if not isinstance(ready, _Ready):
             return ready
@@ -339,7 +338,9 @@ class Caller:
         await self._settle_capacity(r.grant, failure_answer(exc))
         await self._record_breakers(r.ticket, exc)
         if isinstance(exc, asyncio.CancelledError | anthropic.APITimeoutError):
-            await self.retrying(c, "reporting a lost call", lambda: self.report_lost(c, [call]))
+            await self.retrying(
+                c.d.job_id, "reporting a lost call", lambda: self.report_lost(c, [call])
+            )
             raise exc
         call.state, call.error = "failed", describe(exc) if isinstance(exc, Exception) else ""
         await self._settle_budget(c, r.hold, call, called=False)
@@ -392,7 +393,9 @@ class Caller:
         cost = call.cost_usd if called else 0.0
         try:
             alerts = await self.retrying(
-                c, "settling a budget", lambda: self.budgets.settle(hold, cost, called=called)
+                c.d.job_id,
+                "settling a budget",
+                lambda: self.budgets.settle(hold, cost, called=called),
             )
             call.hold, call.hold_keys = "", []
             for cap in alerts:
@@ -415,7 +418,7 @@ class Caller:
         maxlen = self.queue.usage_maxlen
         try:
             first = await self.retrying(
-                c, "stopping the fleet", lambda: self.stop.stop(until, fields, maxlen)
+                c.d.job_id, "stopping the fleet", lambda: self.stop.stop(until, fields, maxlen)
             )
         except GaveUp:
             return until

@@ -58,10 +58,6 @@ class Claim:
     run: str = ""
     since_ms: int = 0
 
-    @property
-    def has_result(self) -> bool:
-        return self.outcome == "answered"
-
     def look_again_ms(self, now_ms: int) -> int:
         """When a copy waiting for an `in_flight` job looks again: a quarter of the first's
         age from now, between 1 and 30 seconds (soon for a young job, rarely for an old one)."""

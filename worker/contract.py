@@ -435,8 +435,10 @@ def id_problem(value: str) -> str | None:
         return "`id` is empty; leave the field out for a default id, or give 1 to 255 characters"
     if len(value) > MAX_ID_CHARS:
         return f"`id` is {len(value)} characters long; at most {MAX_ID_CHARS} are allowed"
-    bad = next((c for c in value if not c.isprintable() or c.isspace()), None)
-    if bad is not None:
+    # str.isprintable() is False for every whitespace character but the ASCII space, so the
+    # id is walked char by char only when it has a bad one (a job reads its id a dozen times).
+    if not value.isprintable() or " " in value:
+        bad = next(c for c in value if not c.isprintable() or c.isspace())
         return (
             f"`id` {shown(value, 60)} contains {bad!a}; ids are printable characters "
             "without spaces or control characters"

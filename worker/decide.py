@@ -113,7 +113,7 @@ def answered(cfg: Config, w: Work, got: Answered, *, escalate: bool = True) -> S
         run.route.append(f"check failed: {problem}")
     baseline = cfg.models[cfg.tiers[cfg.router.baseline_tier]]
     return outcomes.answered(
-        w.d, w.c.job, run, message, got.call, baseline=baseline, problem=problem
+        w.d, w.c.job, run, message, got.usage, got.call, baseline=baseline, problem=problem
     )
 
 
@@ -125,7 +125,7 @@ def _escalate(cfg: Config, w: Work, got: Answered, problem: str, up: str) -> Non
     run.escalations += 1
     room = ""
     if problem == CUT:
-        had = int(call_params(cfg, w)["max_tokens"])
+        had = run.max_tokens or int(w.params["max_tokens"])  # as call_params sends it
         run.max_tokens = jobs.more_room(w.feature, had)
         if run.max_tokens > had:
             room = f" (max_tokens {had} -> {run.max_tokens})"

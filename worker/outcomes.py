@@ -129,15 +129,16 @@ def answered(
     job: Job,
     run: JobRun,
     message: ApiMessage,
+    usage: ApiUsage,
     call: Call,
     *,
     baseline: ModelConfig,
     problem: str | None,
 ) -> Ending:
-    """A job answered by an API call (`call`, the last of its run). `problem`: why the answer
-    still fails its feature's check: then the job ends `check_failed`, the answer in its
-    result. The baseline prices the delivered answer's usage on the baseline tier."""
-    usage = msgspec.convert(message.usage, ApiUsage)
+    """A job answered by an API call (`call`, the last of its run; `usage`, the message's
+    usage as the call decoded it). `problem`: why the answer still fails its feature's
+    check: then the job ends `check_failed`, the answer in its result. The baseline prices
+    the delivered answer's usage on the baseline tier."""
     error = None
     if problem is not None:
         error = ErrorInfo(CHECK_FAILED, clean(f"the answer fails its check: {problem}"))
@@ -293,9 +294,8 @@ def batch_answered(
     run.route.append(f"batch {local}")
     if problem is not None:
         run.route.append(f"check failed: {problem} (batch answers are not escalated)")
-    ending = answered(d, job, run, message, call, baseline=baseline, problem=problem)
-    delivered = msgspec.structs.replace(ending.event, latency_ms=call.latency_ms)
-    return Ending(ending.result, delivered, ending.reply_to)
+    usage = msgspec.convert(message.usage, ApiUsage)
+    return answered(d, job, run, message, usage, call, baseline=baseline, problem=problem)
 
 
 def orphan(d: Delivery, job: Job, run: JobRun, call: Call) -> UsageEvent:

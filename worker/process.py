@@ -145,8 +145,7 @@ class Runner:
         return dataclasses.replace(step, also=also)
 
     async def _retry(self, w: Work, what: str, step: Any) -> Any:
-        give_up_s = self.cfg.queue.visibility_timeout_s / 2
-        return await jobs.with_retries(step, what=what, job_id=w.d.job_id, give_up_s=give_up_s)
+        return await self.caller.retrying(w.d.job_id, what, step)
 
     # -- the claim --
 
@@ -216,7 +215,7 @@ class Runner:
 
     async def _answer(self, w: Work) -> Step:
         assert w.c is not None and w.feature is not None
-        run, job = w.c.run, w.c.job
+        run, job, feature = w.c.run, w.c.job, w.feature
         asked = w.params.get("max_tokens") is not None
         notes = jobs.shape(job, w.feature, w.params)
         if w.feature.max_tokens_learn and not asked:
@@ -241,9 +240,7 @@ class Runner:
         found = await self._retry(
             w,
             "claiming the cache",
-            lambda: self.cache.claim(
-                key, keep_s, w.feature.dedupe if w.feature else False, w.token
-            ),
+            lambda: self.cache.claim(key, keep_s, feature.dedupe, w.token),
         )
         if isinstance(found, CachedAnswer):
             return self._cached(w, found, "joined")

@@ -42,7 +42,7 @@ from worker.embedded import connect, redis_url
 from worker.embeddings import make_embedder
 from worker.errors import ConfigError
 from worker.feedback import FeedbackReader
-from worker.jobs import Defer, GaveUp, TakenOver, exhausted, with_retries
+from worker.jobs import Defer, GaveUp, TakenOver, exhausted
 from worker.process import Runner
 from worker.queue import Delivery, Queue
 from worker.rollups import Rollups, settings_of
@@ -324,11 +324,8 @@ class Worker:
         """write(), shielded and tried again through a Redis outage; whether it applied. The
         writes are fenced by the entry's holder (worker.fence), so a try whose reply was lost
         and a job another worker took over both leave nothing to write again: False."""
-        give_up_s = self.cfg.queue.visibility_timeout_s / 2
         # Shielded: a cancellation during the finishing write must not half-finish it.
-        return await with_retries(
-            lambda: asyncio.shield(write()), what=what, job_id=w.d.job_id, give_up_s=give_up_s
-        )
+        return bool(await self.caller.retrying(w.d.job_id, what, lambda: asyncio.shield(write())))
 
     async def _finish(self, w: Work, ending: outcomes.Ending) -> None:
         """Write the job's end: result, usage event (dead letter, reply), acknowledgement."""
