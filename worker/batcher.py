@@ -58,12 +58,10 @@ from worker.claims import Claim, Claims, refusal
 from worker.config import BatchConfig, Config, FeatureConfig
 from worker.contract import BATCHER, Job, entry_ms, shown
 from worker.errors import JobRejected
-from worker.estimate import raw_estimate
 from worker.jobrun import Call
 from worker.lease import Lease, LeaseLost
 from worker.process import admitted
 from worker.queue import Delivery, Queue
-from worker.router import static_route
 
 log = logging.getLogger("tokenq.batcher")
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -80,7 +78,8 @@ class Waiting:
     tier: str
     why: str
     size: int  # bytes of its request in the create body (with the longest custom_id)
-    kind: str = ""  # the adaptive router's kind of job (worker.learning)
+    kind: str = ""  # the adaptive router's kind of job and its tier in use (worker.learning)
+    in_use: str = ""
 
 
 def custom_id(job_id: str) -> str:
@@ -164,7 +163,9 @@ class Batcher:
         self.waiting: list[Waiting] = []
         self._next_sweep = 0.0
         self.outcome_stats = adaptive.OutcomeStats(q.redis, q.keys)
-        self.lengths = maxtokens.LengthStats(q.redis, q.keys)
+        self.lengths = maxtokens.LengthStats(
+            q.redis, q.keys, cache_ms=config().router.adaptive.cache_ms
+        )
 
     @property
     def cfg(self) -> Config:
@@ -298,36 +299,24 @@ class Batcher:
             return None
         if not self._batchable(cfg, d, job, feature):  # before the reads below
             return None
-        if feature.max_tokens_learn and not asked:
-            lengths = await self.lengths.get(job.feature, clock.now_ms())
-            learnt = learning.max_tokens_into(feature, params, asked, lengths)
-            notes += [learnt] if learnt else []
-        decided, kind = await self._route(cfg, d, job, feature, params)
-        if decided is None and cfg.router.classifier.enabled:
+        learnt = await learning.max_tokens_into(
+            feature, params, asked, lambda: self.lengths.get(job.feature, clock.now_ms())
+        )
+        notes += [learnt] if learnt else []
+        routed = await learning.route(
+            cfg, job, feature, params, d.job_id,
+            lambda: self.outcome_stats.get(cfg, job.feature, clock.now_ms()),
+        )  # fmt: skip
+        if routed.decided is None and cfg.router.classifier.enabled:
             return None  # the classifier is a realtime call of its own
-        tier, why = decided or (cfg.router.default_tier, "router.default_tier")
+        tier, why = routed.decided or (cfg.router.default_tier, "router.default_tier")
         params["model"] = cfg.tiers[tier]
         # Prompt caching works inside batches too (best effort, as the API says).
         minimum = cfg.models[params["model"]].min_cache_tokens
         params = mark_prompt_cache(params, feature.prompt_cache, minimum)
         size = len(_encode({"custom_id": "x" * 64, "params": params})) + 1
-        return Waiting(d, job, params, tier, "; ".join([why, *notes]), size, kind)
-
-    async def _route(
-        self, cfg: Config, d: Delivery, job: Job, feature: FeatureConfig, params: dict[str, Any]
-    ) -> tuple[tuple[str, str] | None, str]:
-        """The realtime path's route for a batched job (worker.process), the classifier's
-        left out, and the adaptive router's kind of job ("" when it does not apply)."""
-        if not adaptive.applies(cfg, feature):
-            return static_route(cfg, job, feature, params), ""
-        estimate = raw_estimate(params)
-        kind = adaptive.kind_of(cfg.router.adaptive, estimate)
-        decided = static_route(cfg, job, feature, params, estimate)
-        if decided is None:
-            stats = await self.outcome_stats.get(cfg, job.feature, clock.now_ms())
-            chosen = adaptive.route(cfg, job.feature, estimate, stats, d.job_id)
-            decided = chosen.tier, chosen.reason
-        return decided, kind
+        why = "; ".join([why, *notes])
+        return Waiting(d, job, params, tier, why, size, routed.kind, routed.in_use)
 
     async def _request_of(self, d: Delivery) -> tuple[str, dict[str, Any]] | None:
         """A member's create request again (its tier and params), for a batch created anew;
@@ -425,7 +414,7 @@ class Batcher:
         if cid in plan.members:
             self.waiting.append(w)  # the same job id twice: the next window settles it
             return
-        run.tier, run.kind = w.tier, w.kind
+        run.tier, run.kind, run.in_use = w.tier, w.kind, w.in_use
         run.calls.append(
             Call(model=w.params["model"], tier=w.tier, mode="batch", started_ms=clock.now_ms())
         )

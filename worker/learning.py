@@ -18,28 +18,64 @@ LengthStats); the writes add no round trip.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from worker import adaptive, maxtokens
 from worker.config import Config, FeatureConfig
-from worker.contract import Keys
+from worker.contract import Job, Keys
+from worker.estimate import raw_estimate
 from worker.jobrun import JobRun
+from worker.router import static_route
 
 CUT = adaptive.CUT
 
 
-def max_tokens_into(
-    feature: FeatureConfig, params: dict[str, Any], asked: bool, lengths: maxtokens.Lengths
-) -> str | None:
+async def max_tokens_into(
+    feature: FeatureConfig, params: dict[str, Any], asked: bool,
+    lengths: Callable[[], Awaitable[maxtokens.Lengths]],
+) -> str | None:  # fmt: skip
     """Set params["max_tokens"] to the learnt one when the feature learns and the request did
-    not ask (`asked`); the note for route_reason, or None when nothing changed."""
+    not ask (`asked`), reading the answer lengths (`lengths`) only then; the note for
+    route_reason, or None when nothing changed."""
     if asked or not feature.max_tokens_learn:
         return None
-    learnt = maxtokens.learnt(feature, lengths)
+    learnt = maxtokens.learnt(feature, await lengths())
     if learnt is None:
         return None
     params["max_tokens"], note = learnt
     return note
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A job's route before the classifier: the tier and why (None: the classifier or
+    router.default_tier decides) and, for a feature the adaptive router applies to, its kind
+    of job and the tier the router has in use for that kind ("" otherwise)."""
+
+    decided: tuple[str, str] | None
+    kind: str = ""
+    in_use: str = ""
+
+
+async def route(
+    cfg: Config, job: Job, feature: FeatureConfig, params: dict[str, Any], job_id: str,
+    counts: Callable[[], Awaitable[adaptive.Stats]],
+) -> Route:  # fmt: skip
+    """The static rules (router.static_route), then the adaptive router when it applies,
+    reading the fleet's counts (`counts`) only then: the one route of realtime and batched
+    jobs (worker.process, worker.batcher)."""
+    learns = adaptive.applies(cfg, feature)
+    estimate = raw_estimate(params) if learns or cfg.router.rules else None
+    decided = static_route(cfg, job, feature, params, estimate)
+    if not learns or estimate is None:
+        return Route(decided)
+    kind = adaptive.kind_of(cfg.router.adaptive, estimate)
+    if decided is not None:
+        return Route(decided, kind)
+    chosen = adaptive.route(cfg, job.feature, estimate, await counts(), job_id)
+    return Route((chosen.tier, chosen.reason), kind, chosen.in_use or "")
 
 
 def answers(run: JobRun) -> list[tuple[str, str | None]]:

@@ -37,7 +37,6 @@ from worker.errors import (
     JobRejected,
     MalformedJob,
 )
-from worker.estimate import raw_estimate
 from worker.jobs import CLASSIFIER_ERRORS, RETRYABLE, Defer, check_deadline, describe, exhausted
 from worker.outcomes import Ending
 from worker.queue import Delivery, Queue
@@ -45,7 +44,6 @@ from worker.router import (
     classifier_answer,
     classifier_request,
     request_hash,
-    static_route,
 )
 from worker.semantic import SemanticCache
 
@@ -218,12 +216,12 @@ class Runner:
         run, job, feature = w.c.run, w.c.job, w.feature
         asked = w.params.get("max_tokens") is not None
         notes = jobs.shape(job, w.feature, w.params)
-        if w.feature.max_tokens_learn and not asked:
-            lengths = await self._retry(
-                w, "reading answer lengths", lambda: self.lengths.get(job.feature, clock.now_ms())
-            )
-            learnt = learning.max_tokens_into(w.feature, w.params, asked, lengths)
-            notes += [learnt] if learnt else []
+        learnt = await learning.max_tokens_into(
+            w.feature, w.params, asked,
+            lambda: self._retry(w, "reading answer lengths",
+                                lambda: self.lengths.get(job.feature, clock.now_ms())),
+        )  # fmt: skip
+        notes += [learnt] if learnt else []
         if not run.tier:  # a new job (one back from a deferral keeps its route)
             tier, why = await self._route(w)
             run.tier, run.route = tier, [why, *notes]
@@ -315,24 +313,16 @@ class Runner:
     async def _route(self, w: Work) -> tuple[str, str]:
         """The tier (see worker.router) and why; the classifier's call goes into the run."""
         assert w.c is not None and w.feature is not None
-        c, params = w.c, w.params
-        learns = adaptive.applies(self.cfg, w.feature)
-        estimate = raw_estimate(params) if learns or self.cfg.router.rules else None
-        if learns and estimate is not None:
-            c.run.kind = adaptive.kind_of(self.cfg.router.adaptive, estimate)
-        decided = static_route(self.cfg, c.job, w.feature, params, estimate)
-        if decided is not None:
-            return decided
-        if learns and estimate is not None:  # in place of the classifier and the default
-            feature = c.job.feature
-            stats = await self._retry(
-                w,
-                "reading the router's counts",
-                lambda: self.outcome_stats.get(self.cfg, feature, clock.now_ms()),
-            )
-            chosen = adaptive.route(self.cfg, feature, estimate, stats, c.d.job_id)
-            c.run.in_use = chosen.in_use or ""
-            return chosen.tier, chosen.reason
+        c, params, cfg = w.c, w.params, self.cfg
+        routed = await learning.route(
+            cfg, c.job, w.feature, params, c.d.job_id,
+            lambda: self._retry(w, "reading the router's counts",
+                                lambda: self.outcome_stats.get(cfg, c.job.feature, clock.now_ms())),
+        )  # fmt: skip
+        c.run.kind = routed.kind or c.run.kind
+        c.run.in_use = routed.in_use or c.run.in_use
+        if routed.decided is not None:  # the adaptive router's: the classifier is not asked
+            return routed.decided
         classifier, default = self.cfg.router.classifier, self.cfg.router.default_tier
         if not classifier.enabled:
             return default, "router.default_tier"

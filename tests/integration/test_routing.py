@@ -266,3 +266,4 @@ async def test_batch_answers_are_counted_for_the_adaptive_router(
     stats = await OutcomeStats(redis, keys).get(cfg, "tickets", clock.now_ms())
     counted = {tier: s.passed + s.failed for (_, tier), s in stats.counts.items()}
     assert sum(counted.values()) > 9.9, counted  # ten answers, barely decayed
+    assert stats.in_use, "the tier the router has in use is recorded from batches too"
