@@ -109,7 +109,6 @@ async def fill(redis: aioredis.Redis, rollups: Rollups, outcomes: Outcomes, coun
                     for n in range(start, min(count, start + 100))
                 )
                 rollups.write_into(pipe, delta)
-                rollups.flush_into(pipe)  # the records of 100 outcomes
             await pipe.execute()
         await rollups.fold_records(redis)
         if first and first % 100_000 == 0:
@@ -232,7 +231,7 @@ async def finishes(redis: aioredis.Redis, queue: Queue, prepared: Prepared, tag:
     rollups = queue.rollups
     for d, end in zip(deliveries, ends, strict=True):
         if rollups is not None:  # as worker.outcomes does: the records join the fenced end
-            end = dataclasses.replace(end, records=tuple(rollups.delta([end.usage]).records()))
+            end = dataclasses.replace(end, records=rollups.records_of(end.usage))
         await queue.finish(d, f"{tag}-{d.entry_id}", end)
     wall, client = time.perf_counter() - wall0, time.thread_time() - client0
     valkey_s = await server_cpu(redis) - cpu0
@@ -413,7 +412,7 @@ async def hook_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, tuple[floa
         hooked, server = [], []
         for _ in range(9):
             started = time.thread_time()
-            records = [rec for e in events for rec in rollups.delta([e]).records()]
+            records = [rec for e in events for rec in rollups.records_of(e)]
             hooked.append(time.thread_time() - started)
             async with redis.pipeline(transaction=False) as pipe:
                 for rec in records:
@@ -438,7 +437,6 @@ async def fold_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, float]:
             async with redis.pipeline(transaction=False) as pipe:
                 for _ in range(20_000):
                     rollups.add_into(pipe, outcomes.one(now))
-                    rollups.flush_into(pipe)
                 await pipe.execute()
             started = await server_cpu(redis)
             await rollups.fold_records(redis)

@@ -72,7 +72,7 @@ class Ending:
     def encoded(self, rollups: Rollups | None = None) -> Finish:
         """The stream fields and JSON that Queue writes, with the outcome's rollup records."""
         usage = to_fields(self.event)
-        records = tuple(rollups.delta([usage]).records()) if rollups is not None else ()
+        records = rollups.records_of(usage) if rollups is not None else ()
         return Finish(_encode(self.result), usage, self.reply_to, self.dead, records)
 
 

@@ -25,7 +25,6 @@ event's stream fields only.
 from __future__ import annotations
 
 import struct
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -124,42 +123,22 @@ Cell = tuple[int, str]
 
 @dataclass(slots=True)
 class Delta:
-    """Outcomes added up per cell, written as one record per cell (mergeable).
-
-    A cell of one outcome keeps that outcome's metric pairs as they are (the finishing write
-    makes a delta of one outcome per job: it packs them without adding anything up); a
-    second outcome turns them into sums by metric."""
+    """Outcomes added up per cell, written as one record per cell (mergeable)."""
 
     settings: Settings
-    cells: dict[Cell, list[int] | dict[int, int]] = field(default_factory=dict)
+    cells: dict[Cell, dict[int, int]] = field(default_factory=dict)
 
     def add(self, fields: Mapping[str, str]) -> None:
         """Add one usage event (its stream fields)."""
         pairs = metric_pairs(fields)
-        if pairs is None:
-            return
-        cell = _place(fields, self.settings)
-        into = self.cells.get(cell)
-        if into is None:
-            self.cells[cell] = pairs
-        else:
-            self._add(cell, into, zip(pairs[::2], pairs[1::2], strict=True))
-
-    def _add(self, cell: Cell, into: list[int] | dict[int, int],
-             pairs: Iterable[tuple[int, int]]) -> None:  # fmt: skip
-        if isinstance(into, list):
-            into = self.cells[cell] = dict(zip(into[::2], into[1::2], strict=True))
-        for n, value in pairs:
-            into[n] = into.get(n, 0) + value
+        if pairs is not None:
+            _add(self.cells.setdefault(_place(fields, self.settings), {}),
+                 zip(pairs[::2], pairs[1::2], strict=True))  # fmt: skip
 
     def merge(self, other: Delta) -> None:
         """Add another delta's outcomes to this one."""
         for cell, metrics in other.cells.items():
-            into = self.cells.get(cell)
-            if into is None:
-                self.cells[cell] = metrics.copy()
-            else:
-                self._add(cell, into, _pairs_of(metrics))
+            _add(self.cells.setdefault(cell, {}), metrics.items())
 
     def __bool__(self) -> bool:
         return bool(self.cells)
@@ -170,16 +149,13 @@ class Delta:
         out: dict[tuple[int, str, str, str, str], dict[int, int]] = {}
         for (hour, dims), metrics in self.cells.items():
             f, m, p, t = dims.split(SEP)
-            out[hour, f, m, p, t] = dict(_pairs_of(metrics))
+            out[hour, f, m, p, t] = dict(metrics)
         return out
 
     def records(self) -> list[bytes]:
         """The outcomes as fold.lua reads them: one record per cell."""
         out = []
         for (hour, dims), metrics in self.cells.items():
-            if isinstance(metrics, list):  # one outcome: 'n' is first already
-                out.append(_record(hour, dims, metrics))
-                continue
             pairs = [0, metrics.get(0, 0)]  # 'n' first
             for n, value in metrics.items():
                 if n:
@@ -188,23 +164,18 @@ class Delta:
         return out
 
 
-def _pairs_of(metrics: list[int] | dict[int, int]) -> Iterable[tuple[int, int]]:
-    if isinstance(metrics, list):
-        return zip(metrics[::2], metrics[1::2], strict=True)
-    return metrics.items()
+def _add(into: dict[int, int], pairs: Iterable[tuple[int, int]]) -> None:
+    for n, value in pairs:
+        into[n] = into.get(n, 0) + value
 
 
 class Rollups:
-    """Adds outcomes to the rollups inside a caller's transaction, and folds them.
-
-    The outcomes added to one transaction are written when the transaction runs through
-    execute(): one RPUSH of their records (a batcher chunk of 200 results makes one command).
-    """
+    """Adds outcomes to the rollups inside a caller's transaction (one RPUSH of their records
+    onto the queue), and folds them."""
 
     def __init__(self, keys: Keys, settings: Settings) -> None:
         self.keys = keys
         self.settings = settings
-        self._queued: weakref.WeakKeyDictionary[Any, list[bytes]] = weakref.WeakKeyDictionary()
 
     def reload(self, settings: Settings) -> None:
         self.settings = settings
@@ -220,29 +191,21 @@ class Rollups:
             out.add(fields)
         return out
 
-    def add_into(self, tx: Any, usage: Mapping[str, str]) -> None:
-        """Add one usage event to what the transaction will write (the finishing write's
-        hook). The transaction must run through execute()."""
+    def records_of(self, usage: Mapping[str, str]) -> tuple[bytes, ...]:
+        """The records of one outcome, as a job's finishing write carries them (none for a
+        usage event that is not a job outcome)."""
         record = record_of(usage, self.settings)
-        if record is None:
-            return
-        queued = self._queued.get(tx)
-        if queued is None:
-            self._queued[tx] = [record]
-        else:
-            queued.append(record)
+        return () if record is None else (record,)
+
+    def add_into(self, tx: Any, usage: Mapping[str, str]) -> None:
+        """Queue on the transaction the write of one usage event's record."""
+        if records := self.records_of(usage):
+            tx.rpush(self.keys.rollup_queue, *records)
 
     def write_into(self, tx: Any, delta: Delta) -> None:
-        """Add a delta to what the transaction will write (see add_into)."""
+        """Queue on the transaction the write of a delta's records."""
         if delta:
-            self._queued.setdefault(tx, []).extend(delta.records())
-
-    def flush_into(self, tx: Any) -> int:
-        """Queue the write of everything added to the transaction; how many records."""
-        records = self._queued.pop(tx, None)
-        if records:
-            tx.rpush(self.keys.rollup_queue, *records)
-        return len(records or ())
+            tx.rpush(self.keys.rollup_queue, *delta.records())
 
     async def fold_records(self, redis: aioredis.Redis) -> int:
         """Add the queued outcome records to their hours' cells; how many records."""
@@ -265,12 +228,3 @@ class Rollups:
         now = clock.now_ms() if now_ms is None else now_ms
         await compact_due(redis, self.keys, self.settings, now, COMPACT_PER_TICK)
         return done
-
-
-async def execute(redis: aioredis.Redis, tx: Any, rollups: Rollups | None) -> list[Any]:
-    """Run a transaction that may hold rollup writes (add_into, write_into); raise its
-    first error. `redis` is the client the transaction came from."""
-    if rollups is not None:
-        rollups.flush_into(tx)
-    results: list[Any] = await tx.execute()
-    return results

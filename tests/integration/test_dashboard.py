@@ -22,7 +22,7 @@ from tests.conftest import ConfigFactory
 from tests.helpers import add, eventually, sim_call
 from tests.integration.conftest import RunWorker
 from worker.contract import Keys, UsageEvent, to_fields
-from worker.rollups import Rollups, execute, settings_of
+from worker.rollups import Rollups, settings_of
 
 FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 LIVE = [("summarize", "acme-live", "normal"), ("summarize", "globex", "normal"),
@@ -74,7 +74,7 @@ async def test_the_dashboard_shows_the_jobs_and_updates_live(
     rollups = Rollups(keys, settings_of(cfg))
     async with redis.pipeline(transaction=True) as tx:
         rollups.write_into(tx, rollups.delta(history(int(time.time() * 1000), random.Random(4))))
-        await execute(redis, tx, rollups)
+        await tx.execute()
 
     async with run_worker(cfg):
         for n, (feature, tenant, priority) in enumerate(LIVE):

@@ -24,7 +24,7 @@ from worker.cells import NANO, hour_label, nano_usd
 from worker.contract import Keys, UsageEvent, to_fields
 from worker.metrics import Counters, scrape
 from worker.report import Query, query
-from worker.rollups import Rollups, execute, settings_of
+from worker.rollups import Rollups, settings_of
 
 FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 
@@ -200,7 +200,7 @@ async def test_counters_count_each_outcome_once_whoever_compacts_its_hour(
         )) for n in range(4)]  # fmt: skip
     async with redis.pipeline(transaction=True) as tx:
         rollups.write_into(tx, rollups.delta(events))
-        await execute(redis, tx, rollups)
+        await tx.execute()
     cost = sum(nano_usd(e["cost_usd"]) for e in events)
 
     async def counted(counters: Counters) -> tuple[float, float]:
@@ -219,5 +219,5 @@ async def test_counters_count_each_outcome_once_whoever_compacts_its_hour(
     assert await counted(Counters(rollups)) == (12, cost / NANO)  # a restarted exporter
     async with redis.pipeline(transaction=True) as tx:  # one more, in the current hour
         rollups.add_into(tx, {**events[-1], "job_id": "late"})
-        await execute(redis, tx, rollups)
+        await tx.execute()
     assert await counted(exporter) == (13, (cost + nano_usd(events[-1]["cost_usd"])) / NANO)

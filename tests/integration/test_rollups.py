@@ -28,7 +28,7 @@ from worker.compaction import compact_due
 from worker.contract import GROUP, Keys, UsageEvent, to_fields
 from worker.queue import Delivery, Finish, Queue
 from worker.report import Query, query, row
-from worker.rollups import Rollups, execute
+from worker.rollups import Rollups
 
 FEATURES = ("summarize", "support_faq", "classify_ticket", "code_review", "nightly_enrich")
 MODELS = ("claude-haiku-5-5", "claude-sonnet-5-5")
@@ -72,11 +72,11 @@ async def test_a_merged_delta_writes_what_its_outcomes_write_one_by_one(
     for e in events:
         async with redis.pipeline(transaction=True) as tx:
             one.add_into(tx, e)
-            await execute(redis, tx, one)
+            await tx.execute()
     for start in range(0, len(events), 50):  # as finishes that share one round trip would
         async with redis.pipeline(transaction=True) as tx:
             many.write_into(tx, many.delta(events[start : start + 50]))
-            await execute(redis, tx, many)
+            await tx.execute()
     await one.fold_records(redis)
     await many.fold_records(redis)
     single, merged = await dump(redis, f"{prefix}a"), await dump(redis, f"{prefix}b")
@@ -97,7 +97,7 @@ async def test_100k_outcomes_stay_within_the_documented_memory(
         delta = rollups.delta(rng.choice(pool) for _ in range(5000))
         async with redis.pipeline(transaction=True) as tx:
             rollups.write_into(tx, delta)
-            await execute(redis, tx, rollups)
+            await tx.execute()
         await rollups.fold_records(redis)
     bound = max_cells_per_hour(settings, len(MODELS), len(PRIORITIES))
     used = 0
@@ -131,7 +131,7 @@ async def test_each_finished_job_is_folded_once_even_by_a_server_that_lost_its_s
     event = outcome(random.Random(1), 0, tenants=1)
     for n, (entry_id, fields) in enumerate(got[0][1]):
         d = Delivery("normal", keys.jobs("normal"), entry_id, dict(fields))
-        records = tuple(rollups.delta([event]).records())  # as worker.outcomes makes them
+        records = rollups.records_of(event)  # as worker.outcomes makes them
         await queue.finish(d, f"job-{n}", Finish(b"{}", event, records=records))
         if n == 20:
             await redis.script_flush()
@@ -158,7 +158,7 @@ async def test_compacted_hours_and_days_answer_as_the_outcomes_add_up(
         e["ts_ms"] = str(day * 86_400_000 + int(e["ts_ms"]) % 3_600_000 + (n % 48) * 3_600_000)
     async with redis.pipeline(transaction=True) as tx:
         rollups.write_into(tx, rollups.delta(events))
-        await execute(redis, tx, rollups)
+        await tx.execute()
 
     def want(key: Callable[[dict[str, str]], str], among: list[dict[str, str]]) -> dict[str, Any]:
         sums: dict[str, list[int]] = {}
@@ -209,7 +209,7 @@ async def test_compacted_hours_and_days_answer_as_the_outcomes_add_up(
     late = {**events[0], "ts_ms": str(day * 86_400_000 + 5 * 3_600_000 + 1)}
     async with redis.pipeline(transaction=True) as tx:  # a worker whose clock is behind
         rollups.add_into(tx, late)
-        await execute(redis, tx, rollups)
+        await tx.execute()
     assert await got(("feature",)) == want(feature, [*events, late])  # the day's hours
     assert await got(("hour",)) == want(hour, [*events, late])
     await compact()  # merges the late outcome into its hour, then its day again
