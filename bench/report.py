@@ -6,9 +6,9 @@ without them.
 
 1. Writes `--outcomes` synthetic job outcomes spread over `--days` days (features, models and
    priorities as config.toml has them, 500 tenants with a long tail, errors, cache hits and
-   batches) through the rollups' own code (worker.rollups: the records of a Delta per 100
-   outcomes, then folded) into a Valkey of its own: every hour live, as if no worker had
-   compacted anything.
+   batches) through the rollups' own code (worker.rollups: queued as the finishing write
+   queues them, folded 5,000 at a time) into a Valkey of its own: every hour live, as if no
+   worker had compacted anything.
 2. Prints the rollups' memory (MEMORY USAGE of every rollup key), times one report over the
    whole period read from the live hours, then compacts every hour and day with the workers'
    own tick (worker.compaction.compact_due, COMPACT_PER_TICK at a time) and prints what that
@@ -16,7 +16,7 @@ without them.
 3. Times `tokenq report` queries over the period (in-process, as the CLI runs them): the
    first from a new client, then the median and the 95th percentile of `--runs`.
 4. Runs the real finishing write (worker.queue.Queue.finish: result, usage event, reply, XACK,
-   XDEL, state, and with rollups the records worker.outcomes makes) on real pending entries,
+   XDEL, state, and with rollups the outcome queued for them) on real pending entries,
    in short runs of `--block`, paired: a run without rollups and, right before or after it
    (alternating), a run of one arm: without rollups again (the method's noise), with rollups
    for 20 tenants, for a long tail of 500; `--pairs` pairs per arm, the arms in rotating
@@ -24,15 +24,15 @@ without them.
    (this thread's), Valkey's (its main thread's, INFO cpu), Redis commands (INFO
    commandstats) and wall time, and prints the medians; the overhead is the median over the
    pairs of each pair's (client + Valkey CPU) ratio, with a 95% confidence interval of that
-   median and the quartiles. Then the hook alone and what folding the records costs Valkey
-   per outcome. `--finishing-only` runs this part alone (2-3 minutes).
+   median and the quartiles. Then what folding the queued outcomes costs per outcome, in the
+   background: the folding worker's CPU and Valkey's. `--finishing-only` runs this part alone
+   (2-3 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import math
 import random
 import statistics
@@ -103,12 +103,8 @@ async def fill(redis: aioredis.Redis, rollups: Rollups, outcomes: Outcomes, coun
     step = span / count
     for first in range(0, count, 5000):
         async with redis.pipeline(transaction=False) as pipe:
-            for start in range(first, min(count, first + 5000), 100):
-                delta = rollups.delta(
-                    outcomes.one(int(end_ms - span + (n + 0.5) * step))
-                    for n in range(start, min(count, start + 100))
-                )
-                rollups.write_into(pipe, delta)
+            rollups.push_into(pipe, (outcomes.one(int(end_ms - span + (n + 0.5) * step))
+                                     for n in range(first, min(count, first + 5000))))  # fmt: skip
             await pipe.execute()
         await rollups.fold_records(redis)
         if first and first % 100_000 == 0:
@@ -216,22 +212,19 @@ async def prepare(redis: aioredis.Redis, queue: Queue, outcomes: Outcomes, n: in
     for d in deliveries:
         usage = outcomes.one(now)
         result = Result(id=d.entry_id, status="ok", text="x" * 200, model=usage["model"])
-        ends.append(Finish(msgspec.json.encode(result), usage))
+        ends.append(Finish(msgspec.json.encode(result), usage, rollup=queue.rollups is not None))
     return deliveries, ends
 
 
 async def finishes(redis: aioredis.Redis, queue: Queue, prepared: Prepared, tag: str) -> Cost:
-    """The finishing writes of prepared entries, one after the other, with the rollups' hook
-    when the queue has rollups (as worker.outcomes makes the records); what each cost."""
+    """The finishing writes of prepared entries, one after the other (with the outcome for
+    the rollups when the queue has rollups, as worker.outcomes asks for it); what each cost."""
     deliveries, ends = prepared
     n = len(deliveries)
     await redis.config_resetstat()
     cpu0 = await server_cpu(redis)
     client0, wall0 = time.thread_time(), time.perf_counter()
-    rollups = queue.rollups
     for d, end in zip(deliveries, ends, strict=True):
-        if rollups is not None:  # as worker.outcomes does: the records join the fenced end
-            end = dataclasses.replace(end, records=rollups.records_of(end.usage))
         await queue.finish(d, f"{tag}-{d.entry_id}", end)
     wall, client = time.perf_counter() - wall0, time.thread_time() - client0
     valkey_s = await server_cpu(redis) - cpu0
@@ -261,10 +254,9 @@ async def run(a: argparse.Namespace, folder: Path) -> None:
             await rollup_figures(redis, url, cfg, a)
         say("timing the finishing write")
         costs, ratios = await finishing_costs(redis, cfg, a)
-        hook = await hook_costs(redis, cfg)
         folding = await fold_costs(redis, cfg)
         await redis.aclose()
-    print_finishing(a, costs, ratios, hook, folding)
+    print_finishing(a, costs, ratios, folding)
 
 
 async def rollup_figures(redis: aioredis.Redis, url: str, cfg: Config, a: argparse.Namespace
@@ -312,7 +304,7 @@ async def rollup_figures(redis: aioredis.Redis, url: str, cfg: Config, a: argpar
 
 def print_finishing(
     a: argparse.Namespace, costs: dict[str, Cost], ratios: Ratios,
-    hook: dict[str, tuple[float, float]], folding: dict[str, float],
+    folding: dict[str, tuple[float, float]],
 ) -> None:  # fmt: skip
     print(f"\nfinishing write (Queue.finish: one fenced script per job), medians of runs of "
           f"{a.block} in {a.pairs} pairs per arm (client CPU of this thread, Valkey main-thread "
@@ -320,24 +312,17 @@ def print_finishing(
     for name, cost in costs.items():
         print(f"  {name:<40} client {cost.client_us:5.0f} us  Valkey {cost.valkey_us:5.1f} us  "
               f"commands {cost.commands:4.1f}  wall {cost.wall_us:5.0f} us")  # fmt: skip
-    print("\nfolding the records into the hours' cells (workers every second, readers before "
-          "reading), Valkey CPU per outcome, batches of up to 2,000 records:")  # fmt: skip
-    for name, us in folding.items():
-        print(f"  {name:<24} {us:5.1f} us")
+    print("\nfolding the queued outcomes into the hours' cells (one worker of the fleet every "
+          "second, readers before reading; batches of up to 2,000), CPU per outcome of the "
+          "folding process and of Valkey:")  # fmt: skip
+    for name, (client_us, valkey_us) in folding.items():
+        print(f"  {name:<24} client {client_us:5.1f} us  Valkey {valkey_us:5.1f} us")
     print(f"\nclient + Valkey CPU of a finishing write against the run without rollups of the "
           f"same pair: median of {a.pairs} pairs (95% confidence interval of the median; "
           "quartiles):")  # fmt: skip
     for name, (low, mid, high, ci_low, ci_high) in ratios.items():
         print(f"  {name:<40} {mid:+6.1%}  ({ci_low:+.1%} to {ci_high:+.1%}; quartiles "
               f"{low:+.1%} to {high:+.1%})")  # fmt: skip
-    base = costs["without rollups"]
-    print("\nthe hook alone (the records of a one-outcome Rollups.delta, as worker.outcomes makes "
-          "them; the RPUSH of its record), fastest of 9 x 5,000, against the median finishing "
-          "write without rollups:")  # fmt: skip
-    for name, (client_us, valkey_us) in hook.items():
-        share = (client_us + valkey_us) / (base.client_us + base.valkey_us)
-        print(f"  {name:<40} client {client_us:5.1f} us  Valkey {valkey_us:5.1f} us  "
-              f"{share:+6.1%}")  # fmt: skip
 
 
 Ratios = dict[str, tuple[float, float, float, float, float]]
@@ -399,35 +384,9 @@ async def finishing_costs(
     return {name: median_cost(c) for name, c in found.items()}, ratios
 
 
-async def hook_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, tuple[float, float]]:
-    """The rollups' share of a finishing write measured on its own, where the pairs' noise
-    cannot hide it: (client CPU of the hook as worker.outcomes calls it, the records of a
-    one-outcome delta; Valkey main-thread CPU of the RPUSH of the record), in us, the
-    fastest of 9 repetitions of 5,000."""
-    out = {}
-    for name, tenants in (("20 tenants", 20), ("500 tenants, long tail", 500)):
-        rollups = Rollups(Keys(f"hook{tenants}"), settings_of(cfg))
-        events = [Outcomes(cfg, 3, tenants).one(int(time.time() * 1000)) for _ in range(5000)]
-        records: list[bytes] = []
-        hooked, server = [], []
-        for _ in range(9):
-            started = time.thread_time()
-            records = [rec for e in events for rec in rollups.records_of(e)]
-            hooked.append(time.thread_time() - started)
-            async with redis.pipeline(transaction=False) as pipe:
-                for rec in records:
-                    pipe.rpush(rollups.keys.rollup_queue, rec)
-                cpu0 = await server_cpu(redis)
-                await pipe.execute()
-            server.append(await server_cpu(redis) - cpu0)
-            await redis.delete(rollups.keys.rollup_queue)
-        out[name] = (min(hooked) / len(events) * 1e6, min(server) / len(records) * 1e6)
-    return out
-
-
-async def fold_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, float]:
-    """Valkey CPU per outcome of folding the records of 20,000 finished jobs (one record
-    each, as one-job finishes write them) in the current hour, for two tenant spreads."""
+async def fold_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, tuple[float, float]]:
+    """What folding 20,000 queued outcomes in the current hour costs per outcome: (the
+    folding process's CPU, Valkey's main-thread CPU) in us, for two tenant spreads."""
     out = {}
     for name, tenants in (("20 tenants", 20), ("500 tenants, long tail", 500)):
         rollups = Rollups(Keys(f"fold{tenants}"), settings_of(cfg))
@@ -435,13 +394,13 @@ async def fold_costs(redis: aioredis.Redis, cfg: Config) -> dict[str, float]:
         now = int(time.time() * 1000)
         for round_ in range(2):  # the first round makes the hour's cells
             async with redis.pipeline(transaction=False) as pipe:
-                for _ in range(20_000):
-                    rollups.add_into(pipe, outcomes.one(now))
+                rollups.push_into(pipe, (outcomes.one(now) for _ in range(20_000)))
                 await pipe.execute()
-            started = await server_cpu(redis)
+            started, client = await server_cpu(redis), time.thread_time()
             await rollups.fold_records(redis)
             if round_:
-                out[name] = (await server_cpu(redis) - started) / 20_000 * 1e6
+                out[name] = ((time.thread_time() - client) / 20_000 * 1e6,
+                             (await server_cpu(redis) - started) / 20_000 * 1e6)  # fmt: skip
     return out
 
 
@@ -457,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="pairs of runs (without rollups, with) per arm")  # fmt: skip
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--finishing-only", action="store_true",
-                   help="only the finishing write, the hook and folding (2-3 minutes)")  # fmt: skip
+                   help="only the finishing write and folding (2-3 minutes)")  # fmt: skip
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tokenq-bench-report-") as folder:
         asyncio.run(run(a, Path(folder)))

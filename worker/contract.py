@@ -93,9 +93,14 @@ class Keys:
 
     @property
     def rollup_queue(self) -> str:
-        """A list: outcome records the finishing write appends, until a fold adds them to
-        their hour's cells (see worker.rollups)."""
+        """A list: the usage events of finished jobs, which the finishing write appends, until
+        a fold adds them to their hour's cells (see worker.rollups)."""
         return f"{self.prefix}:rollup:queue"
+
+    @property
+    def rollup_folding(self) -> str:
+        """A string with a TTL: the process folding the rollups' queue (worker.rollups)."""
+        return f"{self.prefix}:rollup:folding"
 
     def rollup_index(self, hour: str) -> str:
         """A hash: an hour's (YYYYMMDDHH, UTC) rollup cells (`K<id>` -> dimensions) and the

@@ -28,12 +28,14 @@ from worker.contract import GROUP
 # then the writes, each a count n and n arguments; an argument is 'k' and the index of a key
 # in KEYS, or 'v' and the value itself. The pseudo-command REPLY k<i> v<result> XADDs a result
 # to a stream, or to a key that does not exist, and to nothing else (a reply never fails the
-# write nor turns another key into a stream). Nothing is written unless the entry is pending
-# under the consumer: 0; else every write: 1.
+# write nor turns another key into a stream). The pseudo-command ROLLUP k<i> RPUSHes onto a
+# list the fields of the XADD just before it (after its '*'), as one MessagePack array of
+# strings (a job's outcome for worker.rollups: the client sends nothing twice). Nothing is
+# written unless the entry is pending under the consumer: 0; else every write: 1.
 _FENCED = """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #rows == 0 or rows[1][2] ~= ARGV[3] then return 0 end
-local i = 4
+local i, prev = 4, nil
 while i <= #ARGV do
   local n, cmd = tonumber(ARGV[i]), {}
   for j = 1, n do
@@ -44,8 +46,13 @@ while i <= #ARGV do
   if cmd[1] == 'REPLY' then
     local t = redis.call('TYPE', cmd[2]).ok
     if t == 'stream' or t == 'none' then redis.call('XADD', cmd[2], '*', 'result', cmd[3]) end
+  elseif cmd[1] == 'ROLLUP' then
+    local s = 3
+    while prev[s] ~= '*' do s = s + 1 end
+    redis.call('RPUSH', cmd[2], cmsgpack.pack({unpack(prev, s + 1)}))
   else
     redis.call(unpack(cmd))
+    prev = cmd
   end
   i = i + n + 1
 end

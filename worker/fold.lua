@@ -1,20 +1,23 @@
--- Folds queued outcome records into the hourly rollup cells (see worker.rollups).
+-- Folds outcome records into the hourly rollup cells (see worker.rollups).
 -- METRICS (the metric names, in worker.rollups' order) is defined above this line.
--- KEYS[1]: the record list, KEYS[2]: the live hours (a sorted set of hour numbers). ARGV: key
--- prefix, tenants an hour keeps rows for, seconds the hours are kept after they end, most
--- records to fold.
+-- KEYS[1]: the rollups' queue, KEYS[2]: the live hours (a sorted set of hour numbers),
+-- KEYS[3]: the folding lease. ARGV: key prefix, tenants an hour keeps rows for, seconds the
+-- hours are kept after they end, the caller's lease token, how many queue entries the records
+-- add up (they leave the queue here), the lease's milliseconds, then the records.
 -- A record: little-endian uint32 hour (since the epoch), the hour as YYYYMMDDHH (10 bytes),
 -- uint16 length and the cell's dims (feature, model, priority, tenant, separated by \31),
 -- then (uint8 metric number, double amount) pairs, 'n' (outcomes) first.
--- Records are popped and applied in this one script, so each is counted once. Records of the
--- same cell are added up first; then each cell costs one HMGET and one HSET (a new cell also
--- looks at the hour's index: is its tenant one of the hour's first `cap`?, and makes sure the
--- hour is in the live set, which worker.compaction and the readers go by). Amounts stay
--- below 2^53 (Lua numbers are doubles), which redis.call writes back as exact integers.
+-- Nothing is applied unless the caller still holds the lease (-1): the queue entries leave
+-- the queue in the script that applies what they add up, so each is counted once, also when
+-- a folder paused past its lease and another took over. Records of the same cell are added
+-- up first; then each cell costs one HMGET and one HSET (a new cell also looks at the hour's
+-- index: is its tenant one of the hour's first `cap`?, and makes sure the hour is in the live
+-- set, which worker.compaction and the readers go by). Amounts stay below 2^53 (Lua numbers
+-- are doubles), which redis.call writes back as exact integers.
 local prefix, cap, keep_s = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local records = redis.call('LPOP', KEYS[1], tonumber(ARGV[4]))
-if not records then return 0 end
-
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then return -1 end
+redis.call('LTRIM', KEYS[1], tonumber(ARGV[5]), -1)
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]))
 local cells, order, formats, live = {}, {}, {}, {}
 
 -- Add one record to its cell's sums (a record that does not parse is left out).
@@ -41,7 +44,7 @@ local function take(rec)
   end
 end
 
-for _, rec in ipairs(records) do pcall(take, rec) end
+for k = 7, #ARGV do pcall(take, ARGV[k]) end
 
 -- HSET a cell's sums added to the hash's current values (cur, in cell.names' order).
 local function write(key, cell, cur)
@@ -103,4 +106,4 @@ end
 
 -- A cell whose hash is not ours (another program wrote the key) is left out, not the batch.
 for _, head in ipairs(order) do pcall(apply, cells[head]) end
-return #records
+return #ARGV - 6

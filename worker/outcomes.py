@@ -15,7 +15,7 @@ cost, how often it was tried, how long it waited and where it was routed:
 
 `finish_into` is where the finishing transaction is assembled: per-job commands that must be
 written with a job's end join it there, so that they are written exactly when the job ends:
-the outcome's rollup records (issue 13) today; the adaptive router's counts and learnt
+the outcome's rollup entry (issue 13) today; the adaptive router's counts and learnt
 max_tokens when they are wired in.
 """
 
@@ -70,21 +70,22 @@ class Ending:
     also: Callable[[Any], None] | None = None
 
     def encoded(self, rollups: Rollups | None = None) -> Finish:
-        """The stream fields and JSON that Queue writes, with the outcome's rollup records."""
-        usage = to_fields(self.event)
-        records = rollups.records_of(usage) if rollups is not None else ()
-        return Finish(_encode(self.result), usage, self.reply_to, self.dead, records)
+        """The stream fields and JSON that Queue writes; with rollups, the usage event also
+        joins the rollups' queue (a job's outcome always does)."""
+        usage, rollup = to_fields(self.event), rollups is not None and self.event.kind == "job"
+        return Finish(_encode(self.result), usage, self.reply_to, self.dead, rollup)
 
 
 def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending) -> None:
     """Queue a job's end on the finishing transaction the caller executes: result, usage
-    event, dead letter, reply, the outcome's rollup records (worker.rollups: one RPUSH, so
-    the outcome is counted with its end and only then) and acknowledgement, in one script
+    event, dead letter, reply, the outcome for the rollups (worker.rollups: the event's
+    fields, pushed by the script, so the outcome is counted with its end and only then) and
+    acknowledgement, in one script
     fenced by the entry's holder (Queue.finish_into, worker.fence): a worker whose job was
     taken over writes none of them. Other commands that belong to a job's end (learnt
     routing, learnt max_tokens) join here, after it: in the one case the fence stops the end
     they would be written by both workers, so they must be idempotent or tolerate it (or go
-    into the fenced script, as the rollup records do)."""
+    into the fenced script, as the rollup entry does)."""
     queue.finish_into(tx, d, job_id, ending.encoded(queue.rollups))
     if ending.also is not None:  # the hook: per-job counts that join the finishing write
         ending.also(tx)

@@ -97,14 +97,14 @@ return 1
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """Everything written when a job ends: result, usage event, optional dead letter, and
-    the outcome's rollup records (worker.rollups; made by worker.outcomes)."""
+    """Everything written when a job ends: result, usage event, optional dead letter; with
+    `rollup`, the usage event also joins the rollups' queue (worker.rollups)."""
 
     result_json: bytes
     usage: dict[str, str]
     reply_to: str | None = None
     dead: dict[str, str] | None = None
-    records: tuple[bytes, ...] = ()
+    rollup: bool = False
 
 
 class Queue:
@@ -295,7 +295,7 @@ class Queue:
             await fence.renew(self._renew, stream, self.consumer, ids)
 
     async def finish(self, d: Delivery, job_id: str, end: Finish) -> bool:
-        """Write result, usage event (and dead letter, reply, rollup records) and acknowledge,
+        """Write result, usage event (and dead letter, reply, rollup entry) and acknowledge,
         in one script on the next shared trip; False when the entry is no longer this
         consumer's (finished, or taken over)."""
         w = self._ending(d, job_id, end)
@@ -313,13 +313,13 @@ class Queue:
         w.add("SET", Key(self.keys.result(job_id)), end.result_json, "EX", ttl)
         usage = Key(self.keys.usage)
         w.add("XADD", usage, "MAXLEN", "~", self.usage_maxlen, "*", *flat(end.usage))
+        if end.rollup:  # the event's fields, again, for the hourly rollups (worker.rollups)
+            w.add("ROLLUP", Key(self.keys.rollup_queue))
         if end.reply_to:
             w.add("REPLY", Key(end.reply_to), end.result_json)
         # Wakes result() waiters; short-lived, the result key itself is the record.
         w.add("RPUSH", Key(self.keys.done(job_id)), 1)
         w.add("EXPIRE", Key(self.keys.done(job_id)), min(ttl, 300))
-        if end.records:  # the outcome's share of the hourly rollups (worker.rollups)
-            w.add("RPUSH", Key(self.keys.rollup_queue), *end.records)
         self._ack(w, d)
         # The claim stays as long as the result, so a same-numbered entry of another stream is
         # never mistaken for a redelivery of this one; the job's run is no longer needed.

@@ -1,13 +1,16 @@
 """Rollups: each job outcome added to compact hourly aggregates in Redis.
 
-The finishing write (Queue.finish_into) appends the job's usage event, in a compact binary
-record, to a list (`RPUSH`: one plain command in its MULTI, so it is counted once, with the
-outcome). A fold (fold.lua: pop and apply in one script, so each record is counted once)
-adds the records up into their hour (UTC): one small hash per cell (worker.cells), a cell
-being (feature, model, priority, tenant), kept `report.retention_days` after the hour ends;
+The finishing write (Queue.finish_into) appends the job's usage event to a list, inside its
+fenced script (worker.fence's ROLLUP: the script packs the fields of the event it has just
+written, so the client neither sends nor computes anything more, and the outcome is queued
+once, with its end). A fold, in the background, reads up to FOLD_BATCH entries, adds them up
+by cell in Python (Delta: one compact binary record per cell) and applies the records with
+fold.lua, which removes those entries from the queue in the same script: each is counted
+once. One process of the fleet folds at a time (a lease the script checks, so a folder that
+paused past its lease applies nothing). A cell is (feature, model, priority, tenant) in an
+hour (UTC): one small hash (worker.cells), kept `report.retention_days` after the hour ends;
 the hour's index hash lists its cells and the tenants that have rows, and the hour joins the
-set of live hours. Folding a batch adds up the records of each cell first: a cell costs the
-server one HMGET and one HSET per batch, not per outcome.
+set of live hours. A cell costs the server one HMGET and one HSET per batch, not per outcome.
 
 An hour keeps rows for its first `report.tenants_per_hour` tenants; later ones count under
 OTHER, so an hour holds at most (tenants + 2) x features x models x priorities cells
@@ -24,13 +27,18 @@ event's stream fields only.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import secrets
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from worker import clock
@@ -48,6 +56,7 @@ from worker.cells import (
 from worker.compaction import COMPACT_PER_TICK, compact_due
 from worker.config import Config
 from worker.contract import Keys
+from worker.lease import Lease
 
 
 def _script(name: str) -> str:
@@ -60,7 +69,49 @@ def _script(name: str) -> str:
 
 FOLD = _script("fold.lua")
 FOLD_BATCH = 2000
-"""Most records one fold script call takes (it blocks the server while it runs: ~10 ms)."""
+"""Most queue entries one fold reads and applies at once."""
+FOLD_LEASE_MS = 15_000
+"""How long the folding lease lasts unless renewed (each applied batch renews it)."""
+FOLD_WAIT_S = 5.0
+"""How long fold_records() waits for another process's fold before giving up on its own."""
+
+log = logging.getLogger("tokenq.rollups")
+_fields = msgspec.msgpack.Decoder(list[str])
+_raw_fields = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def entry_of(fields: Mapping[str, str]) -> bytes:
+    """A usage event as the rollups' queue holds it: a MessagePack array of its field names
+    and values, one after the other (what worker.fence's ROLLUP pushes for a job's end)."""
+    return _encode([part for pair in fields.items() for part in pair])
+
+
+def outcome_of(entry: bytes | str) -> dict[str, str] | None:
+    """A queue entry's usage event (its stream fields); None for anything else. Bytes that
+    are not UTF-8 are kept as surrogate escapes, as the Redis client reads them (and gives
+    the entry itself: encoding it back gives its bytes)."""
+    if isinstance(entry, str):
+        entry = entry.encode("utf-8", "surrogateescape")
+    try:
+        parts = _fields.decode(entry)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        try:
+            parts = [_text(bytes(raw)) for raw in _raw_fields.decode(entry)]
+        except (msgspec.DecodeError, ValueError):
+            return None
+    if len(parts) % 2:
+        return None
+    return dict(zip(parts[::2], parts[1::2], strict=True))
+
+
+def _text(packed: bytes) -> str:
+    """A MessagePack string's text, whatever its bytes (ValueError: not a string)."""
+    kind = packed[0]
+    skip = 1 if 0xA0 <= kind <= 0xBF else {0xD9: 2, 0xDA: 3, 0xDB: 5}.get(kind)
+    if skip is None:
+        raise ValueError("not a string")
+    return packed[skip:].decode("utf-8", "surrogateescape")
 
 
 def settings_of(cfg: Config) -> Settings:
@@ -106,15 +157,6 @@ def _dims(feature: str, model: str, priority: str, tenant: str, features: frozen
     return SEP.join((feature if feature in features else UNKNOWN,
                      tenant_slot(model[:TENANT_MAX]), tenant_slot(priority[:TENANT_MAX]),
                      tenant_slot(tenant)))  # fmt: skip
-
-
-def record_of(fields: Mapping[str, str], settings: Settings) -> bytes | None:
-    """The record of one usage event; None for events that are not job outcomes."""
-    pairs = metric_pairs(fields)
-    if pairs is None:
-        return None
-    hour, dims = _place(fields, settings)
-    return _record(hour, dims, pairs)
 
 
 Cell = tuple[int, str]
@@ -170,8 +212,7 @@ def _add(into: dict[int, int], pairs: Iterable[tuple[int, int]]) -> None:
 
 
 class Rollups:
-    """Adds outcomes to the rollups inside a caller's transaction (one RPUSH of their records
-    onto the queue), and folds them."""
+    """Folds the outcomes the finishing writes queue into the hourly cells."""
 
     def __init__(self, keys: Keys, settings: Settings) -> None:
         self.keys = keys
@@ -191,34 +232,53 @@ class Rollups:
             out.add(fields)
         return out
 
-    def records_of(self, usage: Mapping[str, str]) -> tuple[bytes, ...]:
-        """The records of one outcome, as a job's finishing write carries them (none for a
-        usage event that is not a job outcome)."""
-        record = record_of(usage, self.settings)
-        return () if record is None else (record,)
-
-    def add_into(self, tx: Any, usage: Mapping[str, str]) -> None:
-        """Queue on the transaction the write of one usage event's record."""
-        if records := self.records_of(usage):
-            tx.rpush(self.keys.rollup_queue, *records)
-
-    def write_into(self, tx: Any, delta: Delta) -> None:
-        """Queue on the transaction the write of a delta's records."""
-        if delta:
-            tx.rpush(self.keys.rollup_queue, *delta.records())
+    def push_into(self, tx: Any, outcomes: Iterable[Mapping[str, str]]) -> None:
+        """Queue on a transaction the push of usage events onto the rollups' queue, as a
+        job's finishing write pushes its own (for writers other than a job's end)."""
+        if entries := [entry_of(fields) for fields in outcomes]:
+            tx.rpush(self.keys.rollup_queue, *entries)
 
     async def fold_records(self, redis: aioredis.Redis) -> int:
-        """Add the queued outcome records to their hours' cells; how many records."""
+        """Add the queued outcomes to their hours' cells; how many queue entries were folded.
+
+        One process of the fleet folds at a time (a lease); a caller that finds another
+        folding waits until it is done (what it read is in the cells then) and folds the rest.
+        Entries that are not usage events (another program's) are left out, and logged."""
+        lease = Lease(redis, self.keys.rollup_folding, secrets.token_hex(8))
+        waited = time.monotonic() + FOLD_WAIT_S
+        while not await lease.acquire(FOLD_LEASE_MS):
+            if time.monotonic() > waited:
+                return 0  # a folder that died holding the lease: its lease runs out soon
+            await asyncio.sleep(0.02)
+        try:
+            return await self._fold(redis, lease.token)
+        finally:
+            await asyncio.shield(lease.release())
+
+    async def _fold(self, redis: aioredis.Redis, token: str) -> int:
         script = redis.register_script(FOLD)  # loads itself again after a NOSCRIPT
         keep_s = self.settings.retention_days * 86_400
-        keys = [self.keys.rollup_queue, self.keys.rollup_live]
+        keys = [self.keys.rollup_queue, self.keys.rollup_live, self.keys.rollup_folding]
         done = 0
-        while True:
-            args: list[Any] = [self.keys.prefix, self.settings.tenants_per_hour, keep_s, FOLD_BATCH]
-            took = int(await script(keys=keys, args=args))
-            done += took
-            if took < FOLD_BATCH:
-                return done
+        while entries := await redis.lrange(self.keys.rollup_queue, 0, FOLD_BATCH - 1):
+            delta, foreign = Delta(self.settings), 0
+            for entry in entries:
+                fields = outcome_of(entry)
+                if fields is None:
+                    foreign += 1
+                else:
+                    delta.add(fields)
+            if foreign:
+                log.warning("rollups: left out %d queue entries that are not usage events", foreign)
+            args: list[Any] = [self.keys.prefix, self.settings.tenants_per_hour, keep_s, token,
+                               len(entries), FOLD_LEASE_MS, *delta.records()]  # fmt: skip
+            applied = await script(keys=keys, args=args)
+            if int(applied) < 0:
+                return done  # the lease ran out (a long pause): its new holder folds them
+            done += len(entries)
+            if len(entries) < FOLD_BATCH:
+                break
+        return done
 
     async def fold(self, redis: aioredis.Redis, now_ms: int | None = None) -> int:
         """The workers' duty, every second: fold_records(), then compact up to

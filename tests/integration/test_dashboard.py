@@ -73,7 +73,7 @@ async def test_the_dashboard_shows_the_jobs_and_updates_live(
     cfg, path = make_config(**FAST, **{"features.summarize.daily_usd": 2.0})
     rollups = Rollups(keys, settings_of(cfg))
     async with redis.pipeline(transaction=True) as tx:
-        rollups.write_into(tx, rollups.delta(history(int(time.time() * 1000), random.Random(4))))
+        rollups.push_into(tx, history(int(time.time() * 1000), random.Random(4)))
         await tx.execute()
 
     async with run_worker(cfg):

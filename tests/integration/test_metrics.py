@@ -199,7 +199,7 @@ async def test_counters_count_each_outcome_once_whoever_compacts_its_hour(
             cost_usd=0.001 * (n + 1), latency_ms=900,
         )) for n in range(4)]  # fmt: skip
     async with redis.pipeline(transaction=True) as tx:
-        rollups.write_into(tx, rollups.delta(events))
+        rollups.push_into(tx, events)
         await tx.execute()
     cost = sum(nano_usd(e["cost_usd"]) for e in events)
 
@@ -218,6 +218,6 @@ async def test_counters_count_each_outcome_once_whoever_compacts_its_hour(
     await query(redis, rollups, q, now_ms=now)  # another reader
     assert await counted(Counters(rollups)) == (12, cost / NANO)  # a restarted exporter
     async with redis.pipeline(transaction=True) as tx:  # one more, in the current hour
-        rollups.add_into(tx, {**events[-1], "job_id": "late"})
+        rollups.push_into(tx, [{**events[-1], "job_id": "late"}])
         await tx.execute()
     assert await counted(exporter) == (13, (cost + nano_usd(events[-1]["cost_usd"])) / NANO)

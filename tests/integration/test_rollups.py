@@ -1,15 +1,19 @@
-"""The rollups' writes against a real Valkey: merged deltas write what single outcomes write,
-an hour keeps its tenant bound, 100k outcomes stay within the documented memory, and reports
-add up the same before, during and after compaction."""
+"""The rollups' writes against a real Valkey: folds of any size write what one fold of every
+outcome writes, an hour keeps its tenant bound, 100k outcomes stay within the documented
+memory, a finished job is folded once (a folder that lost its lease applies nothing), and
+reports add up the same before, during and after compaction."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+import pytest
 import redis.asyncio as aioredis
 
 from worker.cells import (
@@ -62,23 +66,26 @@ async def dump(redis: aioredis.Redis, prefix: str) -> dict[str, dict[str, str]]:
     return out
 
 
-async def test_a_merged_delta_writes_what_its_outcomes_write_one_by_one(
+async def push(redis: aioredis.Redis, rollups: Rollups, events: list[dict[str, str]]) -> None:
+    async with redis.pipeline(transaction=True) as tx:
+        rollups.push_into(tx, events)
+        await tx.execute()
+
+
+async def test_small_folds_write_what_one_fold_of_every_outcome_writes(
     redis: aioredis.Redis, prefix: str
 ) -> None:
     settings = Settings(features=frozenset(FEATURES), tenants_per_hour=4)
     rng = random.Random(3)
     events = [outcome(rng, n, tenants=9, hours=2) for n in range(300)]
     one, many = Rollups(Keys(f"{prefix}a"), settings), Rollups(Keys(f"{prefix}b"), settings)
-    for e in events:
-        async with redis.pipeline(transaction=True) as tx:
-            one.add_into(tx, e)
-            await tx.execute()
-    for start in range(0, len(events), 50):  # as finishes that share one round trip would
-        async with redis.pipeline(transaction=True) as tx:
-            many.write_into(tx, many.delta(events[start : start + 50]))
-            await tx.execute()
+    for n, e in enumerate(events):  # folded a few at a time, as a busy fleet's second
+        await push(redis, one, [e])
+        if n % 7 == 0:
+            assert await one.fold_records(redis) == (1 if n == 0 else 7)
     await one.fold_records(redis)
-    await many.fold_records(redis)
+    await push(redis, many, events)
+    assert await many.fold_records(redis) == len(events)
     single, merged = await dump(redis, f"{prefix}a"), await dump(redis, f"{prefix}b")
     assert single == merged and len(single) > 20
     index = single[f":rollup:h:{hour_label(HOUR)}"]
@@ -93,11 +100,8 @@ async def test_100k_outcomes_stay_within_the_documented_memory(
     rollups, keys = Rollups(Keys(prefix), settings), Keys(prefix)
     rng = random.Random(5)
     pool = [outcome(rng, n, tenants=200, hours=2) for n in range(8000)]  # distinct outcomes
-    for _ in range(20):  # 100k outcomes, 5,000 to a delta
-        delta = rollups.delta(rng.choice(pool) for _ in range(5000))
-        async with redis.pipeline(transaction=True) as tx:
-            rollups.write_into(tx, delta)
-            await tx.execute()
+    for _ in range(20):  # 100k outcomes, 5,000 at a time
+        await push(redis, rollups, [rng.choice(pool) for _ in range(5000)])
         await rollups.fold_records(redis)
     bound = max_cells_per_hour(settings, len(MODELS), len(PRIORITIES))
     used = 0
@@ -119,8 +123,8 @@ async def test_100k_outcomes_stay_within_the_documented_memory(
 async def test_each_finished_job_is_folded_once_even_by_a_server_that_lost_its_scripts(
     redis: aioredis.Redis, prefix: str
 ) -> None:
-    """The finishing write appends a record; folds (several at once, one after a script
-    flush, as after a restart) add each record to its cell once."""
+    """The finishing write appends the outcome; folds (several at once, one after a script
+    flush, as after a restart) add each outcome to its cell once."""
     keys = Keys(prefix)
     rollups = Rollups(keys, Settings(features=frozenset(FEATURES)))
     queue = Queue(redis, keys, list(PRIORITIES), "c1", visibility_ms=60_000, rollups=rollups)
@@ -131,8 +135,7 @@ async def test_each_finished_job_is_folded_once_even_by_a_server_that_lost_its_s
     event = outcome(random.Random(1), 0, tenants=1)
     for n, (entry_id, fields) in enumerate(got[0][1]):
         d = Delivery("normal", keys.jobs("normal"), entry_id, dict(fields))
-        records = rollups.records_of(event)  # as worker.outcomes makes them
-        await queue.finish(d, f"job-{n}", Finish(b"{}", event, records=records))
+        await queue.finish(d, f"job-{n}", Finish(b"{}", event, rollup=True))
         if n == 20:
             await redis.script_flush()
             await asyncio.gather(*(rollups.fold_records(redis) for _ in range(4)))
@@ -143,6 +146,38 @@ async def test_each_finished_job_is_folded_once_even_by_a_server_that_lost_its_s
     assert await redis.hget(keys.rollup_cell(hour_label(HOUR), cell), "n") == "40"
     assert await redis.exists(*(keys.result(f"job-{n}") for n in range(40))) == 40
     assert not await redis.exists(keys.rollup_queue)
+
+
+async def test_a_folder_that_lost_its_lease_applies_nothing_and_strays_are_left_out(
+    redis: aioredis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys(prefix)
+    rollups = Rollups(keys, Settings(features=frozenset(FEATURES)))
+    queue = Queue(redis, keys, list(PRIORITIES), "c1", visibility_ms=60_000, rollups=rollups)
+    await queue.ensure_groups()
+    entry_id = await redis.xadd(keys.jobs("normal"), {"feature": "summarize", "request": "{}"})
+    await redis.xreadgroup(GROUP, "c1", {keys.jobs("normal"): ">"})
+    # A tenant whose bytes are not UTF-8 (the client keeps them as surrogate escapes).
+    event = {**outcome(random.Random(2), 0, tenants=1), "tenant": "acme\udcff"}
+    d = Delivery("normal", keys.jobs("normal"), entry_id, {})
+    assert await queue.finish(d, "job-0", Finish(b"{}", event, rollup=True))
+    await push(redis, rollups, [outcome(random.Random(2), n, tenants=1) for n in range(1, 30)])
+    strays = [b"\xff not MessagePack", msgspec.msgpack.encode(["odd"]), b"\x81\xa1a\x01"]
+    await redis.rpush(keys.rollup_queue, *strays)
+    await redis.set(keys.rollup_folding, "another folder", px=60_000)  # it took over
+    assert await rollups._fold(redis, "a folder that paused") == 0  # fenced: nothing applied
+    assert await redis.llen(keys.rollup_queue) == 33
+    assert not await redis.exists(keys.rollup_index(hour_label(HOUR)))
+    await redis.delete(keys.rollup_folding)  # its lease ran out
+    with caplog.at_level(logging.WARNING, logger="tokenq.rollups"):
+        assert await rollups.fold_records(redis) == 33
+    assert "left out 3 queue entries" in caplog.text
+    assert not await redis.exists(keys.rollup_queue, keys.rollup_folding)
+    index: Any = await redis.hgetall(keys.rollup_index(hour_label(HOUR)))
+    assert "Tacme?" in index  # the tenant as stored: printable
+    cells = [k[1:] for k in index if k.startswith("K")]
+    counts = [await redis.hget(keys.rollup_cell(hour_label(HOUR), c), "n") for c in cells]
+    assert sum(int(n) for n in counts) == 30
 
 
 async def test_compacted_hours_and_days_answer_as_the_outcomes_add_up(
@@ -156,9 +191,7 @@ async def test_compacted_hours_and_days_answer_as_the_outcomes_add_up(
     events = [outcome(rng, n, tenants=8, hours=48) for n in range(600)]
     for n, e in enumerate(events):  # two whole days, three days ago
         e["ts_ms"] = str(day * 86_400_000 + int(e["ts_ms"]) % 3_600_000 + (n % 48) * 3_600_000)
-    async with redis.pipeline(transaction=True) as tx:
-        rollups.write_into(tx, rollups.delta(events))
-        await tx.execute()
+    await push(redis, rollups, events)
 
     def want(key: Callable[[dict[str, str]], str], among: list[dict[str, str]]) -> dict[str, Any]:
         sums: dict[str, list[int]] = {}
@@ -207,9 +240,7 @@ async def test_compacted_hours_and_days_answer_as_the_outcomes_add_up(
     assert await got(("tenant", "model")) == by_model  # read from the day's cells instead
 
     late = {**events[0], "ts_ms": str(day * 86_400_000 + 5 * 3_600_000 + 1)}
-    async with redis.pipeline(transaction=True) as tx:  # a worker whose clock is behind
-        rollups.add_into(tx, late)
-        await tx.execute()
+    await push(redis, rollups, [late])  # a worker whose clock is behind
     assert await got(("feature",)) == want(feature, [*events, late])  # the day's hours
     assert await got(("hour",)) == want(hour, [*events, late])
     await compact()  # merges the late outcome into its hour, then its day again
