@@ -34,6 +34,8 @@ async def eventually(
 
 
 ROOT = Path(__file__).resolve().parent.parent
+FAST_BATCHES = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
+"""Config overrides that make the batcher flush and poll often, and hand its lease over soon."""
 
 
 @contextmanager

@@ -16,7 +16,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import ConfigFactory
-from tests.helpers import eventually, pending_count, read_result, run, sim_call, usage_events
+from tests.helpers import (
+    FAST_BATCHES,
+    eventually,
+    pending_count,
+    read_result,
+    run,
+    sim_call,
+    usage_events,
+)
 from tests.integration.conftest import RunWorker, SpawnWorker
 from worker.batcher import custom_id
 from worker.contract import Keys
@@ -24,7 +32,6 @@ from worker.operators import batch_rows
 from worker.worker import build_worker
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there, batch."}]})
-FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 
 
 async def submit(redis: aioredis.Redis, keys: Keys, n: int, priority: str = "low",
@@ -48,7 +55,7 @@ async def test_low_jobs_go_through_one_batch_at_half_price(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, _ = make_config(**FAST)
+    cfg, _ = make_config(**FAST_BATCHES)
     ids = await submit(redis, keys, 20)
     async with run_worker(cfg):
         await eventually(lambda: all_results(redis, keys, ids), what="20 batch results")
@@ -70,7 +77,7 @@ async def test_5000_jobs_become_batches_within_the_limits_one_result_each(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, _ = make_config(**FAST, **{"batch.max_requests": 1000, "batch.max_bytes": 250_000})
+    cfg, _ = make_config(**FAST_BATCHES, **{"batch.max_requests": 1000, "batch.max_bytes": 250_000})
     ids = await submit(redis, keys, 5000)
     async with run_worker(cfg):
         await eventually(lambda: all_results(redis, keys, ids), what="5000 results", timeout_s=60)
@@ -92,7 +99,7 @@ async def test_a_batcher_killed_while_polling_is_resumed_by_the_next(
     spawn_worker: SpawnWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 3600})
-    _, path = make_config(**FAST)
+    _, path = make_config(**FAST_BATCHES)
     ids = await submit(redis, keys, 50)
     first = spawn_worker(path)
 
@@ -161,7 +168,7 @@ async def test_a_create_without_answer_is_found_or_sent_once(
     redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, before: bool
 ) -> None:
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, _ = make_config(**FAST, **{"anthropic.timeout_s": 0.5})
+    cfg, _ = make_config(**FAST_BATCHES, **{"anthropic.timeout_s": 0.5})
     ids = await submit(redis, keys, 10)
     transport = LoseFirstCreate(before=before)
     client = anthropic.AsyncAnthropic(
@@ -186,7 +193,7 @@ async def test_errored_items_are_retried_in_the_next_batch_then_dead_lettered(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.1, "batch_error_rate": 1.0})
-    cfg, _ = make_config(**FAST, **{"queue.max_attempts": 2})
+    cfg, _ = make_config(**FAST_BATCHES, **{"queue.max_attempts": 2})
     ids = await submit(redis, keys, 5)
     async with run_worker(cfg):
         await eventually(lambda: all_results(redis, keys, ids), what="5 error results")
@@ -206,7 +213,7 @@ async def test_errored_items_can_be_retried_in_real_time(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.1, "batch_error_rate": 1.0})
-    cfg, _ = make_config(**FAST, **{"batch.retry": "realtime"})
+    cfg, _ = make_config(**FAST_BATCHES, **{"batch.retry": "realtime"})
     ids = await submit(redis, keys, 5)
     async with run_worker(cfg):
         await eventually(lambda: all_results(redis, keys, ids), what="5 results")
@@ -226,7 +233,7 @@ async def test_a_request_the_api_refuses_is_dead_lettered_with_its_error(
     prices = {ghost + name: 1.0 for name in ("input_usd_per_mtok", "output_usd_per_mtok",
               "cache_write_5m_usd_per_mtok", "cache_write_1h_usd_per_mtok",
               "cache_read_usd_per_mtok")}  # fmt: skip
-    cfg, _ = make_config(**FAST, **prices, **{"tiers.ghost": "claude-ghost-1"})
+    cfg, _ = make_config(**FAST_BATCHES, **prices, **{"tiers.ghost": "claude-ghost-1"})
     fields = {"feature": "summarize", "request": HELLO, "id": "bad", "tier": "ghost"}
     await redis.xadd(keys.jobs("low"), fields)  # type: ignore[arg-type]
     async with run_worker(cfg):
@@ -241,7 +248,7 @@ async def test_expired_items_go_back_to_the_queue_without_burning_an_attempt(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.1, "batch_expiry_rate": 1.0})
-    cfg, _ = make_config(**FAST)
+    cfg, _ = make_config(**FAST_BATCHES)
     ids = await submit(redis, keys, 5)
     async with run_worker(cfg):
 
@@ -262,7 +269,7 @@ async def test_a_deadline_before_the_window_ends_runs_in_real_time(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.1})
-    cfg, _ = make_config(**FAST, **{"batch.completion_s": 3600.0})
+    cfg, _ = make_config(**FAST_BATCHES, **{"batch.completion_s": 3600.0})
     soon = str(int(time.time() * 1000) + 60_000)  # before the window's end (1 h away)
     late = str(int(time.time() * 1000) + 7_200_000)  # after it
     await submit(redis, keys, 1, deadline_ms=soon, id="soon")
@@ -278,7 +285,7 @@ async def test_tokenq_batches_lists_and_cancels(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 3600})
-    cfg, path = make_config(**FAST)
+    cfg, path = make_config(**FAST_BATCHES)
     ids = await submit(redis, keys, 3)
     tokenq = [sys.executable, "-m", "worker", "--config", str(path), "batches"]
     async with run_worker(cfg):
@@ -310,7 +317,7 @@ async def test_a_job_id_the_api_refuses_as_custom_id_is_mapped(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.1})
-    cfg, _ = make_config(**FAST)
+    cfg, _ = make_config(**FAST_BATCHES)
     async with run_worker(cfg):
         # A realtime job takes the bare entry id 7-0; the low one runs as low:7-0 (a ':' is
         # not allowed in a custom_id, so it goes to the API hashed).
@@ -332,7 +339,7 @@ async def test_a_529_on_batch_create_is_retried_soon_not_after_the_timeout(
     # A 529 answer means the batch was not created: there is nothing to look for, so the
     # batcher need not wait out anthropic.timeout_s (60 s here) before creating it again.
     sim_call(sim, "config", {"batch_seconds": 0.1, "fault_rate": {"batch-529": 1.0}})
-    cfg, _ = make_config(**FAST, **{"anthropic.timeout_s": 60.0})
+    cfg, _ = make_config(**FAST_BATCHES, **{"anthropic.timeout_s": 60.0})
     ids = await submit(redis, keys, 3)
     async with run_worker(cfg):
 
@@ -356,7 +363,7 @@ async def test_a_batcher_that_lost_its_lease_hands_no_job_to_real_time(
     from worker.contract import BATCHER, GROUP
     from worker.lease import LeaseLost
 
-    cfg, _ = make_config(**FAST)
+    cfg, _ = make_config(**FAST_BATCHES)
     worker = build_worker(cfg, concurrency=8)
     adopted: list[str] = []
     try:
@@ -388,7 +395,7 @@ async def test_a_due_window_under_the_spend_stop_leaves_the_event_loop_free(
     # worker stopped reading and the batcher lease lapsed).
     from worker.batcher import Batcher
 
-    cfg, _ = make_config(**FAST)
+    cfg, _ = make_config(**FAST_BATCHES)
     worker = build_worker(cfg, concurrency=8)
     stopping = asyncio.Event()
     try:

@@ -19,12 +19,11 @@ import redis.asyncio as aioredis
 
 from tests.browser import chromium, open_browser
 from tests.conftest import ConfigFactory
-from tests.helpers import add, eventually, sim_call
+from tests.helpers import FAST_BATCHES, add, eventually, sim_call
 from tests.integration.conftest import RunWorker
 from worker.contract import Keys, UsageEvent, to_fields
 from worker.rollups import Rollups, settings_of
 
-FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 LIVE = [("summarize", "acme-live", "normal"), ("summarize", "globex", "normal"),
         ("support_faq", "acme-live", "normal"), ("support_faq", "initech", "normal"),
         ("classify_ticket", "acme-live", "high"), ("nightly_enrich", "globex", "low")]  # fmt: skip
@@ -70,7 +69,7 @@ async def test_the_dashboard_shows_the_jobs_and_updates_live(
             pytest.fail(message)
         pytest.skip(message)
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, path = make_config(**FAST, **{"features.summarize.daily_usd": 2.0})
+    cfg, path = make_config(**FAST_BATCHES, **{"features.summarize.daily_usd": 2.0})
     rollups = Rollups(keys, settings_of(cfg))
     async with redis.pipeline(transaction=True) as tx:
         rollups.push_into(tx, history(int(time.time() * 1000), random.Random(4)))

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import ConfigFactory
 from tests.helpers import (
+    FAST_BATCHES,
     add,
     entries,
     eventually,
@@ -36,7 +37,6 @@ from worker.deferred import DeferredSet
 from worker.queue import Delivery, Finish, Queue
 
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello there"}]})
-FAST_BATCH = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ async def test_invalid_utf8_on_the_batched_priority_leaves_the_batcher_working(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, _ = make_config(**FAST_BATCH)
+    cfg, _ = make_config(**FAST_BATCHES)
     await raw.xadd(keys.jobs("low"), BAD_UTF8[0][1])  # type: ignore[arg-type]
     for n in range(5):
         await raw.xadd(keys.jobs("low"), good(n))  # type: ignore[arg-type]
@@ -321,7 +321,7 @@ async def test_an_unexpected_error_in_the_batcher_leaves_it_batching_the_others(
 
     monkeypatch.setattr(jobs, "shape", buggy)
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, _ = make_config(**FAST_BATCH, **{"queue.visibility_timeout_s": 0.5,
+    cfg, _ = make_config(**FAST_BATCHES, **{"queue.visibility_timeout_s": 0.5,
                                           "queue.max_attempts": 2})  # fmt: skip
     await add(redis, keys.jobs("low"), {"feature": "summarize", "request": HELLO,
                                         "id": "poison", "tenant": "poison"})  # fmt: skip

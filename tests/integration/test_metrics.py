@@ -18,15 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import ConfigFactory
-from tests.helpers import add, entries, eventually, sim_call
+from tests.helpers import FAST_BATCHES, add, entries, eventually, sim_call
 from tests.integration.conftest import RunWorker
 from worker.cells import NANO, hour_label, nano_usd
 from worker.contract import Keys, UsageEvent, to_fields
 from worker.metrics import Counters, scrape
 from worker.report import Query, query
 from worker.rollups import Rollups, settings_of
-
-FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 
 
 def request(text: str) -> str:
@@ -51,7 +49,7 @@ async def test_metrics_are_the_usage_streams_sums_and_the_fleets_state(
     run_worker: RunWorker, tmp_path: Path,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, path = make_config(**FAST, **{"features.summarize.daily_usd": 5.0})
+    cfg, path = make_config(**FAST_BATCHES, **{"features.summarize.daily_usd": 5.0})
     jobs = [
         ("normal", "summarize", "acme"), ("normal", "summarize", "globex"),
         ("high", "classify_ticket", "acme"), ("low", "nightly_enrich", "acme"),

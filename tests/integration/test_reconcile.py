@@ -15,13 +15,12 @@ import redis.asyncio as aioredis
 
 from producers import Producer
 from tests.conftest import ConfigFactory
-from tests.helpers import sim_call
+from tests.helpers import FAST_BATCHES, sim_call
 from tests.integration.conftest import RunWorker
 from worker.cli import main
 from worker.contract import Keys
 
 HELLO = {"messages": [{"role": "user", "content": "Summarise: the cat sat on the mat."}]}
-FAST_BATCHES = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 
 
 def tokenq(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

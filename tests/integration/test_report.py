@@ -13,7 +13,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from tests.conftest import ConfigFactory
-from tests.helpers import add, entries, eventually, run, sim_call
+from tests.helpers import FAST_BATCHES, add, entries, eventually, run, sim_call
 from tests.integration.conftest import RunWorker
 from worker.cells import BOUNDS_MS, INDEX, NANO, bucket, nano_usd
 from worker.config import Config
@@ -22,7 +22,6 @@ from worker.periods import read_hours
 from worker.report import Query, display, percentiles, query
 from worker.rollups import Rollups, settings_of
 
-FAST = {"batch.flush_interval_s": 0.2, "batch.poll_s": 0.1, "batch.lease_s": 1.0}
 SYSTEM = "You are a careful assistant for a ticketing product. " * 60  # over 512 tokens
 
 
@@ -99,7 +98,7 @@ async def test_report_figures_are_the_usage_streams_sums(
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     sim_call(sim, "config", {"batch_seconds": 0.2})
-    cfg, path = make_config(**FAST)
+    cfg, path = make_config(**FAST_BATCHES)
     events = await run_jobs(redis, keys, cfg, run_worker)
     assert {e["mode"] for e in events} == {"realtime", "cache", "batch"}
     assert {e["status"] for e in events} == {"ok", "error"}

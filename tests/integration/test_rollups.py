@@ -155,7 +155,7 @@ async def test_a_folder_that_lost_its_lease_applies_nothing_and_strays_are_left_
     rollups = Rollups(keys, Settings(features=frozenset(FEATURES)))
     queue = Queue(redis, keys, list(PRIORITIES), "c1", visibility_ms=60_000, rollups=rollups)
     await queue.ensure_groups()
-    entry_id = await redis.xadd(keys.jobs("normal"), {"feature": "summarize", "request": "{}"})
+    entry_id: Any = await redis.xadd(keys.jobs("normal"), {"feature": "summarize", "request": "{}"})
     await redis.xreadgroup(GROUP, "c1", {keys.jobs("normal"): ">"})
     # A tenant whose bytes are not UTF-8 (the client keeps them as surrogate escapes).
     event = {**outcome(random.Random(2), 0, tenants=1), "tenant": "acme\udcff"}
@@ -176,7 +176,9 @@ async def test_a_folder_that_lost_its_lease_applies_nothing_and_strays_are_left_
     index: Any = await redis.hgetall(keys.rollup_index(hour_label(HOUR)))
     assert "Tacme?" in index  # the tenant as stored: printable
     cells = [k[1:] for k in index if k.startswith("K")]
-    counts = [await redis.hget(keys.rollup_cell(hour_label(HOUR), c), "n") for c in cells]
+    counts: list[Any] = [
+        await redis.hget(keys.rollup_cell(hour_label(HOUR), c), "n") for c in cells
+    ]
     assert sum(int(n) for n in counts) == 30
 
 
