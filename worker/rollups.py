@@ -238,16 +238,17 @@ class Rollups:
         if entries := [entry_of(fields) for fields in outcomes]:
             tx.rpush(self.keys.rollup_queue, *entries)
 
-    async def fold_records(self, redis: aioredis.Redis) -> int:
+    async def fold_records(self, redis: aioredis.Redis, *, wait: bool = True) -> int:
         """Add the queued outcomes to their hours' cells; how many queue entries were folded.
 
         One process of the fleet folds at a time (a lease); a caller that finds another
-        folding waits until it is done (what it read is in the cells then) and folds the rest.
-        Entries that are not usage events (another program's) are left out, and logged."""
+        folding waits until it is done (what it read is in the cells then) and folds the rest,
+        or with `wait=False` leaves it to that one. Entries that are not usage events (another
+        program's) are left out, and logged."""
         lease = Lease(redis, self.keys.rollup_folding, secrets.token_hex(8))
         waited = time.monotonic() + FOLD_WAIT_S
         while not await lease.acquire(FOLD_LEASE_MS):
-            if time.monotonic() > waited:
+            if not wait or time.monotonic() > waited:
                 return 0  # a folder that died holding the lease: its lease runs out soon
             await asyncio.sleep(0.02)
         try:
@@ -284,7 +285,7 @@ class Rollups:
         """The workers' duty, every second: fold_records(), then compact up to
         COMPACT_PER_TICK finished hours or days (worker.compaction; one process of the fleet
         at a time). How many records were folded."""
-        done = await self.fold_records(redis)
+        done = await self.fold_records(redis, wait=False)  # another worker may be at it
         now = clock.now_ms() if now_ms is None else now_ms
         await compact_due(redis, self.keys, self.settings, now, COMPACT_PER_TICK)
         return done
