@@ -7,7 +7,8 @@
                                   fuzz [--seed S] [--entries N]: hostile entries vs. a fleet;
                                   chaos [--seed S]: faults, kills, a Redis restart vs. a fleet;
                                   semantic [--seed S]: the semantic cache on paraphrases;
-                                  report: rollups, report latency, the finishing write)
+                                  report: rollups, report latency, the finishing write;
+                                  floor: what the anthropic SDK costs a worker)
 
 Each command first makes ./.venv and installs tokenq with its dev tools into it (again only
 when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else; pip's output
