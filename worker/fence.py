@@ -24,37 +24,34 @@ from redis.commands.core import AsyncScript
 from worker import trips
 from worker.contract import GROUP
 
-# KEYS[1]: the job stream, then every key the writes name. ARGV: group, entry id, consumer,
-# then the writes, each a count n and n arguments; an argument is 'k' and the index of a key
-# in KEYS, or 'v' and the value itself. The pseudo-command REPLY k<i> v<result> XADDs a result
-# to a stream, or to a key that does not exist, and to nothing else (a reply never fails the
-# write nor turns another key into a stream). The pseudo-command ROLLUP k<i> RPUSHes onto a
-# list the fields of the XADD just before it (after its '*'), as one MessagePack array of
-# strings (a job's outcome for worker.rollups: the client sends nothing twice). Nothing is
-# written unless the entry is pending under the consumer: 0; else every write: 1.
+# KEYS[1]: the job stream, then the key of each write, in order. ARGV: group, entry id,
+# consumer, then the writes, each a count n, the command's name and its n arguments after its
+# key (every write names one key, its first argument: KEYS[1 + the write's place]); the values
+# pass untouched, no per-argument tag. Pseudo-commands: REPLY <key> <result> XADDs a result to
+# a stream, or to a key that does not exist, and to nothing else (a reply never fails the write
+# nor turns another key into a stream). EVENT <key> <maxlen> <packed> XADDs (MAXLEN ~) an
+# entry whose fields are `packed`, one MessagePack array of field names and values. ROLLUP
+# <key> RPUSHes onto a list the packed fields of the EVENT just before it, those very bytes (a
+# job's outcome for worker.rollups: the client sends nothing twice). Nothing is written unless
+# the entry is pending under the consumer: 0; else every write: 1.
 _FENCED = """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #rows == 0 or rows[1][2] ~= ARGV[3] then return 0 end
-local i, prev = 4, nil
+local i, k, event = 4, 2, nil
 while i <= #ARGV do
-  local n, cmd = tonumber(ARGV[i]), {}
-  for j = 1, n do
-    local a = ARGV[i + j]
-    if string.byte(a, 1) == 107 then cmd[j] = KEYS[tonumber(string.sub(a, 2))]
-    else cmd[j] = string.sub(a, 2) end
-  end
-  if cmd[1] == 'REPLY' then
-    local t = redis.call('TYPE', cmd[2]).ok
-    if t == 'stream' or t == 'none' then redis.call('XADD', cmd[2], '*', 'result', cmd[3]) end
-  elseif cmd[1] == 'ROLLUP' then
-    local s = 3
-    while prev[s] ~= '*' do s = s + 1 end
-    redis.call('RPUSH', cmd[2], cmsgpack.pack({unpack(prev, s + 1)}))
+  local n, name, key = tonumber(ARGV[i]), ARGV[i + 1], KEYS[k]
+  if name == 'EVENT' then
+    event = ARGV[i + 3]
+    redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(cmsgpack.unpack(event)))
+  elseif name == 'ROLLUP' then
+    redis.call('RPUSH', key, event)
+  elseif name == 'REPLY' then
+    local t = redis.call('TYPE', key).ok
+    if t == 'stream' or t == 'none' then redis.call('XADD', key, '*', 'result', ARGV[i + 2]) end
   else
-    redis.call(unpack(cmd))
-    prev = cmd
+    redis.call(name, key, unpack(ARGV, i + 2, i + 1 + n))
   end
-  i = i + n + 1
+  i, k = i + 2 + n, k + 1
 end
 return 1
 """
@@ -74,10 +71,6 @@ return renewed
 """
 
 
-class Key(str):
-    """A key name in Writes.add (every other argument is a value)."""
-
-
 class Writes:
     """Commands to run only while one entry is pending under one consumer (see the module
     docstring). Build them with add(), then run() or into()."""
@@ -86,17 +79,11 @@ class Writes:
         self.keys: list[str] = [stream]
         self.args: list[Any] = [GROUP, entry_id, consumer]
 
-    def add(self, *parts: Key | str | bytes | int | float) -> None:
-        """One command: its name and arguments; Key(...) marks the key names among them."""
-        self.args.append(len(parts))
-        for part in parts:
-            if isinstance(part, Key):
-                self.keys.append(part)
-                self.args.append(f"k{len(self.keys)}")
-            elif isinstance(part, bytes):
-                self.args.append(b"v" + part)
-            else:
-                self.args.append(f"v{part}")
+    def add(self, command: str, key: str, *args: str | bytes | int | float) -> None:
+        """One write: a command (or a pseudo-command of the script), the one key it writes,
+        then its other arguments."""
+        self.keys.append(key)
+        self.args += [len(args), command, *args]
 
     def into(self, tx: Any, script: AsyncScript) -> None:
         """Queue the fenced script on a pipeline or transaction the caller executes."""

@@ -43,8 +43,7 @@ from worker.contract import (
     as_text,
     id_problem,
 )
-from worker.fence import Key
-from worker.rollups import Rollups
+from worker.rollups import Rollups, entry_of
 from worker.trips import Trips, raise_first
 
 log = logging.getLogger("tokenq.queue")
@@ -309,28 +308,30 @@ class Queue:
     def _ending(self, d: Delivery, job_id: str, end: Finish) -> fence.Writes:
         w, ttl = fence.Writes(d.stream, d.entry_id, self.consumer), self.result_ttl_s
         if end.dead is not None:
-            w.add("XADD", Key(self.keys.dead), "*", *flat(end.dead))
-        w.add("SET", Key(self.keys.result(job_id)), end.result_json, "EX", ttl)
-        usage = Key(self.keys.usage)
-        w.add("XADD", usage, "MAXLEN", "~", self.usage_maxlen, "*", *flat(end.usage))
-        if end.rollup:  # the event's fields, again, for the hourly rollups (worker.rollups)
-            w.add("ROLLUP", Key(self.keys.rollup_queue))
+            w.add("XADD", self.keys.dead, "*", *flat(end.dead))
+        w.add("SET", self.keys.result(job_id), end.result_json, "EX", ttl)
+        # The event's fields packed once, as the rollups' queue holds an outcome: one argument
+        # instead of two per field, and ROLLUP pushes the same bytes (worker.rollups).
+        w.add("EVENT", self.keys.usage, self.usage_maxlen, packed(end.usage))
+        if end.rollup:
+            w.add("ROLLUP", self.keys.rollup_queue)
         if end.reply_to:
-            w.add("REPLY", Key(end.reply_to), end.result_json)
+            w.add("REPLY", end.reply_to, end.result_json)
         # Wakes result() waiters; short-lived, the result key itself is the record.
-        w.add("RPUSH", Key(self.keys.done(job_id)), 1)
-        w.add("EXPIRE", Key(self.keys.done(job_id)), min(ttl, 300))
+        w.add("RPUSH", self.keys.done(job_id), 1)
+        w.add("EXPIRE", self.keys.done(job_id), min(ttl, 300))
         self._ack(w, d)
         # The claim stays as long as the result, so a same-numbered entry of another stream is
         # never mistaken for a redelivery of this one; the job's run is no longer needed.
-        w.add("HDEL", Key(self.keys.state(job_id)), "run")
-        w.add("EXPIRE", Key(self.keys.state(job_id)), ttl)
+        state = self.keys.state(job_id)
+        w.add("HDEL", state, "run")
+        w.add("EXPIRE", state, ttl)
         return w
 
     async def save_run(self, d: Delivery, run: bytes) -> bool:
         """Write a job's run (worker.jobrun) while d is this consumer's; whether it was."""
         w = fence.Writes(d.stream, d.entry_id, self.consumer)
-        w.add("HSET", Key(self.keys.state(d.job_id)), "run", run)
+        w.add("HSET", self.keys.state(d.job_id), "run", run)
         replies = raise_first(await self.trips.run(lambda pipe: w.into(pipe, self._fenced)))
         return bool(int(replies[0]))
 
@@ -376,10 +377,10 @@ class Queue:
         # passes its bytes through unchanged.
         member = json.dumps({"p": d.priority, "f": fields}, sort_keys=True, ensure_ascii=False)
         w = fence.Writes(d.stream, d.entry_id, self.consumer)
-        w.add("ZADD", Key(self.keys.deferred), until_ms, member)
+        w.add("ZADD", self.keys.deferred, until_ms, member)
         self._ack(w, d)
         if owns_claim:
-            state = Key(self.keys.state(job_id))
+            state = self.keys.state(job_id)
             if run is not None:
                 w.add("HSET", state, "run", run)
             # The claim must outlive the wait (a month for a monthly budget), or the entry put
@@ -406,8 +407,8 @@ class Queue:
     def _ack(self, w: fence.Writes, d: Delivery) -> None:
         # The entry is deleted too: a finished job's fields live on in the result and the
         # usage event (and the dead letter), and the stream stays as small as the backlog.
-        w.add("XACK", Key(d.stream), GROUP, d.entry_id)
-        w.add("XDEL", Key(d.stream), d.entry_id)
+        w.add("XACK", d.stream, GROUP, d.entry_id)
+        w.add("XDEL", d.stream, d.entry_id)
 
     async def leave(self) -> None:
         """On clean shutdown: drop this consumer from the groups if it holds nothing."""
@@ -483,6 +484,29 @@ async def leave_group(redis: aioredis.Redis, stream: str, consumer: str) -> None
             await redis.xgroup_delconsumer(stream, GROUP, consumer)
     except ResponseError:  # no stream or group: nothing to leave
         pass
+
+
+def packed(fields: dict[str, str]) -> bytes:
+    """A usage event's fields as one MessagePack array of names and values (as the rollups'
+    queue holds an outcome: worker.rollups.entry_of). A value that is not UTF-8 (read from
+    Redis as surrogate escapes) keeps its bytes, as a MessagePack string all the same."""
+    try:
+        return entry_of(fields)
+    except UnicodeEncodeError:
+        parts = [p.encode("utf-8", "surrogateescape") for pair in fields.items() for p in pair]
+        return _array_head(len(parts)) + b"".join(_str_head(len(p)) + p for p in parts)
+
+
+def _array_head(n: int) -> bytes:
+    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+
+
+def _str_head(n: int) -> bytes:
+    if n < 32:
+        return bytes([0xA0 | n])
+    if n < 256:
+        return b"\xd9" + bytes([n])
+    return b"\xda" + n.to_bytes(2, "big") if n < 65_536 else b"\xdb" + n.to_bytes(4, "big")
 
 
 def flat(fields: dict[str, str]) -> list[str]:
