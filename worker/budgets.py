@@ -46,45 +46,58 @@ NANO = 1_000_000_000
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
 
-# KEYS: per cap its hash and its holds set. ARGV: now_ms, hold id, hold expiry ms, then per
-# cap: usd cap (nano, -1 none), request cap (-1 none), want (nano), ttl s.
-# Returns {1} taken, or {0, cap index (1-based), "usd"|"requests", spent, held}.
-RESERVE = """
-local now, id, expiry = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local n = #KEYS / 2
-local function expire_holds(h, holds)
-  local stale = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
-  for _, old in ipairs(stale) do
-    local amount = tonumber(redis.call('HGET', h, 'h:' .. old) or '0')
-    redis.call('HINCRBY', h, 'held', -amount)
-    redis.call('HDEL', h, 'h:' .. old)
-    redis.call('ZREM', holds, old)
+# reserve(KEYS, k, n, ARGV, a): n caps, their keys from KEYS[k] (per cap its hash and its
+# holds set), their arguments from ARGV[a]: now_ms, hold id, hold expiry ms, then per cap: usd
+# cap (nano, -1 none), request cap (-1 none), want (nano), ttl s. Takes want under every cap,
+# or under none: nil when taken, else {cap index (1-based), "usd"|"requests", spent, held}.
+# A function, so that the run saved before a call takes its reservation in the same script
+# (worker.fence's RESERVE).
+RESERVE_FUNCTION = """
+local function reserve(KEYS, k, n, ARGV, a)
+  local now, id, expiry = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  for j = 1, n do
+    local h, holds = KEYS[k + 2 * j - 2], KEYS[k + 2 * j - 1]
+    local stale = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
+    for _, old in ipairs(stale) do
+      local amount = tonumber(redis.call('HGET', h, 'h:' .. old) or '0')
+      redis.call('HINCRBY', h, 'held', -amount)
+      redis.call('HDEL', h, 'h:' .. old)
+      redis.call('ZREM', holds, old)
+    end
+    local base = a + 3 + (j - 1) * 4
+    local cap_usd, cap_req = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
+    local want = tonumber(ARGV[base + 2])
+    local v = redis.call('HMGET', h, 'spent', 'held', 'requests')
+    local spent, held = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+    local requests = tonumber(v[3] or '0')
+    if cap_usd >= 0 and spent + held + want > cap_usd then return {j, 'usd', spent, held} end
+    if cap_req >= 0 and requests + 1 > cap_req then return {j, 'requests', spent, held} end
   end
+  for j = 1, n do
+    local h, holds = KEYS[k + 2 * j - 2], KEYS[k + 2 * j - 1]
+    local base = a + 3 + (j - 1) * 4
+    local want, ttl = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+    redis.call('HINCRBY', h, 'held', want)
+    redis.call('HINCRBY', h, 'requests', 1)
+    redis.call('HSET', h, 'h:' .. id, want)
+    redis.call('ZADD', holds, expiry, id)
+    redis.call('EXPIRE', h, ttl)
+    redis.call('EXPIRE', holds, ttl)
+  end
+  return nil
 end
-for j = 1, n do
-  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
-  expire_holds(h, holds)
-  local base = 3 + (j - 1) * 4
-  local cap_usd, cap_req = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local want = tonumber(ARGV[base + 3])
-  local v = redis.call('HMGET', h, 'spent', 'held', 'requests')
-  local spent, held, requests = tonumber(v[1] or '0'), tonumber(v[2] or '0'), tonumber(v[3] or '0')
-  if cap_usd >= 0 and spent + held + want > cap_usd then return {0, j, 'usd', spent, held} end
-  if cap_req >= 0 and requests + 1 > cap_req then return {0, j, 'requests', spent, held} end
-end
-for j = 1, n do
-  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
-  local base = 3 + (j - 1) * 4
-  local want, ttl = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
-  redis.call('HINCRBY', h, 'held', want)
-  redis.call('HINCRBY', h, 'requests', 1)
-  redis.call('HSET', h, 'h:' .. id, want)
-  redis.call('ZADD', holds, expiry, id)
-  redis.call('EXPIRE', h, ttl)
-  redis.call('EXPIRE', holds, ttl)
-end
+"""
+
+# KEYS and ARGV as reserve()'s from the first. Returns {1} taken, or {0, cap index,
+# "usd"|"requests", spent, held}.
+RESERVE = (
+    RESERVE_FUNCTION
+    + """
+local refused = reserve(KEYS, 1, #KEYS / 2, ARGV, 1)
+if refused then return {0, unpack(refused)} end
 return {1}
 """
+)
 
 # KEYS as RESERVE. ARGV: hold id, actual cost (nano), 1 when no call was made (the request
 # is not counted), then per cap: usd cap (-1 none), alert threshold (nano, -1 none).
@@ -136,6 +149,23 @@ class Hold:
     id: str
     caps: tuple[Cap, ...]
     want_usd: float
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A reservation to make (Budgets.reservation): the caps, the hold's id and amount, and
+    the script's keys and arguments."""
+
+    caps: tuple[Cap, ...]
+    hold_id: str
+    want_usd: float
+    keys: list[str]
+    args: list[Any]
+
+    @property
+    def hold(self) -> Hold:
+        """The hold it makes when taken."""
+        return Hold(self.hold_id, self.caps, self.want_usd)
 
 
 @dataclass
@@ -266,10 +296,11 @@ class Budgets:
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
 
-    async def reserve(
+    def reservation(
         self, caps: list[Cap], hold_id: str, want_usd: float, now_ms: int
-    ) -> Hold | Refusal:
-        """Reserve want_usd under every cap at once, or refuse naming the cap."""
+    ) -> Reservation:
+        """The keys and arguments of a reservation of want_usd under every cap at once (the
+        RESERVE script's, and worker.fence's RESERVE before a run saved with it)."""
         keys: list[str] = []
         args: list[Any] = [
             now_ms,
@@ -281,19 +312,24 @@ class Budgets:
             usd = -1 if c.usd is None else _nano(c.usd)
             req = -1 if c.requests is None else c.requests
             args += [usd, req, _nano(want_usd), c.ttl_s]
-        reply: Any = await self._run(self._reserve, keys, args)
+        return Reservation(tuple(caps), hold_id, want_usd, keys, args)
+
+    def refusal(self, r: Reservation, refused: list[Any]) -> Refusal:
+        """The Refusal of a reservation the script refused ({cap index, dimension, spent,
+        held})."""
+        cap, dimension = r.caps[int(refused[0]) - 1], as_text(refused[1])
+        spent, held = int(refused[2]) / NANO, int(refused[3]) / NANO
+        return Refusal(cap, dimension, spent, held, r.want_usd, self.cfg.budgets.timezone)
+
+    async def reserve(
+        self, caps: list[Cap], hold_id: str, want_usd: float, now_ms: int
+    ) -> Hold | Refusal:
+        """Reserve want_usd under every cap at once, or refuse naming the cap."""
+        r = self.reservation(caps, hold_id, want_usd, now_ms)
+        reply: Any = await self._run(self._reserve, r.keys, r.args)
         if int(reply[0]) == 1:
-            return Hold(hold_id, tuple(caps), want_usd)
-        cap = caps[int(reply[1]) - 1]
-        dimension = as_text(reply[2])
-        return Refusal(
-            cap,
-            dimension,
-            int(reply[3]) / NANO,
-            int(reply[4]) / NANO,
-            want_usd,
-            self.cfg.budgets.timezone,
-        )
+            return r.hold
+        return self.refusal(r, reply[1:])
 
     async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
         """Release the hold and add the actual cost; the caps whose alert fraction was just

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from worker import trips
+from worker.budgets import RESERVE_FUNCTION, Reservation
 from worker.contract import GROUP
 
 # KEYS[1]: the job stream, then the key of each write, in order. ARGV: group, entry id,
@@ -32,9 +33,14 @@ from worker.contract import GROUP
 # nor turns another key into a stream). EVENT <key> <maxlen> <packed> XADDs (MAXLEN ~) an
 # entry whose fields are `packed`, one MessagePack array of field names and values. ROLLUP
 # <key> RPUSHes onto a list the packed fields of the EVENT just before it, those very bytes (a
-# job's outcome for worker.rollups: the client sends nothing twice). Nothing is written unless
-# the entry is pending under the consumer: 0; else every write: 1.
-_FENCED = """
+# job's outcome for worker.rollups: the client sends nothing twice). RESERVE <keys> <caps>
+# <arguments>, the first write when there is one, is a budget reservation (worker.budgets
+# reserve(): 2 keys a cap): when it refuses, nothing is written and the script returns the
+# refusal, {cap index, dimension, spent, held}. Nothing is written unless the entry is pending
+# under the consumer: 0; else every write: 1.
+_FENCED = (
+    RESERVE_FUNCTION
+    + """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #rows == 0 or rows[1][2] ~= ARGV[3] then return 0 end
 local i, k, event = 4, 2, nil
@@ -45,6 +51,11 @@ while i <= #ARGV do
     redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(cmsgpack.unpack(event)))
   elseif name == 'ROLLUP' then
     redis.call('RPUSH', key, event)
+  elseif name == 'RESERVE' then
+    local caps = tonumber(ARGV[i + 2])
+    local refused = reserve(KEYS, k, caps, ARGV, i + 3)
+    if refused then return refused end
+    k = k + 2 * caps - 1
   elseif name == 'REPLY' then
     local t = redis.call('TYPE', key).ok
     if t == 'stream' or t == 'none' then redis.call('XADD', key, '*', 'result', ARGV[i + 2]) end
@@ -55,6 +66,7 @@ while i <= #ARGV do
 end
 return 1
 """
+)
 
 # KEYS: a job stream. ARGV: group, consumer, entry ids. Resets the idle time of the entries
 # still pending under the consumer (XCLAIM JUSTID); one another consumer holds is left to it.
@@ -84,6 +96,14 @@ class Writes:
         then its other arguments."""
         self.keys.append(key)
         self.args += [len(args), command, *args]
+
+    def reserve(self, r: Reservation) -> None:
+        """A budget reservation, taken with the writes that follow or refused without any
+        (the first write: nothing may come before it)."""
+        if len(self.keys) > 1:
+            raise ValueError("a reservation must be the first of the writes")
+        self.keys += r.keys
+        self.args += [len(r.args) + 1, "RESERVE", len(r.caps), *r.args]
 
     def into(self, tx: Any, script: AsyncScript) -> None:
         """Queue the fenced script on a pipeline or transaction the caller executes."""

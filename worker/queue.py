@@ -37,6 +37,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from worker import clock, fence
+from worker.budgets import Reservation
 from worker.contract import (
     GROUP,
     Keys,
@@ -328,11 +329,19 @@ class Queue:
         w.add("EXPIRE", state, ttl)
         return w
 
-    async def save_run(self, d: Delivery, run: bytes) -> bool:
-        """Write a job's run (worker.jobrun) while d is this consumer's; whether it was."""
+    async def save_run(
+        self, d: Delivery, run: bytes, reservation: Reservation | None = None
+    ) -> bool | list[Any]:
+        """Write a job's run (worker.jobrun) while d is this consumer's; whether it was. With
+        a budget reservation (worker.budgets), it is taken in the same script, first: when
+        it is refused nothing is written, and the refusal comes back (Budgets.refusal)."""
         w = fence.Writes(d.stream, d.entry_id, self.consumer)
+        if reservation is not None:
+            w.reserve(reservation)
         w.add("HSET", self.keys.state(d.job_id), "run", run)
         replies = raise_first(await self.trips.run(lambda pipe: w.into(pipe, self._fenced)))
+        if isinstance(replies[0], list):
+            return replies[0]
         return bool(int(replies[0]))
 
     def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:
