@@ -21,8 +21,11 @@ expires after the call could have ended (anthropic.timeout_s plus a minute).
 Each cap has a Redis hash per period, `<prefix>:budget:<scope>:<period>` (scope `feature:<f>`
 or `tenant:<f>:<t>`, period the day `YYYY-MM-DD` or month `YYYY-MM` in budgets.timezone) with
 `spent` and `held` in nano-dollars (integers: no float drift) and `requests`, and a sorted set
-`...:holds` of live reservations by expiry. When `spent` first reaches budgets.alert_at of a
-cap, the script says so once per period and the worker writes an alert to the usage stream.
+`...:holds` of live reservations by expiry, each `<hold id>:<nano-dollars>` (the hash stays
+four fields, however many calls are in flight; a hold written by an older tokenq, `<hold id>`
+with its amount in the hash's `h:<hold id>`, is still expired and settled). When `spent`
+first reaches budgets.alert_at of a cap, the script says so once per period and the worker
+writes an alert to the usage stream.
 
 The organization's own spend limit (a 429 `enforced_spend_limit_reached` from the API) is
 `SpendStop`: one key, `<prefix>:spend:stop`, that stops every call of the fleet until the
@@ -59,9 +62,12 @@ local function reserve(KEYS, k, n, ARGV, a)
     local h, holds = KEYS[k + 2 * j - 2], KEYS[k + 2 * j - 1]
     local stale = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
     for _, old in ipairs(stale) do
-      local amount = tonumber(redis.call('HGET', h, 'h:' .. old) or '0')
-      redis.call('HINCRBY', h, 'held', -amount)
-      redis.call('HDEL', h, 'h:' .. old)
+      local amount = string.match(old, ':(%d+)$')
+      if not amount then  -- an older tokenq's hold
+        amount = redis.call('HGET', h, 'h:' .. old) or '0'
+        redis.call('HDEL', h, 'h:' .. old)
+      end
+      redis.call('HINCRBY', h, 'held', -tonumber(amount))
       redis.call('ZREM', holds, old)
     end
     local base = a + 3 + (j - 1) * 4
@@ -79,8 +85,7 @@ local function reserve(KEYS, k, n, ARGV, a)
     local want, ttl = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
     redis.call('HINCRBY', h, 'held', want)
     redis.call('HINCRBY', h, 'requests', 1)
-    redis.call('HSET', h, 'h:' .. id, want)
-    redis.call('ZADD', holds, expiry, id)
+    redis.call('ZADD', holds, expiry, id .. ':' .. ARGV[base + 2])
     redis.call('EXPIRE', h, ttl)
     redis.call('EXPIRE', holds, ttl)
   end
@@ -100,22 +105,30 @@ return {1}
 )
 
 # KEYS as RESERVE. ARGV: hold id, actual cost (nano), 1 when no call was made (the request
-# is not counted), then per cap: usd cap (-1 none), alert threshold (nano, -1 none).
-# Returns the 1-based indexes of caps whose alert threshold was crossed just now. A cap whose
-# reservation is gone (settled already, or expired) is left as it is: settling is idempotent.
+# is not counted), the hold's amount (nano), then per cap: usd cap (-1 none), alert threshold
+# (nano, -1 none). Returns the 1-based indexes of caps whose alert threshold was crossed just
+# now. A cap whose reservation is gone (settled already, or expired) is left as it is:
+# settling is idempotent.
 SETTLE = """
-local id, actual, uncounted = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local id, actual, uncounted, want = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
 local alerts = {}
 for j = 1, #KEYS / 2 do
   local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
-  local amount = redis.call('HGET', h, 'h:' .. id)
+  local amount = nil
+  if redis.call('ZREM', holds, id .. ':' .. want) == 1 then
+    amount = want
+  else  -- an older tokenq's hold, or none
+    amount = redis.call('HGET', h, 'h:' .. id)
+    if amount then
+      redis.call('HDEL', h, 'h:' .. id)
+      redis.call('ZREM', holds, id)
+    end
+  end
   if amount then
     redis.call('HINCRBY', h, 'held', -tonumber(amount))
-    redis.call('HDEL', h, 'h:' .. id)
-    redis.call('ZREM', holds, id)
     if uncounted then redis.call('HINCRBY', h, 'requests', -1) end
     local spent = redis.call('HINCRBY', h, 'spent', actual)
-    local threshold = tonumber(ARGV[3 + (j - 1) * 2 + 2])
+    local threshold = tonumber(ARGV[4 + (j - 1) * 2 + 2])
     if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
       alerts[#alerts + 1] = j
     end
@@ -335,7 +348,7 @@ class Budgets:
         """Release the hold and add the actual cost; the caps whose alert fraction was just
         reached (each once per period)."""
         keys: list[str] = []
-        args: list[Any] = [hold.id, _nano(actual_usd), "0" if called else "1"]
+        args: list[Any] = [hold.id, _nano(actual_usd), "0" if called else "1", _nano(hold.want_usd)]
         for c in hold.caps:
             keys += [c.key, c.holds]
             usd = -1 if c.usd is None else _nano(c.usd)
@@ -350,7 +363,7 @@ class Budgets:
         """Queue, on the caller's transaction, the settlement of a call whose answer never
         came, at `usd` (its reservation): the API may have billed it. No alerts."""
         keys = [name for key in cap_keys for name in (key, Keys.budget_holds(key))]
-        args: list[Any] = [hold_id, _nano(usd), "0", *([-1, -1] * len(cap_keys))]
+        args: list[Any] = [hold_id, _nano(usd), "0", _nano(usd), *([-1, -1] * len(cap_keys))]
         await self._settle(keys=keys, args=args, client=pipe)
 
 

@@ -88,7 +88,7 @@ async def test_a_run_saved_with_its_reservation_takes_both_or_neither(
     why = budgets.refusal(refused, reply)
     assert isinstance(why, Refusal) and why.dimension == "usd" and why.held_usd == 0.6
     assert await redis.hget(keys.state(d.job_id), "run") == '{"t0":1}'  # not written
-    assert await redis.hget(taken.caps[0].key, "h:h2") is None
+    assert await redis.zrange(taken.caps[0].holds, 0, -1) == ["h1:600000000"]
 
 
 async def test_a_worker_that_lost_the_job_reserves_nothing(
