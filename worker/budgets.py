@@ -104,38 +104,46 @@ return {1}
 """
 )
 
-# KEYS as RESERVE. ARGV: hold id, actual cost (nano), 1 when no call was made (the request
+# settle(KEYS, k, n, ARGV, a): n caps, their keys from KEYS[k] as reserve()'s, their
+# arguments from ARGV[a]: hold id, actual cost (nano), 1 when no call was made (the request
 # is not counted), the hold's amount (nano), then per cap: usd cap (-1 none), alert threshold
 # (nano, -1 none). Returns the 1-based indexes of caps whose alert threshold was crossed just
 # now. A cap whose reservation is gone (settled already, or expired) is left as it is:
-# settling is idempotent.
-SETTLE = """
-local id, actual, uncounted, want = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
-local alerts = {}
-for j = 1, #KEYS / 2 do
-  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
-  local amount = nil
-  if redis.call('ZREM', holds, id .. ':' .. want) == 1 then
-    amount = want
-  else  -- an older tokenq's hold, or none
-    amount = redis.call('HGET', h, 'h:' .. id)
+# settling is idempotent. A function, so that a job's end settles its last call in the same
+# script (worker.fence's SETTLE).
+SETTLE_FUNCTION = """
+local function settle(KEYS, k, n, ARGV, a)
+  local id, actual, want = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 3]
+  local uncounted = ARGV[a + 2] == '1'
+  local alerts = {}
+  for j = 1, n do
+    local h, holds = KEYS[k + 2 * j - 2], KEYS[k + 2 * j - 1]
+    local amount = nil
+    if redis.call('ZREM', holds, id .. ':' .. want) == 1 then
+      amount = want
+    else  -- an older tokenq's hold, or none
+      amount = redis.call('HGET', h, 'h:' .. id)
+      if amount then
+        redis.call('HDEL', h, 'h:' .. id)
+        redis.call('ZREM', holds, id)
+      end
+    end
     if amount then
-      redis.call('HDEL', h, 'h:' .. id)
-      redis.call('ZREM', holds, id)
+      redis.call('HINCRBY', h, 'held', -tonumber(amount))
+      if uncounted then redis.call('HINCRBY', h, 'requests', -1) end
+      local spent = redis.call('HINCRBY', h, 'spent', actual)
+      local threshold = tonumber(ARGV[a + 4 + (j - 1) * 2 + 1])
+      if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
+        alerts[#alerts + 1] = j
+      end
     end
   end
-  if amount then
-    redis.call('HINCRBY', h, 'held', -tonumber(amount))
-    if uncounted then redis.call('HINCRBY', h, 'requests', -1) end
-    local spent = redis.call('HINCRBY', h, 'spent', actual)
-    local threshold = tonumber(ARGV[4 + (j - 1) * 2 + 2])
-    if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
-      alerts[#alerts + 1] = j
-    end
-  end
+  return alerts
 end
-return alerts
 """
+
+# KEYS and ARGV as settle()'s from the first; its reply.
+SETTLE = SETTLE_FUNCTION + "return settle(KEYS, 1, #KEYS / 2, ARGV, 1)\n"
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,16 @@ class Reservation:
     def hold(self) -> Hold:
         """The hold it makes when taken."""
         return Hold(self.hold_id, self.caps, self.want_usd)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A settlement to make (Budgets.settlement): the hold's caps and the script's keys and
+    arguments; the script names the caps that reached their alert fraction by index."""
+
+    caps: tuple[Cap, ...]
+    keys: list[str]
+    args: list[Any]
 
 
 @dataclass
@@ -344,9 +362,9 @@ class Budgets:
             return r.hold
         return self.refusal(r, reply[1:])
 
-    async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
-        """Release the hold and add the actual cost; the caps whose alert fraction was just
-        reached (each once per period)."""
+    def settlement(self, hold: Hold, actual_usd: float, *, called: bool) -> Settlement:
+        """The keys and arguments that release the hold and add the actual cost (the SETTLE
+        script's, and worker.fence's SETTLE in a job's end)."""
         keys: list[str] = []
         args: list[Any] = [hold.id, _nano(actual_usd), "0" if called else "1", _nano(hold.want_usd)]
         for c in hold.caps:
@@ -354,7 +372,13 @@ class Budgets:
             usd = -1 if c.usd is None else _nano(c.usd)
             threshold = -1 if c.usd is None else _nano(c.usd * self.cfg.budgets.alert_at)
             args += [usd, threshold]
-        reply: Any = await self._run(self._settle, keys, args)
+        return Settlement(hold.caps, keys, args)
+
+    async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
+        """Release the hold and add the actual cost; the caps whose alert fraction was just
+        reached (each once per period)."""
+        s = self.settlement(hold, actual_usd, called=called)
+        reply: Any = await self._run(self._settle, s.keys, s.args)
         return [hold.caps[int(j) - 1] for j in reply]
 
     async def settle_lost_into(

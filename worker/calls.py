@@ -33,7 +33,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
@@ -50,6 +50,7 @@ from worker.budgets import (
     Hold,
     Refusal,
     Reservation,
+    Settlement,
     SpendStop,
     caps_for,
     expected_usd,
@@ -119,6 +120,9 @@ class CallFor:
     run: JobRun
     rank: int
     stored: str = ""
+    # Answered calls whose budget holds are still to be settled: with the job's end, in its
+    # fenced script, or by the job's next call first (Caller.settlements, settle_unsettled).
+    unsettled: list[tuple[Hold, Call]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,7 @@ class Caller:
         Raises the SDK's error when the call failed (recorded in the run), TooLarge when it
         could never fit the rate limits, DeadlineExceeded when the job's deadline passed while
         it waited for capacity, GaveUp when Redis stayed away before the call."""
+        await self.settle_unsettled(c)  # a call before: its cost counts for this one
         ready: _Ready | Open | Refusal | Stopped = await self.retrying(
             c.d.job_id, "preparing a call", lambda: self._ready(c, params, counted, guarded)
         )
@@ -339,7 +344,8 @@ class Caller:
         used = (1, usage.input_tokens + usage.cache_write, usage.output_tokens)
         await self._settle_capacity(r.grant, Answer(used, raw.headers))
         await self._record_breakers(r.ticket, None)
-        await self._settle_budget(c, r.hold, call, called=True)
+        if r.hold is not None:  # settled with the job's end, one script less (settlements)
+            c.unsettled.append((r.hold, call))
         return Answered(message, usage, call)
 
     # -- 3. settle --
@@ -415,6 +421,29 @@ class Caller:
                 await self._alert(c, cap)
         except (GaveUp, RedisError, OSError) as exc:
             log.warning("settling a budget reservation failed: %s", exc)
+
+    def settlements(self, c: CallFor) -> tuple[Settlement, ...]:
+        """The settlements of c's answered calls, at their cost, for its end to write."""
+        return tuple(
+            self.budgets.settlement(hold, call.cost_usd, called=True) for hold, call in c.unsettled
+        )
+
+    async def settled(self, c: CallFor, crossed: list[int]) -> None:
+        """c's end wrote its settlements: the calls' holds are gone; an alert for each cap
+        that reached its alert fraction (`crossed`: places among the settlements' caps)."""
+        caps = [cap for hold, _ in c.unsettled for cap in hold.caps]
+        for _, call in c.unsettled:
+            call.hold, call.hold_keys = "", []
+        c.unsettled.clear()
+        for place in crossed:
+            await self._alert(c, caps[place - 1])
+
+    async def settle_unsettled(self, c: CallFor | None) -> None:
+        """Settle c's answered calls now, each on its own (a job that ends without its end
+        written by this worker, or makes another call)."""
+        while c is not None and c.unsettled:
+            hold, call = c.unsettled.pop(0)
+            await self._settle_budget(c, hold, call, called=True)
 
     async def _alert(self, c: CallFor, cap: Cap) -> None:
         event = outcomes.budget_alert(c.job, cap, self.cfg.budgets)

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from worker import trips
-from worker.budgets import RESERVE_FUNCTION, Reservation
+from worker.budgets import RESERVE_FUNCTION, SETTLE_FUNCTION, Reservation, Settlement
 from worker.contract import GROUP
 
 # KEYS[1]: the job stream, then the key of each write, in order. ARGV: group, entry id,
@@ -35,15 +35,18 @@ from worker.contract import GROUP
 # <key> RPUSHes onto a list the packed fields of the EVENT just before it, those very bytes (a
 # job's outcome for worker.rollups: the client sends nothing twice). RESERVE <keys> <caps>
 # <arguments>, the first write when there is one, is a budget reservation (worker.budgets
-# reserve(): 2 keys a cap): when it refuses, nothing is written and the script returns the
-# refusal, {cap index, dimension, spent, held}. Nothing is written unless the entry is pending
-# under the consumer: 0; else every write: 1.
+# reserve(): 2 keys a cap): when it refuses, nothing is written and the script returns {0,
+# the refusal: cap index, dimension, spent, held}. SETTLE <keys> <caps> <arguments> settles a
+# hold (worker.budgets settle()). Nothing is written unless the entry is pending under the
+# consumer: 0; else every write: 1, or {1, caps...} when settling brought caps to their alert
+# fraction (their 1-based places among the caps of every SETTLE, in order).
 _FENCED = (
     RESERVE_FUNCTION
+    + SETTLE_FUNCTION
     + """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #rows == 0 or rows[1][2] ~= ARGV[3] then return 0 end
-local i, k, event = 4, 2, nil
+local i, k, event, alerts, settled = 4, 2, nil, {1}, 0
 while i <= #ARGV do
   local n, name, key = tonumber(ARGV[i]), ARGV[i + 1], KEYS[k]
   if name == 'EVENT' then
@@ -54,8 +57,12 @@ while i <= #ARGV do
   elseif name == 'RESERVE' then
     local caps = tonumber(ARGV[i + 2])
     local refused = reserve(KEYS, k, caps, ARGV, i + 3)
-    if refused then return refused end
+    if refused then return {0, unpack(refused)} end
     k = k + 2 * caps - 1
+  elseif name == 'SETTLE' then
+    local caps = tonumber(ARGV[i + 2])
+    for _, j in ipairs(settle(KEYS, k, caps, ARGV, i + 3)) do alerts[#alerts + 1] = settled + j end
+    settled, k = settled + caps, k + 2 * caps - 1
   elseif name == 'REPLY' then
     local t = redis.call('TYPE', key).ok
     if t == 'stream' or t == 'none' then redis.call('XADD', key, '*', 'result', ARGV[i + 2]) end
@@ -64,6 +71,7 @@ while i <= #ARGV do
   end
   i, k = i + 2 + n, k + 1
 end
+if #alerts > 1 then return alerts end
 return 1
 """
 )
@@ -104,6 +112,12 @@ class Writes:
             raise ValueError("a reservation must be the first of the writes")
         self.keys += r.keys
         self.args += [len(r.args) + 1, "RESERVE", len(r.caps), *r.args]
+
+    def settle(self, s: Settlement) -> None:
+        """A budget settlement (its caps that reach their alert fraction are named in the
+        reply: see the script)."""
+        self.keys += s.keys
+        self.args += [len(s.args) + 1, "SETTLE", len(s.caps), *s.args]
 
     def into(self, tx: Any, script: AsyncScript) -> None:
         """Queue the fenced script on a pipeline or transaction the caller executes."""

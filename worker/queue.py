@@ -37,7 +37,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from worker import clock, fence
-from worker.budgets import Reservation
+from worker.budgets import Reservation, Settlement
 from worker.contract import (
     GROUP,
     Keys,
@@ -98,13 +98,15 @@ return 1
 @dataclass(frozen=True, slots=True)
 class Finish:
     """Everything written when a job ends: result, usage event, optional dead letter; with
-    `rollup`, the usage event also joins the rollups' queue (worker.rollups)."""
+    `rollup`, the usage event also joins the rollups' queue (worker.rollups); `settle`: the
+    budget settlements of its answered calls (worker.budgets)."""
 
     result_json: bytes
     usage: dict[str, str]
     reply_to: str | None = None
     dead: dict[str, str] | None = None
     rollup: bool = False
+    settle: tuple[Settlement, ...] = ()  # budget holds of the job's answered calls
 
 
 class Queue:
@@ -300,7 +302,7 @@ class Queue:
         consumer's (finished, or taken over)."""
         w = self._ending(d, job_id, end)
         trip = await self.trips.run(lambda tx: w.into(tx, self._fenced), atomic=True)
-        return bool(int(raise_first(trip)[0]))
+        return applied(raise_first(trip)[0]) is not None
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
         """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""
@@ -327,6 +329,8 @@ class Queue:
         state = self.keys.state(job_id)
         w.add("HDEL", state, "run")
         w.add("EXPIRE", state, ttl)
+        for settlement in end.settle:
+            w.settle(settlement)
         return w
 
     async def save_run(
@@ -341,7 +345,7 @@ class Queue:
         w.add("HSET", self.keys.state(d.job_id), "run", run)
         replies = raise_first(await self.trips.run(lambda pipe: w.into(pipe, self._fenced)))
         if isinstance(replies[0], list):
-            return replies[0]
+            return list(replies[0][1:])
         return bool(int(replies[0]))
 
     def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:
@@ -493,6 +497,15 @@ async def leave_group(redis: aioredis.Redis, stream: str, consumer: str) -> None
             await redis.xgroup_delconsumer(stream, GROUP, consumer)
     except ResponseError:  # no stream or group: nothing to leave
         pass
+
+
+def applied(reply: Any) -> list[int] | None:
+    """What the fenced script said of a job's end: None, not written (the entry is not the
+    consumer's); else the places of the settled caps that reached their alert fraction
+    (worker.fence), usually none."""
+    if isinstance(reply, list):
+        return [int(j) for j in reply[1:]]
+    return [] if int(reply) else None
 
 
 def packed(fields: dict[str, str]) -> bytes:

@@ -1,6 +1,7 @@
 """The fenced script (worker.fence) on a real Valkey: each write's key and values passed as they
-are, the usage event packed once and pushed as it is for the rollups, and a budget reservation
-taken with the run saved before a call, or refused with nothing written."""
+are, the usage event packed once and pushed as it is for the rollups, a budget reservation
+taken with the run saved before a call (or refused with nothing written), and the settlements
+of a job's calls written with its end."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import redis.asyncio as aioredis
 
 from tests.conftest import ConfigFactory
 from tests.helpers import add
-from worker import fence
-from worker.budgets import Budgets, Cap, Refusal
+from worker import fence, outcomes
+from worker.budgets import Budgets, Cap, Hold, Refusal
 from worker.contract import GROUP, Keys, Result, UsageEvent, to_fields
 from worker.queue import Delivery, Finish, Queue
 from worker.rollups import entry_of, outcome_of
@@ -100,3 +101,32 @@ async def test_a_worker_that_lost_the_job_reserves_nothing(
     r = budgets.reservation([cap(keys, 1.0)], "h1", 0.1, 1_000)
     assert await queue.save_run(d, b'{"t0":1}', r) is False
     assert not await redis.exists(r.caps[0].key, r.caps[0].holds)
+
+
+async def test_a_jobs_end_settles_its_holds_and_names_the_caps_that_reached_their_alert(
+    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+) -> None:
+    cfg, _ = make_config(**{"budgets.alert_at": 0.5})
+    budgets, (queue, d) = Budgets(redis, cfg), await pending(redis, keys)
+    c = cap(keys, 1.0)
+    hold = await budgets.reserve([c], "h1", 0.4, 1_000)
+    assert isinstance(hold, Hold)
+    event = UsageEvent(ts_ms=1, job_id=d.job_id, feature="summarize")
+    result = Result(id=d.job_id, status="ok", text="hi")
+    settle = (budgets.settlement(hold, 0.3, called=True),)
+    ending = outcomes.Ending(result, event, settle=settle)
+
+    other = Queue(redis, keys, ["normal"], "b", visibility_ms=60_000)
+    assert await outcomes.finish(other, d, d.job_id, ending) is None  # not b's: nothing
+    assert await redis.hmget(c.key, ["spent", "held"]) == [None, str(400_000_000)]
+
+    assert await outcomes.finish(queue, d, d.job_id, ending) == []  # under half of the cap
+    assert await redis.hmget(c.key, ["spent", "held"]) == [str(300_000_000), "0"]
+
+    queue2, d2 = await pending(redis, keys)
+    hold2 = await budgets.reserve([c], "h2", 0.4, 1_000)
+    assert isinstance(hold2, Hold)
+    settle2 = (budgets.settlement(hold2, 0.3, called=True),)
+    ending2 = outcomes.Ending(result, event, settle=settle2)
+    assert await outcomes.finish(queue2, d2, d2.job_id, ending2) == [1]  # 0.6 of the cap
+    assert await redis.hget(c.key, "spent") == str(600_000_000)
