@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 from worker import trips
 from worker.budgets import RESERVE_FUNCTION, SETTLE_FUNCTION, Reservation, Settlement
 from worker.contract import GROUP
+from worker.rollups import entry_of
 
 # KEYS[1]: the job stream, then the key of each write, in order. ARGV: group, entry id,
 # consumer, then the writes, each a count n, the command's name and its n arguments after its
@@ -105,6 +106,11 @@ class Writes:
         self.keys.append(key)
         self.args += [len(args), command, *args]
 
+    def event(self, key: str, maxlen: int, fields: dict[str, str]) -> None:
+        """XADD (MAXLEN ~) of an entry whose fields go packed in one argument (EVENT: one
+        instead of two a field, and a ROLLUP after it pushes those same bytes)."""
+        self.add("EVENT", key, maxlen, packed(fields))
+
     def reserve(self, r: Reservation) -> None:
         """A budget reservation, taken with the writes that follow or refused without any
         (the first write: nothing may come before it)."""
@@ -139,3 +145,36 @@ async def renew(script: AsyncScript, stream: str, consumer: str, ids: list[str])
     """Reset the idle time of the entries still pending under `consumer`; how many."""
     renewed: Any = await script(keys=[stream], args=[GROUP, consumer, *ids])
     return int(renewed)
+
+
+def applied(reply: Any) -> list[int] | None:
+    """What the fenced script said of a job's end: None, not written (the entry is not the
+    consumer's); else the places of the settled caps that reached their alert fraction (see
+    the script), usually none."""
+    if isinstance(reply, list):
+        return [int(j) for j in reply[1:]]
+    return [] if int(reply) else None
+
+
+def packed(fields: dict[str, str]) -> bytes:
+    """A stream entry's fields as one MessagePack array of names and values (the form in
+    which the rollups' queue holds an outcome: worker.rollups.entry_of). A value that is not
+    UTF-8 (read from Redis as surrogate escapes) keeps its bytes, as a MessagePack string all
+    the same."""
+    try:
+        return entry_of(fields)
+    except UnicodeEncodeError:
+        parts = [p.encode("utf-8", "surrogateescape") for pair in fields.items() for p in pair]
+        return _array_head(len(parts)) + b"".join(_str_head(len(p)) + p for p in parts)
+
+
+def _array_head(n: int) -> bytes:
+    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+
+
+def _str_head(n: int) -> bytes:
+    if n < 32:
+        return bytes([0xA0 | n])
+    if n < 256:
+        return b"\xd9" + bytes([n])
+    return b"\xda" + n.to_bytes(2, "big") if n < 65_536 else b"\xdb" + n.to_bytes(4, "big")

@@ -43,9 +43,10 @@ from worker.contract import (
     usd_amount,
 )
 from worker.errors import JobRejected, TooLarge
+from worker.fence import applied
 from worker.jobrun import Call, JobRun
 from worker.jobs import ApiMessage, text_of
-from worker.queue import Delivery, Finish, Queue, applied
+from worker.queue import Delivery, Finish, Queue
 from worker.rollups import Rollups
 from worker.trips import raise_first
 from worker.usage import ApiUsage, baseline_cost_usd

@@ -44,7 +44,7 @@ from worker.contract import (
     as_text,
     id_problem,
 )
-from worker.rollups import Rollups, entry_of
+from worker.rollups import Rollups
 from worker.trips import Trips, raise_first
 
 log = logging.getLogger("tokenq.queue")
@@ -302,7 +302,7 @@ class Queue:
         consumer's (finished, or taken over)."""
         w = self._ending(d, job_id, end)
         trip = await self.trips.run(lambda tx: w.into(tx, self._fenced), atomic=True)
-        return applied(raise_first(trip)[0]) is not None
+        return fence.applied(raise_first(trip)[0]) is not None
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
         """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""
@@ -313,9 +313,7 @@ class Queue:
         if end.dead is not None:
             w.add("XADD", self.keys.dead, "*", *flat(end.dead))
         w.add("SET", self.keys.result(job_id), end.result_json, "EX", ttl)
-        # The event's fields packed once, as the rollups' queue holds an outcome: one argument
-        # instead of two per field, and ROLLUP pushes the same bytes (worker.rollups).
-        w.add("EVENT", self.keys.usage, self.usage_maxlen, packed(end.usage))
+        w.event(self.keys.usage, self.usage_maxlen, end.usage)
         if end.rollup:
             w.add("ROLLUP", self.keys.rollup_queue)
         if end.reply_to:
@@ -497,38 +495,6 @@ async def leave_group(redis: aioredis.Redis, stream: str, consumer: str) -> None
             await redis.xgroup_delconsumer(stream, GROUP, consumer)
     except ResponseError:  # no stream or group: nothing to leave
         pass
-
-
-def applied(reply: Any) -> list[int] | None:
-    """What the fenced script said of a job's end: None, not written (the entry is not the
-    consumer's); else the places of the settled caps that reached their alert fraction
-    (worker.fence), usually none."""
-    if isinstance(reply, list):
-        return [int(j) for j in reply[1:]]
-    return [] if int(reply) else None
-
-
-def packed(fields: dict[str, str]) -> bytes:
-    """A usage event's fields as one MessagePack array of names and values (as the rollups'
-    queue holds an outcome: worker.rollups.entry_of). A value that is not UTF-8 (read from
-    Redis as surrogate escapes) keeps its bytes, as a MessagePack string all the same."""
-    try:
-        return entry_of(fields)
-    except UnicodeEncodeError:
-        parts = [p.encode("utf-8", "surrogateescape") for pair in fields.items() for p in pair]
-        return _array_head(len(parts)) + b"".join(_str_head(len(p)) + p for p in parts)
-
-
-def _array_head(n: int) -> bytes:
-    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
-
-
-def _str_head(n: int) -> bytes:
-    if n < 32:
-        return bytes([0xA0 | n])
-    if n < 256:
-        return b"\xd9" + bytes([n])
-    return b"\xda" + n.to_bytes(2, "big") if n < 65_536 else b"\xdb" + n.to_bytes(4, "big")
 
 
 def flat(fields: dict[str, str]) -> list[str]:
