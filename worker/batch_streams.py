@@ -14,7 +14,6 @@ from redis.exceptions import ResponseError
 
 from worker import fence
 from worker.contract import GROUP, as_text
-from worker.fence import Key
 from worker.queue import Delivery, Queue, flat
 
 
@@ -85,6 +84,6 @@ class BatchQueue(Queue):
         """Queue writes that put a job back at the end of its stream under the same job id
         (a new entry; this one acknowledged and deleted). Its run stays in its state hash."""
         w = fence.Writes(d.stream, d.entry_id, self.consumer)
-        w.add("XADD", Key(d.stream), "*", *flat({**d.fields, "id": job_id}))
+        w.add("XADD", d.stream, "*", *flat({**d.fields, "id": job_id}))
         self._ack(w, d)
         w.into(tx, self._fenced)

@@ -21,8 +21,11 @@ expires after the call could have ended (anthropic.timeout_s plus a minute).
 Each cap has a Redis hash per period, `<prefix>:budget:<scope>:<period>` (scope `feature:<f>`
 or `tenant:<f>:<t>`, period the day `YYYY-MM-DD` or month `YYYY-MM` in budgets.timezone) with
 `spent` and `held` in nano-dollars (integers: no float drift) and `requests`, and a sorted set
-`...:holds` of live reservations by expiry. When `spent` first reaches budgets.alert_at of a
-cap, the script says so once per period and the worker writes an alert to the usage stream.
+`...:holds` of live reservations by expiry, each `<hold id>:<nano-dollars>` (the hash stays
+four fields, however many calls are in flight; a hold written by an older tokenq, `<hold id>`
+with its amount in the hash's `h:<hold id>`, is still expired and settled). When `spent`
+first reaches budgets.alert_at of a cap, the script says so once per period and the worker
+writes an alert to the usage stream.
 
 The organization's own spend limit (a 429 `enforced_spend_limit_reached` from the API) is
 `SpendStop`: one key, `<prefix>:spend:stop`, that stops every call of the fleet until the
@@ -46,70 +49,101 @@ NANO = 1_000_000_000
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
 
-# KEYS: per cap its hash and its holds set. ARGV: now_ms, hold id, hold expiry ms, then per
-# cap: usd cap (nano, -1 none), request cap (-1 none), want (nano), ttl s.
-# Returns {1} taken, or {0, cap index (1-based), "usd"|"requests", spent, held}.
-RESERVE = """
-local now, id, expiry = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local n = #KEYS / 2
-local function expire_holds(h, holds)
-  local stale = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
-  for _, old in ipairs(stale) do
-    local amount = tonumber(redis.call('HGET', h, 'h:' .. old) or '0')
-    redis.call('HINCRBY', h, 'held', -amount)
-    redis.call('HDEL', h, 'h:' .. old)
-    redis.call('ZREM', holds, old)
+# reserve(KEYS, k, n, ARGV, a): n caps, their keys from KEYS[k] (per cap its hash and its
+# holds set), their arguments from ARGV[a]: now_ms, hold id, hold expiry ms, then per cap: usd
+# cap (nano, -1 none), request cap (-1 none), want (nano), ttl s. Takes want under every cap,
+# or under none: nil when taken, else {cap index (1-based), "usd"|"requests", spent, held}.
+# A function, so that the run saved before a call takes its reservation in the same script
+# (worker.fence's RESERVE).
+RESERVE_FUNCTION = """
+local function reserve(KEYS, k, n, ARGV, a)
+  local now, id, expiry = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  for j = 1, n do
+    local h, holds = KEYS[k + 2 * j - 2], KEYS[k + 2 * j - 1]
+    local stale = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
+    for _, old in ipairs(stale) do
+      local amount = string.match(old, ':(%d+)$')
+      if not amount then  -- an older tokenq's hold
+        amount = redis.call('HGET', h, 'h:' .. old) or '0'
+        redis.call('HDEL', h, 'h:' .. old)
+      end
+      redis.call('HINCRBY', h, 'held', -tonumber(amount))
+      redis.call('ZREM', holds, old)
+    end
+    local base = a + 3 + (j - 1) * 4
+    local cap_usd, cap_req = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
+    local want = tonumber(ARGV[base + 2])
+    local v = redis.call('HMGET', h, 'spent', 'held', 'requests')
+    local spent, held = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+    local requests = tonumber(v[3] or '0')
+    if cap_usd >= 0 and spent + held + want > cap_usd then return {j, 'usd', spent, held} end
+    if cap_req >= 0 and requests + 1 > cap_req then return {j, 'requests', spent, held} end
   end
+  for j = 1, n do
+    local h, holds = KEYS[k + 2 * j - 2], KEYS[k + 2 * j - 1]
+    local base = a + 3 + (j - 1) * 4
+    local want, ttl = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+    redis.call('HINCRBY', h, 'held', want)
+    redis.call('HINCRBY', h, 'requests', 1)
+    redis.call('ZADD', holds, expiry, id .. ':' .. ARGV[base + 2])
+    redis.call('EXPIRE', h, ttl)
+    redis.call('EXPIRE', holds, ttl)
+  end
+  return nil
 end
-for j = 1, n do
-  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
-  expire_holds(h, holds)
-  local base = 3 + (j - 1) * 4
-  local cap_usd, cap_req = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local want = tonumber(ARGV[base + 3])
-  local v = redis.call('HMGET', h, 'spent', 'held', 'requests')
-  local spent, held, requests = tonumber(v[1] or '0'), tonumber(v[2] or '0'), tonumber(v[3] or '0')
-  if cap_usd >= 0 and spent + held + want > cap_usd then return {0, j, 'usd', spent, held} end
-  if cap_req >= 0 and requests + 1 > cap_req then return {0, j, 'requests', spent, held} end
-end
-for j = 1, n do
-  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
-  local base = 3 + (j - 1) * 4
-  local want, ttl = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
-  redis.call('HINCRBY', h, 'held', want)
-  redis.call('HINCRBY', h, 'requests', 1)
-  redis.call('HSET', h, 'h:' .. id, want)
-  redis.call('ZADD', holds, expiry, id)
-  redis.call('EXPIRE', h, ttl)
-  redis.call('EXPIRE', holds, ttl)
-end
-return {1}
 """
 
-# KEYS as RESERVE. ARGV: hold id, actual cost (nano), 1 when no call was made (the request
-# is not counted), then per cap: usd cap (-1 none), alert threshold (nano, -1 none).
-# Returns the 1-based indexes of caps whose alert threshold was crossed just now. A cap whose
-# reservation is gone (settled already, or expired) is left as it is: settling is idempotent.
-SETTLE = """
-local id, actual, uncounted = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local alerts = {}
-for j = 1, #KEYS / 2 do
-  local h, holds = KEYS[2 * j - 1], KEYS[2 * j]
-  local amount = redis.call('HGET', h, 'h:' .. id)
-  if amount then
-    redis.call('HINCRBY', h, 'held', -tonumber(amount))
-    redis.call('HDEL', h, 'h:' .. id)
-    redis.call('ZREM', holds, id)
-    if uncounted then redis.call('HINCRBY', h, 'requests', -1) end
-    local spent = redis.call('HINCRBY', h, 'spent', actual)
-    local threshold = tonumber(ARGV[3 + (j - 1) * 2 + 2])
-    if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
-      alerts[#alerts + 1] = j
+# KEYS and ARGV as reserve()'s from the first. Returns {1} taken, or {0, cap index,
+# "usd"|"requests", spent, held}.
+RESERVE = (
+    RESERVE_FUNCTION
+    + """
+local refused = reserve(KEYS, 1, #KEYS / 2, ARGV, 1)
+if refused then return {0, unpack(refused)} end
+return {1}
+"""
+)
+
+# settle(KEYS, k, n, ARGV, a): n caps, their keys from KEYS[k] as reserve()'s, their
+# arguments from ARGV[a]: hold id, actual cost (nano), 1 when no call was made (the request
+# is not counted), the hold's amount (nano), then per cap: usd cap (-1 none), alert threshold
+# (nano, -1 none). Returns the 1-based indexes of caps whose alert threshold was crossed just
+# now. A cap whose reservation is gone (settled already, or expired) is left as it is:
+# settling is idempotent. A function, so that a job's end settles its last call in the same
+# script (worker.fence's SETTLE).
+SETTLE_FUNCTION = """
+local function settle(KEYS, k, n, ARGV, a)
+  local id, actual, want = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 3]
+  local uncounted = ARGV[a + 2] == '1'
+  local alerts = {}
+  for j = 1, n do
+    local h, holds = KEYS[k + 2 * j - 2], KEYS[k + 2 * j - 1]
+    local amount = nil
+    if redis.call('ZREM', holds, id .. ':' .. want) == 1 then
+      amount = want
+    else  -- an older tokenq's hold, or none
+      amount = redis.call('HGET', h, 'h:' .. id)
+      if amount then
+        redis.call('HDEL', h, 'h:' .. id)
+        redis.call('ZREM', holds, id)
+      end
+    end
+    if amount then
+      redis.call('HINCRBY', h, 'held', -tonumber(amount))
+      if uncounted then redis.call('HINCRBY', h, 'requests', -1) end
+      local spent = redis.call('HINCRBY', h, 'spent', actual)
+      local threshold = tonumber(ARGV[a + 4 + (j - 1) * 2 + 1])
+      if threshold >= 0 and spent >= threshold and redis.call('HSETNX', h, 'alerted', 1) == 1 then
+        alerts[#alerts + 1] = j
+      end
     end
   end
+  return alerts
 end
-return alerts
 """
+
+# KEYS and ARGV as settle()'s from the first; its reply.
+SETTLE = SETTLE_FUNCTION + "return settle(KEYS, 1, #KEYS / 2, ARGV, 1)\n"
 
 
 @dataclass(frozen=True)
@@ -136,6 +170,33 @@ class Hold:
     id: str
     caps: tuple[Cap, ...]
     want_usd: float
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A reservation to make (Budgets.reservation): the caps, the hold's id and amount, and
+    the script's keys and arguments."""
+
+    caps: tuple[Cap, ...]
+    hold_id: str
+    want_usd: float
+    keys: list[str]
+    args: list[Any]
+
+    @property
+    def hold(self) -> Hold:
+        """The hold it makes when taken."""
+        return Hold(self.hold_id, self.caps, self.want_usd)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A settlement to make (Budgets.settlement): the hold's caps and the script's keys and
+    arguments; the script names the caps that reached their alert fraction by index."""
+
+    caps: tuple[Cap, ...]
+    keys: list[str]
+    args: list[Any]
 
 
 @dataclass
@@ -266,10 +327,11 @@ class Budgets:
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
 
-    async def reserve(
+    def reservation(
         self, caps: list[Cap], hold_id: str, want_usd: float, now_ms: int
-    ) -> Hold | Refusal:
-        """Reserve want_usd under every cap at once, or refuse naming the cap."""
+    ) -> Reservation:
+        """The keys and arguments of a reservation of want_usd under every cap at once (the
+        RESERVE script's, and worker.fence's RESERVE before a run saved with it)."""
         keys: list[str] = []
         args: list[Any] = [
             now_ms,
@@ -281,31 +343,42 @@ class Budgets:
             usd = -1 if c.usd is None else _nano(c.usd)
             req = -1 if c.requests is None else c.requests
             args += [usd, req, _nano(want_usd), c.ttl_s]
-        reply: Any = await self._run(self._reserve, keys, args)
-        if int(reply[0]) == 1:
-            return Hold(hold_id, tuple(caps), want_usd)
-        cap = caps[int(reply[1]) - 1]
-        dimension = as_text(reply[2])
-        return Refusal(
-            cap,
-            dimension,
-            int(reply[3]) / NANO,
-            int(reply[4]) / NANO,
-            want_usd,
-            self.cfg.budgets.timezone,
-        )
+        return Reservation(tuple(caps), hold_id, want_usd, keys, args)
 
-    async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
-        """Release the hold and add the actual cost; the caps whose alert fraction was just
-        reached (each once per period)."""
+    def refusal(self, r: Reservation, refused: list[Any]) -> Refusal:
+        """The Refusal of a reservation the script refused ({cap index, dimension, spent,
+        held})."""
+        cap, dimension = r.caps[int(refused[0]) - 1], as_text(refused[1])
+        spent, held = int(refused[2]) / NANO, int(refused[3]) / NANO
+        return Refusal(cap, dimension, spent, held, r.want_usd, self.cfg.budgets.timezone)
+
+    async def reserve(
+        self, caps: list[Cap], hold_id: str, want_usd: float, now_ms: int
+    ) -> Hold | Refusal:
+        """Reserve want_usd under every cap at once, or refuse naming the cap."""
+        r = self.reservation(caps, hold_id, want_usd, now_ms)
+        reply: Any = await self._run(self._reserve, r.keys, r.args)
+        if int(reply[0]) == 1:
+            return r.hold
+        return self.refusal(r, reply[1:])
+
+    def settlement(self, hold: Hold, actual_usd: float, *, called: bool) -> Settlement:
+        """The keys and arguments that release the hold and add the actual cost (the SETTLE
+        script's, and worker.fence's SETTLE in a job's end)."""
         keys: list[str] = []
-        args: list[Any] = [hold.id, _nano(actual_usd), "0" if called else "1"]
+        args: list[Any] = [hold.id, _nano(actual_usd), "0" if called else "1", _nano(hold.want_usd)]
         for c in hold.caps:
             keys += [c.key, c.holds]
             usd = -1 if c.usd is None else _nano(c.usd)
             threshold = -1 if c.usd is None else _nano(c.usd * self.cfg.budgets.alert_at)
             args += [usd, threshold]
-        reply: Any = await self._run(self._settle, keys, args)
+        return Settlement(hold.caps, keys, args)
+
+    async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
+        """Release the hold and add the actual cost; the caps whose alert fraction was just
+        reached (each once per period)."""
+        s = self.settlement(hold, actual_usd, called=called)
+        reply: Any = await self._run(self._settle, s.keys, s.args)
         return [hold.caps[int(j) - 1] for j in reply]
 
     async def settle_lost_into(
@@ -314,7 +387,7 @@ class Budgets:
         """Queue, on the caller's transaction, the settlement of a call whose answer never
         came, at `usd` (its reservation): the API may have billed it. No alerts."""
         keys = [name for key in cap_keys for name in (key, Keys.budget_holds(key))]
-        args: list[Any] = [hold_id, _nano(usd), "0", *([-1, -1] * len(cap_keys))]
+        args: list[Any] = [hold_id, _nano(usd), "0", _nano(usd), *([-1, -1] * len(cap_keys))]
         await self._settle(keys=keys, args=args, client=pipe)
 
 

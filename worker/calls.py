@@ -4,9 +4,10 @@
 a call in three steps:
 
 1. *ready*: the fleet's spend stop, the circuit breakers (a probe slot when half-open), rate-
-   limit capacity, the budget reservation of the call's worst case, and the call recorded in
-   the job's run as `sent` (worker.jobrun). Nothing is paid yet, so a Redis error here repeats
-   the whole step; whatever it took is given back first. A refusal (an open breaker, a budget,
+   limit capacity, then the budget reservation of the call's worst case and the call recorded
+   in the job's run as `sent` (worker.jobrun), in one fenced script. Nothing is paid yet, so
+   a Redis error here repeats the whole step; what it took is given back first (a reservation
+   whose reply was lost expires: worker.budgets). A refusal (an open breaker, a budget,
    the spend stop) is returned, not raised, for the job's policies to decide (worker.process),
    and a probe slot that made no call is freed at once.
 2. *send*: the call itself, never repeated by this module. It is posted lean through the SDK's
@@ -32,7 +33,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
@@ -48,6 +49,8 @@ from worker.budgets import (
     Cap,
     Hold,
     Refusal,
+    Reservation,
+    Settlement,
     SpendStop,
     caps_for,
     expected_usd,
@@ -117,6 +120,9 @@ class CallFor:
     run: JobRun
     rank: int
     stored: str = ""
+    # Answered calls whose budget holds are still to be settled: with the job's end, in its
+    # fenced script, or by the job's next call first (Caller.settlements, settle_unsettled).
+    unsettled: list[tuple[Hold, Call]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,7 @@ class Caller:
         Raises the SDK's error when the call failed (recorded in the run), TooLarge when it
         could never fit the rate limits, DeadlineExceeded when the job's deadline passed while
         it waited for capacity, GaveUp when Redis stayed away before the call."""
+        await self.settle_unsettled(c)  # a call before: its cost counts for this one
         ready: _Ready | Open | Refusal | Stopped = await self.retrying(
             c.d.job_id, "preparing a call", lambda: self._ready(c, params, counted, guarded)
         )
@@ -235,33 +242,38 @@ class Caller:
         )
         est = await self._estimate(params, counts=bool(caps))
         grant = await self._capacity(c, model, (1, est.limiter, max_tokens))
-        hold: Hold | None = None
         try:
             prices, caches = self.cfg.models[model], has_cache_control(params)
             worst = worst_case_usd(prices, est.budget, max_tokens, caches=caches,
                                    margin=self.cfg.budgets.estimate_margin)  # fmt: skip
+            reservation = None
             if caps:
-                got = await self.budgets.reserve(caps, uuid.uuid4().hex, worst, clock.now_ms())
-                if isinstance(got, Refusal):
-                    await self._settle_capacity(grant, Answer(None, {}, 0))
-                    return got
-                hold = got
+                reservation = self.budgets.reservation(caps, uuid.uuid4().hex, worst,
+                                                       clock.now_ms())  # fmt: skip
             output = self.calibration.expected_output(model, max_tokens)
             call = Call(
                 model=model, tier=c.run.tier, started_ms=clock.now_ms(), counted=counted,
                 estimate_tokens=est.budget, reserved_usd=worst,
                 estimate_usd=expected_usd(prices, est.budget, output),
-                hold=hold.id if hold else "", hold_keys=[k.key for k in hold.caps] if hold else [],
+                hold=reservation.hold_id if reservation else "",
+                hold_keys=[k.key for k in caps] if reservation else [],
             )  # fmt: skip
             c.run.calls.append(call)
             try:
-                await self._save(c)  # before the call: a worker taking over knows of it
+                # Before the call, with its reservation: a worker taking over knows of both.
+                refused = await self._save(c, reservation)
             except BaseException:
                 c.run.calls.remove(call)
                 raise
+            if refused is not None:
+                c.run.calls.remove(call)
+                await self._settle_capacity(grant, Answer(None, {}, 0))
+                return refused
         except BaseException:
-            await asyncio.shield(self._give_back(grant, hold))
+            # A reservation whose reply was lost is not known here: it expires (budgets).
+            await asyncio.shield(self._give_back(grant, None))
             raise
+        hold = reservation.hold if reservation else None
         return _Ready(grant, hold, ticket, call, est.raw)
 
     async def _estimate(self, params: dict[str, Any], *, counts: bool) -> _Estimate:
@@ -294,13 +306,19 @@ class Caller:
             check_deadline(c.job)
             raise
 
-    async def _save(self, c: CallFor) -> None:
+    async def _save(self, c: CallFor, reservation: Reservation | None = None) -> Refusal | None:
         """Write the run, fenced by the entry's holder: a job another worker took over makes
-        no more calls here (TakenOver)."""
+        no more calls here (TakenOver). With the call's budget reservation, in the same
+        script: refused, nothing is written and the Refusal is returned."""
         raw = jobrun.encode(c.run)
-        if not await self.queue.save_run(c.d, raw):
+        saved = await self.queue.save_run(c.d, raw, reservation)
+        if isinstance(saved, list):
+            assert reservation is not None
+            return self.budgets.refusal(reservation, saved)
+        if not saved:
             raise TakenOver(f"job {c.d.job_id!r} was taken over by another worker")
         c.stored = raw.decode()
+        return None
 
     # -- 2. send --
 
@@ -326,7 +344,8 @@ class Caller:
         used = (1, usage.input_tokens + usage.cache_write, usage.output_tokens)
         await self._settle_capacity(r.grant, Answer(used, raw.headers))
         await self._record_breakers(r.ticket, None)
-        await self._settle_budget(c, r.hold, call, called=True)
+        if r.hold is not None:  # settled with the job's end, one script less (settlements)
+            c.unsettled.append((r.hold, call))
         return Answered(message, usage, call)
 
     # -- 3. settle --
@@ -402,6 +421,29 @@ class Caller:
                 await self._alert(c, cap)
         except (GaveUp, RedisError, OSError) as exc:
             log.warning("settling a budget reservation failed: %s", exc)
+
+    def settlements(self, c: CallFor) -> tuple[Settlement, ...]:
+        """The settlements of c's answered calls, at their cost, for its end to write."""
+        return tuple(
+            self.budgets.settlement(hold, call.cost_usd, called=True) for hold, call in c.unsettled
+        )
+
+    async def settled(self, c: CallFor, crossed: list[int]) -> None:
+        """c's end wrote its settlements: the calls' holds are gone; an alert for each cap
+        that reached its alert fraction (`crossed`: places among the settlements' caps)."""
+        caps = [cap for hold, _ in c.unsettled for cap in hold.caps]
+        for _, call in c.unsettled:
+            call.hold, call.hold_keys = "", []
+        c.unsettled.clear()
+        for place in crossed:
+            await self._alert(c, caps[place - 1])
+
+    async def settle_unsettled(self, c: CallFor | None) -> None:
+        """Settle c's answered calls now, each on its own (a job that ends without its end
+        written by this worker, or makes another call)."""
+        while c is not None and c.unsettled:
+            hold, call = c.unsettled.pop(0)
+            await self._settle_budget(c, hold, call, called=True)
 
     async def _alert(self, c: CallFor, cap: Cap) -> None:
         event = outcomes.budget_alert(c.job, cap, self.cfg.budgets)

@@ -22,42 +22,60 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from worker import trips
+from worker.budgets import RESERVE_FUNCTION, SETTLE_FUNCTION, Reservation, Settlement
 from worker.contract import GROUP
+from worker.rollups import entry_of
 
-# KEYS[1]: the job stream, then every key the writes name. ARGV: group, entry id, consumer,
-# then the writes, each a count n and n arguments; an argument is 'k' and the index of a key
-# in KEYS, or 'v' and the value itself. The pseudo-command REPLY k<i> v<result> XADDs a result
-# to a stream, or to a key that does not exist, and to nothing else (a reply never fails the
-# write nor turns another key into a stream). The pseudo-command ROLLUP k<i> RPUSHes onto a
-# list the fields of the XADD just before it (after its '*'), as one MessagePack array of
-# strings (a job's outcome for worker.rollups: the client sends nothing twice). Nothing is
-# written unless the entry is pending under the consumer: 0; else every write: 1.
-_FENCED = """
+# KEYS[1]: the job stream, then the key of each write, in order. ARGV: group, entry id,
+# consumer, then the writes, each a count n, the command's name and its n arguments after its
+# key (every write names one key, its first argument: KEYS[1 + the write's place]); the values
+# pass untouched, no per-argument tag. Pseudo-commands: REPLY <key> <result> XADDs a result to
+# a stream, or to a key that does not exist, and to nothing else (a reply never fails the write
+# nor turns another key into a stream). EVENT <key> <maxlen> <packed> XADDs (MAXLEN ~) an
+# entry whose fields are `packed`, one MessagePack array of field names and values. ROLLUP
+# <key> RPUSHes onto a list the packed fields of the EVENT just before it, those very bytes (a
+# job's outcome for worker.rollups: the client sends nothing twice). RESERVE <keys> <caps>
+# <arguments>, the first write when there is one, is a budget reservation (worker.budgets
+# reserve(): 2 keys a cap): when it refuses, nothing is written and the script returns {0,
+# the refusal: cap index, dimension, spent, held}. SETTLE <keys> <caps> <arguments> settles a
+# hold (worker.budgets settle()). Nothing is written unless the entry is pending under the
+# consumer: 0; else every write: 1, or {1, caps...} when settling brought caps to their alert
+# fraction (their 1-based places among the caps of every SETTLE, in order).
+_FENCED = (
+    RESERVE_FUNCTION
+    + SETTLE_FUNCTION
+    + """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #rows == 0 or rows[1][2] ~= ARGV[3] then return 0 end
-local i, prev = 4, nil
+local i, k, event, alerts, settled = 4, 2, nil, {1}, 0
 while i <= #ARGV do
-  local n, cmd = tonumber(ARGV[i]), {}
-  for j = 1, n do
-    local a = ARGV[i + j]
-    if string.byte(a, 1) == 107 then cmd[j] = KEYS[tonumber(string.sub(a, 2))]
-    else cmd[j] = string.sub(a, 2) end
-  end
-  if cmd[1] == 'REPLY' then
-    local t = redis.call('TYPE', cmd[2]).ok
-    if t == 'stream' or t == 'none' then redis.call('XADD', cmd[2], '*', 'result', cmd[3]) end
-  elseif cmd[1] == 'ROLLUP' then
-    local s = 3
-    while prev[s] ~= '*' do s = s + 1 end
-    redis.call('RPUSH', cmd[2], cmsgpack.pack({unpack(prev, s + 1)}))
+  local n, name, key = tonumber(ARGV[i]), ARGV[i + 1], KEYS[k]
+  if name == 'EVENT' then
+    event = ARGV[i + 3]
+    redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(cmsgpack.unpack(event)))
+  elseif name == 'ROLLUP' then
+    redis.call('RPUSH', key, event)
+  elseif name == 'RESERVE' then
+    local caps = tonumber(ARGV[i + 2])
+    local refused = reserve(KEYS, k, caps, ARGV, i + 3)
+    if refused then return {0, unpack(refused)} end
+    k = k + 2 * caps - 1
+  elseif name == 'SETTLE' then
+    local caps = tonumber(ARGV[i + 2])
+    for _, j in ipairs(settle(KEYS, k, caps, ARGV, i + 3)) do alerts[#alerts + 1] = settled + j end
+    settled, k = settled + caps, k + 2 * caps - 1
+  elseif name == 'REPLY' then
+    local t = redis.call('TYPE', key).ok
+    if t == 'stream' or t == 'none' then redis.call('XADD', key, '*', 'result', ARGV[i + 2]) end
   else
-    redis.call(unpack(cmd))
-    prev = cmd
+    redis.call(name, key, unpack(ARGV, i + 2, i + 1 + n))
   end
-  i = i + n + 1
+  i, k = i + 2 + n, k + 1
 end
+if #alerts > 1 then return alerts end
 return 1
 """
+)
 
 # KEYS: a job stream. ARGV: group, consumer, entry ids. Resets the idle time of the entries
 # still pending under the consumer (XCLAIM JUSTID); one another consumer holds is left to it.
@@ -74,10 +92,6 @@ return renewed
 """
 
 
-class Key(str):
-    """A key name in Writes.add (every other argument is a value)."""
-
-
 class Writes:
     """Commands to run only while one entry is pending under one consumer (see the module
     docstring). Build them with add(), then run() or into()."""
@@ -86,17 +100,30 @@ class Writes:
         self.keys: list[str] = [stream]
         self.args: list[Any] = [GROUP, entry_id, consumer]
 
-    def add(self, *parts: Key | str | bytes | int | float) -> None:
-        """One command: its name and arguments; Key(...) marks the key names among them."""
-        self.args.append(len(parts))
-        for part in parts:
-            if isinstance(part, Key):
-                self.keys.append(part)
-                self.args.append(f"k{len(self.keys)}")
-            elif isinstance(part, bytes):
-                self.args.append(b"v" + part)
-            else:
-                self.args.append(f"v{part}")
+    def add(self, command: str, key: str, *args: str | bytes | int | float) -> None:
+        """One write: a command (or a pseudo-command of the script), the one key it writes,
+        then its other arguments."""
+        self.keys.append(key)
+        self.args += [len(args), command, *args]
+
+    def event(self, key: str, maxlen: int, fields: dict[str, str]) -> None:
+        """XADD (MAXLEN ~) of an entry whose fields go packed in one argument (EVENT: one
+        instead of two a field, and a ROLLUP after it pushes those same bytes)."""
+        self.add("EVENT", key, maxlen, packed(fields))
+
+    def reserve(self, r: Reservation) -> None:
+        """A budget reservation, taken with the writes that follow or refused without any
+        (the first write: nothing may come before it)."""
+        if len(self.keys) > 1:
+            raise ValueError("a reservation must be the first of the writes")
+        self.keys += r.keys
+        self.args += [len(r.args) + 1, "RESERVE", len(r.caps), *r.args]
+
+    def settle(self, s: Settlement) -> None:
+        """A budget settlement (its caps that reach their alert fraction are named in the
+        reply: see the script)."""
+        self.keys += s.keys
+        self.args += [len(s.args) + 1, "SETTLE", len(s.caps), *s.args]
 
     def into(self, tx: Any, script: AsyncScript) -> None:
         """Queue the fenced script on a pipeline or transaction the caller executes."""
@@ -118,3 +145,36 @@ async def renew(script: AsyncScript, stream: str, consumer: str, ids: list[str])
     """Reset the idle time of the entries still pending under `consumer`; how many."""
     renewed: Any = await script(keys=[stream], args=[GROUP, consumer, *ids])
     return int(renewed)
+
+
+def applied(reply: Any) -> list[int] | None:
+    """What the fenced script said of a job's end: None, not written (the entry is not the
+    consumer's); else the places of the settled caps that reached their alert fraction (see
+    the script), usually none."""
+    if isinstance(reply, list):
+        return [int(j) for j in reply[1:]]
+    return [] if int(reply) else None
+
+
+def packed(fields: dict[str, str]) -> bytes:
+    """A stream entry's fields as one MessagePack array of names and values (the form in
+    which the rollups' queue holds an outcome: worker.rollups.entry_of). A value that is not
+    UTF-8 (read from Redis as surrogate escapes) keeps its bytes, as a MessagePack string all
+    the same."""
+    try:
+        return entry_of(fields)
+    except UnicodeEncodeError:
+        parts = [p.encode("utf-8", "surrogateescape") for pair in fields.items() for p in pair]
+        return _array_head(len(parts)) + b"".join(_str_head(len(p)) + p for p in parts)
+
+
+def _array_head(n: int) -> bytes:
+    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+
+
+def _str_head(n: int) -> bytes:
+    if n < 32:
+        return bytes([0xA0 | n])
+    if n < 256:
+        return b"\xd9" + bytes([n])
+    return b"\xda" + n.to_bytes(2, "big") if n < 65_536 else b"\xdb" + n.to_bytes(4, "big")

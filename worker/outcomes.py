@@ -30,7 +30,7 @@ import msgspec
 
 from worker import clock
 from worker.admission import dead_copy, reply_to_of
-from worker.budgets import Cap
+from worker.budgets import Cap, Settlement
 from worker.caching import CachedAnswer
 from worker.config import BudgetsConfig, Config, ModelConfig
 from worker.contract import (
@@ -43,6 +43,7 @@ from worker.contract import (
     usd_amount,
 )
 from worker.errors import JobRejected, TooLarge
+from worker.fence import applied
 from worker.jobrun import Call, JobRun
 from worker.jobs import ApiMessage, text_of
 from worker.queue import Delivery, Finish, Queue
@@ -61,19 +62,21 @@ class Ending:
     """What a job's end writes: its result, its usage event, and for a job that can never
     succeed its dead letter (the job's bounded fields and why); `reply_to` gets the result.
     `also`: commands that belong to the job's end (what the router learns from it), queued
-    on the finishing transaction after the end's own writes (finish_into)."""
+    on the finishing transaction after the end's own writes (finish_into). `settle`: the
+    budget settlements of the job's answered calls, written in the fenced end itself."""
 
     result: Result
     event: UsageEvent
     reply_to: str | None = None
     dead: dict[str, str] | None = None
     also: Callable[[Any], None] | None = None
+    settle: tuple[Settlement, ...] = ()
 
     def encoded(self, rollups: Rollups | None = None) -> Finish:
         """The stream fields and JSON that Queue writes; with rollups, the usage event also
         joins the rollups' queue (a job's outcome always does)."""
         usage, rollup = to_fields(self.event), rollups is not None and self.event.kind == "job"
-        return Finish(_encode(self.result), usage, self.reply_to, self.dead, rollup)
+        return Finish(_encode(self.result), usage, self.reply_to, self.dead, rollup, self.settle)
 
 
 def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending) -> None:
@@ -91,13 +94,14 @@ def finish_into(tx: Any, queue: Queue, d: Delivery, job_id: str, ending: Ending)
         ending.also(tx)
 
 
-async def finish(queue: Queue, d: Delivery, job_id: str, ending: Ending) -> bool:
+async def finish(queue: Queue, d: Delivery, job_id: str, ending: Ending) -> list[int] | None:
     """Write a job's end in one transaction, shared with the ends of the other jobs that end
-    in the same loop turn (worker.trips: one round trip for all); False when the entry was no
+    in the same loop turn (worker.trips: one round trip for all); None when the entry was no
     longer this worker's (finished already, or taken over by another worker): then nothing
-    was written."""
+    was written; else the places of the settled caps that reached their alert fraction
+    (queue.applied)."""
     trip = await queue.trips.run(lambda tx: finish_into(tx, queue, d, job_id, ending), atomic=True)
-    return bool(int(raise_first(trip)[0]))
+    return applied(raise_first(trip)[0])
 
 
 def event_into(tx: Any, queue: Queue, event: UsageEvent) -> None:

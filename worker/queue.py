@@ -37,13 +37,13 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from worker import clock, fence
+from worker.budgets import Reservation, Settlement
 from worker.contract import (
     GROUP,
     Keys,
     as_text,
     id_problem,
 )
-from worker.fence import Key
 from worker.rollups import Rollups
 from worker.trips import Trips, raise_first
 
@@ -98,13 +98,15 @@ return 1
 @dataclass(frozen=True, slots=True)
 class Finish:
     """Everything written when a job ends: result, usage event, optional dead letter; with
-    `rollup`, the usage event also joins the rollups' queue (worker.rollups)."""
+    `rollup`, the usage event also joins the rollups' queue (worker.rollups); `settle`: the
+    budget settlements of its answered calls (worker.budgets)."""
 
     result_json: bytes
     usage: dict[str, str]
     reply_to: str | None = None
     dead: dict[str, str] | None = None
     rollup: bool = False
+    settle: tuple[Settlement, ...] = ()  # budget holds of the job's answered calls
 
 
 class Queue:
@@ -300,7 +302,7 @@ class Queue:
         consumer's (finished, or taken over)."""
         w = self._ending(d, job_id, end)
         trip = await self.trips.run(lambda tx: w.into(tx, self._fenced), atomic=True)
-        return bool(int(raise_first(trip)[0]))
+        return fence.applied(raise_first(trip)[0]) is not None
 
     def finish_into(self, tx: Any, d: Delivery, job_id: str, end: Finish) -> None:
         """Queue finish()'s writes on a transaction the caller executes (the batcher's)."""
@@ -309,29 +311,39 @@ class Queue:
     def _ending(self, d: Delivery, job_id: str, end: Finish) -> fence.Writes:
         w, ttl = fence.Writes(d.stream, d.entry_id, self.consumer), self.result_ttl_s
         if end.dead is not None:
-            w.add("XADD", Key(self.keys.dead), "*", *flat(end.dead))
-        w.add("SET", Key(self.keys.result(job_id)), end.result_json, "EX", ttl)
-        usage = Key(self.keys.usage)
-        w.add("XADD", usage, "MAXLEN", "~", self.usage_maxlen, "*", *flat(end.usage))
-        if end.rollup:  # the event's fields, again, for the hourly rollups (worker.rollups)
-            w.add("ROLLUP", Key(self.keys.rollup_queue))
+            w.add("XADD", self.keys.dead, "*", *flat(end.dead))
+        w.add("SET", self.keys.result(job_id), end.result_json, "EX", ttl)
+        w.event(self.keys.usage, self.usage_maxlen, end.usage)
+        if end.rollup:
+            w.add("ROLLUP", self.keys.rollup_queue)
         if end.reply_to:
-            w.add("REPLY", Key(end.reply_to), end.result_json)
+            w.add("REPLY", end.reply_to, end.result_json)
         # Wakes result() waiters; short-lived, the result key itself is the record.
-        w.add("RPUSH", Key(self.keys.done(job_id)), 1)
-        w.add("EXPIRE", Key(self.keys.done(job_id)), min(ttl, 300))
+        w.add("RPUSH", self.keys.done(job_id), 1)
+        w.add("EXPIRE", self.keys.done(job_id), min(ttl, 300))
         self._ack(w, d)
         # The claim stays as long as the result, so a same-numbered entry of another stream is
         # never mistaken for a redelivery of this one; the job's run is no longer needed.
-        w.add("HDEL", Key(self.keys.state(job_id)), "run")
-        w.add("EXPIRE", Key(self.keys.state(job_id)), ttl)
+        state = self.keys.state(job_id)
+        w.add("HDEL", state, "run")
+        w.add("EXPIRE", state, ttl)
+        for settlement in end.settle:
+            w.settle(settlement)
         return w
 
-    async def save_run(self, d: Delivery, run: bytes) -> bool:
-        """Write a job's run (worker.jobrun) while d is this consumer's; whether it was."""
+    async def save_run(
+        self, d: Delivery, run: bytes, reservation: Reservation | None = None
+    ) -> bool | list[Any]:
+        """Write a job's run (worker.jobrun) while d is this consumer's; whether it was. With
+        a budget reservation (worker.budgets), it is taken in the same script, first: when
+        it is refused nothing is written, and the refusal comes back (Budgets.refusal)."""
         w = fence.Writes(d.stream, d.entry_id, self.consumer)
-        w.add("HSET", Key(self.keys.state(d.job_id)), "run", run)
+        if reservation is not None:
+            w.reserve(reservation)
+        w.add("HSET", self.keys.state(d.job_id), "run", run)
         replies = raise_first(await self.trips.run(lambda pipe: w.into(pipe, self._fenced)))
+        if isinstance(replies[0], list):
+            return list(replies[0][1:])
         return bool(int(replies[0]))
 
     def reply_into(self, tx: Any, reply_to: str, result_json: bytes | str) -> None:
@@ -376,10 +388,10 @@ class Queue:
         # passes its bytes through unchanged.
         member = json.dumps({"p": d.priority, "f": fields}, sort_keys=True, ensure_ascii=False)
         w = fence.Writes(d.stream, d.entry_id, self.consumer)
-        w.add("ZADD", Key(self.keys.deferred), until_ms, member)
+        w.add("ZADD", self.keys.deferred, until_ms, member)
         self._ack(w, d)
         if owns_claim:
-            state = Key(self.keys.state(job_id))
+            state = self.keys.state(job_id)
             if run is not None:
                 w.add("HSET", state, "run", run)
             # The claim must outlive the wait (a month for a monthly budget), or the entry put
@@ -406,8 +418,8 @@ class Queue:
     def _ack(self, w: fence.Writes, d: Delivery) -> None:
         # The entry is deleted too: a finished job's fields live on in the result and the
         # usage event (and the dead letter), and the stream stays as small as the backlog.
-        w.add("XACK", Key(d.stream), GROUP, d.entry_id)
-        w.add("XDEL", Key(d.stream), d.entry_id)
+        w.add("XACK", d.stream, GROUP, d.entry_id)
+        w.add("XDEL", d.stream, d.entry_id)
 
     async def leave(self) -> None:
         """On clean shutdown: drop this consumer from the groups if it holds nothing."""

@@ -16,6 +16,7 @@ time through `adopt`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -303,6 +304,7 @@ class Worker:
         try:
             step = await self.runner.run(w)
             if isinstance(step, Defer):
+                await self.caller.settle_unsettled(w.c)  # before its run is written
                 await self._put_off(w, step)
             elif step is not None:
                 await self._finish(w, step)
@@ -319,6 +321,10 @@ class Worker:
                     shown(d.job_id),
                     err,
                 )
+        finally:
+            # Answered calls whose holds the job's end did not settle (it was not written by
+            # this worker, or the job did not end): settled on their own (idempotent).
+            await self.caller.settle_unsettled(w.c)
 
     async def _written(self, w: Work, what: str, write: Callable[[], Awaitable[bool]]) -> bool:
         """write(), shielded and tried again through a Redis outage; whether it applied. The
@@ -328,14 +334,24 @@ class Worker:
         return bool(await self.caller.retrying(w.d.job_id, what, lambda: asyncio.shield(write())))
 
     async def _finish(self, w: Work, ending: outcomes.Ending) -> None:
-        """Write the job's end: result, usage event (dead letter, reply), acknowledgement."""
-        d, e = w.d, ending.event
-        if not await self._written(
-            w, "writing its result", lambda: outcomes.finish(self.queue, d, d.job_id, ending)
-        ):
+        """Write the job's end: result, usage event (dead letter, reply), acknowledgement,
+        and the budget settlements of its answered calls."""
+        d, e, c = w.d, ending.event, w.c
+        if c is not None and c.unsettled:
+            ending = dataclasses.replace(ending, settle=self.caller.settlements(c))
+        crossed: list[int] = []
+
+        async def write() -> bool:
+            got = await outcomes.finish(self.queue, d, d.job_id, ending)
+            crossed[:] = got or []
+            return got is not None
+
+        if not await self._written(w, "writing its result", write):
             log.warning("job=%s: ended already, or taken over by another worker; this worker "
                         "wrote nothing for it", shown(d.job_id))  # fmt: skip
             return
+        if c is not None and ending.settle:
+            await self.caller.settled(c, crossed)
         log.info(
             "job=%s feature=%s tier=%s status=%s error_type=%s attempt=%d latency_ms=%d "
             "queue_ms=%d", shown(d.job_id), shown(e.feature, 80), e.tier, e.status,
