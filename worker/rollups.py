@@ -1,9 +1,10 @@
 """Rollups: each job outcome added to compact hourly aggregates in Redis.
 
 The finishing write (Queue.finish_into) appends the job's usage event to a list, inside its
-fenced script (worker.fence's ROLLUP: the script packs the fields of the event it has just
-written, so the client neither sends nor computes anything more, and the outcome is queued
-once, with its end). A fold, in the background, reads up to FOLD_BATCH entries, adds them up
+fenced script (worker.fence: the event travels packed, one MessagePack array of its fields,
+which the script writes as the usage event (EVENT) and pushes as it is (ROLLUP), so the
+client sends and computes nothing more for the rollups, and the outcome is queued once, with
+its end). A fold, in the background, reads up to FOLD_BATCH entries, adds them up
 by cell in Python (Delta: one compact binary record per cell) and applies the records with
 fold.lua, which removes those entries from the queue in the same script: each is counted
 once. One process of the fleet folds at a time (a lease the script checks, so a folder that
