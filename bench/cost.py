@@ -30,8 +30,9 @@ job's quality is 1 when the answer it got is right, 0 when it is wrong or it got
      feature `tier`, every feature `target_pass_rate` --target (0.95), router.default_tier opus,
      router.adaptive settings for a trace of minutes (explore_share --explore (0.1),
      confidence 0.8, min_samples 10, half-lives 600 s and 30 s, kinds by the signals a
-     request shows: `kinds = "signals"`, no hard words), all levers; with --wrong-usd X every feature's wrong_answer_usd = X instead of
-     its target_pass_rate (the router's price rule, README: Adaptive routing).
+     request shows: `kinds = "signals"`, no hard words), all levers; with --wrong-usd X
+     every feature's wrong_answer_usd = X instead of its target_pass_rate (the router's
+     price rule, README: Adaptive routing).
      The bench plays the producers: for --feedback of the jobs (by a hash of the job id) it
      reports whether the answer was right on tokenq:feedback as results come in (every half
      second), since no check can see a wrong summary; --feedback 0 shows the router alone.
