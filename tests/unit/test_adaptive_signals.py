@@ -11,11 +11,12 @@ import pytest
 
 from tests.unit.test_adaptive import KEYS, T0, MemoryTx, adaptive_config, config_error
 from tests.unit.test_adaptive_price import priced_config
-from worker import adaptive, learning
+from worker import adaptive, checks, learning
 from worker.adaptive import Answered, Stats, TierStats, job_cost_usd, judged, record_into
 from worker.config import Config
 from worker.contract import Job
 from worker.feedback import revise, verdict_into
+from worker.jobrun import Call, JobRun
 
 
 def signals(**settings: Any) -> Config:
@@ -114,3 +115,24 @@ def test_a_blind_checks_passes_count_only_until_a_verdict_judges_one() -> None:
 def test_hard_words_must_be_words() -> None:
     assert "router.adaptive.hard_words" in config_error({"router/adaptive/hard_words": [""]})
     assert "router.adaptive.kinds" in config_error({"router/adaptive/kinds": "length"})
+
+
+def test_a_priced_jobs_end_teaches_its_calls_usage_and_counts_a_blind_pass_unjudged() -> None:
+    cfg = priced_config()  # summarize: plain text, priced
+    calls = [
+        Call(model="m", tier="haiku", started_ms=T0, state="answered", cache_read=900,
+             output_tokens=20, check=checks.CUT),
+        Call(model="m", tier="sonnet", started_ms=T0, state="answered", cache_read=0,
+             output_tokens=60),
+    ]  # fmt: skip
+    run = JobRun(first_ms=T0, calls=calls, kind="16-32")
+    tx = MemoryTx()
+    learning.learn_into(tx, KEYS, cfg, feature="summarize", job_id="j", run=run, now_ms=T0)
+    stats = tx.stats(cfg, "summarize", T0)
+    assert stats.per_call() == pytest.approx((450, 40))
+    assert stats.counts == {("16-32", "sonnet"): TierStats(unjudged=1, recent_unjudged=1)}
+    # A feature with a target pass rate does not read usage: none is written for it.
+    tx = MemoryTx()
+    learning.learn_into(tx, KEYS, adaptive_config(), feature="summarize", job_id="j", run=run,
+                        now_ms=T0)  # fmt: skip
+    assert tx.stats(cfg, "summarize", T0).calls == 0
