@@ -29,9 +29,10 @@ job's quality is 1 when the answer it got is right, 0 when it is wrong or it got
   5. tokenq adaptive, starting cold: config.toml with `router.policy = "adaptive"`, no
      feature `tier`, every feature `target_pass_rate` --target (0.95), router.default_tier opus,
      router.adaptive settings for a trace of minutes (explore_share --explore (0.1),
-     confidence 0.8, min_samples 10, half-lives 600 s and 30 s, bands by 1,000 input
-     tokens), all levers; with --wrong-usd X every feature's wrong_answer_usd = X instead of
-     its target_pass_rate (the router's price rule, README: Adaptive routing).
+     confidence 0.8, min_samples 10, half-lives 600 s and 30 s, kinds by the signals a
+     request shows: `kinds = "signals"`, no hard words), all levers; with --wrong-usd X
+     every feature's wrong_answer_usd = X instead of its target_pass_rate (the router's
+     price rule, README: Adaptive routing).
      The bench plays the producers: for --feedback of the jobs (by a hash of the job id) it
      reports whether the answer was right on tokenq:feedback as results come in (every half
      second), since no check can see a wrong summary; --feedback 0 shows the router alone.
@@ -474,12 +475,11 @@ def adaptive_settings(
     """Adaptive routing for every feature, cold on the dearest tier, tuned for a trace of
     minutes rather than days (see the module docstring); with `wrong_usd`, every feature's
     wrong_answer_usd in place of its target_pass_rate."""
-    bands = {"b0": 0, "b1": 1000, "b2": 2000, "b3": 3000, "b4": 4000, "b5": 5000, "b6": 6000}
     settings: dict[str, object] = {
         "router.policy": "adaptive", "router.default_tier": list(cfg.tiers)[-1],
         "router.adaptive.explore_share": explore, "router.adaptive.confidence": 0.8,
         "router.adaptive.min_samples": 10, "router.adaptive.half_life_s": 600,
-        "router.adaptive.recent_half_life_s": 30, "router.adaptive.bands": bands,
+        "router.adaptive.recent_half_life_s": 30, "router.adaptive.kinds": "signals",
     }  # fmt: skip
     for name in cfg.features:
         if wrong_usd is None:

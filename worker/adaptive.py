@@ -6,12 +6,16 @@ and the rules (router.py), in place of the classifier and `router.default_tier`
 (worker.learning wires it into the job run; README: Adaptive routing).
 
 **What is counted.** Per feature, kind of job and tier: the answers that passed their check
-and those that failed it. The kind of job is the band of its estimated input tokens
-(`router.adaptive.bands`): known before the call, free, and the signal every workload has.
+and those that failed it. The kind of job is known before the call and free: the band of its
+estimated input tokens (`router.adaptive.bands`), or with `kinds = "signals"` what its
+messages show (signal_kind: their length by doublings, hard words, code blocks).
 An escalated job counts a failure for the tier that failed and the outcome of the next one;
 an answer cut at `max_tokens` counts neither way (a matter of room, see worker.maxtokens).
 A producer's verdict on `tokenq:feedback` overrides the check's for that job's answer
-(worker.feedback reads them).
+(worker.feedback reads them). A pass of a check that cannot see a wrong answer (blind) is
+counted *unjudged*, and counts only while nothing judged is counted for the feature (judged).
+For the price rule, the usage of the feature's answered calls too (usage_into: what a call
+reads from the prompt cache and writes, job_cost_usd).
 
 **Where.** Fleet-wide in Redis, as decayed counts: an answer counts 1 when written and half
 as much every `half_life_s` (the evidence), and every `recent_half_life_s` in the recent
@@ -61,22 +65,57 @@ CUT = "stop_reason max_tokens"  # worker.checks.CUT: room, not quality (a test h
 
 class TierStats(msgspec.Struct, frozen=True):
     """One tier's decayed counts of answers for one feature and kind: the evidence, and the
-    recent counts (which decay faster)."""
+    recent counts (which decay faster). `unjudged`: answers that passed a check that cannot
+    see a wrong answer, with no verdict yet (see judged)."""
 
     passed: float = 0.0
     failed: float = 0.0
     recent_passed: float = 0.0
     recent_failed: float = 0.0
+    unjudged: float = 0.0
+    recent_unjudged: float = 0.0
 
 
 EMPTY = TierStats()
 
 
 class Stats(msgspec.Struct, frozen=True):
-    """What the fleet knows of a feature: counts by (kind, tier), the tier in use by kind."""
+    """What the fleet knows of a feature: counts by (kind, tier), the tier in use by kind, and
+    its answered calls' usage (decayed sums, any tier: calls, cache-read and output tokens)."""
 
     counts: dict[tuple[str, str], TierStats] = {}
     in_use: dict[str, str] = {}
+    calls: float = 0.0
+    cache_read_tokens: float = 0.0
+    output_tokens: float = 0.0
+
+    def per_call(self) -> tuple[float, float]:
+        """Cache-read and output tokens of an answered call, on average (0, 0 with none)."""
+        if self.calls < 1:
+            return 0.0, 0.0
+        return self.cache_read_tokens / self.calls, self.output_tokens / self.calls
+
+
+def judged(stats: Stats) -> Stats:
+    """The counts the router goes by. An answer whose check cannot see a wrong one (blind)
+    is counted `unjudged` until a producer's verdict judges it. While the feature's counts
+    hold at least one judged answer (a verdict, or a check that can fail), only those count:
+    the share of wrong answers among the judged ones is the best estimate there is, where
+    unjudged passes would hide the wrong answers nobody reported. With none, the unjudged
+    count as passes (nothing else to go by: the cheapest tier, README: What it cannot see)."""
+    if not any(s.unjudged or s.recent_unjudged for s in stats.counts.values()):
+        return stats
+    evidence = sum(s.passed + s.failed for s in stats.counts.values())
+    counts = {
+        key: TierStats(
+            s.passed if evidence >= 1 else s.passed + s.unjudged,
+            s.failed,
+            s.recent_passed if evidence >= 1 else s.recent_passed + s.recent_unjudged,
+            s.recent_failed,
+        )
+        for key, s in stats.counts.items()
+    }
+    return msgspec.structs.replace(stats, counts=counts)
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -96,9 +135,35 @@ def applies(cfg: Config, feature: FeatureConfig) -> bool:
     return cfg.router.policy == "adaptive" and learns
 
 
-def kind_of(a: AdaptiveConfig, input_tokens: int) -> str:
-    """The band of router.adaptive.bands an estimated input falls in."""
+def kind_of(a: AdaptiveConfig, input_tokens: int, text: str = "") -> str:
+    """A job's kind: with `kinds = "bands"`, the band of router.adaptive.bands its estimated
+    input falls in; with "signals", signal_kind of its messages' text (`text`)."""
+    if a.kinds == "signals":
+        return signal_kind(text, a.hard_words)
     return [name for name, least in a.bands.items() if max(0, input_tokens) >= least][-1]
+
+
+MAX_STEPS = 3  # hard words and code blocks move a job at most this many kinds up
+
+
+def signal_kind(text: str, hard_words: Sequence[str]) -> str:
+    """The kind of a job from what its messages show (`text`: their text, the system prompt
+    and tools left out, since a feature sends the same ones with every job): the doubling its
+    length falls in (tokens at 4 characters each: "32-64", "2k-4k"), then "+n" for n steps up
+    (at most MAX_STEPS), one for each of `hard_words` found in it (case-insensitive) and one
+    for each code block (a pair of ``` fences). A generic heuristic: within a feature, longer
+    requests, and those that say "why" or carry code, tend to be harder; each kind learns its
+    own tier, so a wrong guess costs learning, not quality."""
+    tokens = max(1, -(-len(text) // 4))
+    low = 1 << (tokens.bit_length() - 1)
+    lowered = text.lower() if hard_words else ""
+    steps = sum(word.lower() in lowered for word in hard_words) + text.count("```") // 2
+    name = f"{_size(low)}-{_size(2 * low)}"
+    return f"{name}+{min(steps, MAX_STEPS)}" if steps else name
+
+
+def _size(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens >= 1024 else str(tokens)
 
 
 def draw_of(job_id: str) -> float:
@@ -229,23 +294,41 @@ def decide_by_price(
     )
 
 
-def job_cost_usd(cfg: Config, input_tokens: int) -> dict[str, float]:
-    """A job's cost on each tier as the price rule sees it: its estimated input tokens at the
-    tier's model's input price. Output is left out (short next to the input on most jobs),
-    and so is prompt caching: a job whose prompt is mostly read from the cache costs less
-    than this, so for it the rule leans to dearer tiers than it would need to."""
+def job_cost_usd(
+    cfg: Config, input_tokens: int, stats: Stats | None = None, batched: bool = False
+) -> dict[str, float]:
+    """A job's cost on each tier as the price rule sees it, billed as the feature's calls
+    are: of its estimated input tokens, as many as the feature's answered calls read from
+    the prompt cache on average at the tier's cache-read price and the rest at its input
+    price, plus their average output tokens at its output price (Stats.per_call: the
+    feature's last calls, any tier, since its prompt is cached alike on every model that
+    takes its jobs); at the batch discount for a job bound for a Message Batch."""
+    cached, output = stats.per_call() if stats is not None else (0.0, 0.0)
+    cached = min(cached, max(0, input_tokens))
     out = {}
     for tier, model in cfg.tiers.items():
-        price = cfg.models.get(model)
-        out[tier] = 0.0 if price is None else input_tokens * price.input_usd_per_mtok / 1e6
+        p = cfg.models.get(model)
+        if p is None:
+            out[tier] = 0.0
+            continue
+        usd = (input_tokens - cached) * p.input_usd_per_mtok + cached * p.cache_read_usd_per_mtok
+        usd = (usd + output * p.output_usd_per_mtok) / 1e6
+        out[tier] = usd * (1 - p.batch_discount) if batched else usd
     return out
 
 
-def route(cfg: Config, feature: str, input_tokens: int, stats: Stats, job_id: str) -> Decision:
+def route(
+    cfg: Config, feature: str, input_tokens: int, stats: Stats, job_id: str, *,
+    kind: str | None = None, batched: bool = False,
+) -> Decision:  # fmt: skip
     """decide() (or decide_by_price() for a feature with wrong_answer_usd) for one job of an
-    adaptive feature, from its estimated input tokens and the feature's counts."""
+    adaptive feature, from its kind (kind_of; by default its band of input tokens), its
+    estimated input tokens and the feature's counts (as judged() takes them); `batched`:
+    bound for a Message Batch."""
     a = cfg.router.adaptive
-    kind = kind_of(a, input_tokens)
+    kind = kind_of(a, input_tokens) if kind is None else kind
+    cost_usd = job_cost_usd(cfg, input_tokens, stats, batched)
+    stats = judged(stats)
     f = cfg.features[feature]
     tiers = list(cfg.tiers)
     by_tier = {t: stats.counts.get((kind, t), EMPTY) for t in tiers}
@@ -254,7 +337,7 @@ def route(cfg: Config, feature: str, input_tokens: int, stats: Stats, job_id: st
     if f.wrong_answer_usd is not None:
         tier, reason, explored = decide_by_price(
             tiers, by_tier, wrong_usd=f.wrong_answer_usd,
-            cost_usd=job_cost_usd(cfg, input_tokens), draw=draw_of(job_id), a=a, where=where,
+            cost_usd=cost_usd, draw=draw_of(job_id), a=a, where=where,
         )  # fmt: skip
     else:
         assert f.target_pass_rate is not None, "route() is for features that applies() accepts"
@@ -276,7 +359,7 @@ def route(cfg: Config, feature: str, input_tokens: int, stats: Stats, job_id: st
 
 EPOCH_HALF_LIVES = 16
 HORIZONS = ("w", "r")
-Mark = Literal["p", "f", ""]
+Mark = Literal["p", "f", "u", ""]  # passed, failed, unjudged (a blind check passed), none
 
 
 def _half_life_ms(a: AdaptiveConfig, horizon: str) -> int:
@@ -321,14 +404,22 @@ class Answered(msgspec.Struct, frozen=True, array_like=True):
     reason: str = ""
 
 
-def _mark(problem: str | None) -> Mark:
-    return "p" if problem is None else ("" if problem.startswith(CUT) else "f")
+def _mark(problem: str | None, blind: bool) -> Mark:
+    if problem is None:
+        return "u" if blind else "p"
+    return "" if problem.startswith(CUT) else "f"
+
+
+def blind(feature: FeatureConfig) -> bool:
+    """Whether the feature's check cannot see a wrong answer: plain text with no expect_regex
+    and no min_output_tokens (only an answer cut at max_tokens fails it, and that is room)."""
+    return feature.expect == "text" and not feature.expect_regex and not feature.min_output_tokens
 
 
 def record_into(
     tx: Any, keys: Keys, cfg: Config, *, feature: str, kind: str, job_id: str,
     answers: Sequence[tuple[str, str | None]], now_ms: int, in_use: str | None = None,
-    from_cache: bool = False,
+    from_cache: bool = False, blind: bool = False,
 ) -> None:  # fmt: skip
     """Queue on `tx` (the job's finishing MULTI) what the router learns from a job's answers:
     (tier, the check's problem or None) of each, in order, the last one delivered. Per answer
@@ -336,9 +427,11 @@ def record_into(
     answered record for feedback (SET EX router.adaptive.feedback_ttl_s; about 60 bytes plus
     the key); and with `in_use` (Decision.in_use: the kind's tier in use changed), HSET and
     EXPIRE of the feature's in-use hash. An answer from the response cache (`from_cache`)
-    gets its record but is not counted again. Never blocks: the caller executes `tx`."""
+    gets its record but is not counted again. With `blind` (the feature's check cannot see a
+    wrong answer), an answer that passed is counted unjudged (see judged). Never blocks: the
+    caller executes `tx`."""
     a = cfg.router.adaptive
-    marks = [] if from_cache else [_mark(problem) for _, problem in answers]
+    marks = [] if from_cache else [_mark(problem, blind) for _, problem in answers]
     for (tier, _), mark in zip(answers, marks, strict=False):
         if mark:
             add_into(tx, keys, a, feature, f"{kind}|{tier}|{mark}", now_ms, 1, now_ms)
@@ -351,6 +444,25 @@ def record_into(
         tx.set(keys.answered(job_id), encode(record), ex=a.feedback_ttl_s)
 
 
+USAGE = "*|*|"  # the usage fields' prefix: kind and tier "*", then n, r or o
+
+
+def usage_into(tx: Any, keys: Keys, a: AdaptiveConfig, feature: str,
+               calls: Sequence[tuple[int, int]], now_ms: int) -> None:  # fmt: skip
+    """Queue the usage of a job's answered calls, (cache-read tokens, output tokens) each,
+    on the evidence horizon's hash (three HINCRBYFLOAT and an EXPIRE a call): what
+    job_cost_usd prices a call by."""
+    half_life = _half_life_ms(a, "w")
+    epoch = _epoch(half_life, now_ms)
+    key, weight = keys.outcomes(feature, "w", epoch), _weight(half_life, now_ms, epoch)
+    for cache_read, output in calls:
+        for mark, amount in (("n", 1), ("r", cache_read), ("o", output)):
+            if amount:
+                tx.hincrbyfloat(key, USAGE + mark, amount * weight)
+    if calls:
+        tx.expire(key, (2 * EPOCH_HALF_LIVES + 1) * half_life // 1000)
+
+
 encode = msgspec.json.Encoder().encode
 decode_answered = msgspec.json.Decoder(Answered).decode
 
@@ -358,7 +470,7 @@ decode_answered = msgspec.json.Decoder(Answered).decode
 # Reading.
 
 
-MARKS = ("wp", "wf", "rp", "rf")  # horizon + mark, in TierStats' order
+MARKS = ("wp", "wf", "rp", "rf", "wu", "ru")  # horizon + mark, in TierStats' order
 
 
 def _plan(a: AdaptiveConfig, now_ms: int) -> list[tuple[str, int]]:
@@ -377,6 +489,7 @@ def tally(
     """A feature's counts at now_ms from its hashes by (horizon, epoch), and its in-use hash.
     Fields that are not counts are left out; a count taken below zero (rounding) is zero."""
     sums: dict[tuple[str, str, str], float] = {}
+    usage = {"n": 0.0, "r": 0.0, "o": 0.0}
     for (horizon, epoch), fields in hashes.items():
         half_life = _half_life_ms(a, horizon)
         decay = 2 ** ((epoch * EPOCH_HALF_LIVES * half_life - now_ms) / half_life)
@@ -387,14 +500,19 @@ def tally(
                 count = float(value) * decay
             except ValueError:
                 continue
-            if mark in ("p", "f") and tier and math.isfinite(count):
+            if not math.isfinite(count):
+                continue
+            if kind == "*" and tier == "*" and mark in usage and horizon == "w":
+                usage[mark] += count
+            elif mark in ("p", "f", "u") and tier and tier != "*":
                 key = (kind, tier, horizon + mark)
                 sums[key] = sums.get(key, 0.0) + count
     pairs = {(k, t) for k, t, _ in sums}
     counts = {
         (k, t): TierStats(*(max(0.0, sums.get((k, t, m), 0.0)) for m in MARKS)) for k, t in pairs
     }
-    return Stats(counts, dict(in_use or {}))
+    n, r, o = (max(0.0, usage[m]) for m in ("n", "r", "o"))
+    return Stats(counts, dict(in_use or {}), n, r, o)
 
 
 async def read_stats(

@@ -305,7 +305,7 @@ class Batcher:
         notes += [learnt] if learnt else []
         routed = await learning.route(
             cfg, job, feature, params, d.job_id,
-            lambda: self.outcome_stats.get(cfg, job.feature, clock.now_ms()),
+            lambda: self.outcome_stats.get(cfg, job.feature, clock.now_ms()), batched=True,
         )  # fmt: skip
         if routed.decided is None and cfg.router.classifier.enabled:
             return None  # the classifier is a realtime call of its own

@@ -89,6 +89,9 @@ class ClassifierConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_onl
     cache_ttl_s: Count = 86_400
 
 
+Word = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+
 class AdaptiveConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """How router.policy = "adaptive" learns from outcomes (worker.adaptive)."""
 
@@ -102,10 +105,16 @@ class AdaptiveConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     # drop at once) every recent_half_life_s.
     half_life_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86_400)] = 3600
     recent_half_life_s: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 60
+    # How a feature's jobs are told apart into kinds, each learning its own tier: "bands" of
+    # the estimated input tokens, or "signals" the request shows (worker.adaptive.kind_of).
+    kinds: Literal["bands", "signals"] = "bands"
     # Kinds of job: input-length bands, name -> the fewest estimated input tokens of the band.
     bands: dict[Name, Annotated[int, msgspec.Meta(ge=0)]] = msgspec.field(
         default_factory=lambda: {"short": 0, "medium": 500, "long": 2000}
     )
+    # With kinds = "signals": words that make a request harder (case-insensitive, found in
+    # its messages); each one found moves the job one kind up.
+    hard_words: Annotated[list[Word], msgspec.Meta(max_length=100)] = []
     feedback_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 86_400
     cache_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 1000
 

@@ -31,9 +31,9 @@ log = logging.getLogger("tokenq.adaptive")
 
 def revise(record: Answered, verdict: Literal["good", "bad"], reason: str, now_ms: int) -> Answered:
     """The record after a verdict. It holds "bad" as a failure; "good" as a pass for an answer
-    that was counted (a failed check overruled), as nothing for one that was not (a cache hit
-    or a cut answer: counted when first written, or never). A changed mark counts from now:
-    a verdict is fresh evidence."""
+    that was counted (a failed check overruled, an unjudged pass judged), as nothing for one
+    that was not (a cache hit or a cut answer: counted when first written, or never). A
+    changed mark counts from now: a verdict is fresh evidence."""
     held: Mark = "f" if verdict == "bad" else ("p" if record.counted else "")
     at_ms = record.at_ms if held == record.held else now_ms
     return msgspec.structs.replace(

@@ -27,7 +27,7 @@ from worker.config import Config, FeatureConfig
 from worker.contract import Job, Keys
 from worker.estimate import raw_estimate
 from worker.jobrun import JobRun
-from worker.router import static_route
+from worker.router import messages_text, static_route
 
 CUT = adaptive.CUT
 
@@ -61,20 +61,23 @@ class Route:
 
 async def route(
     cfg: Config, job: Job, feature: FeatureConfig, params: dict[str, Any], job_id: str,
-    counts: Callable[[], Awaitable[adaptive.Stats]],
+    counts: Callable[[], Awaitable[adaptive.Stats]], *, batched: bool = False,
 ) -> Route:  # fmt: skip
     """The static rules (router.static_route), then the adaptive router when it applies,
     reading the fleet's counts (`counts`) only then: the one route of realtime and batched
-    jobs (worker.process, worker.batcher)."""
+    jobs (worker.process, worker.batcher; `batched`: the job is bound for a Message Batch,
+    which the price rule prices at the batch discount)."""
     learns = adaptive.applies(cfg, feature)
     estimate = raw_estimate(params) if learns or cfg.router.rules else None
     decided = static_route(cfg, job, feature, params, estimate)
     if not learns or estimate is None:
         return Route(decided)
-    kind = adaptive.kind_of(cfg.router.adaptive, estimate)
+    a = cfg.router.adaptive
+    kind = adaptive.kind_of(a, estimate, messages_text(params) if a.kinds == "signals" else "")
     if decided is not None:
         return Route(decided, kind)
-    chosen = adaptive.route(cfg, job.feature, estimate, await counts(), job_id)
+    stats = await counts()
+    chosen = adaptive.route(cfg, job.feature, estimate, stats, job_id, kind=kind, batched=batched)
     return Route((chosen.tier, chosen.reason), kind, chosen.in_use or "")
 
 
@@ -99,7 +102,11 @@ def learn_into(
         adaptive.record_into(
             tx, keys, cfg, feature=feature, kind=run.kind, job_id=job_id, answers=got,
             now_ms=now_ms, in_use=run.in_use or None, from_cache=cached_tier is not None,
+            blind=adaptive.blind(f),
         )  # fmt: skip
+        if cached_tier is None and f.wrong_answer_usd is not None:  # what the price rule reads
+            calls = [(c.cache_read, c.output_tokens) for c in run.answered() if c.counted]
+            adaptive.usage_into(tx, keys, cfg.router.adaptive, feature, calls, now_ms)
     if f.max_tokens_learn and cached_tier is None:
         for c in run.answered():
             if c.counted:

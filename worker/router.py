@@ -64,6 +64,11 @@ def request_text(params: dict[str, Any]) -> str:
     return " ".join(_texts([params.get("system"), *params.get("messages", [])]))
 
 
+def messages_text(params: dict[str, Any]) -> str:
+    """The text of a request's messages alone (no system prompt, no tools)."""
+    return " ".join(_texts(params.get("messages") or []))
+
+
 def _texts(values: Iterable[Any]) -> Iterable[str]:
     for value in values:
         if isinstance(value, str):
