@@ -6,10 +6,10 @@ a call in three steps:
 1. *ready*: the fleet's spend stop, the circuit breakers (a probe slot when half-open), rate-
    limit capacity, then the budget reservation of the call's worst case and the call recorded
    in the job's run as `sent` (worker.jobrun), in one fenced script. Nothing is paid yet, so
-   a Redis error here repeats the whole step; what it took is given back first (a reservation
-   whose reply was lost expires: worker.budgets). A refusal (an open breaker, a budget,
-   the spend stop) is returned, not raised, for the job's policies to decide (worker.process),
-   and a probe slot that made no call is freed at once.
+   a Redis error here repeats the whole step; what it took is given back first (the
+   reservation too, which the script may have taken though its reply was lost). A refusal
+   (an open breaker, a budget, the spend stop) is returned, not raised, for the job's
+   policies to decide (worker.process), and a probe slot that made no call is freed at once.
 2. *send*: the call itself, never repeated by this module. It is posted lean through the SDK's
    own client (`post`: its auth, base URL, retries policy and errors): the request already
    checked (worker.api_request) and encoded once with msgspec, prebuilt headers, no per-call
@@ -242,11 +242,11 @@ class Caller:
         )
         est = await self._estimate(params, counts=bool(caps))
         grant = await self._capacity(c, model, (1, est.limiter, max_tokens))
+        reservation: Reservation | None = None
         try:
             prices, caches = self.cfg.models[model], has_cache_control(params)
             worst = worst_case_usd(prices, est.budget, max_tokens, caches=caches,
                                    margin=self.cfg.budgets.estimate_margin)  # fmt: skip
-            reservation = None
             if caps:
                 reservation = self.budgets.reservation(caps, uuid.uuid4().hex, worst,
                                                        clock.now_ms())  # fmt: skip
@@ -270,8 +270,10 @@ class Caller:
                 await self._settle_capacity(grant, Answer(None, {}, 0))
                 return refused
         except BaseException:
-            # A reservation whose reply was lost is not known here: it expires (budgets).
-            await asyncio.shield(self._give_back(grant, None))
+            # The reservation too: the script may have taken it though its reply was lost
+            # (settling is idempotent: a reservation it never took is left as it is).
+            hold = reservation.hold if reservation else None
+            await asyncio.shield(self._give_back(grant, hold))
             raise
         hold = reservation.hold if reservation else None
         return _Ready(grant, hold, ticket, call, est.raw)

@@ -12,7 +12,9 @@ import time
 from typing import Any
 
 import msgspec
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producers import NewJob, Producer
 from tests.conftest import ConfigFactory
@@ -28,6 +30,7 @@ from worker.rollups import outcome_of
 JOB = {"feature": "summarize", "request": "{}"}
 RESETS = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
 NANO = 1_000_000_000
+SMALL = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 100}
 
 
 def cap(keys: Keys, usd: float) -> Cap:
@@ -196,4 +199,34 @@ async def test_every_paid_call_is_in_spent_once_with_escalations_on_two_workers(
     budget: Any = await redis.hgetall(keys.budget("feature:summarize", day))
     assert abs(int(budget["spent"]) / NANO - float(ledger["total_cost_usd"])) < 80e-9
     assert budget["held"] == "0" and budget["requests"] == "80"
+    assert await redis.zcard(f"{keys.budget('feature:summarize', day)}:holds") == 0
+
+
+async def test_a_reservation_whose_reply_was_lost_is_given_back_before_the_retry(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory,
+    run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # The run saved with the call's reservation is applied, but its reply never comes back (the
+    # connection dropped): the call is prepared again with a new reservation. The first one must
+    # not stay held, nor count a request the job never made.
+    cfg, _ = make_config(**{"features.summarize.daily_usd": 5.0})
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg) as w:
+        save_run, lost = w.queue.save_run, list[str]()
+
+        async def reply_lost(d: Delivery, run: bytes, r: Any = None) -> bool | list[Any]:
+            got = await save_run(d, run, r)
+            if r is not None and not lost:
+                lost.append(r.hold_id)
+                raise RedisConnectionError("connection reset by peer")
+            return got
+
+        monkeypatch.setattr(w.queue, "save_run", reply_lost)
+        done = await producer.result(await producer.submit("summarize", SMALL), timeout_s=20)
+    assert done.status == "ok" and lost
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    budget: Any = await redis.hgetall(keys.budget("feature:summarize", day))
+    assert budget["held"] == "0" and budget["requests"] == "1"
+    billed = float(sim_call(sim, "ledger")["total_cost_usd"])
+    assert abs(int(budget["spent"]) / NANO - billed) < 1e-9
     assert await redis.zcard(f"{keys.budget('feature:summarize', day)}:holds") == 0
