@@ -437,8 +437,11 @@ class Caller:
         for _, call in c.unsettled:
             call.hold, call.hold_keys = "", []
         c.unsettled.clear()
-        for place in crossed:
-            await self._alert(c, caps[place - 1])
+        try:  # the job has ended: an alert that cannot be written is not the job's failure
+            for place in crossed:
+                await self._alert(c, caps[place - 1])
+        except (RedisError, OSError) as exc:
+            log.warning("job=%s: writing a budget alert failed: %s", shown(c.d.job_id), exc)
 
     async def settle_unsettled(self, c: CallFor | None) -> None:
         """Settle c's answered calls now, each on its own (a job that ends without its end

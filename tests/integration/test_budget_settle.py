@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 from typing import Any
 
@@ -230,3 +231,26 @@ async def test_a_reservation_whose_reply_was_lost_is_given_back_before_the_retry
     billed = float(sim_call(sim, "ledger")["total_cost_usd"])
     assert abs(int(budget["spent"]) / NANO - billed) < 1e-9
     assert await redis.zcard(f"{keys.budget('feature:summarize', day)}:holds") == 0
+
+
+async def test_an_alert_that_cannot_be_written_after_the_end_is_a_warning_not_a_failure(
+    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    # The job's end settles its call and reports the cap's alert level crossed; writing the
+    # alert then fails on Redis. The job has ended: a warning, not "failed unexpectedly".
+    cfg, _ = make_config(**{"features.summarize.daily_usd": 5.0, "budgets.alert_at": 0.000001})
+    producer = Producer(redis, keys.prefix)
+    async with run_worker(cfg) as w:
+        tried: list[str] = []
+
+        async def broken(c: Any, cap: Any) -> None:
+            tried.append(cap.key)
+            raise RedisConnectionError("connection reset by peer")
+
+        monkeypatch.setattr(w.caller, "_alert", broken)
+        with caplog.at_level(logging.WARNING, logger="tokenq"):
+            done = await producer.result(await producer.submit("summarize", SMALL), timeout_s=20)
+    assert done.status == "ok" and tried
+    assert "writing a budget alert failed" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
