@@ -109,21 +109,24 @@ class Writes:
     def event(self, key: str, maxlen: int, fields: dict[str, str]) -> None:
         """XADD (MAXLEN ~) of an entry whose fields go packed in one argument (EVENT: one
         instead of two a field, and a ROLLUP after it pushes those same bytes)."""
-        self.add("EVENT", key, maxlen, packed(fields))
+        self.add("EVENT", key, maxlen, entry_of(fields))
 
     def reserve(self, r: Reservation) -> None:
         """A budget reservation, taken with the writes that follow or refused without any
         (the first write: nothing may come before it)."""
         if len(self.keys) > 1:
             raise ValueError("a reservation must be the first of the writes")
-        self.keys += r.keys
-        self.args += [len(r.args) + 1, "RESERVE", len(r.caps), *r.args]
+        self._budget("RESERVE", r)
 
     def settle(self, s: Settlement) -> None:
         """A budget settlement (its caps that reach their alert fraction are named in the
         reply: see the script)."""
-        self.keys += s.keys
-        self.args += [len(s.args) + 1, "SETTLE", len(s.caps), *s.args]
+        self._budget("SETTLE", s)
+
+    def _budget(self, name: str, b: Reservation | Settlement) -> None:
+        # Two keys and the arguments of each cap, after the count of caps (see the script).
+        self.keys += b.keys
+        self.args += [len(b.args) + 1, name, len(b.caps), *b.args]
 
     def into(self, tx: Any, script: AsyncScript) -> None:
         """Queue the fenced script on a pipeline or transaction the caller executes."""
@@ -154,27 +157,3 @@ def applied(reply: Any) -> list[int] | None:
     if isinstance(reply, list):
         return [int(j) for j in reply[1:]]
     return [] if int(reply) else None
-
-
-def packed(fields: dict[str, str]) -> bytes:
-    """A stream entry's fields as one MessagePack array of names and values (the form in
-    which the rollups' queue holds an outcome: worker.rollups.entry_of). A value that is not
-    UTF-8 (read from Redis as surrogate escapes) keeps its bytes, as a MessagePack string all
-    the same."""
-    try:
-        return entry_of(fields)
-    except UnicodeEncodeError:
-        parts = [p.encode("utf-8", "surrogateescape") for pair in fields.items() for p in pair]
-        return _array_head(len(parts)) + b"".join(_str_head(len(p)) + p for p in parts)
-
-
-def _array_head(n: int) -> bytes:
-    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
-
-
-def _str_head(n: int) -> bytes:
-    if n < 32:
-        return bytes([0xA0 | n])
-    if n < 256:
-        return b"\xd9" + bytes([n])
-    return b"\xda" + n.to_bytes(2, "big") if n < 65_536 else b"\xdb" + n.to_bytes(4, "big")

@@ -83,9 +83,28 @@ _encode = msgspec.msgpack.Encoder().encode
 
 
 def entry_of(fields: Mapping[str, str]) -> bytes:
-    """A usage event as the rollups' queue holds it: a MessagePack array of its field names
-    and values, one after the other (what worker.fence's ROLLUP pushes for a job's end)."""
-    return _encode([part for pair in fields.items() for part in pair])
+    """A usage event packed as the fenced end script takes it (worker.fence's EVENT) and the
+    rollups' queue holds it: a MessagePack array of its field names and values, one after
+    the other, each a MessagePack string. A value that is not UTF-8 (read from Redis as
+    surrogate escapes) keeps its bytes; outcome_of reads them back the same way."""
+    parts = [part for pair in fields.items() for part in pair]
+    try:
+        return _encode(parts)
+    except UnicodeEncodeError:
+        raw = [p.encode("utf-8", "surrogateescape") for p in parts]
+        return _array_head(len(raw)) + b"".join(_str_head(len(p)) + p for p in raw)
+
+
+def _array_head(n: int) -> bytes:
+    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+
+
+def _str_head(n: int) -> bytes:
+    if n < 32:
+        return bytes([0xA0 | n])
+    if n < 256:
+        return b"\xd9" + bytes([n])
+    return b"\xda" + n.to_bytes(2, "big") if n < 65_536 else b"\xdb" + n.to_bytes(4, "big")
 
 
 def outcome_of(entry: bytes | str) -> dict[str, str] | None:
@@ -166,7 +185,7 @@ Cell = tuple[int, str]
 
 @dataclass(slots=True)
 class Delta:
-    """Outcomes added up per cell, written as one record per cell (mergeable)."""
+    """Outcomes added up per cell, applied as one record per cell (fold.lua)."""
 
     settings: Settings
     cells: dict[Cell, dict[int, int]] = field(default_factory=dict)
@@ -182,9 +201,6 @@ class Delta:
         """Add another delta's outcomes to this one."""
         for cell, metrics in other.cells.items():
             _add(self.cells.setdefault(cell, {}), metrics.items())
-
-    def __bool__(self) -> bool:
-        return bool(self.cells)
 
     @property
     def hours(self) -> dict[tuple[int, str, str, str, str], dict[int, int]]:
@@ -225,13 +241,6 @@ class Rollups:
     async def load(self, redis: aioredis.Redis) -> None:
         """Load the fold script into the server (at start, so nothing needs to recover)."""
         await redis.script_load(FOLD)
-
-    def delta(self, outcomes: Iterable[Mapping[str, str]] = ()) -> Delta:
-        """A delta of these usage events (more can be added)."""
-        out = Delta(self.settings)
-        for fields in outcomes:
-            out.add(fields)
-        return out
 
     def push_into(self, tx: Any, outcomes: Iterable[Mapping[str, str]]) -> None:
         """Queue on a transaction the push of usage events onto the rollups' queue, as a

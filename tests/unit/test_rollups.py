@@ -89,7 +89,7 @@ def test_a_delta_is_one_record_per_cell() -> None:
     d = Delta(SETTINGS)
     for tenant in ("a", "b", "a"):
         d.add(event(tenant=tenant, input_tokens=10))
-    first, second = d.records()  # what the finishing write appends (fold.lua reads them)
+    first, second = d.records()  # what a fold applies (fold.lua reads them)
     hour, label, size = struct.unpack("<I10sH", first[:16])
     assert hour == 1_764_500_000_000 // 3_600_000 and label == b"2025113010"
     assert first[16 : 16 + size].decode().split("\x1f") == ["summarize", "m", "normal", "a"]
