@@ -327,8 +327,7 @@ def route(
     bound for a Message Batch."""
     a = cfg.router.adaptive
     kind = kind_of(a, input_tokens) if kind is None else kind
-    cost_usd = job_cost_usd(cfg, input_tokens, stats, batched)
-    stats = judged(stats)
+    stats = judged(stats)  # a no-op on OutcomeStats' views: judged when read
     f = cfg.features[feature]
     tiers = list(cfg.tiers)
     by_tier = {t: stats.counts.get((kind, t), EMPTY) for t in tiers}
@@ -337,7 +336,8 @@ def route(
     if f.wrong_answer_usd is not None:
         tier, reason, explored = decide_by_price(
             tiers, by_tier, wrong_usd=f.wrong_answer_usd,
-            cost_usd=cost_usd, draw=draw_of(job_id), a=a, where=where,
+            cost_usd=job_cost_usd(cfg, input_tokens, stats, batched), draw=draw_of(job_id),
+            a=a, where=where,
         )  # fmt: skip
     else:
         assert f.target_pass_rate is not None, "route() is for features that applies() accepts"
@@ -539,17 +539,21 @@ class OutcomeStats:
         self._reads: dict[str, asyncio.Task[Stats]] = {}
 
     async def get(self, cfg: Config, feature: str, now_ms: int) -> Stats:
-        """The feature's counts; raises RedisError when they cannot be read."""
+        """The feature's counts as the router goes by them (judged(): once a read, not once
+        a job); raises RedisError when they cannot be read."""
         held = self._views.get(feature)
         if held is not None and now_ms - held[0] < cfg.router.adaptive.cache_ms:
             return held[1]
         read = self._reads.get(feature)
         if read is None:
-            coro = read_stats(self.redis, self.keys, cfg.router.adaptive, feature, now_ms)
+            coro = self._read(cfg.router.adaptive, feature, now_ms)
             read = self._reads[feature] = asyncio.create_task(coro)
             read.add_done_callback(lambda t: self._done(feature, t, now_ms))
         # Shielded: one waiter's cancellation must not cancel the read the others wait on.
         return await asyncio.shield(read)
+
+    async def _read(self, a: AdaptiveConfig, feature: str, now_ms: int) -> Stats:
+        return judged(await read_stats(self.redis, self.keys, a, feature, now_ms))
 
     def _done(self, feature: str, read: asyncio.Task[Stats], now_ms: int) -> None:
         self._reads.pop(feature, None)
