@@ -7,7 +7,6 @@ and nothing applies twice after Valkey lost its scripts."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from typing import Any
@@ -19,32 +18,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producers import NewJob, Producer
 from tests.conftest import ConfigFactory
-from tests.helpers import add, sim_call
+from tests.helpers import cap, pending, sim_call
 from tests.integration.conftest import RunWorker
 from worker import jobrun, outcomes
-from worker.budgets import Budgets, Cap, Hold
+from worker.budgets import Budgets, Hold
 from worker.contract import Keys, Result, UsageEvent, to_fields
 from worker.jobrun import Call, JobRun
 from worker.queue import Delivery, Finish, Queue, flat
 from worker.rollups import outcome_of
 
-JOB = {"feature": "summarize", "request": "{}"}
-RESETS = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
 NANO = 1_000_000_000
 SMALL = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 100}
-
-
-def cap(keys: Keys, usd: float) -> Cap:
-    key = keys.budget("feature:summarize", "2030-01-01")
-    return Cap("features.summarize.daily_usd", key, "2030-01-01", usd, None, 3600, RESETS)
-
-
-async def pending(redis: aioredis.Redis, keys: Keys, consumer: str = "a") -> tuple[Queue, Delivery]:
-    queue = Queue(redis, keys, ["normal"], consumer, visibility_ms=60_000)
-    await queue.ensure_groups()
-    await add(redis, keys.jobs("normal"), JOB)
-    [d] = await queue.read(1, 100)
-    return queue, d
 
 
 def ending(d: Delivery, budgets: Budgets, hold: Hold, cost: float) -> outcomes.Ending:
