@@ -1,8 +1,10 @@
-"""Shared test helpers: waiting on conditions, free ports, the simulator's admin API."""
+"""Shared test helpers: waiting on conditions, free ports, the simulator's admin API, a job read
+from the queue and a budget cap."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -18,7 +20,9 @@ import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
+from worker.budgets import Cap
 from worker.contract import GROUP, Keys, Result, UsageEvent, from_fields
+from worker.queue import Delivery, Queue
 
 
 async def eventually(
@@ -103,6 +107,25 @@ async def raw_entries(redis: aioredis.Redis, key: str) -> list[tuple[str, dict[b
 async def add(redis: aioredis.Redis, key: str, fields: dict[str, str]) -> str:
     """XADD, returning the entry id."""
     return str(await redis.xadd(key, cast("dict[Any, Any]", fields)))
+
+
+JOB = {"feature": "summarize", "request": "{}"}
+RESETS = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
+
+
+async def pending(redis: aioredis.Redis, keys: Keys, consumer: str = "a") -> tuple[Queue, Delivery]:
+    """A JOB added to the normal stream and read by `consumer`: its queue and the delivery."""
+    queue = Queue(redis, keys, ["normal"], consumer, visibility_ms=60_000)
+    await queue.ensure_groups()
+    await add(redis, keys.jobs("normal"), JOB)
+    [d] = await queue.read(1, 100)
+    return queue, d
+
+
+def cap(keys: Keys, usd: float) -> Cap:
+    """summarize's daily cap of `usd` for 2030-01-01, resetting at RESETS."""
+    key = keys.budget("feature:summarize", "2030-01-01")
+    return Cap("features.summarize.daily_usd", key, "2030-01-01", usd, None, 3600, RESETS)
 
 
 async def read_result(redis: aioredis.Redis, keys: Keys, job_id: str) -> Result:

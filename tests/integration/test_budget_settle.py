@@ -7,7 +7,6 @@ and nothing applies twice after Valkey lost its scripts."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from typing import Any
@@ -19,32 +18,24 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producers import NewJob, Producer
 from tests.conftest import ConfigFactory
-from tests.helpers import add, sim_call
+from tests.helpers import cap, pending, sim_call
 from tests.integration.conftest import RunWorker
 from worker import jobrun, outcomes
-from worker.budgets import Budgets, Cap, Hold
+from worker.budgets import Budgets, Hold
 from worker.contract import Keys, Result, UsageEvent, to_fields
 from worker.jobrun import Call, JobRun
 from worker.queue import Delivery, Finish, Queue, flat
 from worker.rollups import outcome_of
 
-JOB = {"feature": "summarize", "request": "{}"}
-RESETS = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
 NANO = 1_000_000_000
 SMALL = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 100}
 
 
-def cap(keys: Keys, usd: float) -> Cap:
-    key = keys.budget("feature:summarize", "2030-01-01")
-    return Cap("features.summarize.daily_usd", key, "2030-01-01", usd, None, 3600, RESETS)
-
-
-async def pending(redis: aioredis.Redis, keys: Keys, consumer: str = "a") -> tuple[Queue, Delivery]:
-    queue = Queue(redis, keys, ["normal"], consumer, visibility_ms=60_000)
-    await queue.ensure_groups()
-    await add(redis, keys.jobs("normal"), JOB)
-    [d] = await queue.read(1, 100)
-    return queue, d
+@pytest.fixture
+def budgets(redis: aioredis.Redis, make_config: ConfigFactory) -> Budgets:
+    """Budgets over the repo's config as the tests run it."""
+    cfg, _ = make_config()
+    return Budgets(redis, cfg)
 
 
 def ending(d: Delivery, budgets: Budgets, hold: Hold, cost: float) -> outcomes.Ending:
@@ -54,10 +45,9 @@ def ending(d: Delivery, budgets: Budgets, hold: Hold, cost: float) -> outcomes.E
 
 
 async def test_many_workers_reserving_at_once_never_pass_the_cap(
-    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+    redis: aioredis.Redis, keys: Keys, budgets: Budgets
 ) -> None:
-    cfg, _ = make_config()
-    budgets, c = Budgets(redis, cfg), cap(keys, 1.0)
+    c = cap(keys, 1.0)
     workers = [await pending(redis, keys, f"w{n}") for n in range(40)]
 
     async def save(n: int, queue: Queue, d: Delivery) -> bool | list[Any]:
@@ -74,10 +64,9 @@ async def test_many_workers_reserving_at_once_never_pass_the_cap(
 
 
 async def test_the_fenced_reservation_expires_the_holds_of_both_formats(
-    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+    redis: aioredis.Redis, keys: Keys, budgets: Budgets
 ) -> None:
-    cfg, _ = make_config()
-    budgets, c = Budgets(redis, cfg), cap(keys, 10.0)
+    c = cap(keys, 10.0)
     (queue, d) = await pending(redis, keys)
     # An older tokenq's hold (amount in the hash) and a current one, both past their expiry.
     await redis.hset(c.key, mapping={"held": 3 * NANO, "requests": 2, "h:old": NANO})
@@ -90,10 +79,9 @@ async def test_the_fenced_reservation_expires_the_holds_of_both_formats(
 
 
 async def test_a_jobs_end_settles_a_hold_an_older_tokenq_wrote(
-    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+    redis: aioredis.Redis, keys: Keys, budgets: Budgets
 ) -> None:
-    cfg, _ = make_config()
-    budgets, c = Budgets(redis, cfg), cap(keys, 10.0)
+    c = cap(keys, 10.0)
     (queue, d) = await pending(redis, keys)
     await redis.hset(c.key, mapping={"held": NANO, "requests": 1, "h:old": NANO})
     await redis.zadd(c.holds, {"old": 10**13})
@@ -104,10 +92,9 @@ async def test_a_jobs_end_settles_a_hold_an_older_tokenq_wrote(
 
 
 async def test_a_call_is_settled_once_by_the_end_and_the_job_boundary_in_either_order(
-    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+    redis: aioredis.Redis, keys: Keys, budgets: Budgets
 ) -> None:
-    cfg, _ = make_config()
-    budgets, c = Budgets(redis, cfg), cap(keys, 10.0)
+    c = cap(keys, 10.0)
     for boundary_first in (False, True):
         (queue, d) = await pending(redis, keys)
         hold = await budgets.reserve([c], f"h{boundary_first}", 0.5, 1_000)
@@ -123,10 +110,9 @@ async def test_a_call_is_settled_once_by_the_end_and_the_job_boundary_in_either_
 
 
 async def test_a_taker_settles_a_hold_at_the_reservation_its_run_recorded(
-    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+    redis: aioredis.Redis, keys: Keys, budgets: Budgets
 ) -> None:
-    cfg, _ = make_config()
-    budgets, c = Budgets(redis, cfg), cap(keys, 10.0)
+    c = cap(keys, 10.0)
     worst = 0.1 + 0.2 + 1e-13  # a float with a long repr: the run's JSON keeps it exactly
     r = budgets.reservation([c], "lost", worst, 1_000)
     assert (await budgets.reserve([c], "lost", worst, 1_000)) == r.hold
@@ -165,10 +151,9 @@ async def test_an_events_bytes_not_utf8_are_those_a_plain_xadd_writes(
 
 
 async def test_nothing_applies_twice_when_valkey_lost_its_scripts(
-    redis: aioredis.Redis, keys: Keys, make_config: ConfigFactory
+    redis: aioredis.Redis, keys: Keys, budgets: Budgets
 ) -> None:
-    cfg, _ = make_config()
-    budgets, c = Budgets(redis, cfg), cap(keys, 10.0)
+    c = cap(keys, 10.0)
     (queue, d) = await pending(redis, keys)
     await queue.trips.load()
     await redis.script_flush()  # a restart

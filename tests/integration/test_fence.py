@@ -5,30 +5,18 @@ of a job's calls written with its end."""
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from tests.conftest import ConfigFactory
-from tests.helpers import add
+from tests.helpers import cap, pending
 from worker import fence, outcomes
-from worker.budgets import Budgets, Cap, Hold, Refusal
+from worker.budgets import Budgets, Hold, Refusal
 from worker.contract import GROUP, Keys, Result, UsageEvent, to_fields
-from worker.queue import Delivery, Finish, Queue
+from worker.queue import Finish, Queue
 from worker.rollups import entry_of, outcome_of
-
-JOB = {"feature": "summarize", "request": "{}"}
-RESETS = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
-
-
-async def pending(redis: aioredis.Redis, keys: Keys, consumer: str = "a") -> tuple[Queue, Delivery]:
-    queue = Queue(redis, keys, ["normal"], consumer, visibility_ms=60_000)
-    await queue.ensure_groups()
-    await add(redis, keys.jobs("normal"), JOB)
-    [d] = await queue.read(1, 100)
-    return queue, d
 
 
 async def test_writes_pass_keys_in_order_and_values_untouched(
@@ -66,11 +54,6 @@ async def test_the_event_is_written_from_its_packed_fields_and_pushed_as_it_is(
         await raw.aclose()
     assert pushes == [entry_of(event)]
     assert outcome_of(pushes[0]) == event
-
-
-def cap(keys: Keys, usd: float) -> Cap:
-    key = keys.budget("feature:summarize", "2030-01-01")
-    return Cap("features.summarize.daily_usd", key, "2030-01-01", usd, None, 3600, RESETS)
 
 
 async def test_a_run_saved_with_its_reservation_takes_both_or_neither(

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from producers import Producer
@@ -49,6 +52,26 @@ async def answer(
     producer: Producer, feature: str, request: dict[str, Any], tenant: str | None = None
 ) -> Result:
     return await producer.result(await producer.submit(feature, request, tenant=tenant), 20)
+
+
+SemanticWorker = Callable[..., AbstractAsyncContextManager[Producer]]
+
+
+@pytest.fixture
+def semantic_worker(
+    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+) -> SemanticWorker:
+    """`async with semantic_worker(**more) as producer:` runs a worker configured with
+    semantic_settings(sim, **more) and gives a producer of this test's jobs."""
+
+    @asynccontextmanager
+    async def start(**more: Any) -> AsyncIterator[Producer]:
+        cfg, _ = make_config(**semantic_settings(sim, **more))
+        producer = Producer(redis, keys.prefix)
+        async with run_worker(cfg):
+            yield producer
+
+    return start
 
 
 def messages(sim: str) -> int:
@@ -91,11 +114,9 @@ async def test_a_paraphrase_is_answered_from_the_first_jobs_answer(
 
 
 async def test_a_near_miss_another_system_prompt_or_tenant_makes_a_call(
-    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+    redis: aioredis.Redis, keys: Keys, sim: str, semantic_worker: SemanticWorker
 ) -> None:
-    cfg, _ = make_config(**semantic_settings(sim))
-    producer = Producer(redis, keys.prefix)
-    async with run_worker(cfg):
+    async with semantic_worker() as producer:
         await answer(producer, "support_faq", ask(QUESTION))
         near = await answer(producer, "support_faq", ask("How do I pause my subscription?"))
         other = await answer(producer, "support_faq", ask(PARAPHRASE, "You are Globex's bot."))
@@ -110,13 +131,9 @@ async def test_a_near_miss_another_system_prompt_or_tenant_makes_a_call(
     assert (await event_of(redis, keys, anonymous.id)).embedding_tokens == 0, "no tenant: no lookup"
 
 
-async def test_a_scope_keeps_at_most_max_entries(
-    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
-) -> None:
+async def test_a_scope_keeps_at_most_max_entries(semantic_worker: SemanticWorker) -> None:
     bound = {"threshold": 0.92, "ttl_s": 3600, "max_entries": 2}
-    cfg, _ = make_config(**semantic_settings(sim, **{"features.support_faq.semantic_cache": bound}))
-    producer = Producer(redis, keys.prefix)
-    async with run_worker(cfg):
+    async with semantic_worker(**{"features.support_faq.semantic_cache": bound}) as producer:
         await answer(producer, "support_faq", ask(QUESTION))
         await answer(producer, "support_faq", ask("How do I track my order?"))
         await answer(producer, "support_faq", ask("Where is my order?"))
@@ -155,14 +172,9 @@ async def gone(redis: aioredis.Redis, keys: Keys, job_id: str) -> bool:
     return sum(int(n) for n in counts.values()) >= 1
 
 
-async def test_an_answer_that_fails_its_check_is_not_kept(
-    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
-) -> None:
-    settings = semantic_settings(sim, **{"features.support_faq.expect_regex": "^never$",
-                                         "router.max_escalations": 0})  # fmt: skip
-    cfg, _ = make_config(**settings)
-    producer = Producer(redis, keys.prefix)
-    async with run_worker(cfg):
+async def test_an_answer_that_fails_its_check_is_not_kept(semantic_worker: SemanticWorker) -> None:
+    more = {"features.support_faq.expect_regex": "^never$", "router.max_escalations": 0}
+    async with semantic_worker(**more) as producer:
         first = await answer(producer, "support_faq", ask(QUESTION))
         second = await answer(producer, "support_faq", ask(PARAPHRASE))
     assert first.status == "error" and first.error is not None
@@ -171,17 +183,15 @@ async def test_an_answer_that_fails_its_check_is_not_kept(
 
 
 async def test_an_entry_is_not_served_after_its_ttl(
-    redis: aioredis.Redis, keys: Keys, sim: str, make_config: ConfigFactory, run_worker: RunWorker
+    sim: str, semantic_worker: SemanticWorker
 ) -> None:
     short = {"threshold": 0.92, "ttl_s": 5, "max_entries": 100}
-    cfg, _ = make_config(**semantic_settings(sim, **{"features.support_faq.semantic_cache": short}))
-    producer = Producer(redis, keys.prefix)
+    async with semantic_worker(**{"features.support_faq.semantic_cache": short}) as producer:
 
-    async def called() -> bool:
-        again = await answer(producer, "support_faq", ask(PARAPHRASE))
-        return again.mode == "realtime"
+        async def called() -> bool:
+            again = await answer(producer, "support_faq", ask(PARAPHRASE))
+            return again.mode == "realtime"
 
-    async with run_worker(cfg):
         first = await answer(producer, "support_faq", ask(QUESTION))
         hit = await answer(producer, "support_faq", ask(PARAPHRASE))
         assert hit.mode == "cache" and hit.semantic_source_job_id == first.id
