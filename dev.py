@@ -8,7 +8,8 @@
                                   chaos [--seed S]: faults, kills, a Redis restart vs. a fleet;
                                   semantic [--seed S]: the semantic cache on paraphrases;
                                   report: rollups, report latency, the finishing write;
-                                  floor: what the anthropic SDK costs a worker)
+                                  floor: what the anthropic SDK costs a worker;
+                                  oracle, replay: the router's reach and its spread, offline)
 
 Each command first makes ./.venv and installs tokenq with its dev tools into it (again only
 when pyproject.toml changed), so a machine with Python 3.11+ needs nothing else; pip's output
@@ -105,8 +106,8 @@ def main() -> int:
     script = ROOT / "bench" / f"{name}.py"
     if not script.exists() or name in ("common", "quality"):
         print(
-            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, oracle, fuzz, chaos, "
-            "semantic, classifier or report",
+            f"dev.py: no benchmark {name!r}; try throughput, ratelimit, cost, oracle, replay, "
+            "fuzz, chaos, semantic, classifier, report or floor",
             file=sys.stderr,
         )
         return 2
