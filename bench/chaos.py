@@ -162,7 +162,7 @@ def schedule(seed: int, sim: str, valkey: Valkey, fleet: Fleet, config: Path,
                                            capture_output=True, text=True)  # fmt: skip
             if done.returncode == 0:
                 break
-            log.events.append(f"budgets resume failed: {done.stderr.strip()[-200:]}")
+            log.events.append(f"budgets resume failed: {' '.join(done.stderr.split())[:400]}")
             await asyncio.sleep(2.0)
         log.events.append(f"budgets resume: {done.stdout.strip()}")
 
