@@ -365,13 +365,11 @@ class Budgets:
     def settlement(self, hold: Hold, actual_usd: float, *, called: bool) -> Settlement:
         """The keys and arguments that release the hold and add the actual cost (the SETTLE
         script's, and worker.fence's SETTLE in a job's end)."""
-        keys: list[str] = []
-        args: list[Any] = [hold.id, _nano(actual_usd), "0" if called else "1", _nano(hold.want_usd)]
-        for c in hold.caps:
-            keys += [c.key, c.holds]
-            usd = -1 if c.usd is None else _nano(c.usd)
-            threshold = -1 if c.usd is None else _nano(c.usd * self.cfg.budgets.alert_at)
-            args += [usd, threshold]
+        alert_at = self.cfg.budgets.alert_at
+        limits = [(-1, -1) if c.usd is None else (_nano(c.usd), _nano(c.usd * alert_at))
+                  for c in hold.caps]  # fmt: skip
+        keys = _settle_keys([c.key for c in hold.caps])
+        args = _settle_args(hold.id, actual_usd, hold.want_usd, called=called, limits=limits)
         return Settlement(hold.caps, keys, args)
 
     async def settle(self, hold: Hold, actual_usd: float, *, called: bool) -> list[Cap]:
@@ -386,9 +384,24 @@ class Budgets:
     ) -> None:
         """Queue, on the caller's transaction, the settlement of a call whose answer never
         came, at `usd` (its reservation): the API may have billed it. No alerts."""
-        keys = [name for key in cap_keys for name in (key, Keys.budget_holds(key))]
-        args: list[Any] = [hold_id, _nano(usd), "0", _nano(usd), *([-1, -1] * len(cap_keys))]
-        await self._settle(keys=keys, args=args, client=pipe)
+        args = _settle_args(hold_id, usd, usd, called=True, limits=[(-1, -1)] * len(cap_keys))
+        await self._settle(keys=_settle_keys(cap_keys), args=args, client=pipe)
+
+
+def _settle_keys(cap_keys: list[str]) -> list[str]:
+    """SETTLE's keys: per cap its hash and its holds set."""
+    return [name for key in cap_keys for name in (key, Keys.budget_holds(key))]
+
+
+def _settle_args(hold_id: str, actual_usd: float, want_usd: float, *, called: bool,
+                 limits: list[tuple[int, int]]) -> list[Any]:  # fmt: skip
+    """SETTLE's arguments (see settle() in SETTLE_FUNCTION): the hold, the actual cost,
+    whether a call was made, the hold's amount, then per cap (usd cap, alert threshold) in
+    nano-dollars, -1 for none."""
+    args: list[Any] = [hold_id, _nano(actual_usd), "0" if called else "1", _nano(want_usd)]
+    for usd, threshold in limits:
+        args += [usd, threshold]
+    return args
 
 
 async def budget_rows(
