@@ -375,18 +375,26 @@ def _weight(half_life_ms: int, t_ms: int, epoch: int) -> float:
     return float(2 ** ((t_ms - epoch * EPOCH_HALF_LIVES * half_life_ms) / half_life_ms))
 
 
+def _counted_at(keys: Keys, a: AdaptiveConfig, feature: str, horizon: str,
+                t_ms: int) -> tuple[int, str, float, int]:  # fmt: skip
+    """Where a count at t_ms goes on a horizon: its epoch, the epoch's hash, the weight a
+    count adds there (_weight) and the hash's time to live in seconds."""
+    half_life = _half_life_ms(a, horizon)
+    epoch = _epoch(half_life, t_ms)
+    ttl_s = (2 * EPOCH_HALF_LIVES + 1) * half_life // 1000
+    return epoch, keys.outcomes(feature, horizon, epoch), _weight(half_life, t_ms, epoch), ttl_s
+
+
 def add_into(tx: Any, keys: Keys, a: AdaptiveConfig, feature: str, field: str, t_ms: int,
               sign: int, now_ms: int) -> None:  # fmt: skip
     """Queue the count of one answer at t_ms (sign 1) or its removal (-1) on both horizons;
     nothing in an epoch too old to be read at now_ms."""
     for horizon in HORIZONS:
-        half_life = _half_life_ms(a, horizon)
-        epoch = _epoch(half_life, t_ms)
-        if epoch < _epoch(half_life, now_ms) - 1:
+        epoch, key, weight, ttl_s = _counted_at(keys, a, feature, horizon, t_ms)
+        if epoch < _epoch(_half_life_ms(a, horizon), now_ms) - 1:
             continue
-        key = keys.outcomes(feature, horizon, epoch)
-        tx.hincrbyfloat(key, field, sign * _weight(half_life, t_ms, epoch))
-        tx.expire(key, (2 * EPOCH_HALF_LIVES + 1) * half_life // 1000)
+        tx.hincrbyfloat(key, field, sign * weight)
+        tx.expire(key, ttl_s)
 
 
 class Answered(msgspec.Struct, frozen=True, array_like=True):
@@ -450,17 +458,16 @@ USAGE = "*|*|"  # the usage fields' prefix: kind and tier "*", then n, r or o
 def usage_into(tx: Any, keys: Keys, a: AdaptiveConfig, feature: str,
                calls: Sequence[tuple[int, int]], now_ms: int) -> None:  # fmt: skip
     """Queue the usage of a job's answered calls, (cache-read tokens, output tokens) each,
-    on the evidence horizon's hash (three HINCRBYFLOAT and an EXPIRE a call): what
-    job_cost_usd prices a call by."""
-    half_life = _half_life_ms(a, "w")
-    epoch = _epoch(half_life, now_ms)
-    key, weight = keys.outcomes(feature, "w", epoch), _weight(half_life, now_ms, epoch)
-    for cache_read, output in calls:
-        for mark, amount in (("n", 1), ("r", cache_read), ("o", output)):
-            if amount:
-                tx.hincrbyfloat(key, USAGE + mark, amount * weight)
-    if calls:
-        tx.expire(key, (2 * EPOCH_HALF_LIVES + 1) * half_life // 1000)
+    on the evidence horizon's hash (summed over the calls: at most three HINCRBYFLOAT and an
+    EXPIRE a job): what job_cost_usd prices a call by."""
+    if not calls:
+        return
+    _, key, weight, ttl_s = _counted_at(keys, a, feature, "w", now_ms)
+    sums = (("n", len(calls)), ("r", sum(r for r, _ in calls)), ("o", sum(o for _, o in calls)))
+    for mark, amount in sums:
+        if amount:
+            tx.hincrbyfloat(key, USAGE + mark, amount * weight)
+    tx.expire(key, ttl_s)
 
 
 encode = msgspec.json.Encoder().encode
