@@ -4,7 +4,8 @@ offline through the router's own decision, to show the spread that one run of be
 cannot.
 
     .venv/bin/python bench/replay.py [--seed 7] [--wrong-usd 0.035] [--runs 20] [--lag 100]
-    (or: python3 dev.py bench replay)
+    .venv/bin/python bench/replay.py --ties [--seed 7] [--wrong-usd 0.035]
+    (or: python3 dev.py bench replay ...)
 
 One run of bench/cost.py's adaptive arm is one draw: the router's Thompson sampling and the
 order in which its worker processes learn make every run differ (two runs of one seed differ
@@ -27,6 +28,13 @@ Left out, so the figures are the router's alone: escalation of answers that fail
 check (it adds quality to classify_ticket in bench/cost.py), the counts' decay (a trace lasts
 under a minute), the recent counts (taken equal to the evidence), and the price estimate's
 error (here the job's exact cost).
+
+With --ties it replays nothing and shows why runs differ: per feature and kind, its jobs,
+each tier's mean cost and expected pass rate (knowing the observable score, as the oracle
+"by what is observable" does) and the price of a wrong answer at which two tiers cost the
+same. At that price the rule has nothing to choose between them, so how a kind's jobs split
+between the two is left to the draws, and it moves a run's cost and quality along the line
+of equal cost at that price: a kind whose tie lies near --wrong-usd is marked.
 
 Against naive opus and the best static config (each feature on the cheapest tier within 95%
 of opus's quality on it), both called directly without tokenq's levers, as bench/cost.py
@@ -94,6 +102,79 @@ def replay(
     return Run(cost, right / len(reqs), used)
 
 
+NEAR = 0.25  # a tie within this share of --wrong-usd is "near"
+PAIRS = ((0, 1), (1, 2), (0, 2))  # haiku-sonnet, sonnet-opus, haiku-opus
+
+
+@dataclass(frozen=True)
+class KindTies:
+    """One feature's kind: its jobs, per tier the mean cost and expected pass rate, and per
+    pair of tiers (PAIRS) the price of a wrong answer at which both cost the same (None: the
+    dearer tier is not expected to pass more, so it never pays)."""
+
+    feature: str
+    kind: str
+    jobs: int
+    cost: tuple[float, ...]
+    passes: tuple[float, ...]
+    ties: tuple[float | None, ...]
+
+    def stake(self, wrong_usd: float) -> tuple[float, float] | None:
+        """For the pair whose tie is nearest `wrong_usd`, if within NEAR of it: the dollars
+        and the right answers that move when all the kind's jobs go from one to the other."""
+        near = [
+            (abs(t - wrong_usd), pair)
+            for t, pair in zip(self.ties, PAIRS, strict=True)
+            if t is not None and abs(t - wrong_usd) <= NEAR * wrong_usd
+        ]
+        if not near:
+            return None
+        a, b = min(near)[1]
+        return (
+            self.jobs * (self.cost[b] - self.cost[a]),
+            self.jobs * (self.passes[b] - self.passes[a]),
+        )
+
+
+def ties(reqs: Sequence[oracle.Request], kinds: Sequence[str]) -> list[KindTies]:
+    """Per feature and kind (sorted), where two tiers cost the same (see the docstring)."""
+    groups: dict[tuple[str, str], list[oracle.Request]] = {}
+    for r, kind in zip(reqs, kinds, strict=True):
+        groups.setdefault((r.feature, kind), []).append(r)
+    out = []
+    for (feature, kind), rs in sorted(groups.items()):
+        cost = tuple(sum(r.cost[t] for r in rs) / len(rs) for t in range(len(TIERS)))
+        passes = tuple(sum(r.p_seen[t] for r in rs) / len(rs) for t in range(len(TIERS)))
+        even = tuple(
+            (cost[b] - cost[a]) / (passes[b] - passes[a]) if passes[b] > passes[a] else None
+            for a, b in PAIRS
+        )
+        out.append(KindTies(feature, kind, len(rs), cost, passes, even))
+    return out
+
+
+def print_ties(rows: Sequence[KindTies], wrong_usd: float, opus_usd: float) -> None:
+    """The --ties table, then what the kinds near a tie at `wrong_usd` leave to the draws,
+    against naive opus's cost `opus_usd`."""
+    print("| feature | kind | jobs | cost haiku / sonnet / opus | expected pass rate "
+          "| equal at (haiku = sonnet, sonnet = opus, haiku = opus) "
+          f"| near ${wrong_usd:g}: a full swing moves |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    usd = answers = 0.0
+    for k in rows:
+        even = ", ".join("never" if t is None else f"${t:.3f}" for t in k.ties)
+        stake = k.stake(wrong_usd)
+        moves = "" if stake is None else f"${stake[0]:.2f}, {stake[1]:.1f} right answers"
+        usd, answers = (usd, answers) if stake is None else (usd + stake[0], answers + stake[1])
+        print(f"| {k.feature} | {k.kind} | {k.jobs} | "
+              + " / ".join(f"${c:.4f}" for c in k.cost) + " | "
+              + " / ".join(f"{p:.3f}" for p in k.passes) + f" | {even} | {moves} |")  # fmt: skip
+    jobs = sum(k.jobs for k in rows)
+    print(f"at ${wrong_usd:g} a wrong answer, the kinds near a tie leave to the draws up to "
+          f"${usd:.2f} ({usd / opus_usd:.1%} of naive opus's cost) and {answers:.0f} right "
+          f"answers ({answers / jobs:.1%} of the jobs)")  # fmt: skip
+
+
 def spread(values: Sequence[float]) -> str:
     """The median and the range of a figure over the runs."""
     return f"{statistics.median(values):.1%} ({min(values):.1%} to {max(values):.1%})"
@@ -109,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=7, help="the trace's and the truth's seed (7)")
     p.add_argument("--wrong-usd", type=float, default=0.035,
                    help="every feature's wrong_answer_usd (0.035)")  # fmt: skip
+    p.add_argument("--ties", action="store_true",
+                   help="replay nothing: where two tiers cost the same (see above)")  # fmt: skip
     p.add_argument("--runs", type=int, default=20, help="cold runs, each with its own draws (20)")
     p.add_argument("--lag", type=int, default=100,
                    help="jobs decided before an answer is counted (100)")  # fmt: skip
@@ -127,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         naive = oracle.requests(a.jobs, a.seed, False)
         trace = workload(Path(tmp), a.jobs, a.seed)
     kinds = [adaptive.signal_kind(messages_text(job["request"]), []) for job in trace]
+    if a.ties:
+        print(f"seed {a.seed}, {a.jobs} jobs: where two tiers cost the same")
+        print_ties(ties(reqs, kinds), a.wrong_usd, sum(r.cost[-1] for r in naive))
+        return
     opus_usd = sum(r.cost[-1] for r in naive)
     opus_right = sum(r.right[-1] for r in naive) / len(naive)
     chosen = oracle.best_static(naive, 0.95)
