@@ -32,7 +32,8 @@ job's quality is 1 when the answer it got is right, 0 when it is wrong or it got
      confidence 0.8, min_samples 10, half-lives 600 s and 30 s, kinds by the signals a
      request shows: `kinds = "signals"`, no hard words), all levers; with --wrong-usd X
      every feature's wrong_answer_usd = X instead of its target_pass_rate (the router's
-     price rule, README: Adaptive routing).
+     price rule, README: Adaptive routing) and router.adaptive.step_down_doubt
+     --step-down-doubt (0).
      The bench plays the producers: for --feedback of the jobs (by a hash of the job id) it
      reports whether the answer was right on tokenq:feedback as results come in (every half
      second), since no check can see a wrong summary; --feedback 0 shows the router alone.
@@ -470,16 +471,19 @@ def without_response_cache(cfg: Config) -> dict[str, object]:
 
 
 def adaptive_settings(
-    cfg: Config, target: float, explore: float, wrong_usd: float | None = None
-) -> dict[str, object]:
+    cfg: Config, target: float, explore: float, wrong_usd: float | None = None,
+    doubt: float = 0.0,
+) -> dict[str, object]:  # fmt: skip
     """Adaptive routing for every feature, cold on the dearest tier, tuned for a trace of
     minutes rather than days (see the module docstring); with `wrong_usd`, every feature's
-    wrong_answer_usd in place of its target_pass_rate."""
+    wrong_answer_usd in place of its target_pass_rate, and the price rule's step_down_doubt
+    `doubt`."""
     settings: dict[str, object] = {
         "router.policy": "adaptive", "router.default_tier": list(cfg.tiers)[-1],
         "router.adaptive.explore_share": explore, "router.adaptive.confidence": 0.8,
         "router.adaptive.min_samples": 10, "router.adaptive.half_life_s": 600,
         "router.adaptive.recent_half_life_s": 30, "router.adaptive.kinds": "signals",
+        "router.adaptive.step_down_doubt": doubt,
     }  # fmt: skip
     for name in cfg.features:
         if wrong_usd is None:
@@ -777,6 +781,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(README: Adaptive routing) in place of --target",
     )  # fmt: skip
     parser.add_argument(
+        "--step-down-doubt", type=float, default=0.0,
+        help="with --wrong-usd: router.adaptive.step_down_doubt, the failures a cheaper tier "
+        "starts with per tier above it (0, as config.toml)",
+    )  # fmt: skip
+    parser.add_argument(
         "--explore", type=float, default=0.1,
         help="router.adaptive.explore_share in tokenq adaptive (0.1)",
     )  # fmt: skip
@@ -821,7 +830,7 @@ def main(argv: list[str] | None = None) -> None:
             if a.classifier
             else []
         )
-        learning = adaptive_settings(cfg, a.target, a.explore, a.wrong_usd)
+        learning = adaptive_settings(cfg, a.target, a.explore, a.wrong_usd, a.step_down_doubt)
         adaptive, warm = tokenq_run(
             folder, srv, trace, a, "tokenq adaptive", learning, routed=True,
             feedback=a.feedback, names=("adaptive, warm",),

@@ -3,7 +3,8 @@
 offline through the router's own decision, to show the spread that one run of bench/cost.py
 cannot.
 
-    .venv/bin/python bench/replay.py [--seed 7] [--wrong-usd 0.035] [--runs 20] [--lag 100]
+    .venv/bin/python bench/replay.py [--seed 7] [--wrong-usd 0.035] [--step-down-doubt 0]
+                                     [--runs 20] [--lag 100]
     .venv/bin/python bench/replay.py --ties [--seed 7] [--wrong-usd 0.035]
     (or: python3 dev.py bench replay ...)
 
@@ -19,8 +20,9 @@ trace's order:
 - its kind is worker.adaptive.signal_kind of its messages (bench/cost.py's adaptive config:
   kinds by signals, no hard words);
 - its tier is what worker.adaptive.decide_by_price picks from the counts so far, with
-  bench/cost.py's router.adaptive settings, the job's cost on each tier as its estimate and
-  every feature's wrong_answer_usd --wrong-usd;
+  bench/cost.py's router.adaptive settings, the job's cost on each tier as its estimate,
+  every feature's wrong_answer_usd --wrong-usd and router.adaptive.step_down_doubt
+  --step-down-doubt;
 - its answer's grade is counted for that tier, as a producer's verdict on every job (the
   bench's --feedback 1.0), --lag jobs later (the answers in flight: bench/cost.py runs two
   processes with 32 jobs each, and a process reuses the counts it read for a second).
@@ -190,16 +192,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=7, help="the trace's and the truth's seed (7)")
     p.add_argument("--wrong-usd", type=float, default=0.035,
                    help="every feature's wrong_answer_usd (0.035)")  # fmt: skip
+    p.add_argument("--step-down-doubt", type=float, default=0.0,
+                   help="router.adaptive.step_down_doubt (0)")  # fmt: skip
     p.add_argument("--ties", action="store_true",
                    help="replay nothing: where two tiers cost the same (see above)")  # fmt: skip
     p.add_argument("--runs", type=int, default=20, help="cold runs, each with its own draws (20)")
     p.add_argument("--lag", type=int, default=100,
                    help="jobs decided before an answer is counted (100)")  # fmt: skip
     a = p.parse_args(argv)
-    if a.runs < 1 or a.jobs < 1 or a.lag < 0 or a.wrong_usd < 0:
-        p.error("--runs and --jobs must be at least 1, --lag and --wrong-usd at least 0")
+    if a.runs < 1 or a.jobs < 1 or a.lag < 0 or a.wrong_usd < 0 or a.step_down_doubt < 0:
+        p.error(
+            "--runs and --jobs must be at least 1; --lag, --wrong-usd and --step-down-doubt "
+            "at least 0"
+        )
     base = load_config(ROOT / "config.toml")
-    settings = adaptive_settings(base, 0.95, 0.1, a.wrong_usd)  # explore_share: unused here
+    # explore_share 0.1: with a doubt, the share of jobs that try the tier below
+    settings = adaptive_settings(base, 0.95, 0.1, a.wrong_usd, a.step_down_doubt)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "replay.toml"
         text = without((ROOT / "config.toml").read_text(), "tier")  # routed, as bench/cost.py
@@ -219,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     chosen = oracle.best_static(naive, 0.95)
     static_usd = sum(r.cost[chosen[r.feature]] for r in naive)
     static_right = sum(r.right[chosen[r.feature]] for r in naive) / len(naive)
-    print(f"seed {a.seed}, {a.jobs} jobs, wrong_answer_usd ${a.wrong_usd:g}, lag {a.lag}: "
+    print(f"seed {a.seed}, {a.jobs} jobs, wrong_answer_usd ${a.wrong_usd:g}, step_down_doubt "
+          f"{a.step_down_doubt:g}, lag {a.lag}: "
           f"naive opus ${opus_usd:.2f} at {opus_right:.1%} right; best static "
           f"${static_usd:.2f} at {static_right:.1%}")  # fmt: skip
     runs: list[Run] = []
@@ -240,9 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cheaper than naive opus: {spread(off_opus)}; at {spread(of_quality)} of its quality")
     print(f"cheaper than best static: {spread(off_static)}; right "
           f"{spread([r.right for r in runs])} against its {static_right:.1%}")  # fmt: skip
-    print(f"seed {a.seed}, ${a.wrong_usd:g}: of {len(runs)} cold runs, {first} meet >= 85% "
-          f"cheaper than naive opus at >= 95% of its quality, {second} meet >= 30% cheaper "
-          "than best static at equal or better quality")  # fmt: skip
+    print(f"seed {a.seed}, ${a.wrong_usd:g}, doubt {a.step_down_doubt:g}: of {len(runs)} cold "
+          f"runs, {first} meet >= 85% cheaper than naive opus at >= 95% of its quality, "
+          f"{second} meet >= 30% cheaper than best static at equal or better quality")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -262,24 +262,38 @@ def decide_by_price(
     A tier's cost for the job is `cost_usd[tier]` (the job's estimate) plus `wrong_usd` times
     its share of wrong answers. That share is not known, only counted, so the job goes where
     one draw from what the counts allow makes the cost least (Thompson sampling): per tier a
-    pass rate drawn from Beta(1 + passed, 1 + failed), seeded by `draw` (the job's), and no
-    higher than the upper Wilson bound of its recent pass rate at `confidence`, so a drop shows
-    at once. A tier with few answers draws widely and is tried now and then; one whose counts
-    show it costs more is drawn there ever more rarely: exploration stops by itself, and no
-    `explore_share` applies. The job explores when its tier is not the one of least cost at
-    the counts' mean pass rates."""
+    pass rate drawn from Beta(1 + passed, 1 + failed + doubt), seeded by `draw` (the job's),
+    and no higher than the upper Wilson bound of its recent pass rate at `confidence`, so a
+    drop shows at once. A tier with few answers draws widely and is tried now and then; one
+    whose counts show it costs more is drawn there ever more rarely: exploration stops by
+    itself. The job explores when its tier is not the one of least cost at the counts' mean
+    pass rates.
+
+    `doubt` is `step_down_doubt` times the number of tiers above the tier, fading to none as
+    its answers come in, at `min_samples`: with a doubt, a cold kind starts on the dearest
+    tier and steps down as the counts prove a cheaper one. Then, and only then, while the
+    tier below the draws' choice has fewer than `min_samples` answers, `explore_share` of the
+    jobs go to it, since a doubted tier whose saving is small beside `wrong_usd` would hardly
+    ever be drawn, so never learnt."""
     z = NormalDist().inv_cdf(a.confidence)
     rng = random.Random(draw)
     drawn: dict[str, float] = {}
     mean: dict[str, float] = {}
-    for t in tiers:
+    for i, t in enumerate(tiers):
         s = stats.get(t, EMPTY)
+        fading = max(0.0, 1 - (s.passed + s.failed) / a.min_samples)
+        failed = s.failed + a.step_down_doubt * (len(tiers) - 1 - i) * fading
         ceiling = bounds(s.recent_passed, s.recent_passed + s.recent_failed, z)[1]
-        rate = min(rng.betavariate(1 + s.passed, 1 + s.failed), ceiling)
+        rate = min(rng.betavariate(1 + s.passed, 1 + failed), ceiling)
         drawn[t] = cost_usd[t] + wrong_usd * (1 - rate)
-        expected = min((1 + s.passed) / (2 + s.passed + s.failed), ceiling)
+        expected = min((1 + s.passed) / (2 + s.passed + failed), ceiling)
         mean[t] = cost_usd[t] + wrong_usd * (1 - expected)
     choice, best = min(tiers, key=drawn.__getitem__), min(tiers, key=mean.__getitem__)
+    at = list(tiers).index(choice)
+    if a.step_down_doubt > 0 and at > 0:
+        below = stats.get(tiers[at - 1], EMPTY)
+        if below.passed + below.failed < a.min_samples and rng.random() < a.explore_share:
+            choice = tiers[at - 1]
     n = stats.get(choice, EMPTY).passed + stats.get(choice, EMPTY).failed
     if choice != best:
         return choice, f"adaptive: exploring {choice} on {where} (n={n:.0f}), not {best}", True

@@ -115,6 +115,10 @@ class AdaptiveConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     # With kinds = "signals": words that make a request harder (case-insensitive, found in
     # its messages); each one found moves the job one kind up.
     hard_words: Annotated[list[Word], msgspec.Meta(max_length=100)] = []
+    # The price rule's doubt about a cheaper tier until min_samples of its answers are
+    # counted: its pass rate starts as if it had failed this many times for each tier above
+    # it, the doubt fading as answers come in (0: every tier starts even).
+    step_down_doubt: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
     feedback_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 86_400
     cache_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 1000
 

@@ -96,6 +96,57 @@ def test_a_tier_with_few_answers_is_explored_one_counted_worse_hardly_ever() -> 
     assert shares(bad)["opus"] == 2000
 
 
+def test_a_step_down_doubt_starts_a_cold_kind_on_the_dearest_tier() -> None:
+    # A wrong answer at $0.1, nothing counted: every tier starts even without a doubt; with
+    # a doubt of 2 a step, haiku starts as if it had failed 4 times and sonnet twice, so opus
+    # takes most jobs and the cheaper tiers are still tried.
+    a = priced_config(step_down_doubt=2).router.adaptive
+    n = 2000
+    doubted = Counter(
+        decide_by_price(
+            TIERS, {}, wrong_usd=0.1, cost_usd=COST, draw=(i + 0.5) / n, a=a, where="summarize/long"
+        )[0]
+        for i in range(n)
+    )
+    even = shares({}, wrong_usd=0.1)
+    assert even["opus"] < 0.4 * n < 0.5 * n < doubted["opus"]
+    assert doubted["haiku"] < even["haiku"] / 2
+    assert doubted["haiku"] > 50 and doubted["sonnet"] > 50
+
+
+def test_a_doubt_fades_as_a_tiers_answers_come_in() -> None:
+    # Every tier right every time so far. With 5 answers each the doubt still weighs: opus
+    # takes more jobs than without one; with min_samples (20) answers each it is gone, and
+    # the draws are the same as without a doubt.
+    a = priced_config(step_down_doubt=2).router.adaptive
+
+    def doubted(stats: dict[str, TierStats]) -> Counter[str]:
+        return Counter(
+            decide_by_price(
+                TIERS, stats, wrong_usd=0.1, cost_usd=COST, draw=(i + 0.5) / 500, a=a, where="x"
+            )[0]
+            for i in range(500)
+        )
+
+    few = {t: TierStats(5, 0, 5, 0) for t in TIERS}
+    assert doubted(few)["opus"] > shares(few, n=500)["opus"] + 50
+    proven = {t: TierStats(20, 0, 20, 0) for t in TIERS}
+    assert doubted(proven) == shares(proven, n=500)
+
+
+def test_with_a_step_down_doubt_it_still_steps_down_where_the_saving_is_small() -> None:
+    # 100-token jobs save about $0.0004 on haiku against $0.01 a wrong answer: a doubt that
+    # did not fade, or no exploration of the doubted tier, would keep them on opus.
+    fleet = Fleet(
+        priced_config(step_down_doubt=2), {"haiku": 0.997, "sonnet": 0.998, "opus": 0.999}
+    )
+    first = [d.tier for d in fleet.run(20)]
+    assert first.count("opus") > first.count("haiku")
+    fleet.run(1000)
+    settled = [d.tier for d in fleet.run(500)]
+    assert settled.count("haiku") / len(settled) > 0.98
+
+
 def test_the_job_cost_is_its_input_at_each_tiers_input_price() -> None:
     cfg = priced_config()
     cost = job_cost_usd(cfg, 1_000_000)
@@ -158,6 +209,10 @@ def test_route_uses_the_price_rule_for_a_priced_feature() -> None:
         (
             {"router/policy": "adaptive"},
             "no feature sets target_pass_rate or wrong_answer_usd",
+        ),
+        (
+            {"router/adaptive/step_down_doubt": -1},
+            "router.adaptive.step_down_doubt = -1 is not allowed: Expected `float` >= 0",
         ),
     ],
 )
