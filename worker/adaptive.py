@@ -269,19 +269,21 @@ def decide_by_price(
     itself. The job explores when its tier is not the one of least cost at the counts' mean
     pass rates.
 
-    `doubt` is `step_down_doubt` times the number of tiers above the tier, fading to none as
-    its answers come in, at `min_samples`: with a doubt, a cold kind starts on the dearest
-    tier and steps down as the counts prove a cheaper one. Then, and only then, while the
-    tier below the draws' choice has fewer than `min_samples` answers, `explore_share` of the
-    jobs go to it, since a doubted tier whose saving is small beside `wrong_usd` would hardly
-    ever be drawn, so never learnt."""
+    `doubt` is `step_down_doubt` times the number of tiers above the tier (`tiers` lists the
+    cheapest first, as [tiers] does), fading to none as its answers come in, at
+    `min_samples`: with a doubt, a cold kind starts on the dearest tier and steps down as the
+    counts prove a cheaper one. Then, and only then, while the tier below the draws' choice
+    has fewer than `min_samples` answers (decayed: a tier whose answers have faded is tried
+    again), `explore_share` of the jobs go to it whatever its few answers say, since a
+    doubted tier whose saving is small beside `wrong_usd` would hardly ever be drawn, so
+    never learnt."""
     z = NormalDist().inv_cdf(a.confidence)
     rng = random.Random(draw)
     drawn: dict[str, float] = {}
     mean: dict[str, float] = {}
     for i, t in enumerate(tiers):
         s = stats.get(t, EMPTY)
-        fading = max(0.0, 1 - (s.passed + s.failed) / a.min_samples)
+        fading = max(0.0, 1 - (s.passed + s.failed) / max(1, a.min_samples))
         failed = s.failed + a.step_down_doubt * (len(tiers) - 1 - i) * fading
         ceiling = bounds(s.recent_passed, s.recent_passed + s.recent_failed, z)[1]
         rate = min(rng.betavariate(1 + s.passed, 1 + failed), ceiling)
@@ -292,8 +294,14 @@ def decide_by_price(
     at = list(tiers).index(choice)
     if a.step_down_doubt > 0 and at > 0:
         below = stats.get(tiers[at - 1], EMPTY)
-        if below.passed + below.failed < a.min_samples and rng.random() < a.explore_share:
-            choice = tiers[at - 1]
+        n = below.passed + below.failed
+        if n < a.min_samples and rng.random() < a.explore_share:
+            return (
+                tiers[at - 1],
+                f"adaptive: exploring {tiers[at - 1]} on {where} (n={n:.0f}), below {choice} "
+                f"until it has {a.min_samples} answers",
+                True,
+            )
     n = stats.get(choice, EMPTY).passed + stats.get(choice, EMPTY).failed
     if choice != best:
         return choice, f"adaptive: exploring {choice} on {where} (n={n:.0f}), not {best}", True

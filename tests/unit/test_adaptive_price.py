@@ -134,6 +134,40 @@ def test_a_doubt_fades_as_a_tiers_answers_come_in() -> None:
     assert doubted(proven) == shares(proven, n=500)
 
 
+def test_without_a_doubt_explore_share_does_not_apply() -> None:
+    stats = {"haiku": TierStats(3, 2, 3, 2), "sonnet": TierStats(4, 0, 4, 0)}
+
+    def picks(share: float) -> list[tuple[str, str, bool]]:
+        a = priced_config(explore_share=share).router.adaptive
+        return [
+            decide_by_price(
+                TIERS, stats, wrong_usd=0.01, cost_usd=COST, draw=(i + 0.5) / 300, a=a, where="x"
+            )
+            for i in range(300)
+        ]
+
+    assert picks(0.0) == picks(0.5)
+
+
+def test_with_a_doubt_the_tier_below_is_explored_and_the_reason_says_so() -> None:
+    # Opus proven right, sonnet and haiku never tried: with explore_share 0.5, about half the
+    # jobs that the draws send to opus go to sonnet instead, as explorations.
+    a = priced_config(step_down_doubt=50, explore_share=0.5).router.adaptive
+    opus = {"opus": TierStats(100, 0, 100, 0)}
+    decided = [
+        decide_by_price(
+            TIERS, opus, wrong_usd=0.1, cost_usd=COST, draw=(i + 0.5) / 400, a=a, where="x"
+        )
+        for i in range(400)
+    ]
+    floor = [d for d in decided if d[1].endswith("below opus until it has 20 answers")]
+    assert 120 < len(floor) < 280
+    assert all(t == "sonnet" and explored for t, _, explored in floor)
+    assert (
+        floor[0][1] == "adaptive: exploring sonnet on x (n=0), below opus until it has 20 answers"
+    )
+
+
 def test_with_a_step_down_doubt_it_still_steps_down_where_the_saving_is_small() -> None:
     # 100-token jobs save about $0.0004 on haiku against $0.01 a wrong answer: a doubt that
     # did not fade, or no exploration of the doubted tier, would keep them on opus.
