@@ -75,6 +75,11 @@ class TierStats(msgspec.Struct, frozen=True):
     unjudged: float = 0.0
     recent_unjudged: float = 0.0
 
+    @property
+    def n(self) -> float:
+        """The answers counted in the evidence."""
+        return self.passed + self.failed
+
 
 EMPTY = TierStats()
 
@@ -105,7 +110,7 @@ def judged(stats: Stats) -> Stats:
     count as passes (nothing else to go by: the cheapest tier, README: What it cannot see)."""
     if not any(s.unjudged or s.recent_unjudged for s in stats.counts.values()):
         return stats
-    evidence = sum(s.passed + s.failed for s in stats.counts.values())
+    evidence = sum(s.n for s in stats.counts.values())
     counts = {
         key: TierStats(
             s.passed if evidence >= 1 else s.passed + s.unjudged,
@@ -197,7 +202,7 @@ class _View(msgspec.Struct, frozen=True):
 
 
 def _view(s: TierStats, z: float, target: float, min_samples: int) -> _View:
-    n, recent_n = s.passed + s.failed, s.recent_passed + s.recent_failed
+    n, recent_n = s.n, s.recent_passed + s.recent_failed
     lower, upper = bounds(s.passed, n, z)
     recent_upper = bounds(s.recent_passed, recent_n, z)[1]
     rate, recent_rate = s.passed / n if n else 0.0, s.recent_passed / recent_n if recent_n else 0.0
@@ -230,12 +235,16 @@ def decide(
         reason += "".join(f"; {c}" for c in cheaper)  # why not a cheaper tier, when known
     else:
         choice, reason = _fallback(tiers, views, start, target, where)
-    n = tiers.index(choice)
-    if n > 0 and draw < a.explore_share:
-        below = tiers[n - 1]
-        seen = views[below].n
-        return below, f"adaptive: exploring {below} on {where} (n={seen:.0f}), not {choice}", True
+    at = tiers.index(choice)
+    if at > 0 and draw < a.explore_share:
+        below = tiers[at - 1]
+        return _exploring(below, where, views[below].n, f"not {choice}")
     return choice, reason, False
+
+
+def _exploring(tier: str, where: str, n: float, why: str) -> tuple[str, str, bool]:
+    """An exploring job's tier, reason and flag (both rules)."""
+    return tier, f"adaptive: exploring {tier} on {where} (n={n:.0f}), {why}", True
 
 
 def _fallback(
@@ -281,9 +290,9 @@ def decide_by_price(
     rng = random.Random(draw)
     drawn: dict[str, float] = {}
     mean: dict[str, float] = {}
-    for i, t in enumerate(tiers):
-        s = stats.get(t, EMPTY)
-        fading = max(0.0, 1 - (s.passed + s.failed) / max(1, a.min_samples))
+    counted = {t: stats.get(t, EMPTY) for t in tiers}
+    for i, (t, s) in enumerate(counted.items()):
+        fading = max(0.0, 1 - s.n / max(1, a.min_samples))
         failed = s.failed + a.step_down_doubt * (len(tiers) - 1 - i) * fading
         ceiling = bounds(s.recent_passed, s.recent_passed + s.recent_failed, z)[1]
         rate = min(rng.betavariate(1 + s.passed, 1 + failed), ceiling)
@@ -291,21 +300,18 @@ def decide_by_price(
         expected = min((1 + s.passed) / (2 + s.passed + failed), ceiling)
         mean[t] = cost_usd[t] + wrong_usd * (1 - expected)
     choice, best = min(tiers, key=drawn.__getitem__), min(tiers, key=mean.__getitem__)
-    at = list(tiers).index(choice)
-    if a.step_down_doubt > 0 and at > 0:
-        below = stats.get(tiers[at - 1], EMPTY)
-        n = below.passed + below.failed
-        if n < a.min_samples and rng.random() < a.explore_share:
-            return (
-                tiers[at - 1],
-                f"adaptive: exploring {tiers[at - 1]} on {where} (n={n:.0f}), below {choice} "
-                f"until it has {a.min_samples} answers",
-                True,
-            )
-    n = stats.get(choice, EMPTY).passed + stats.get(choice, EMPTY).failed
+    at = tiers.index(choice)
+    below = counted[tiers[at - 1]] if at > 0 else None
+    if (
+        a.step_down_doubt > 0 and below is not None and below.n < a.min_samples
+        and rng.random() < a.explore_share
+    ):  # fmt: skip
+        why = f"below {choice} until it has {a.min_samples} answers"
+        return _exploring(tiers[at - 1], where, below.n, why)
+    n = counted[choice].n
     if choice != best:
-        return choice, f"adaptive: exploring {choice} on {where} (n={n:.0f}), not {best}", True
-    passes = stats.get(choice, EMPTY).passed / n if n else 0.0
+        return _exploring(choice, where, n, f"not {best}")
+    passes = counted[choice].passed / n if n else 0.0
     return (
         choice,
         (
