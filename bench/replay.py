@@ -47,6 +47,7 @@ spread of the figures; the last line is the headline.
 from __future__ import annotations
 
 import argparse
+import collections
 import random
 import statistics
 import tempfile
@@ -81,12 +82,12 @@ def replay(
     """One cold run of the price rule over the trace (see the module docstring)."""
     rng = random.Random(seed)
     counts: dict[tuple[str, str, str], list[float]] = {}
-    pending: list[tuple[int, tuple[str, str, str], bool]] = []
+    pending: collections.deque[tuple[int, tuple[str, str, str], bool]] = collections.deque()
     cost = right = 0.0
     used = dict.fromkeys(TIERS, 0)
     for n, (r, kind) in enumerate(zip(reqs, kinds, strict=True)):
         while pending and pending[0][0] <= n:
-            _, key, ok = pending.pop(0)
+            _, key, ok = pending.popleft()
             counts.setdefault(key, [0.0, 0.0])[0 if ok else 1] += 1
         stats = {}
         for t in TIERS:
@@ -162,15 +163,15 @@ def print_ties(rows: Sequence[KindTies], wrong_usd: float, opus_usd: float) -> N
           "| equal at (haiku = sonnet, sonnet = opus, haiku = opus) "
           f"| near ${wrong_usd:g}: a full swing moves |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
-    usd = answers = 0.0
     for k in rows:
         even = ", ".join("never" if t is None else f"${t:.3f}" for t in k.ties)
         stake = k.stake(wrong_usd)
         moves = "" if stake is None else f"${stake[0]:.2f}, {stake[1]:.1f} right answers"
-        usd, answers = (usd, answers) if stake is None else (usd + stake[0], answers + stake[1])
         print(f"| {k.feature} | {k.kind} | {k.jobs} | "
               + " / ".join(f"${c:.4f}" for c in k.cost) + " | "
               + " / ".join(f"{p:.3f}" for p in k.passes) + f" | {even} | {moves} |")  # fmt: skip
+    stakes = [stake for k in rows if (stake := k.stake(wrong_usd)) is not None]
+    usd, answers = sum(u for u, _ in stakes), sum(n for _, n in stakes)
     jobs = sum(k.jobs for k in rows)
     print(f"at ${wrong_usd:g} a wrong answer, the kinds near a tie leave to the draws up to "
           f"${usd:.2f} ({usd / opus_usd:.1%} of naive opus's cost) and {answers:.0f} right "
@@ -218,15 +219,16 @@ def main(argv: list[str] | None = None) -> None:
         naive = oracle.requests(a.jobs, a.seed, False)
         trace = workload(Path(tmp), a.jobs, a.seed)
     kinds = [adaptive.signal_kind(messages_text(job["request"]), []) for job in trace]
+    opus = oracle.score("naive opus", naive, [len(TIERS) - 1] * len(naive), lambda r: r.p_known)
+    opus_usd, opus_right = opus.cost, opus.right
     if a.ties:
         print(f"seed {a.seed}, {a.jobs} jobs: where two tiers cost the same")
-        print_ties(ties(reqs, kinds), a.wrong_usd, sum(r.cost[-1] for r in naive))
+        print_ties(ties(reqs, kinds), a.wrong_usd, opus_usd)
         return
-    opus_usd = sum(r.cost[-1] for r in naive)
-    opus_right = sum(r.right[-1] for r in naive) / len(naive)
     chosen = oracle.best_static(naive, 0.95)
-    static_usd = sum(r.cost[chosen[r.feature]] for r in naive)
-    static_right = sum(r.right[chosen[r.feature]] for r in naive) / len(naive)
+    static = oracle.score("best static", naive, [chosen[r.feature] for r in naive],
+                          lambda r: r.p_known)  # fmt: skip
+    static_usd, static_right = static.cost, static.right
     print(f"seed {a.seed}, {a.jobs} jobs, wrong_answer_usd ${a.wrong_usd:g}, step_down_doubt "
           f"{a.step_down_doubt:g}, lag {a.lag}: "
           f"naive opus ${opus_usd:.2f} at {opus_right:.1%} right; best static "
