@@ -12,7 +12,7 @@ import pytest
 
 from tests.unit.test_adaptive import RAW, TIERS, Fleet, config_error
 from worker.adaptive import Stats, TierStats, decide_by_price, job_cost_usd, route
-from worker.config import Config, parse_config
+from worker.config import AdaptiveConfig, Config, parse_config
 
 # The job's cost per tier: haiku is twenty times cheaper than sonnet, opus twice sonnet.
 COST = {"haiku": 0.0001, "sonnet": 0.002, "opus": 0.004}
@@ -29,21 +29,33 @@ def priced_config(wrong_usd: float = 0.01, **settings: Any) -> Config:
     return parse_config(raw)
 
 
-def pick(
-    stats: dict[str, TierStats], *, wrong_usd: float = 0.1, draw: float = 0.5
-) -> tuple[str, str, bool]:
-    """decide_by_price() for summarize/long, with the repo's router.adaptive."""
-    a = ADAPTIVE
-    return decide_by_price(TIERS, stats, wrong_usd=wrong_usd, cost_usd=COST, draw=draw, a=a,
-                           where="summarize/long")  # fmt: skip
-
-
 ADAPTIVE = priced_config().router.adaptive
 
 
-def shares(stats: dict[str, TierStats], *, wrong_usd: float = 0.1, n: int = 2000) -> Counter[str]:
+def pick(
+    stats: dict[str, TierStats], *, wrong_usd: float = 0.1, draw: float = 0.5,
+    a: AdaptiveConfig = ADAPTIVE, where: str = "summarize/long",
+) -> tuple[str, str, bool]:  # fmt: skip
+    """decide_by_price() for one job (by default summarize/long, the repo's router.adaptive)."""
+    return decide_by_price(TIERS, stats, wrong_usd=wrong_usd, cost_usd=COST, draw=draw, a=a,
+                           where=where)  # fmt: skip
+
+
+def decisions(
+    stats: dict[str, TierStats], *, wrong_usd: float = 0.1, n: int = 2000,
+    a: AdaptiveConfig = ADAPTIVE, where: str = "summarize/long",
+) -> list[tuple[str, str, bool]]:  # fmt: skip
+    """pick() for `n` jobs' draws, spread evenly over [0, 1)."""
+    return [pick(stats, wrong_usd=wrong_usd, draw=(i + 0.5) / n, a=a, where=where)
+            for i in range(n)]  # fmt: skip
+
+
+def shares(
+    stats: dict[str, TierStats], *, wrong_usd: float = 0.1, n: int = 2000,
+    a: AdaptiveConfig = ADAPTIVE,
+) -> Counter[str]:  # fmt: skip
     """How often each tier is picked over `n` jobs' draws."""
-    return Counter(pick(stats, wrong_usd=wrong_usd, draw=(i + 0.5) / n)[0] for i in range(n))
+    return Counter(tier for tier, _, _ in decisions(stats, wrong_usd=wrong_usd, n=n, a=a))
 
 
 def test_with_nothing_counted_every_tier_is_tried() -> None:
@@ -102,12 +114,7 @@ def test_a_step_down_doubt_starts_a_cold_kind_on_the_dearest_tier() -> None:
     # takes most jobs and the cheaper tiers are still tried.
     a = priced_config(step_down_doubt=2).router.adaptive
     n = 2000
-    doubted = Counter(
-        decide_by_price(
-            TIERS, {}, wrong_usd=0.1, cost_usd=COST, draw=(i + 0.5) / n, a=a, where="summarize/long"
-        )[0]
-        for i in range(n)
-    )
+    doubted = shares({}, wrong_usd=0.1, n=n, a=a)
     even = shares({}, wrong_usd=0.1)
     assert even["opus"] < 0.4 * n < 0.5 * n < doubted["opus"]
     assert doubted["haiku"] < even["haiku"] / 2
@@ -119,19 +126,10 @@ def test_a_doubt_fades_as_a_tiers_answers_come_in() -> None:
     # takes more jobs than without one; with min_samples (20) answers each it is gone, and
     # the draws are the same as without a doubt.
     a = priced_config(step_down_doubt=2).router.adaptive
-
-    def doubted(stats: dict[str, TierStats]) -> Counter[str]:
-        return Counter(
-            decide_by_price(
-                TIERS, stats, wrong_usd=0.1, cost_usd=COST, draw=(i + 0.5) / 500, a=a, where="x"
-            )[0]
-            for i in range(500)
-        )
-
     few = {t: TierStats(5, 0, 5, 0) for t in TIERS}
-    assert doubted(few)["opus"] > shares(few, n=500)["opus"] + 50
+    assert shares(few, n=500, a=a)["opus"] > shares(few, n=500)["opus"] + 50
     proven = {t: TierStats(20, 0, 20, 0) for t in TIERS}
-    assert doubted(proven) == shares(proven, n=500)
+    assert shares(proven, n=500, a=a) == shares(proven, n=500)
 
 
 def test_without_a_doubt_explore_share_does_not_apply() -> None:
@@ -139,12 +137,7 @@ def test_without_a_doubt_explore_share_does_not_apply() -> None:
 
     def picks(share: float) -> list[tuple[str, str, bool]]:
         a = priced_config(explore_share=share).router.adaptive
-        return [
-            decide_by_price(
-                TIERS, stats, wrong_usd=0.01, cost_usd=COST, draw=(i + 0.5) / 300, a=a, where="x"
-            )
-            for i in range(300)
-        ]
+        return decisions(stats, wrong_usd=0.01, n=300, a=a)
 
     assert picks(0.0) == picks(0.5)
 
@@ -154,12 +147,7 @@ def test_with_a_doubt_the_tier_below_is_explored_and_the_reason_says_so() -> Non
     # jobs that the draws send to opus go to sonnet instead, as explorations.
     a = priced_config(step_down_doubt=50, explore_share=0.5).router.adaptive
     opus = {"opus": TierStats(100, 0, 100, 0)}
-    decided = [
-        decide_by_price(
-            TIERS, opus, wrong_usd=0.1, cost_usd=COST, draw=(i + 0.5) / 400, a=a, where="x"
-        )
-        for i in range(400)
-    ]
+    decided = decisions(opus, wrong_usd=0.1, n=400, a=a, where="x")
     floor = [d for d in decided if d[1].endswith("below opus until it has 20 answers")]
     assert 120 < len(floor) < 280
     assert all(t == "sonnet" and explored for t, _, explored in floor)
